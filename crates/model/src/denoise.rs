@@ -1,0 +1,209 @@
+//! The denoising loop of the Qwen-Image pipelines (diffusers `QwenImagePipeline.__call__` and the inpaint
+//! variant's per-step blending) as a library function: schedule, true CFG (cond and uncond batched into one
+//! transformer pass), Euler steps, a per-step callback that can stop the loop.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::latents::true_cfg;
+use crate::rope::ImgShape;
+use crate::scheduler::Schedule;
+use crate::transformer::{QwenImageTransformer, TransformerInputs};
+
+/// Prompt conditioning: embeddings `[B, L, D]` and a 0/1 mask `[B, L]` (`None` = all tokens valid).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub embeds: Tensor,
+    pub mask: Option<Tensor>,
+}
+
+/// Inpaint blending (`QwenImageInpaintPipeline`): after every step the unmasked region is replaced by the
+/// original latents re-noised to the next sigma (clean after the last step).
+#[derive(Debug, Clone)]
+pub struct InpaintBlend {
+    /// Normalised image latents, packed `[B, S, 4C]`.
+    pub image_latents: Tensor,
+    /// The noise used for the start latents, packed `[B, S, 4C]`.
+    pub noise: Tensor,
+    /// 1 = repaint, 0 = keep; packed `[B, S, 4C]`.
+    pub mask: Tensor,
+}
+
+/// Everything one denoising run needs.
+pub struct DenoiseParams<'a> {
+    pub positive: &'a Conditioning,
+    /// Negative prompt; true CFG runs when it is given and `true_cfg_scale > 1` (diffusers' rule).
+    pub negative: Option<&'a Conditioning>,
+    pub true_cfg_scale: f64,
+    /// Packed start latents `[B, S, 4C]`.
+    pub latents: Tensor,
+    /// Token grid of the latents: `[(1, h/2, w/2)]`.
+    pub img_shapes: &'a [ImgShape],
+    pub schedule: &'a Schedule,
+    /// First step to run (img2img / inpaint strength); 0 for text-to-image.
+    pub start_step: usize,
+    pub inpaint: Option<&'a InpaintBlend>,
+}
+
+/// What the callback sees after each step.
+pub struct StepInfo<'a> {
+    /// 0-based index in the full schedule.
+    pub step: usize,
+    /// Steps that run (`schedule.steps() - start_step`).
+    pub total: usize,
+    /// Index among the steps that run (0-based).
+    pub done: usize,
+    pub timestep: f32,
+    /// Latents at the end of the step (after blending), packed.
+    pub latents: &'a Tensor,
+    /// The guided velocity of this step.
+    pub noise_pred: &'a Tensor,
+}
+
+/// The callback's verdict after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// All steps ran; the final packed latents.
+    Finished(Tensor),
+    /// The callback stopped the loop after `steps_done` steps.
+    Stopped { steps_done: usize },
+}
+
+/// True when diffusers would run true CFG: a negative prompt and a scale above 1.
+pub fn cfg_active(negative: Option<&Conditioning>, scale: f64) -> bool {
+    negative.is_some() && scale > 1.0
+}
+
+/// Right-pads `[B, L, D]` embeddings with zeros to `len` tokens.
+fn pad_tokens(x: &Tensor, len: usize) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    if l == len {
+        return Ok(x.clone());
+    }
+    let pad = Tensor::zeros((b, len - l, d), x.dtype(), x.device())?;
+    Tensor::cat(&[x, &pad], 1)
+}
+
+fn mask_or_ones(c: &Conditioning, len: usize) -> Result<Tensor> {
+    let (b, l, _) = c.embeds.dims3()?;
+    let m = match &c.mask {
+        Some(m) => m.to_dtype(DType::F32)?,
+        None => Tensor::ones((b, l), DType::F32, c.embeds.device())?,
+    };
+    if l == len {
+        return Ok(m);
+    }
+    Tensor::cat(&[&m, &Tensor::zeros((b, len - l), DType::F32, m.device())?], 1)
+}
+
+/// Cond and uncond stacked into one batch `[2B, Lmax, D]` with a mask when any token is padding.
+pub fn batch_conditioning(pos: &Conditioning, neg: &Conditioning) -> Result<Conditioning> {
+    let lp = pos.embeds.dim(1)?;
+    let ln = neg.embeds.dim(1)?;
+    let len = lp.max(ln);
+    let embeds = Tensor::cat(&[&pad_tokens(&pos.embeds, len)?, &pad_tokens(&neg.embeds, len)?], 0)?;
+    let mask = if lp == ln && pos.mask.is_none() && neg.mask.is_none() {
+        None
+    } else {
+        Some(Tensor::cat(&[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?], 0)?)
+    };
+    Ok(Conditioning { embeds, mask })
+}
+
+/// One guided velocity prediction at model timestep `t_model` (= t/1000).
+pub fn predict(
+    model: &QwenImageTransformer,
+    latents: &Tensor,
+    t_model: f32,
+    positive: &Conditioning,
+    negative: Option<&Conditioning>,
+    true_cfg_scale: f64,
+    img_shapes: &[ImgShape],
+    controlnet_residuals: Option<&[Tensor]>,
+) -> Result<Tensor> {
+    let b = latents.dim(0)?;
+    let device = latents.device();
+    if let Some(neg) = negative.filter(|_| cfg_active(negative, true_cfg_scale)) {
+        let both = batch_conditioning(positive, neg)?;
+        let x2 = Tensor::cat(&[latents, latents], 0)?;
+        let t = Tensor::full(t_model, 2 * b, device)?;
+        let res2: Option<Vec<Tensor>> = controlnet_residuals
+            .map(|r| r.iter().map(|s| Tensor::cat(&[s, s], 0)).collect::<Result<Vec<_>>>())
+            .transpose()?;
+        let out = model.forward(&TransformerInputs {
+            hidden_states: &x2,
+            encoder_hidden_states: &both.embeds,
+            encoder_mask: both.mask.as_ref(),
+            timestep: &t,
+            img_shapes,
+            controlnet_residuals: res2.as_deref(),
+        })?;
+        let cond = out.narrow(0, 0, b)?;
+        let uncond = out.narrow(0, b, b)?;
+        return true_cfg(&cond, &uncond, true_cfg_scale);
+    }
+    let t = Tensor::full(t_model, b, device)?;
+    model.forward(&TransformerInputs {
+        hidden_states: latents,
+        encoder_hidden_states: &positive.embeds,
+        encoder_mask: positive.mask.as_ref(),
+        timestep: &t,
+        img_shapes,
+        controlnet_residuals,
+    })
+}
+
+/// `scale_noise(sample, sigma, noise) = sigma·noise + (1 - sigma)·sample`.
+pub fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    (noise * sigma as f64)? + (sample * (1.0 - sigma as f64))?
+}
+
+/// Runs the loop from `start_step` to the end of the schedule.
+pub fn denoise(
+    model: &QwenImageTransformer,
+    p: &DenoiseParams,
+    mut on_step: impl FnMut(&StepInfo) -> Flow,
+) -> Result<Outcome> {
+    let n = p.schedule.steps();
+    if p.start_step >= n {
+        candle_core::bail!("start step {} leaves no step to run out of {n}", p.start_step);
+    }
+    let total = n - p.start_step;
+    let dtype = model.dtype();
+    let mut latents = p.latents.to_dtype(dtype)?;
+    for (done, i) in (p.start_step..n).enumerate() {
+        let v = predict(
+            model,
+            &latents,
+            p.schedule.model_timestep(i),
+            p.positive,
+            p.negative,
+            p.true_cfg_scale,
+            p.img_shapes,
+            None,
+        )?;
+        // Euler step in f32: x + (sigma_{i+1} - sigma_i)·v
+        let dt = p.schedule.dt(i) as f64;
+        latents = (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
+        if let Some(blend) = p.inpaint {
+            let init = if i + 1 < n {
+                scale_noise(&blend.image_latents, &blend.noise, p.schedule.sigmas[i + 1])?
+            } else {
+                blend.image_latents.clone()
+            };
+            let keep = (1.0 - &blend.mask)?;
+            latents = ((keep * init)? + (&blend.mask * &latents)?)?;
+        }
+        let info = StepInfo { step: i, total, done, timestep: p.schedule.timesteps[i], latents: &latents, noise_pred: &v };
+        if on_step(&info) == Flow::Stop && done + 1 < total {
+            return Ok(Outcome::Stopped { steps_done: done + 1 });
+        }
+    }
+    Ok(Outcome::Finished(latents))
+}

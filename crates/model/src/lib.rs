@@ -1,0 +1,15 @@
+//! Qwen-Image in pure candle: snapshot loading, the MMDiT transformer, the flow-match scheduler, latent
+//! packing and the denoising loop, the Qwen2.5-VL text encoder and the VAE.
+//!
+//! No async, no I/O beyond reading weights and configs, no environment variables, no printing. Errors are
+//! `candle_core::Result` with messages naming the file, tensor or shape at fault.
+
+pub mod denoise;
+pub mod latents;
+pub mod nn;
+pub mod rope;
+pub mod scheduler;
+pub mod snapshot;
+pub mod transformer;
+
+pub use candle_core;

@@ -1,0 +1,439 @@
+//! `QwenImageTransformer2DModel` (diffusers `models/transformers/transformer_qwenimage.py`, 0.42.1): the
+//! dual-stream MMDiT. Equations and tensor names: `shared/reference/denoiser-and-pipelines.md` §2-3.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::nn::{LayerNormNoAffine, Linear, RmsNorm, attention, key_bias_from_mask, linear};
+use crate::rope::{self, ImgShape, RopeTables};
+
+/// eps of every norm in the model (`eps=1e-6` throughout `transformer_qwenimage.py`).
+pub const NORM_EPS: f32 = 1e-6;
+/// Channels of the sinusoidal timestep projection (`Timesteps(num_channels=256, ...)`).
+pub const TIMESTEP_CHANNELS: usize = 256;
+
+fn default_patch_size() -> usize {
+    2
+}
+fn default_in_channels() -> usize {
+    64
+}
+fn default_num_layers() -> usize {
+    60
+}
+fn default_head_dim() -> usize {
+    128
+}
+fn default_heads() -> usize {
+    24
+}
+fn default_joint_dim() -> usize {
+    3584
+}
+fn default_axes() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+/// `transformer/config.json`; field names and defaults of `QwenImageTransformer2DModel.__init__`.
+/// Unknown keys (e.g. `pooled_projection_dim`) are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransformerConfig {
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// `None` means `in_channels` (diffusers: `out_channels or in_channels`).
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    #[serde(default = "default_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "default_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_joint_dim")]
+    pub joint_attention_dim: usize,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "default_axes")]
+    pub axes_dims_rope: Vec<usize>,
+    /// Qwen-Image-Edit-2511 only; not supported here.
+    #[serde(default)]
+    pub zero_cond_t: bool,
+    /// Qwen-Image-Layered only; not supported here.
+    #[serde(default)]
+    pub use_additional_t_cond: bool,
+    /// Qwen-Image-Layered only; not supported here.
+    #[serde(default)]
+    pub use_layer3d_rope: bool,
+}
+
+impl TransformerConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Packed output channels: `patch_size² · out_channels`.
+    pub fn out_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Latent channels of the VAE this transformer denoises (`out_channels`).
+    pub fn latent_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels / (self.patch_size * self.patch_size))
+    }
+
+    /// Rejects configurations this implementation does not compute.
+    pub fn validate(&self) -> Result<()> {
+        if self.zero_cond_t || self.use_additional_t_cond || self.use_layer3d_rope {
+            candle_core::bail!(
+                "transformer config uses zero_cond_t / use_additional_t_cond / use_layer3d_rope (Edit-2511 or Layered \
+                 models), which this server does not support"
+            );
+        }
+        if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim {
+            candle_core::bail!(
+                "axes_dims_rope {:?} must sum to attention_head_dim {}",
+                self.axes_dims_rope,
+                self.attention_head_dim
+            );
+        }
+        if self.patch_size != 2 {
+            candle_core::bail!("patch_size {} is not supported (Qwen-Image packs 2x2 patches)", self.patch_size);
+        }
+        Ok(())
+    }
+}
+
+/// Sinusoidal timestep embedding, diffusers `get_timestep_embedding(t, 256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0, scale=1000)`, computed in f32: `[cos(1000·t·f_k), sin(1000·t·f_k)]`,
+/// `f_k = exp(-ln(10000)·k/128)`.
+pub fn timestep_projection(t: &Tensor, channels: usize) -> Result<Tensor> {
+    let half = channels / 2;
+    let device = t.device();
+    // exponent = -math.log(10000) * arange(half, f32) / (half - 0); emb = exp(exponent)
+    let ln = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half).map(|k| ((ln * k as f32) / half as f32).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), device)?;
+    let t = t.to_dtype(DType::F32)?.unsqueeze(1)?; // [B, 1]
+    let args = (t.broadcast_mul(&freqs)? * 1000.0)?; // scale applied after t·freq
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1) // [B, channels], cos first (flip_sin_to_cos)
+}
+
+/// `QwenTimestepProjEmbeddings`: sinusoid → `linear_1` → SiLU → `linear_2`.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedder {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("timestep_embedder");
+        Ok(Self {
+            linear_1: linear(TIMESTEP_CHANNELS, dim, vb.pp("linear_1"))?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    /// `t`: `[B]` (already divided by 1000) → `[B, dim]`.
+    pub fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let proj = timestep_projection(t, TIMESTEP_CHANNELS)?.to_dtype(dtype)?;
+        self.linear_2.forward(&self.linear_1.forward(&proj)?.silu()?)
+    }
+}
+
+/// Feed-forward `Linear(D, 4D) → GELU(tanh) → Linear(4D, D)` (`img_mlp` / `txt_mlp`).
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: linear(dim, dim * 4, vb.pp("net.0.proj"))?,
+            proj_out: linear(dim * 4, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (GELU(approximate="tanh")).
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+}
+
+/// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// One `QwenImageTransformerBlock`: joint attention over `[text, image]` and per-stream MLPs, both
+/// modulated by the timestep embedding.
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    img_mod: Linear,
+    txt_mod: Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    add_q: Linear,
+    add_k: Linear,
+    add_v: Linear,
+    to_out: Linear,
+    to_add_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    norm_added_q: RmsNorm,
+    norm_added_k: RmsNorm,
+    img_mlp: FeedForward,
+    txt_mlp: FeedForward,
+    ln: LayerNormNoAffine,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// Per-forward context shared by every block.
+pub struct BlockInputs<'a> {
+    /// Timestep embedding `[B, D]`.
+    pub temb: &'a Tensor,
+    /// RoPE tables for `[image tokens]` and `[padded text tokens]`.
+    pub rope: &'a RopeTables,
+    /// Additive key bias `[B, 1, 1, L + S]` or `None` when no key is masked.
+    pub key_bias: Option<&'a Tensor>,
+}
+
+impl TransformerBlock {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            img_mod: linear(dim, 6 * dim, vb.pp("img_mod.1"))?,
+            txt_mod: linear(dim, 6 * dim, vb.pp("txt_mod.1"))?,
+            to_q: linear(dim, dim, a.pp("to_q"))?,
+            to_k: linear(dim, dim, a.pp("to_k"))?,
+            to_v: linear(dim, dim, a.pp("to_v"))?,
+            add_q: linear(dim, dim, a.pp("add_q_proj"))?,
+            add_k: linear(dim, dim, a.pp("add_k_proj"))?,
+            add_v: linear(dim, dim, a.pp("add_v_proj"))?,
+            to_out: linear(dim, dim, a.pp("to_out.0"))?,
+            to_add_out: linear(dim, dim, a.pp("to_add_out"))?,
+            norm_q: RmsNorm::new(hd, NORM_EPS, a.pp("norm_q"))?,
+            norm_k: RmsNorm::new(hd, NORM_EPS, a.pp("norm_k"))?,
+            norm_added_q: RmsNorm::new(hd, NORM_EPS, a.pp("norm_added_q"))?,
+            norm_added_k: RmsNorm::new(hd, NORM_EPS, a.pp("norm_added_k"))?,
+            img_mlp: FeedForward::new(dim, vb.pp("img_mlp"))?,
+            txt_mlp: FeedForward::new(dim, vb.pp("txt_mlp"))?,
+            ln: LayerNormNoAffine::new(dim, NORM_EPS, vb.dtype(), vb.device())?,
+            heads: cfg.num_attention_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `[B, S, H·D]` → `[B, H, S, D]` after the per-head RMSNorm.
+    fn heads_of(&self, x: &Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let x = x.reshape((b, s, self.heads, self.head_dim))?;
+        let x = match norm {
+            Some(n) => n.forward(&x)?,
+            None => x,
+        };
+        x.transpose(1, 2)?.contiguous()
+    }
+
+    /// `x`: image stream `[B, S, D]`, `c`: text stream `[B, L, D]` → updated `(c, x)`.
+    pub fn forward(&self, x: &Tensor, c: &Tensor, inp: &BlockInputs) -> Result<(Tensor, Tensor)> {
+        let (b, l, dim) = c.dims3()?;
+        let silu_t = inp.temb.silu()?;
+        // 6D modulation vector: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2]
+        let im = self.img_mod.forward(&silu_t)?.chunk(6, D::Minus1)?;
+        let tm = self.txt_mod.forward(&silu_t)?.chunk(6, D::Minus1)?;
+
+        let xm = modulate(&self.ln.forward(x)?, &im[0], &im[1])?;
+        let cm = modulate(&self.ln.forward(c)?, &tm[0], &tm[1])?;
+
+        // joint attention, text first
+        let r = inp.rope;
+        let qi = rope::apply(&self.heads_of(&self.to_q.forward(&xm)?, Some(&self.norm_q))?, &r.img_cos, &r.img_sin)?;
+        let ki = rope::apply(&self.heads_of(&self.to_k.forward(&xm)?, Some(&self.norm_k))?, &r.img_cos, &r.img_sin)?;
+        let vi = self.heads_of(&self.to_v.forward(&xm)?, None)?;
+        let qt = rope::apply(&self.heads_of(&self.add_q.forward(&cm)?, Some(&self.norm_added_q))?, &r.txt_cos, &r.txt_sin)?;
+        let kt = rope::apply(&self.heads_of(&self.add_k.forward(&cm)?, Some(&self.norm_added_k))?, &r.txt_cos, &r.txt_sin)?;
+        let vt = self.heads_of(&self.add_v.forward(&cm)?, None)?;
+        let q = Tensor::cat(&[&qt, &qi], 2)?; // [B, H, L+S, hd]
+        let k = Tensor::cat(&[&kt, &ki], 2)?;
+        let v = Tensor::cat(&[&vt, &vi], 2)?;
+        let o = attention(&q, &k, &v, inp.key_bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let o = o.transpose(1, 2)?.reshape((b, (), dim))?; // [B, L+S, D]
+        let s = o.dim(1)? - l;
+        let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
+        let img_attn = self.to_out.forward(&o.narrow(1, l, s)?)?;
+
+        let x = (x + img_attn.broadcast_mul(&im[2].unsqueeze(1)?)?)?;
+        let c = (c + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
+
+        let xm2 = modulate(&self.ln.forward(&x)?, &im[3], &im[4])?;
+        let x = (&x + self.img_mlp.forward(&xm2)?.broadcast_mul(&im[5].unsqueeze(1)?)?)?;
+        let cm2 = modulate(&self.ln.forward(&c)?, &tm[3], &tm[4])?;
+        let c = (&c + self.txt_mlp.forward(&cm2)?.broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
+        Ok((c, x))
+    }
+}
+
+/// The parts of the model that turn raw inputs into block inputs (shared with the ControlNet).
+#[derive(Debug, Clone)]
+pub struct Embedders {
+    pub img_in: Linear,
+    pub txt_norm: RmsNorm,
+    pub txt_in: Linear,
+    pub time_text_embed: TimestepEmbedder,
+}
+
+impl Embedders {
+    pub fn new(cfg: &TransformerConfig, vb: &VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        Ok(Self {
+            img_in: linear(cfg.in_channels, dim, vb.pp("img_in"))?,
+            txt_norm: RmsNorm::new(cfg.joint_attention_dim, NORM_EPS, vb.pp("txt_norm"))?,
+            txt_in: linear(cfg.joint_attention_dim, dim, vb.pp("txt_in"))?,
+            time_text_embed: TimestepEmbedder::new(dim, vb.pp("time_text_embed"))?,
+        })
+    }
+}
+
+/// Validated transformer inputs.
+pub struct TransformerInputs<'a> {
+    /// Packed latents `[B, S, in_channels]`.
+    pub hidden_states: &'a Tensor,
+    /// Text embeddings `[B, L, joint_attention_dim]` (right-padded when batched).
+    pub encoder_hidden_states: &'a Tensor,
+    /// Text mask `[B, L]` (1 = token, 0 = padding), or `None` when every token is valid.
+    pub encoder_mask: Option<&'a Tensor>,
+    /// `t / 1000` per batch element, `[B]`.
+    pub timestep: &'a Tensor,
+    /// Token grids of the images in `hidden_states`, in order (`(1, h/2, w/2)` for text-to-image).
+    pub img_shapes: &'a [ImgShape],
+    /// ControlNet residuals `[B, S, D]` (already scaled), added to the image stream after the blocks.
+    pub controlnet_residuals: Option<&'a [Tensor]>,
+}
+
+/// Shared preparation of block inputs (text projection, timestep embedding, RoPE, key mask).
+pub struct Prepared {
+    pub x: Tensor,
+    pub c: Tensor,
+    pub temb: Tensor,
+    pub rope: RopeTables,
+    pub key_bias: Option<Tensor>,
+}
+
+/// Checks shapes and computes what every block needs.
+pub fn prepare(cfg: &TransformerConfig, emb: &Embedders, x: Tensor, inp: &TransformerInputs, device: &Device) -> Result<Prepared> {
+    let (b, s, _) = x.dims3()?;
+    let (bt, l, dt) = inp.encoder_hidden_states.dims3()?;
+    if bt != b || dt != cfg.joint_attention_dim {
+        candle_core::bail!(
+            "encoder_hidden_states has shape [{bt}, {l}, {dt}], expected [{b}, L, {}]",
+            cfg.joint_attention_dim
+        );
+    }
+    let tokens: usize = inp.img_shapes.iter().map(|(f, h, w)| f * h * w).sum();
+    if tokens != s {
+        candle_core::bail!("img_shapes {:?} describe {tokens} tokens, hidden_states has {s}", inp.img_shapes);
+    }
+    if inp.timestep.dims() != [b] {
+        candle_core::bail!("timestep has shape {:?}, expected [{b}]", inp.timestep.dims());
+    }
+    let dtype = x.dtype();
+    let c = emb.txt_in.forward(&emb.txt_norm.forward(inp.encoder_hidden_states)?)?;
+    let temb = emb.time_text_embed.forward(inp.timestep, dtype)?;
+    let rope = rope::rope_tables(&cfg.axes_dims_rope, inp.img_shapes, l, device)?;
+    let key_bias = match inp.encoder_mask {
+        None => None,
+        Some(m) => {
+            if m.dims() != [b, l] {
+                candle_core::bail!("encoder mask has shape {:?}, expected [{b}, {l}]", m.dims());
+            }
+            // keys are [text, image]; image keys are always attended
+            let full = Tensor::cat(&[&m.to_dtype(DType::F32)?, &Tensor::ones((b, s), DType::F32, device)?], 1)?;
+            Some(key_bias_from_mask(&full, dtype)?)
+        }
+    };
+    Ok(Prepared { x, c, temb, rope, key_bias })
+}
+
+/// `QwenImageTransformer2DModel`.
+#[derive(Debug, Clone)]
+pub struct QwenImageTransformer {
+    cfg: TransformerConfig,
+    emb: Embedders,
+    blocks: Vec<TransformerBlock>,
+    norm_out_linear: Linear,
+    norm_out: LayerNormNoAffine,
+    proj_out: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl QwenImageTransformer {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let dim = cfg.inner_dim();
+        let emb = Embedders::new(cfg, &vb)?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| TransformerBlock::new(cfg, vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            emb,
+            blocks,
+            norm_out_linear: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            norm_out: LayerNormNoAffine::new(dim, NORM_EPS, vb.dtype(), vb.device())?,
+            proj_out: linear(dim, cfg.out_dim(), vb.pp("proj_out"))?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Velocity prediction `[B, S, out_dim]` in packed layout.
+    pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
+        let (_, _, cin) = inp.hidden_states.dims3()?;
+        if cin != self.cfg.in_channels {
+            candle_core::bail!("hidden_states has {cin} channels, the transformer expects {}", self.cfg.in_channels);
+        }
+        let x = self.emb.img_in.forward(&inp.hidden_states.to_dtype(self.dtype)?)?;
+        let p = prepare(&self.cfg, &self.emb, x, inp, &self.device)?;
+        let block_inp = BlockInputs { temb: &p.temb, rope: &p.rope, key_bias: p.key_bias.as_ref() };
+        let (mut x, mut c) = (p.x, p.c);
+        let interval = match inp.controlnet_residuals {
+            Some(r) if !r.is_empty() => self.blocks.len().div_ceil(r.len()),
+            _ => 0,
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            (c, x) = block.forward(&x, &c, &block_inp)?;
+            if let Some(res) = inp.controlnet_residuals.filter(|r| !r.is_empty()) {
+                // transformer_qwenimage.py: interval_control = ceil(len(blocks) / len(samples))
+                x = (x + res[i / interval].to_dtype(self.dtype)?)?;
+            }
+        }
+        // AdaLayerNormContinuous: [scale | shift] (scale first, unlike the blocks)
+        let mods = self.norm_out_linear.forward(&p.temb.silu()?)?.chunk(2, D::Minus1)?;
+        let x = modulate(&self.norm_out.forward(&x)?, &mods[1], &mods[0])?;
+        self.proj_out.forward(&x)
+    }
+}
