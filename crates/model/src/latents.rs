@@ -3,17 +3,18 @@
 
 use candle_core::{D, Result, Tensor};
 
-/// Packs `[B, C, h, w]` or `[B, 1, C, h, w]` (the pipeline's `[B, 1, C, h, w]` layout with one frame) into
+/// Packs `[B, C, h, w]`, `[B, 1, C, h, w]` (the pipeline's noise layout) or `[B, C, 1, h, w]` (the VAE's) into
 /// `[B, (h/2)(w/2), 4C]`: `packed[b, y·(w/2)+x, c·4 + dy·2 + dx] = lat[b, c, 2y+dy, 2x+dx]`.
 pub fn pack(lat: &Tensor) -> Result<Tensor> {
     let lat = match lat.rank() {
         4 => lat.clone(),
         5 => {
-            let (b, f, c, h, w) = lat.dims5()?;
-            if f != 1 {
-                candle_core::bail!("pack expects one frame, got shape [{b}, {f}, {c}, {h}, {w}]");
+            // the pipeline's noise layout [B, 1, C, h, w] or the VAE's [B, C, 1, h, w]
+            let (b, d1, d2, h, w) = lat.dims5()?;
+            match (d1, d2) {
+                (1, c) | (c, 1) => lat.reshape((b, c, h, w))?,
+                _ => candle_core::bail!("pack expects one frame, got shape [{b}, {d1}, {d2}, {h}, {w}]"),
             }
-            lat.reshape((b, c, h, w))?
         }
         r => candle_core::bail!("pack expects a rank 4 or 5 latent tensor, got rank {r}"),
     };
