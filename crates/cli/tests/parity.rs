@@ -28,10 +28,14 @@ fn assert_passes(suite: &str, reference: &str) {
     assert!(ok, "parity failed for {suite}/{reference}:\n{text}");
     assert!(!text.contains("FAIL "), "{text}");
     // the transformer and the loop were really compared
-    for needle in ["step.0.transformer.cond.out", "latents_final_packed"] {
-        if reference.starts_with("t2i") {
-            assert!(text.contains(&format!("PASS  {needle}")), "{needle} not compared:\n{text}");
-        }
+    let needles: &[&str] = match reference.split('_').next().unwrap_or_default() {
+        "t2i" => &["step.0.transformer.cond.out", "latents_final_packed"],
+        "inpaint" => &["latents_init_packed", "final latents"],
+        "controlnet" => &["step.0.controlnet.0.block_samples.0", "step.0.transformer.uncond.out", "final latents"],
+        _ => &[],
+    };
+    for needle in needles {
+        assert!(text.contains(&format!("PASS  {needle}")), "{needle} not compared:\n{text}");
     }
 }
 
@@ -48,6 +52,16 @@ fn t2i_batch_of_two_prompts_with_padding_matches_diffusers() {
 #[test]
 fn t2i_without_cfg_at_256_matches_diffusers() {
     assert_passes("tiny", "t2i_nocfg_256");
+}
+
+#[test]
+fn inpaint_loop_matches_diffusers() {
+    assert_passes("tiny", "inpaint_64");
+}
+
+#[test]
+fn controlnet_matches_diffusers() {
+    assert_passes("tiny", "controlnet_64");
 }
 
 #[test]

@@ -13,6 +13,14 @@ use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("BENCH_MALLOPT").is_some() {
+        // keep freed tensor buffers in the heap instead of returning them to the OS (see README: performance)
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let Some(snapshot) = args.first() else {
         eprintln!("usage: denoise_step SNAPSHOT [WIDTH HEIGHT REPEATS COND_LEN UNCOND_LEN]");
@@ -34,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pos = Conditioning { embeds: Tensor::randn(0f32, 1f32, (1, cond_len, cfg.joint_attention_dim), &dev)?, mask: None };
     let neg = Conditioning { embeds: Tensor::randn(0f32, 1f32, (1, uncond_len, cfg.joint_attention_dim), &dev)?, mask: None };
     let step = |lat: &Tensor| -> Result<Tensor, Box<dyn std::error::Error>> {
-        let v = predict(&model, lat, schedule.model_timestep(0), &pos, Some(&neg), 4.0, &shapes, None)?;
+        let v = predict(&model, lat, schedule.model_timestep(0), &pos, Some(&neg), 4.0, &shapes, &[])?;
         Ok((lat + (v * schedule.dt(0) as f64)?)?)
     };
     step(&latents)?; // warm-up

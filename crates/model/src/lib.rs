@@ -4,6 +4,7 @@
 //! No async, no I/O beyond reading weights and configs, no environment variables, no printing. Errors are
 //! `candle_core::Result` with messages naming the file, tensor or shape at fault.
 
+pub mod controlnet;
 pub mod denoise;
 pub mod latents;
 pub mod nn;

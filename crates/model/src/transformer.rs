@@ -317,8 +317,9 @@ pub struct TransformerInputs<'a> {
     pub timestep: &'a Tensor,
     /// Token grids of the images in `hidden_states`, in order (`(1, h/2, w/2)` for text-to-image).
     pub img_shapes: &'a [ImgShape],
-    /// ControlNet residuals `[B, S, D]` (already scaled), added to the image stream after the blocks.
-    pub controlnet_residuals: Option<&'a [Tensor]>,
+    /// ControlNet residual lists (one list per ControlNet, each `[B, S, D]` per ControlNet block, already
+    /// scaled); list `k` adds `list[i / ceil(num_layers / len)]` to the image stream after block `i`.
+    pub controlnet_residuals: &'a [Vec<Tensor>],
 }
 
 /// Shared preparation of block inputs (text projection, timestep embedding, RoPE, key mask).
@@ -420,14 +421,16 @@ impl QwenImageTransformer {
         let p = prepare(&self.cfg, &self.emb, x, inp, &self.device)?;
         let block_inp = BlockInputs { temb: &p.temb, rope: &p.rope, key_bias: p.key_bias.as_ref() };
         let (mut x, mut c) = (p.x, p.c);
-        let interval = match inp.controlnet_residuals {
-            Some(r) if !r.is_empty() => self.blocks.len().div_ceil(r.len()),
-            _ => 0,
-        };
+        for res in inp.controlnet_residuals {
+            if res.iter().any(|r| r.dims() != x.dims()) {
+                candle_core::bail!("controlnet residuals must have the image stream's shape {:?}", x.dims());
+            }
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             (c, x) = block.forward(&x, &c, &block_inp)?;
-            if let Some(res) = inp.controlnet_residuals.filter(|r| !r.is_empty()) {
-                // transformer_qwenimage.py: interval_control = ceil(len(blocks) / len(samples))
+            for res in inp.controlnet_residuals.iter().filter(|r| !r.is_empty()) {
+                // transformer_qwenimage.py: interval_control = ceil(len(transformer_blocks) / len(samples))
+                let interval = self.blocks.len().div_ceil(res.len());
                 x = (x + res[i / interval].to_dtype(self.dtype)?)?;
             }
         }
