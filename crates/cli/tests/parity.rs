@@ -31,11 +31,18 @@ fn assert_passes(suite: &str, reference: &str) {
     let needles: &[&str] = match reference.split('_').next().unwrap_or_default() {
         "t2i" => &["step.0.transformer.cond.out", "latents_final_packed"],
         "inpaint" => &["latents_init_packed", "final latents"],
-        "controlnet" => &["step.0.controlnet.0.block_samples.0", "step.0.transformer.uncond.out", "final latents"],
+        "controlnet" => &[
+            "step.0.controlnet.0.block_samples.0",
+            "step.0.transformer.uncond.out",
+            "final latents",
+        ],
         _ => &[],
     };
     for needle in needles {
-        assert!(text.contains(&format!("PASS  {needle}")), "{needle} not compared:\n{text}");
+        assert!(
+            text.contains(&format!("PASS  {needle}")),
+            "{needle} not compared:\n{text}"
+        );
     }
 }
 
@@ -75,20 +82,31 @@ fn random_preset_snapshots_match_diffusers() {
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("fixtures dir") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if !name.starts_with("random-") {
             continue;
         }
         for r in std::fs::read_dir(path.join("refs")).expect("refs dir") {
             let r = r.expect("entry").path();
-            let rname = r.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let rname = r
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             if rname.starts_with("t2i") {
                 assert_passes(&name, &rname);
                 seen += 1;
             }
         }
     }
-    assert!(seen >= 2, "expected random-preset t2i fixtures, found {seen}");
+    assert!(
+        seen >= 2,
+        "expected random-preset t2i fixtures, found {seen}"
+    );
 }
 
 #[test]
@@ -98,12 +116,24 @@ fn a_corrupted_reference_fails() {
     let base = fixtures().join("tiny");
     let src = base.join("refs/t2i_64");
     let tmp = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(src.join("manifest.json"), tmp.path().join("manifest.json")).expect("copy manifest");
-    let mut tensors = qwen_image_model::candle_core::safetensors::load(src.join("tensors.safetensors"), &Device::Cpu).expect("load");
-    let t = tensors.get("step.0.transformer.cond.out").expect("tensor").clone();
+    std::fs::copy(src.join("manifest.json"), tmp.path().join("manifest.json"))
+        .expect("copy manifest");
+    let mut tensors = qwen_image_model::candle_core::safetensors::load(
+        src.join("tensors.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("load");
+    let t = tensors
+        .get("step.0.transformer.cond.out")
+        .expect("tensor")
+        .clone();
     let bumped: Tensor = (t + 0.01).expect("add");
     tensors.insert("step.0.transformer.cond.out".into(), bumped);
-    qwen_image_model::candle_core::safetensors::save(&tensors, tmp.path().join("tensors.safetensors")).expect("save");
+    qwen_image_model::candle_core::safetensors::save(
+        &tensors,
+        tmp.path().join("tensors.safetensors"),
+    )
+    .expect("save");
     let (ok, text) = parity(&base.join("snapshot"), tmp.path());
     assert!(!ok, "a perturbed reference must fail:\n{text}");
     assert!(text.contains("FAIL  step.0.transformer.cond.out"), "{text}");

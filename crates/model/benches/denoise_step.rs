@@ -21,13 +21,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         }
     }
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let Some(snapshot) = args.first() else {
         eprintln!("usage: denoise_step SNAPSHOT [WIDTH HEIGHT REPEATS COND_LEN UNCOND_LEN]");
         return Ok(());
     };
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
-    let (width, height, repeats, cond_len, uncond_len) = (num(1, 512), num(2, 512), num(3, 5), num(4, 24), num(5, 6));
+    let (width, height, repeats, cond_len, uncond_len) =
+        (num(1, 512), num(2, 512), num(3, 5), num(4, 24), num(5, 6));
     let dev = Device::Cpu;
     let snap = Snapshot::open(snapshot)?;
     let cfg: TransformerConfig = snap.config("transformer", "config.json")?;
@@ -39,10 +43,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq = (h / 2) * (w / 2);
     let schedule = Schedule::for_pipeline(&sched, 20, seq)?;
     let latents = Tensor::randn(0f32, 1f32, (1, seq, cfg.in_channels), &dev)?;
-    let pos = Conditioning { embeds: Tensor::randn(0f32, 1f32, (1, cond_len, cfg.joint_attention_dim), &dev)?, mask: None };
-    let neg = Conditioning { embeds: Tensor::randn(0f32, 1f32, (1, uncond_len, cfg.joint_attention_dim), &dev)?, mask: None };
+    let pos = Conditioning {
+        embeds: Tensor::randn(0f32, 1f32, (1, cond_len, cfg.joint_attention_dim), &dev)?,
+        mask: None,
+    };
+    let neg = Conditioning {
+        embeds: Tensor::randn(0f32, 1f32, (1, uncond_len, cfg.joint_attention_dim), &dev)?,
+        mask: None,
+    };
     let step = |lat: &Tensor| -> Result<Tensor, Box<dyn std::error::Error>> {
-        let v = predict(&model, lat, schedule.model_timestep(0), &pos, Some(&neg), 4.0, &shapes, &[])?;
+        let v = predict(
+            &model,
+            lat,
+            schedule.model_timestep(0),
+            &pos,
+            Some(&neg),
+            4.0,
+            &shapes,
+            &[],
+        )?;
         Ok((lat + (v * schedule.dt(0) as f64)?)?)
     };
     step(&latents)?; // warm-up

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use crate::nn::{Linear, linear};
 use crate::rope::ImgShape;
 use crate::snapshot;
-use crate::transformer::{BlockInputs, Embedders, TransformerBlock, TransformerConfig, TransformerInputs, prepare};
+use crate::transformer::{
+    BlockInputs, Embedders, TransformerBlock, TransformerConfig, TransformerInputs, prepare,
+};
 
 /// `controlnet/config.json`: the transformer's fields plus `extra_condition_channels` (4 for the
 /// ControlNet-Inpainting model, whose condition carries an inverted mask channel per 2x2 patch).
@@ -50,7 +52,11 @@ impl QwenImageControlNet {
         let controlnet_blocks = (0..base.num_layers)
             .map(|i| linear(dim, dim, vb.pp("controlnet_blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let x_embedder = linear(base.in_channels + cfg.extra_condition_channels, dim, vb.pp("controlnet_x_embedder"))?;
+        let x_embedder = linear(
+            base.in_channels + cfg.extra_condition_channels,
+            dim,
+            vb.pp("controlnet_x_embedder"),
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             emb,
@@ -82,9 +88,17 @@ impl QwenImageControlNet {
     ///
     /// `inp` carries the latents, the (positive) prompt, the timestep and the image shapes exactly as the
     /// transformer receives them; `cond` is the packed control latents `[B, S, cond_channels]`.
-    pub fn forward(&self, inp: &TransformerInputs, cond: &Tensor, scale: f64) -> Result<Vec<Tensor>> {
+    pub fn forward(
+        &self,
+        inp: &TransformerInputs,
+        cond: &Tensor,
+        scale: f64,
+    ) -> Result<Vec<Tensor>> {
         let (b, s, c) = cond.dims3()?;
-        if c != self.cond_channels() || s != inp.hidden_states.dim(1)? || b != inp.hidden_states.dim(0)? {
+        if c != self.cond_channels()
+            || s != inp.hidden_states.dim(1)?
+            || b != inp.hidden_states.dim(0)?
+        {
             candle_core::bail!(
                 "control condition has shape [{b}, {s}, {c}], expected [{}, {}, {}]",
                 inp.hidden_states.dim(0)?,
@@ -92,10 +106,17 @@ impl QwenImageControlNet {
                 self.cond_channels()
             );
         }
-        let x = (self.emb.img_in.forward(&inp.hidden_states.to_dtype(self.dtype)?)?
+        let x = (self
+            .emb
+            .img_in
+            .forward(&inp.hidden_states.to_dtype(self.dtype)?)?
             + self.x_embedder.forward(&cond.to_dtype(self.dtype)?)?)?;
         let p = prepare(&self.cfg.base, &self.emb, x, inp, &self.device)?;
-        let block_inp = BlockInputs { temb: &p.temb, rope: &p.rope, key_bias: p.key_bias.as_ref() };
+        let block_inp = BlockInputs {
+            temb: &p.temb,
+            rope: &p.rope,
+            key_bias: p.key_bias.as_ref(),
+        };
         let (mut x, mut c) = (p.x, p.c);
         let mut out = Vec::with_capacity(self.blocks.len());
         for (block, proj) in self.blocks.iter().zip(&self.controlnet_blocks) {
@@ -127,7 +148,12 @@ pub struct ControlUnit<'a> {
 /// Residual lists of all active units at step `i` of `n` (with the positive prompt, as the pipeline does).
 /// Units of the same net are summed element-wise as `QwenImageMultiControlNetModel` does; units whose
 /// window excludes the step contribute nothing (identical to zero residuals).
-pub fn residuals(units: &[ControlUnit], inp: &TransformerInputs, i: usize, n: usize) -> Result<Vec<Vec<Tensor>>> {
+pub fn residuals(
+    units: &[ControlUnit],
+    inp: &TransformerInputs,
+    i: usize,
+    n: usize,
+) -> Result<Vec<Vec<Tensor>>> {
     let mut lists: Vec<(&QwenImageControlNet, Vec<Tensor>)> = Vec::new();
     for u in units {
         let k = keep(i, n, u.start, u.end);
@@ -159,7 +185,13 @@ mod tests {
     #[test]
     fn keep_window_matches_pipeline() {
         // controlnet_keep = 1 - float(i/n < start or (i+1)/n > end)
-        assert_eq!((0..4).map(|i| keep(i, 4, 0.0, 1.0)).collect::<Vec<_>>(), vec![1.0; 4]);
-        assert_eq!((0..4).map(|i| keep(i, 4, 0.25, 0.75)).collect::<Vec<_>>(), vec![0.0, 1.0, 1.0, 0.0]);
+        assert_eq!(
+            (0..4).map(|i| keep(i, 4, 0.0, 1.0)).collect::<Vec<_>>(),
+            vec![1.0; 4]
+        );
+        assert_eq!(
+            (0..4).map(|i| keep(i, 4, 0.25, 0.75)).collect::<Vec<_>>(),
+            vec![0.0, 1.0, 1.0, 0.0]
+        );
     }
 }

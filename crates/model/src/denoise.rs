@@ -102,7 +102,10 @@ fn mask_or_ones(c: &Conditioning, len: usize) -> Result<Tensor> {
     if l == len {
         return Ok(m);
     }
-    Tensor::cat(&[&m, &Tensor::zeros((b, len - l), DType::F32, m.device())?], 1)
+    Tensor::cat(
+        &[&m, &Tensor::zeros((b, len - l), DType::F32, m.device())?],
+        1,
+    )
 }
 
 /// Cond and uncond stacked into one batch `[2B, Lmax, D]` with a mask when any token is padding.
@@ -110,11 +113,20 @@ pub fn batch_conditioning(pos: &Conditioning, neg: &Conditioning) -> Result<Cond
     let lp = pos.embeds.dim(1)?;
     let ln = neg.embeds.dim(1)?;
     let len = lp.max(ln);
-    let embeds = Tensor::cat(&[&pad_tokens(&pos.embeds, len)?, &pad_tokens(&neg.embeds, len)?], 0)?;
+    let embeds = Tensor::cat(
+        &[
+            &pad_tokens(&pos.embeds, len)?,
+            &pad_tokens(&neg.embeds, len)?,
+        ],
+        0,
+    )?;
     let mask = if lp == ln && pos.mask.is_none() && neg.mask.is_none() {
         None
     } else {
-        Some(Tensor::cat(&[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?], 0)?)
+        Some(Tensor::cat(
+            &[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?],
+            0,
+        )?)
     };
     Ok(Conditioning { embeds, mask })
 }
@@ -139,7 +151,11 @@ pub fn predict(
         // the residuals (computed once with the positive prompt) serve both halves of the batch
         let res2: Vec<Vec<Tensor>> = controlnet_residuals
             .iter()
-            .map(|list| list.iter().map(|s| Tensor::cat(&[s, s], 0)).collect::<Result<Vec<_>>>())
+            .map(|list| {
+                list.iter()
+                    .map(|s| Tensor::cat(&[s, s], 0))
+                    .collect::<Result<Vec<_>>>()
+            })
             .collect::<Result<_>>()?;
         let out = model.forward(&TransformerInputs {
             hidden_states: &x2,
@@ -177,7 +193,10 @@ pub fn denoise(
 ) -> Result<Outcome> {
     let n = p.schedule.steps();
     if p.start_step >= n {
-        candle_core::bail!("start step {} leaves no step to run out of {n}", p.start_step);
+        candle_core::bail!(
+            "start step {} leaves no step to run out of {n}",
+            p.start_step
+        );
     }
     let total = n - p.start_step;
     let dtype = model.dtype();
@@ -199,10 +218,20 @@ pub fn denoise(
             };
             controlnet::residuals(p.controlnet, &inp, done, total)?
         };
-        let v = predict(model, &latents, t_model, p.positive, p.negative, p.true_cfg_scale, p.img_shapes, &residuals)?;
+        let v = predict(
+            model,
+            &latents,
+            t_model,
+            p.positive,
+            p.negative,
+            p.true_cfg_scale,
+            p.img_shapes,
+            &residuals,
+        )?;
         // Euler step in f32: x + (sigma_{i+1} - sigma_i)·v
         let dt = p.schedule.dt(i) as f64;
-        latents = (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
+        latents =
+            (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
         if let Some(blend) = p.inpaint {
             let init = if i + 1 < n {
                 scale_noise(&blend.image_latents, &blend.noise, p.schedule.sigmas[i + 1])?
@@ -212,9 +241,18 @@ pub fn denoise(
             let keep = (1.0 - &blend.mask)?;
             latents = ((keep * init)? + (&blend.mask * &latents)?)?;
         }
-        let info = StepInfo { step: i, total, done, timestep: p.schedule.timesteps[i], latents: &latents, noise_pred: &v };
+        let info = StepInfo {
+            step: i,
+            total,
+            done,
+            timestep: p.schedule.timesteps[i],
+            latents: &latents,
+            noise_pred: &v,
+        };
         if on_step(&info) == Flow::Stop && done + 1 < total {
-            return Ok(Outcome::Stopped { steps_done: done + 1 });
+            return Ok(Outcome::Stopped {
+                steps_done: done + 1,
+            });
         }
     }
     Ok(Outcome::Finished(latents))

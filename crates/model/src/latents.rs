@@ -13,7 +13,9 @@ pub fn pack(lat: &Tensor) -> Result<Tensor> {
             let (b, d1, d2, h, w) = lat.dims5()?;
             match (d1, d2) {
                 (1, c) | (c, 1) => lat.reshape((b, c, h, w))?,
-                _ => candle_core::bail!("pack expects one frame, got shape [{b}, {d1}, {d2}, {h}, {w}]"),
+                _ => candle_core::bail!(
+                    "pack expects one frame, got shape [{b}, {d1}, {d2}, {h}, {w}]"
+                ),
             }
         }
         r => candle_core::bail!("pack expects a rank 4 or 5 latent tensor, got rank {r}"),
@@ -76,7 +78,10 @@ mod tests {
         assert_eq!(pv[1][5][10], (10000 + 2 * 1000 + 3 * 100 + 4) as f32);
         let back = unpack(&p, h, w)?;
         assert_eq!(back.dims(), &[2, 3, 1, 4, 6]);
-        let diff = (back.reshape((b, c, h, w))? - &lat)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (back.reshape((b, c, h, w))? - &lat)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         Ok(())
     }
@@ -88,9 +93,15 @@ mod tests {
             let p = pack(&lat)?;
             assert_eq!(p.dims(), &[b, (h / 2) * (w / 2), 4 * c]);
             let back = unpack(&p, h, w)?;
-            let d = (back.permute((0, 2, 1, 3, 4))? - &lat)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (back.permute((0, 2, 1, 3, 4))? - &lat)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert_eq!(d, 0.0);
-            assert_eq!((pack(&back)? - &p)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            assert_eq!(
+                (pack(&back)? - &p)?.abs()?.max_all()?.to_scalar::<f32>()?,
+                0.0
+            );
         }
         assert!(pack(&Tensor::zeros((1, 4, 3, 4), DType::F32, &Device::Cpu)?).is_err());
         assert!(unpack(&Tensor::zeros((1, 5, 16), DType::F32, &Device::Cpu)?, 4, 4).is_err());

@@ -5,6 +5,7 @@
 //! `candle_core::Result` with messages naming the file, tensor or shape at fault.
 
 pub mod controlnet;
+pub mod cpu_kernels;
 pub mod denoise;
 pub mod latents;
 pub mod nn;

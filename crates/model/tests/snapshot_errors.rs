@@ -25,8 +25,12 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 fn load(dir: &Path) -> Result<QwenImageTransformer, String> {
     let s = Snapshot::open(dir).map_err(|e| e.to_string())?;
-    let cfg: TransformerConfig = s.config("transformer", "config.json").map_err(|e| e.to_string())?;
-    let vb = s.weights("transformer", DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+    let cfg: TransformerConfig = s
+        .config("transformer", "config.json")
+        .map_err(|e| e.to_string())?;
+    let vb = s
+        .weights("transformer", DType::F32, &Device::Cpu)
+        .map_err(|e| e.to_string())?;
     QwenImageTransformer::new(&cfg, vb).map_err(|e| e.to_string())
 }
 
@@ -46,26 +50,47 @@ fn missing_model_index_is_named() {
 fn missing_weight_file_is_named() {
     let tmp = tempfile::tempdir().expect("tmp");
     copy_dir(&tiny(), tmp.path());
-    std::fs::remove_file(tmp.path().join("transformer/diffusion_pytorch_model.safetensors")).expect("rm");
+    std::fs::remove_file(
+        tmp.path()
+            .join("transformer/diffusion_pytorch_model.safetensors"),
+    )
+    .expect("rm");
     let err = load(tmp.path()).expect_err("no weights");
-    assert!(err.contains("transformer") && err.contains("safetensors"), "{err}");
+    assert!(
+        err.contains("transformer") && err.contains("safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_tensor_and_wrong_shape_are_named() {
     let tmp = tempfile::tempdir().expect("tmp");
     copy_dir(&tiny(), tmp.path());
-    let file = tmp.path().join("transformer/diffusion_pytorch_model.safetensors");
-    let mut tensors = qwen_image_model::candle_core::safetensors::load(&file, &Device::Cpu).expect("load");
+    let file = tmp
+        .path()
+        .join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors =
+        qwen_image_model::candle_core::safetensors::load(&file, &Device::Cpu).expect("load");
     tensors.remove("proj_out.bias");
     qwen_image_model::candle_core::safetensors::save(&tensors, &file).expect("save");
     let err = load(tmp.path()).expect_err("missing tensor");
-    assert!(err.contains("proj_out.bias") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("proj_out.bias") && err.contains("missing"),
+        "{err}"
+    );
 
-    tensors.insert("proj_out.bias".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"));
+    tensors.insert(
+        "proj_out.bias".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"),
+    );
     qwen_image_model::candle_core::safetensors::save(&tensors, &file).expect("save");
     let err = load(tmp.path()).expect_err("wrong shape");
-    assert!(err.contains("proj_out.bias") && err.contains("shape") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.contains("proj_out.bias")
+            && err.contains("shape")
+            && err.contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,7 +112,8 @@ fn bad_config_is_named_and_unknown_keys_are_ignored() {
     let tmp = tempfile::tempdir().expect("tmp");
     copy_dir(&tiny(), tmp.path());
     let cfg_path = tmp.path().join("transformer/config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("read")).expect("json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("read")).expect("json");
     cfg["pooled_projection_dim"] = 768.into();
     cfg["some_future_key"] = serde_json::json!({"nested": [1, 2]});
     std::fs::write(&cfg_path, cfg.to_string()).expect("write");
@@ -101,7 +127,13 @@ fn bad_config_is_named_and_unknown_keys_are_ignored() {
 #[test]
 fn unsupported_variants_are_rejected() {
     let cfg: TransformerConfig = serde_json::from_str(r#"{"zero_cond_t": true}"#).expect("parse");
-    assert!(cfg.validate().unwrap_err().to_string().contains("zero_cond_t"));
-    let cfg: TransformerConfig = serde_json::from_str(r#"{"attention_head_dim": 64}"#).expect("parse");
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("zero_cond_t")
+    );
+    let cfg: TransformerConfig =
+        serde_json::from_str(r#"{"attention_head_dim": 64}"#).expect("parse");
     assert!(cfg.validate().is_err(), "axes must sum to the head dim");
 }

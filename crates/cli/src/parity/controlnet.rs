@@ -60,16 +60,35 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
             img_shapes: &shapes,
             controlnet_residuals: &[res],
         })?;
-        report.compare(&format!("{p}.out"), &out, &reference.f32(&format!("{p}.out"))?, args.tol)?;
+        report.compare(
+            &format!("{p}.out"),
+            &out,
+            &reference.f32(&format!("{p}.out"))?,
+            args.tol,
+        )?;
     }
 
     // --- the loop with the ControlNet run every step
     let latents0 = reference.f32("latents_init_packed")?;
-    let steps = reference.arg("steps").as_u64().context("manifest args.steps")? as usize;
-    let schedule = Schedule::for_pipeline(&sched_cfg, steps, latents0.dim(1)?).map_err(anyhow::Error::msg)?;
+    let steps = reference
+        .arg("steps")
+        .as_u64()
+        .context("manifest args.steps")? as usize;
+    let schedule =
+        Schedule::for_pipeline(&sched_cfg, steps, latents0.dim(1)?).map_err(anyhow::Error::msg)?;
     let positive = conditioning(reference, "prompt_embeds")?;
-    let negative = if reference.has("negative_prompt_embeds") { Some(conditioning(reference, "negative_prompt_embeds")?) } else { None };
-    let units = [ControlUnit { net: &net, cond: cond.clone(), scale, start: 0.0, end: 1.0 }];
+    let negative = if reference.has("negative_prompt_embeds") {
+        Some(conditioning(reference, "negative_prompt_embeds")?)
+    } else {
+        None
+    };
+    let units = [ControlUnit {
+        net: &net,
+        cond: cond.clone(),
+        scale,
+        start: 0.0,
+        end: 1.0,
+    }];
     let params = DenoiseParams {
         positive: &positive,
         negative: negative.as_ref(),
@@ -92,9 +111,16 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
             report.compare(&name, lat, &reference.f32(&name)?, args.loop_tol)?;
         }
     }
-    let Outcome::Finished(final_latents) = outcome else { anyhow::bail!("the loop stopped early") };
+    let Outcome::Finished(final_latents) = outcome else {
+        anyhow::bail!("the loop stopped early")
+    };
     let last = per_step.len() - 1;
-    report.compare(&format!("final latents (step.{last}.latents_end)"), &final_latents, &reference.f32(&format!("step.{last}.latents_end"))?, args.loop_tol)?;
+    report.compare(
+        &format!("final latents (step.{last}.latents_end)"),
+        &final_latents,
+        &reference.f32(&format!("step.{last}.latents_end"))?,
+        args.loop_tol,
+    )?;
 
     textenc::check_t2i_part(args, reference, report)?;
     vae::check_t2i_part(args, reference, report)?;
