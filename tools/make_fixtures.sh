@@ -34,4 +34,7 @@ ref "$F/random-5/snapshot" "$F/random-5/refs/t2i_80x32" --mode t2i --height 80 -
 ref "$F/random-5/snapshot" "$F/random-5/refs/vae_80x32" --mode vae --height 80 --width 32 --seed 3
 ref "$F/random-5/snapshot" "$F/random-5/refs/textenc" --mode textenc
 
+# --- Pillow reference outputs for the imaging crate (LANCZOS resize, RGB->L)
+"$PY" "$ROOT/tools/imaging/make_pil_vectors.py" "$F/imaging"
+
 du -sh "$F"/*
