@@ -26,16 +26,12 @@ impl Module for Linear {
 
 /// Loads `vb.weight [out, in]` and `vb.bias [out]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear(in_dim, out_dim, vb)?,
-    })
+    Ok(Linear { inner: candle_nn::linear(in_dim, out_dim, vb)? })
 }
 
 /// Loads `vb.weight [out, in]` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
-    })
+    Ok(Linear { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
 }
 
 /// RMSNorm over the last dimension with a learned gain (diffusers/transformers `RMSNorm`, computed in f32).
@@ -47,10 +43,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dim: usize, eps: f32, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -62,8 +55,7 @@ impl RmsNorm {
         let x32 = x.to_dtype(DType::F32)?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x32.broadcast_mul(&(var + self.eps as f64)?.sqrt()?.recip()?)?;
-        y.to_dtype(dtype)?
-            .broadcast_mul(&self.weight.to_dtype(dtype)?)
+        y.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
 }
 
@@ -109,13 +101,7 @@ pub const QUERY_CHUNK: usize = 1024;
 /// `q`: `[B, H, Sq, D]`, `k`/`v`: `[B, H, Sk, D]`; `key_bias`: optional additive bias `[B, 1, 1, Sk]`
 /// (0 for keys to attend, -inf for masked keys) or `[B, 1, Sq, Sk]` (per query, e.g. causal). Returns
 /// `[B, H, Sq, D]`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    key_bias: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (_b, _h, sq, _d) = q.dims4()?;
     let kt = k.transpose(2, 3)?.contiguous()?; // [B, H, D, Sk]
     let v = v.contiguous()?;
@@ -126,7 +112,7 @@ pub fn attention(
         let qc = q.narrow(2, start, len)?.contiguous()?; // [B, H, len, D]
         let mut scores = (qc.matmul(&kt)? * scale)?; // [B, H, len, Sk]
         if let Some(bias) = key_bias {
-            // A per-query bias ([B, 1, Sq, Sk], e.g. causal) is cut to the chunk's rows.
+            // A per-query bias `[B, 1, Sq, Sk]` (e.g. causal) is cut to this chunk's rows.
             let bias = if bias.rank() == 4 && bias.dim(2)? == sq && sq > 1 {
                 bias.narrow(2, start, len)?
             } else {
@@ -150,7 +136,5 @@ pub fn key_bias_from_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let keep = mask.to_dtype(DType::F32)?.ge(0.5)?;
     let zeros = Tensor::zeros((b, s), DType::F32, mask.device())?;
     let neg = Tensor::full(f32::NEG_INFINITY, (b, s), mask.device())?;
-    keep.where_cond(&zeros, &neg)?
-        .to_dtype(dtype)?
-        .reshape((b, 1, 1, s))
+    keep.where_cond(&zeros, &neg)?.to_dtype(dtype)?.reshape((b, 1, 1, s))
 }
