@@ -13,6 +13,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// From a `[out, in]` weight and optional `[out]` bias already loaded (e.g. fused projections).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { inner: candle_nn::Linear::new(weight, bias) }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.inner.forward(x)
     }

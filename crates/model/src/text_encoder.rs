@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module as _, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::nn::{Linear, RmsNorm, attention, linear, linear_no_bias};
+use crate::nn::{Linear, RmsNorm, attention, linear_no_bias};
 use crate::snapshot::Snapshot;
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
@@ -219,9 +219,8 @@ pub fn causal_padding_bias(
 /// `Qwen2_5_VLAttention` (text): q/k/v with biases, o_proj without.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj | k_proj | v_proj fused along the output dim: `[(H + 2 KV) D, hidden]` (one matmul).
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
@@ -231,11 +230,16 @@ struct Attention {
 impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let hs = cfg.hidden_size;
+        // Loaded under the checkpoint names, then fused: [H D | KV D | KV D, hidden] and [H D + 2 KV D].
+        let (mut ws, mut bs) = (Vec::with_capacity(3), Vec::with_capacity(3));
+        for (name, out) in [("q_proj", h * d), ("k_proj", kv * d), ("v_proj", kv * d)] {
+            ws.push(vb.pp(name).get((out, hs), "weight")?);
+            bs.push(vb.pp(name).get(out, "bias")?);
+        }
         Ok(Self {
-            q_proj: linear(cfg.hidden_size, h * d, vb.pp("q_proj"))?,
-            k_proj: linear(cfg.hidden_size, kv * d, vb.pp("k_proj"))?,
-            v_proj: linear(cfg.hidden_size, kv * d, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(h * d, cfg.hidden_size, vb.pp("o_proj"))?,
+            qkv_proj: Linear::from_tensors(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?)),
+            o_proj: linear_no_bias(h * d, hs, vb.pp("o_proj"))?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -248,9 +252,10 @@ impl Attention {
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         // [B, L, n*D] -> [B, L, n, D] -> [B, n, L, D]
         let split = |t: Tensor, n: usize| t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(x)?, h)?;
-        let k = split(self.k_proj.forward(x)?, kv)?;
-        let v = split(self.v_proj.forward(x)?, kv)?;
+        let qkv = self.qkv_proj.forward(x)?; // [B, L, (H + 2 KV) D]
+        let q = split(qkv.narrow(2, 0, h * d)?, h)?;
+        let k = split(qkv.narrow(2, h * d, kv * d)?, kv)?;
+        let v = split(qkv.narrow(2, (h + kv) * d, kv * d)?, kv)?;
         // Rotate-half (NeoX) RoPE, not the interleaved form (reference §2.3).
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
@@ -275,24 +280,29 @@ impl Attention {
 /// `Qwen2MLP`: `down(silu(gate(x)) * up(x))`, no biases.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj | up_proj fused along the output dim: `[2 I, hidden]` (one matmul).
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate = vb.pp("gate_proj").get((is, hs), "weight")?;
+        let up = vb.pp("up_proj").get((is, hs), "weight")?;
         Ok(Self {
-            gate_proj: linear_no_bias(hs, is, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(hs, is, vb.pp("up_proj"))?,
+            gate_up_proj: Linear::from_tensors(Tensor::cat(&[gate, up], 0)?, None),
             down_proj: linear_no_bias(is, hs, vb.pp("down_proj"))?,
+            intermediate: is,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gu = self.gate_up_proj.forward(x)?; // [B, L, 2 I]
+        let gate = candle_nn::ops::silu(&gu.narrow(2, 0, self.intermediate)?)?;
+        let up = gu.narrow(2, self.intermediate, self.intermediate)?;
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
