@@ -46,8 +46,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let median = median_of(&mut ms);
     let min = ms.first().copied().unwrap_or(f64::NAN);
     let (tok, lm) = (median_of(&mut tok_ms), median_of(&mut lm_ms));
+    // Linux: peak RSS and its split (anonymous = copied weights + activations; file = mmapped safetensors pages)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (hwm, anon, file) = (kb("VmHWM:"), kb("RssAnon:"), kb("RssFile:"));
     println!(
-        "{{\"impl\": \"candle\", \"load_s\": {load_s:.3}, \"tokens\": {}, \"iters\": {iters}, \"median_ms\": {median:.3}, \"min_ms\": {min:.3}, \"tokenize_ms\": {tok:.3}, \"text_model_ms\": {lm:.3}}}",
+        "{{\"impl\": \"candle\", \"load_s\": {load_s:.3}, \"tokens\": {}, \"iters\": {iters}, \"median_ms\": {median:.3}, \"min_ms\": {min:.3}, \"tokenize_ms\": {tok:.3}, \"text_model_ms\": {lm:.3}, \"vm_hwm_kb\": {hwm}, \"rss_anon_kb\": {anon}, \"rss_file_kb\": {file}}}",
         first.token_counts[0]
     );
     Ok(())

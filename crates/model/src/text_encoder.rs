@@ -246,33 +246,32 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B, L, hidden]`, `cos`/`sin`: `[L, D/2]`, `bias`: `[B, 1, L, L]`. Returns `[B, L, hidden]`.
+    /// `x`: `[B, L, hidden]`, `cos`/`sin`: `[L, D/2]`, `bias`: `[B, 1, g L, L]` (the causal/padding bias tiled
+    /// `g = H / KV` times along the query rows, see [`Qwen25VlTextModel::forward`]). Returns `[B, L, hidden]`.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        // [B, L, n*D] -> [B, L, n, D] -> [B, n, L, D]
-        let split = |t: Tensor, n: usize| t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous();
+        let n = h + 2 * kv;
         let qkv = self.qkv_proj.forward(x)?; // [B, L, (H + 2 KV) D]
-        let q = split(qkv.narrow(2, 0, h * d)?, h)?;
-        let k = split(qkv.narrow(2, h * d, kv * d)?, kv)?;
-        let v = split(qkv.narrow(2, (h + kv) * d, kv * d)?, kv)?;
-        // Rotate-half (NeoX) RoPE, not the interleaved form (reference §2.3).
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        // GQA: kv head j serves q heads j*g .. j*g+g-1 (repeat_interleave, reference §2.2):
-        // [B, kv, L, D] -> [B, kv, g, L, D] -> [B, H, L, D]
+        // [B, L, N, D] -> [B, N, L, D] with heads q_0..q_H-1 | k_0..k_KV-1 | v_0..v_KV-1
+        let qkv = qkv.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?;
+        // Rotate-half (NeoX) RoPE on q and k together, not the interleaved form (reference §2.3).
+        let qk = candle_nn::rotary_emb::rope(&qkv.narrow(1, 0, h + kv)?.contiguous()?, cos, sin)?; // [B, H+KV, L, D]
+        let k = qk.narrow(1, h, kv)?; // [B, KV, L, D]
+        let v = qkv.narrow(1, h + kv, kv)?; // [B, KV, L, D]
+        // GQA: kv head j serves q heads j*g .. j*g+g-1 (repeat_interleave, reference §2.2). Instead of repeating
+        // k/v, the g query heads of a group are stacked along the rows: [B, H, L, D] -> [B, KV, g L, D].
         let group = h / kv;
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(t);
-            }
-            t.unsqueeze(2)?
-                .expand((b, kv, group, l, d))?
-                .reshape((b, h, l, d))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let o = attention(&q, &k, &v, Some(bias), 1.0 / (d as f64).sqrt())?; // [B, H, L, D]
-        let o = o.transpose(1, 2)?.reshape((b, l, h * d))?; // [B, L, H*D]
+        let q = qk
+            .narrow(1, 0, h)?
+            .contiguous()?
+            .reshape((b, kv, group * l, d))?;
+        let o = attention(&q, &k, &v, Some(bias), 1.0 / (d as f64).sqrt())?; // [B, KV, g L, D]
+        // [B, KV, g L, D] -> [B, H, L, D] -> [B, L, H, D] -> [B, L, H D]
+        let o = o
+            .reshape((b, h, l, d))?
+            .transpose(1, 2)?
+            .reshape((b, l, h * d))?;
         self.o_proj.forward(&o)
     }
 }
@@ -440,6 +439,13 @@ impl Qwen25VlTextModel {
             &self.device,
         )?;
         let bias = causal_padding_bias(attention_mask, b, l, self.dtype, &self.device)?; // [B, 1, L, L]
+        // Tiled for the grouped query rows of `Attention::forward`: [B, 1, g L, L] (row r is query r mod L).
+        let group = self.cfg.num_attention_heads / self.cfg.num_kv_heads();
+        let bias = if group > 1 {
+            Tensor::cat(&vec![&bias; group], 2)?
+        } else {
+            bias
+        };
         for layer in &self.layers {
             h = layer.forward(&h, &cos, &sin, &bias)?;
         }
