@@ -495,3 +495,25 @@ fn over_long_prompts_are_cut_and_reported() {
     assert_eq!(e.embeds.dim(1).unwrap(), 1024);
     assert_eq!(TEMPLATE_DROP_IDX, 34);
 }
+
+/// Reduced precision runs the same code path with bf16 activations (RMSNorm statistics in f32): not a
+/// diffusers comparison (the dumps are f32), only a guard against a broken bf16 path.
+#[test]
+fn bf16_encoding_stays_close_to_f32() {
+    let snap = Snapshot::open(fixtures().join("tiny/snapshot")).unwrap();
+    let prompts = [
+        "A cat holding a sign that says hello world",
+        "一只可爱的熊猫坐在竹林里，水墨画风格。",
+    ];
+    let f32 = PromptEncoder::load(&snap, DType::F32, &Device::Cpu)
+        .unwrap()
+        .encode(&prompts, 512)
+        .unwrap();
+    let bf16 = PromptEncoder::load(&snap, DType::BF16, &Device::Cpu)
+        .unwrap()
+        .encode(&prompts, 512)
+        .unwrap();
+    assert_eq!(bf16.embeds.dtype(), DType::BF16);
+    let r = rel_err(&bf16.embeds, &f32.embeds);
+    assert!(r < 5e-2, "bf16 vs f32 relative error {r:e}");
+}
