@@ -10,33 +10,48 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// `Wᵀ` stored contiguous `[in, out]` ([`Linear::from_tensors`]): the CPU matmul then reads the weight
+    /// row-major, ~15% faster for the text encoder's small-M matmuls. Same memory (replaces `inner`'s weight).
+    wt: Option<Tensor>,
 }
 
 impl Linear {
-    /// From a `[out, in]` weight and optional `[out]` bias already loaded (e.g. fused projections).
-    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { inner: candle_nn::Linear::new(weight, bias) }
+    /// From a `[out, in]` weight and optional `[out]` bias already loaded (e.g. fused projections); the
+    /// weight is stored transposed (one copy at load time).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let wt = weight.t()?.contiguous()?; // [in, out]
+        // `inner` keeps the bias and a [out, in] view of the same storage for `weight()` users.
+        Ok(Self { inner: candle_nn::Linear::new(wt.t()?, bias), wt: Some(wt) })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        match &self.wt {
+            None => self.inner.forward(x),
+            Some(wt) => {
+                let y = x.broadcast_matmul(wt)?; // [.., in] x [in, out] -> [.., out]
+                match self.inner.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        Linear::forward(self, x)
     }
 }
 
 /// Loads `vb.weight [out, in]` and `vb.bias [out]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear { inner: candle_nn::linear(in_dim, out_dim, vb)? })
+    Ok(Linear { inner: candle_nn::linear(in_dim, out_dim, vb)?, wt: None })
 }
 
 /// Loads `vb.weight [out, in]` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
+    Ok(Linear { inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?, wt: None })
 }
 
 /// RMSNorm over the last dimension with a learned gain (diffusers/transformers `RMSNorm`, computed in f32).

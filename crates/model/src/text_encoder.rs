@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module as _, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::nn::{Linear, RmsNorm, attention, linear_no_bias};
+use crate::nn::{Linear, RmsNorm, attention};
 use crate::snapshot::Snapshot;
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
@@ -238,8 +238,8 @@ impl Attention {
             bs.push(vb.pp(name).get(out, "bias")?);
         }
         Ok(Self {
-            qkv_proj: Linear::from_tensors(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?)),
-            o_proj: linear_no_bias(h * d, hs, vb.pp("o_proj"))?,
+            qkv_proj: Linear::from_tensors(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?))?,
+            o_proj: Linear::from_tensors(vb.pp("o_proj").get((hs, h * d), "weight")?, None)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -291,8 +291,8 @@ impl Mlp {
         let gate = vb.pp("gate_proj").get((is, hs), "weight")?;
         let up = vb.pp("up_proj").get((is, hs), "weight")?;
         Ok(Self {
-            gate_up_proj: Linear::from_tensors(Tensor::cat(&[gate, up], 0)?, None),
-            down_proj: linear_no_bias(is, hs, vb.pp("down_proj"))?,
+            gate_up_proj: Linear::from_tensors(Tensor::cat(&[gate, up], 0)?, None)?,
+            down_proj: Linear::from_tensors(vb.pp("down_proj").get((hs, is), "weight")?, None)?,
             intermediate: is,
         })
     }
