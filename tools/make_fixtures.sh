@@ -34,6 +34,13 @@ ref "$F/random-5/snapshot" "$F/random-5/refs/t2i_80x32" --mode t2i --height 80 -
 ref "$F/random-5/snapshot" "$F/random-5/refs/vae_80x32" --mode vae --height 80 --width 32 --seed 3
 ref "$F/random-5/snapshot" "$F/random-5/refs/textenc" --mode textenc
 
+# --- random preset, seed 46 (text encoder): 4 heads / 2 KV heads (GQA group 2), 3 layers, vocab 2048;
+# transformers-5 (`text_config` + `rope_parameters`) config; no tokenizer.json; bf16 weights in 100 KB shards
+rm -rf "$F/random_v5"
+"$PY" "$H/make_tiny.py" "$F/random_v5/snapshot" --preset random --seed 46 --te-config-style v5 --no-tokenizer-json \
+    --dtype bf16 --max-shard-size 100KB > /dev/null
+ref "$F/random_v5/snapshot" "$F/random_v5/refs/textenc" --mode textenc
+
 # --- Pillow reference outputs for the imaging crate (LANCZOS resize, RGB->L)
 "$PY" "$ROOT/tools/imaging/make_pil_vectors.py" "$F/imaging"
 

@@ -181,7 +181,7 @@ fn gemm_rm(
 }
 
 /// Attention over contiguous CPU f32 tensors: `q` `[B, H, Sq, D]`, `k`/`v` `[B, H, Sk, D]`, optional additive
-/// key bias `[B, Sk]`. Parallel over (batch·head, query block); each task keeps a `QUERY_BLOCK × Sk` score
+/// bias `[B, 1, Sk]` (per key) or `[B, Sq, Sk]` (per query row, e.g. causal). Parallel over (batch·head, query block); each task keeps a `QUERY_BLOCK × Sk` score
 /// block, so memory stays bounded at any image size. `None` when the inputs are not CPU f32.
 pub fn attention(
     q: &Tensor,
@@ -202,15 +202,16 @@ pub fn attention(
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let bias = key_bias.map(|t| t.contiguous()).transpose()?;
-    if let Some(t) = &bias {
-        if t.elem_count() != b * sk {
-            candle_core::bail!(
-                "attention: key bias has {} values, expected {}",
-                t.elem_count(),
-                b * sk
-            );
-        }
-    }
+    // rows of the bias per batch element: 1 (per key) or Sq (per query)
+    let bias_rows = match &bias {
+        None => 0,
+        Some(t) if t.elem_count() == b * sk => 1,
+        Some(t) if t.elem_count() == b * sq * sk => sq,
+        Some(t) => candle_core::bail!(
+            "attention: bias of shape {:?} fits neither [B, 1, Sk] nor [B, Sq, Sk]",
+            t.dims()
+        ),
+    };
     let scale = scale as f32;
     let run = |qd: &[f32], kd: &[f32], vd: &[f32], bias: Option<&[f32]>| {
         let mut out = vec![0f32; b * h * sq * d];
@@ -218,7 +219,8 @@ pub fn attention(
             let qh = &qd[bh * sq * d..(bh + 1) * sq * d];
             let kh = &kd[bh * sk * d..(bh + 1) * sk * d];
             let vh = &vd[bh * sk * d..(bh + 1) * sk * d];
-            let bias_row = bias.map(|bv| &bv[(bh / h) * sk..(bh / h + 1) * sk]);
+            let bias_b =
+                bias.map(|bv| &bv[(bh / h) * bias_rows * sk..(bh / h + 1) * bias_rows * sk]);
             o.par_chunks_mut(QUERY_BLOCK * d)
                 .enumerate()
                 .for_each(|(qb, ob)| {
@@ -235,7 +237,14 @@ pub fn attention(
                         true,
                         scale,
                     );
-                    for row in scores.chunks_mut(sk) {
+                    for (r, row) in scores.chunks_mut(sk).enumerate() {
+                        let bias_row = bias_b.map(|bb| {
+                            if bias_rows == 1 {
+                                bb
+                            } else {
+                                &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
+                            }
+                        });
                         if let Some(br) = bias_row {
                             for (s, bv) in row.iter_mut().zip(br) {
                                 *s += bv;
@@ -291,6 +300,29 @@ mod tests {
     }
 
     #[test]
+    fn attention_with_per_query_bias_matches_naive() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, s, d) = (2, 2, 300, 8);
+        let q = Tensor::randn(0f32, 1f32, (b, h, s, d), &dev)?;
+        let mut causal = vec![0f32; b * s * s];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in (i + 1)..s {
+                    causal[(bi * s + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let bias = Tensor::from_vec(causal, (b, s, s), &dev)?;
+        let ours = attention(&q, &q, &q, Some(&bias), 0.3)?.expect("cpu f32");
+        let scores =
+            (q.matmul(&q.transpose(2, 3)?)? * 0.3)?.broadcast_add(&bias.reshape((b, 1, s, s))?)?;
+        let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&q)?;
+        let diff = (ours - naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
     fn attention_matches_naive_with_mask() -> Result<()> {
         let dev = Device::Cpu;
         let (b, h, sq, sk, d) = (2, 3, 150, 70, 16);
@@ -301,7 +333,7 @@ mod tests {
         for j in 60..70 {
             bias[sk + j] = f32::NEG_INFINITY; // mask the last keys of batch 1
         }
-        let bias = Tensor::from_vec(bias, (b, sk), &dev)?;
+        let bias = Tensor::from_vec(bias, (b, 1, sk), &dev)?;
         let ours = attention(&q, &k, &v, Some(&bias), 0.25)?.expect("cpu f32");
         let scores = (q.matmul(&k.transpose(2, 3)?)? * 0.25)?
             .broadcast_add(&bias.reshape((b, 1, 1, sk))?)?;

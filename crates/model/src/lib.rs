@@ -9,9 +9,12 @@ pub mod cpu_kernels;
 pub mod denoise;
 pub mod latents;
 pub mod nn;
+pub mod prompt;
 pub mod rope;
 pub mod scheduler;
 pub mod snapshot;
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod transformer;
 
 pub use candle_core;

@@ -10,17 +10,40 @@ use candle_nn::VarBuilder;
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// `Wᵀ` stored contiguous `[in, out]` ([`Linear::from_tensors`]): the CPU matmul then reads the weight
+    /// row-major, ~15% faster for the text encoder's small-M matmuls. Same memory (replaces `inner`'s weight).
+    wt: Option<Tensor>,
 }
 
 impl Linear {
+    /// From a `[out, in]` weight and optional `[out]` bias already loaded (e.g. fused projections); the
+    /// weight is stored transposed (one copy at load time).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let wt = weight.t()?.contiguous()?; // [in, out]
+        // `inner` keeps the bias and a [out, in] view of the same storage for `weight()` users.
+        Ok(Self {
+            inner: candle_nn::Linear::new(wt.t()?, bias),
+            wt: Some(wt),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        match &self.wt {
+            None => self.inner.forward(x),
+            Some(wt) => {
+                let y = x.broadcast_matmul(wt)?; // [.., in] x [in, out] -> [.., out]
+                match self.inner.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        Linear::forward(self, x)
     }
 }
 
@@ -28,6 +51,7 @@ impl Module for Linear {
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear {
         inner: candle_nn::linear(in_dim, out_dim, vb)?,
+        wt: None,
     })
 }
 
@@ -35,6 +59,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear {
         inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+        wt: None,
     })
 }
 
@@ -118,7 +143,8 @@ pub const QUERY_CHUNK: usize = 1024;
 /// matrix never exceeds `heads × QUERY_CHUNK × keys` (exact: each query row is independent).
 ///
 /// `q`: `[B, H, Sq, D]`, `k`/`v`: `[B, H, Sk, D]`; `key_bias`: optional additive bias `[B, 1, 1, Sk]`
-/// (0 for keys to attend, -inf for masked keys). Returns `[B, H, Sq, D]`.
+/// (0 for keys to attend, -inf for masked keys) or `[B, 1, Sq, Sk]` (per query, e.g. causal). Returns
+/// `[B, H, Sq, D]`. f32 on the CPU runs [`crate::cpu_kernels::attention`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -128,7 +154,11 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, _h, sq, _d) = q.dims4()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
-        let bias = key_bias.map(|t| t.reshape((b, ()))).transpose()?;
+        let bias = match key_bias {
+            None => None,
+            Some(t) if t.dims().len() == 4 && t.dim(2)? == 1 => Some(t.reshape((b, 1, ()))?),
+            Some(t) => Some(t.reshape((b, sq, ()))?),
+        };
         if let Some(out) = crate::cpu_kernels::attention(q, k, v, bias.as_ref(), scale)? {
             return Ok(out);
         }
@@ -142,7 +172,13 @@ pub fn attention(
         let qc = q.narrow(2, start, len)?.contiguous()?; // [B, H, len, D]
         let mut scores = (qc.matmul(&kt)? * scale)?; // [B, H, len, Sk]
         if let Some(bias) = key_bias {
-            scores = scores.broadcast_add(bias)?;
+            // A per-query bias `[B, 1, Sq, Sk]` (e.g. causal) is cut to this chunk's rows.
+            let bias = if bias.rank() == 4 && bias.dim(2)? == sq && sq > 1 {
+                bias.narrow(2, start, len)?
+            } else {
+                bias.clone()
+            };
+            scores = scores.broadcast_add(&bias)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&v)?); // [B, H, len, D]
