@@ -11,5 +11,6 @@ pub mod rope;
 pub mod scheduler;
 pub mod snapshot;
 pub mod transformer;
+pub mod vae;
 
 pub use candle_core;
