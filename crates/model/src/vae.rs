@@ -15,7 +15,7 @@
 //! each band's input rows only. The full-resolution normalised or upsampled activations therefore never
 //! exist, which bounds the peak memory of a 2048x2048 decode to a few copies of the largest feature map.
 
-use candle_core::{DType, Device, Result, Tensor, bail};
+use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -120,8 +120,9 @@ impl Default for TileConfig {
     }
 }
 
-/// Elements of the im2col matrix of one conv band (64 MiB in f32): bounds the conv scratch memory.
-const CONV_BAND_ELEMS: usize = 1 << 24;
+/// Elements of the im2col matrix of one conv band (8 MiB in f32): bounds the conv scratch memory and stays
+/// under glibc's 32 MiB dynamic mmap threshold, so band buffers are reused instead of mmapped and faulted in.
+const CONV_BAND_ELEMS: usize = 1 << 21;
 /// Elements of one attention score block (64 MiB in f32): the query rows per block are this / keys.
 const ATTN_SCORE_ELEMS: usize = 1 << 24;
 /// `F.normalize` eps (clamp on the L2 norm), diffusers `QwenImageRMS_norm`.
@@ -131,14 +132,16 @@ const LOGVAR_MIN: f64 = -30.0;
 const LOGVAR_MAX: f64 = 20.0;
 
 // ------------------------------------------------------------------------------------------------------------
-// building blocks (all on one image: [C, H, W])
+// building blocks, on one image in channels-last layout: [H, W, C]
 // ------------------------------------------------------------------------------------------------------------
 
 /// Channel RMS norm (`QwenImageRMS_norm`): `x / max(‖x‖₂ over C, 1e-12) * sqrt(C) * gamma`.
 #[derive(Debug, Clone)]
 struct RmsNorm {
-    /// `[C, 1, 1]`
+    /// `[C]`
     gamma: Tensor,
+    /// `gamma` as f32 for the fused CPU kernel.
+    gamma_f32: Vec<f32>,
     scale: f64,
 }
 
@@ -148,190 +151,266 @@ impl RmsNorm {
         let gamma = if images {
             vb.get((dim, 1, 1), "gamma")?
         } else {
-            vb.get((dim, 1, 1, 1), "gamma")?.reshape((dim, 1, 1))?
-        };
+            vb.get((dim, 1, 1, 1), "gamma")?
+        }
+        .reshape(dim)?;
+        let gamma_f32 = gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(Self {
             gamma,
+            gamma_f32,
             scale: (dim as f64).sqrt(),
         })
     }
 
-    /// `x`: `[C, H, W]` (any number of rows).
+    /// `x`: `[H, W, C]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         // bf16/f16 inputs are normalised in f32 and cast back before the scale and gamma (diffusers order).
-        let x32 = if dtype == DType::F32 {
-            x.clone()
-        } else {
-            x.to_dtype(DType::F32)?
-        };
+        let x32 = x.to_dtype(DType::F32)?;
         let norm = x32
             .sqr()?
-            .sum_keepdim(0)?
+            .sum_keepdim(D::Minus1)?
             .sqrt()?
-            .clamp(NORM_EPS, f64::INFINITY)?; // [1, H, W]
+            .clamp(NORM_EPS, f64::INFINITY)?; // [H, W, 1]
         let normalized = x32.broadcast_div(&norm)?.to_dtype(dtype)?;
         (normalized * self.scale)?.broadcast_mul(&self.gamma)
     }
 }
 
-/// What is applied to a conv's input rows before zero padding (fused per band, see the module docs).
+/// What is applied to a 3x3 conv's input before its zero padding (fused into the conv, see the module docs).
 #[derive(Clone, Copy)]
 enum Prologue<'a> {
     None,
     /// `silu(norm(x))`: the residual blocks and the output heads.
     NormSilu(&'a RmsNorm),
-    /// 2x nearest upsampling (`QwenImageUpsample`, "nearest-exact" equals nearest at exactly 2x).
+    /// 2x nearest upsampling (`QwenImageUpsample`; "nearest-exact" equals nearest at exactly 2x).
     Upsample2x,
 }
 
-/// A conv2d from a causal conv3d (last temporal tap) or a plain `nn.Conv2d`.
+/// 2x nearest upsampling of `[H, W, C]`: `out[i, j] = in[i // 2, j // 2]`.
+fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    let (h, w, c) = x.dims3()?;
+    x.reshape((h, 1, w, 1, c))? // [H, 1, W, 1, C]
+        .broadcast_as((h, 2, w, 2, c))? // [H, 2, W, 2, C]
+        .reshape((2 * h, 2 * w, c))
+}
+
+/// A 3x3, stride-1, padding-1 conv2d: from a `CausalConv3d` (its last temporal tap, pitfall 1) or from the
+/// `nn.Conv2d` of an upsampler.
 #[derive(Debug, Clone)]
-struct Conv {
-    /// 3x3: `[O, 9·I]` with columns ordered (ky, kx, c) for the banded im2col; 1x1: `[O, I]`.
-    weight: Tensor,
-    /// 3x3 stride-2 (downsample) keeps the `[O, I, 3, 3]` layout for candle's conv2d.
-    weight_4d: Option<Tensor>,
-    /// `[O, 1]`
-    bias: Tensor,
+struct Conv3x3 {
+    /// `[9·I + 1, O]`: row `(ky·3 + kx)·I + c` holds `weight[:, c, ky, kx]`, the last row is the bias.
+    wt: Tensor,
+    in_dim: usize,
     out_dim: usize,
 }
 
-impl Conv {
-    /// `QwenImageCausalConv3d(in, out, k)`: loads `weight [O, I, k, k, k]` and keeps the last temporal tap.
-    fn causal(in_dim: usize, out_dim: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim, kernel, kernel, kernel), "weight")?;
-        let w = w.narrow(2, kernel - 1, 1)?.squeeze(2)?; // [O, I, k, k]
-        Self::from_4d(w, vb.get(out_dim, "bias")?, false)
+impl Conv3x3 {
+    /// `QwenImageCausalConv3d(in, out, 3, padding=1)`: `weight [O, I, 3, 3, 3]`, keeps `weight[:, :, 2]`.
+    fn causal(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb
+            .get((out_dim, in_dim, 3, 3, 3), "weight")?
+            .narrow(2, 2, 1)?
+            .squeeze(2)?;
+        Self::from_weights(&w, &vb.get(out_dim, "bias")?)
     }
 
-    /// `nn.Conv2d(in, out, k)` (the resample convs and the attention projections).
-    fn plain(
-        in_dim: usize,
-        out_dim: usize,
-        kernel: usize,
-        strided: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim, kernel, kernel), "weight")?;
-        Self::from_4d(w, vb.get(out_dim, "bias")?, strided)
+    /// `nn.Conv2d(in, out, 3, padding=1)`.
+    fn plain(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::from_weights(
+            &vb.get((out_dim, in_dim, 3, 3), "weight")?,
+            &vb.get(out_dim, "bias")?,
+        )
     }
 
-    fn from_4d(w: Tensor, bias: Tensor, strided: bool) -> Result<Self> {
-        let (o, i, k, _) = w.dims4()?;
-        let bias = bias.reshape((o, 1))?;
-        if strided {
-            return Ok(Self {
-                weight: w.clone(),
-                weight_4d: Some(w.contiguous()?),
-                bias,
-                out_dim: o,
-            });
-        }
-        let weight = match k {
-            1 => w.reshape((o, i))?,
-            // [O, I, 3, 3] -> [O, 3, 3, I] -> [O, 9·I]: column (ky·3 + kx)·I + c
-            3 => w.permute((0, 2, 3, 1))?.reshape((o, 9 * i))?,
-            _ => bail!("vae: unsupported conv kernel size {k}"),
-        };
+    /// `w`: `[O, I, 3, 3]`, `b`: `[O]`.
+    fn from_weights(w: &Tensor, b: &Tensor) -> Result<Self> {
+        let (o, i, _, _) = w.dims4()?;
+        let w = w.permute((2, 3, 1, 0))?.reshape((9 * i, o))?; // [3, 3, I, O] -> [9I, O]
+        let wt = Tensor::cat(&[&w, &b.reshape((1, o))?], 0)?.contiguous()?; // [9I + 1, O]
         Ok(Self {
-            weight: weight.contiguous()?,
-            weight_4d: None,
-            bias,
+            wt,
+            in_dim: i,
             out_dim: o,
         })
     }
 
-    /// 1x1 conv on `[C, H, W]`.
-    fn forward_1x1(&self, x: &Tensor) -> Result<Tensor> {
-        let (c, h, w) = x.dims3()?;
-        let y = self
-            .weight
-            .matmul(&x.reshape((c, h * w))?)?
-            .broadcast_add(&self.bias)?; // [O, H·W]
-        y.reshape((self.out_dim, h, w))
+    /// `prologue(x)` then the conv: `[H, W, I]` → `[H', W', O]` (H' = 2H, W' = 2W when upsampling).
+    fn forward(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
+        let (h_in, w_in, c) = x.dims3()?;
+        if c != self.in_dim {
+            bail!(
+                "vae conv: input has {c} channels, the conv expects {}",
+                self.in_dim
+            );
+        }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.forward_cpu_f32(&x.contiguous()?, prologue)
+        } else {
+            let _ = (h_in, w_in);
+            self.forward_tensor_ops(x, prologue)
+        }
     }
 
-    /// 3x3, stride 1, zero padding 1 on `prologue(x)`; `x`: `[C, H, W]` → `[O, H', W']` (H' = 2H when
-    /// upsampling). Runs in bands of output rows: each band's input rows (with a one-row halo) go through the
-    /// prologue, get zero padded, and are flattened with the padded width `W'+2` so that tap (dy, dx) of
-    /// every output pixel is one contiguous slice at offset `dy·(W'+2) + dx`; the 9 slices stacked are the
-    /// band's im2col matrix `[9C, rows·(W'+2)]`, one GEMM gives the band, and the 2 wrap-around columns per
-    /// row are dropped.
-    fn forward_3x3(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
-        let (c, h_in, w_in) = x.dims3()?;
+    /// Bands of output rows: fused prologue + padding + im2col (`im2col::band_cols`), then one GEMM per band
+    /// `[rows·(W+2), 9I+1] x [9I+1, O]`; peak scratch is one band (≤ [`CONV_BAND_ELEMS`] floats + its output).
+    fn forward_cpu_f32(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
+        let (h_in, w_in, c) = x.dims3()?;
         let up = matches!(prologue, Prologue::Upsample2x);
         let (h, w) = if up {
             (2 * h_in, 2 * w_in)
         } else {
             (h_in, w_in)
         };
-        let wp = w + 2;
-        let rows_per_band = (CONV_BAND_ELEMS / (9 * c * wp)).clamp(1, h);
-        let out = Tensor::zeros((self.out_dim, h, w), x.dtype(), x.device())?;
+        let (wp, k, o) = (w + 2, 9 * c + 1, self.out_dim);
+        let kernel_prologue = match prologue {
+            Prologue::None => im2col::Prologue::None,
+            Prologue::Upsample2x => im2col::Prologue::Upsample2x,
+            Prologue::NormSilu(norm) => im2col::Prologue::NormSilu {
+                gamma: &norm.gamma_f32,
+                scale: norm.scale as f32,
+                eps: NORM_EPS as f32,
+            },
+        };
+        let rows_per_band = (CONV_BAND_ELEMS / (k * wp)).clamp(1, h);
+        let threads = candle_core::utils::get_num_threads();
+        let mut out = vec![0f32; h * w * o];
         let mut y0 = 0;
         while y0 < h {
             let rows = rows_per_band.min(h - y0);
-            // conv input rows [lo, hi) of the (upsampled) image, zero rows beyond its edges
-            let lo = y0.saturating_sub(1);
-            let hi = (y0 + rows + 1).min(h);
-            let band = match prologue {
-                Prologue::None => x.narrow(1, lo, hi - lo)?,
-                Prologue::NormSilu(norm) => {
-                    candle_nn::ops::silu(&norm.forward(&x.narrow(1, lo, hi - lo)?)?)?
-                }
-                Prologue::Upsample2x => {
-                    let (s0, s1) = (lo / 2, (hi - 1) / 2 + 1); // source rows covering [lo, hi)
-                    let src = x.narrow(1, s0, s1 - s0)?; // [C, s, W]
-                    let s = s1 - s0;
-                    // out[i, j] = in[i // 2, j // 2]: [C, s, 1, W, 1] -> [C, s, 2, W, 2] -> [C, 2s, 2W]
-                    let upsampled = src
-                        .reshape((c, s, 1, w_in, 1))?
-                        .broadcast_as((c, s, 2, w_in, 2))?
-                        .reshape((c, 2 * s, w))?;
-                    upsampled.narrow(1, lo - 2 * s0, hi - lo)?
-                }
-            };
-            let top = usize::from(y0 == 0);
-            // one extra zero row at the bottom keeps the last tap's flat slice inside the buffer
-            let bottom = (y0 + rows + 1 - hi) + 1;
-            let padded = band
-                .pad_with_zeros(2, 1, 1)?
-                .pad_with_zeros(1, top, bottom)?; // [C, rows+3, W+2]
-            let flat = padded.reshape((c, (rows + 3) * wp))?;
-            let n = rows * wp;
-            let taps = (0..9)
-                .map(|t| flat.narrow(1, (t / 3) * wp + t % 3, n))
-                .collect::<Result<Vec<_>>>()?;
-            let cols = Tensor::cat(&taps, 0)?; // [9C, rows·(W+2)]
-            drop(taps);
-            drop(flat);
-            let y = self.weight.matmul(&cols)?.broadcast_add(&self.bias)?; // [O, rows·(W+2)]
-            drop(cols);
-            let y = y
-                .reshape((self.out_dim, rows, wp))?
-                .narrow(2, 0, w)?
-                .contiguous()?; // [O, rows, W]
-            out.slice_set(&y, 1, y0)?;
+            let subs = im2col::with_f32(x, |xs| {
+                im2col::band_cols(
+                    xs,
+                    (h_in, w_in, c),
+                    (h, w),
+                    y0,
+                    rows,
+                    &kernel_prologue,
+                    threads,
+                )
+            })?;
+            let mut r0 = y0;
+            for (sub_rows, cols) in subs {
+                let cols = Tensor::from_vec(cols, (sub_rows * wp, k), x.device())?;
+                let y = cols.matmul(&self.wt)?; // [rows·(W+2), O]
+                drop(cols);
+                im2col::with_f32(&y, |ys| {
+                    // drop the 2 padding columns of each padded row
+                    for r in 0..sub_rows {
+                        let src = &ys[r * wp * o..][..w * o];
+                        out[(r0 + r) * w * o..][..w * o].copy_from_slice(src);
+                    }
+                })?;
+                r0 += sub_rows;
+            }
             y0 += rows;
         }
-        Ok(out)
+        Tensor::from_vec(out, (h, w, o), x.device())
     }
 
-    /// `ZeroPad2d((0, 1, 0, 1))` then a 3x3 stride-2 conv without padding (pitfall 2); `[C, H, W]` →
-    /// `[O, floor(H/2), floor(W/2)]`.
-    fn forward_down(&self, x: &Tensor) -> Result<Tensor> {
-        let w4 = self
-            .weight_4d
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("vae: not a strided conv".into()))?;
-        let (c, h, w) = x.dims3()?;
-        let padded = x
+    /// The same computation with candle ops (any dtype / device), on the whole image at once.
+    fn forward_tensor_ops(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
+        let x = match prologue {
+            Prologue::None => x.clone(),
+            Prologue::NormSilu(norm) => candle_nn::ops::silu(&norm.forward(x)?)?,
+            Prologue::Upsample2x => upsample2x(x)?,
+        };
+        let (h, w, c) = x.dims3()?;
+        let wp = w + 2;
+        // zero padding 1 on each side, plus one spare row for the last tap's flat slice
+        let flat = x
+            .pad_with_zeros(1, 1, 1)?
+            .pad_with_zeros(0, 1, 2)?
+            .reshape(((h + 3) * wp, c))?;
+        let n = h * wp;
+        let mut taps = (0..9)
+            .map(|t| flat.narrow(0, (t / 3) * wp + t % 3, n))
+            .collect::<Result<Vec<_>>>()?;
+        taps.push(Tensor::ones((n, 1), x.dtype(), x.device())?);
+        let cols = Tensor::cat(&taps, 1)?; // [H·(W+2), 9C + 1]
+        cols.matmul(&self.wt)?
+            .reshape((h, wp, self.out_dim))?
+            .narrow(1, 0, w)?
+            .contiguous()
+    }
+}
+
+/// A 1x1 conv (`CausalConv3d` with kernel 1, or the attention's `nn.Conv2d(.., 1)`): a matmul over pixels.
+#[derive(Debug, Clone)]
+struct Conv1x1 {
+    /// `[I, O]`
+    wt: Tensor,
+    /// `[O]`
+    bias: Tensor,
+    out_dim: usize,
+}
+
+impl Conv1x1 {
+    /// `QwenImageCausalConv3d(in, out, 1)`: `weight [O, I, 1, 1, 1]`.
+    fn causal(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb
+            .get((out_dim, in_dim, 1, 1, 1), "weight")?
+            .reshape((out_dim, in_dim))?;
+        Ok(Self {
+            wt: w.t()?.contiguous()?,
+            bias: vb.get(out_dim, "bias")?,
+            out_dim,
+        })
+    }
+
+    /// `nn.Conv2d(in, out, 1)`: `weight [O, I, 1, 1]`.
+    fn plain(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb
+            .get((out_dim, in_dim, 1, 1), "weight")?
+            .reshape((out_dim, in_dim))?;
+        Ok(Self {
+            wt: w.t()?.contiguous()?,
+            bias: vb.get(out_dim, "bias")?,
+            out_dim,
+        })
+    }
+
+    /// `[H, W, I]` → `[H, W, O]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, w, c) = x.dims3()?;
+        let y = x
+            .reshape((h * w, c))?
+            .matmul(&self.wt)?
+            .broadcast_add(&self.bias)?; // [HW, O]
+        y.reshape((h, w, self.out_dim))
+    }
+}
+
+/// The encoder's downsampling conv (`resample.1`): `ZeroPad2d((0, 1, 0, 1))` then a 3x3 stride-2 conv without
+/// padding (pitfall 2): `[H, W, C]` → `[floor(H/2), floor(W/2), C]`.
+#[derive(Debug, Clone)]
+struct DownConv {
+    /// `[C, C, 3, 3]`
+    weight: Tensor,
+    /// `[C, 1, 1]`
+    bias: Tensor,
+}
+
+impl DownConv {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((dim, dim, 3, 3), "weight")?,
+            bias: vb.get(dim, "bias")?.reshape((dim, 1, 1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, w, c) = x.dims3()?;
+        let chw = x.permute((2, 0, 1))?; // [C, H, W]
+        let padded = chw
             .pad_with_zeros(2, 0, 1)?
             .pad_with_zeros(1, 0, 1)?
             .reshape((1, c, h + 1, w + 1))?;
-        let y = padded.conv2d(w4, 0, 2, 1, 1)?.squeeze(0)?; // [O, H/2, W/2]
-        y.broadcast_add(&self.bias.unsqueeze(2)?)
+        let y = padded
+            .conv2d(&self.weight, 0, 2, 1, 1)?
+            .squeeze(0)?
+            .broadcast_add(&self.bias)?; // [C, H/2, W/2]
+        y.permute((1, 2, 0))?.contiguous()
     }
 }
 
@@ -339,34 +418,34 @@ impl Conv {
 #[derive(Debug, Clone)]
 struct ResidualBlock {
     norm1: RmsNorm,
-    conv1: Conv,
+    conv1: Conv3x3,
     norm2: RmsNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
+    conv2: Conv3x3,
+    /// `conv_shortcut` when in != out (applied to the raw input).
+    shortcut: Option<Conv1x1>,
 }
 
 impl ResidualBlock {
     fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if in_dim != out_dim {
+            Some(Conv1x1::causal(in_dim, out_dim, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
         Ok(Self {
             norm1: RmsNorm::new(in_dim, false, vb.pp("norm1"))?,
-            conv1: Conv::causal(in_dim, out_dim, 3, vb.pp("conv1"))?,
+            conv1: Conv3x3::causal(in_dim, out_dim, vb.pp("conv1"))?,
             norm2: RmsNorm::new(out_dim, false, vb.pp("norm2"))?,
-            conv2: Conv::causal(out_dim, out_dim, 3, vb.pp("conv2"))?,
-            shortcut: if in_dim != out_dim {
-                Some(Conv::causal(in_dim, out_dim, 1, vb.pp("conv_shortcut"))?)
-            } else {
-                None
-            },
+            conv2: Conv3x3::causal(out_dim, out_dim, vb.pp("conv2"))?,
+            shortcut,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward_3x3(x, Prologue::NormSilu(&self.norm1))?;
-        let h = self
-            .conv2
-            .forward_3x3(&h, Prologue::NormSilu(&self.norm2))?;
+        let h = self.conv1.forward(x, Prologue::NormSilu(&self.norm1))?;
+        let h = self.conv2.forward(&h, Prologue::NormSilu(&self.norm2))?;
         match &self.shortcut {
-            Some(s) => h + s.forward_1x1(x)?,
+            Some(s) => h + s.forward(x)?,
             None => h + x,
         }
     }
@@ -376,8 +455,8 @@ impl ResidualBlock {
 #[derive(Debug, Clone)]
 struct AttentionBlock {
     norm: RmsNorm,
-    to_qkv: Conv,
-    proj: Conv,
+    to_qkv: Conv1x1,
+    proj: Conv1x1,
     dim: usize,
 }
 
@@ -385,8 +464,8 @@ impl AttentionBlock {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: RmsNorm::new(dim, true, vb.pp("norm"))?,
-            to_qkv: Conv::plain(dim, 3 * dim, 1, false, vb.pp("to_qkv"))?,
-            proj: Conv::plain(dim, dim, 1, false, vb.pp("proj"))?,
+            to_qkv: Conv1x1::plain(dim, 3 * dim, vb.pp("to_qkv"))?,
+            proj: Conv1x1::plain(dim, dim, vb.pp("proj"))?,
             dim,
         })
     }
@@ -395,25 +474,24 @@ impl AttentionBlock {
         self.forward_chunked(x, None)
     }
 
-    /// `query_rows`: rows per score block; `None` sizes them from [`ATTN_SCORE_ELEMS`].
+    /// `query_rows`: queries per score block; `None` sizes them from [`ATTN_SCORE_ELEMS`].
     fn forward_chunked(&self, x: &Tensor, query_rows: Option<usize>) -> Result<Tensor> {
-        let (c, h, w) = x.dims3()?;
+        let (h, w, c) = x.dims3()?;
         let qkv = self
             .to_qkv
-            .forward_1x1(&self.norm.forward(x)?)?
-            .reshape((3 * c, h * w))?; // [3C, HW]
+            .forward(&self.norm.forward(x)?)?
+            .reshape((h * w, 3 * c))?; // [HW, 3C]
         // q | k | v along the channels (pitfall 6); tokens in row-major h·W + w order
-        let q = qkv.narrow(0, 0, c)?.t()?.contiguous()?; // [HW, C]
-        let kt = qkv.narrow(0, c, c)?.contiguous()?; // [C, HW] = kᵀ
-        let v = qkv.narrow(0, 2 * c, c)?.t()?.contiguous()?; // [HW, C]
+        let q = qkv.narrow(1, 0, c)?.contiguous()?; // [HW, C]
+        let kt = qkv.narrow(1, c, c)?.t()?.contiguous()?; // [C, HW] = kᵀ
+        let v = qkv.narrow(1, 2 * c, c)?.contiguous()?; // [HW, C]
         drop(qkv);
-        let scale = 1.0 / (self.dim as f64).sqrt(); // SDPA default scale
+        let scale = 1.0 / (self.dim as f64).sqrt(); // SDPA's default scale
         let rows = query_rows
             .unwrap_or(ATTN_SCORE_ELEMS / (h * w))
             .clamp(1, h * w);
-        let out = single_head_attention(&q, &kt, &v, scale, rows)?; // [HW, C]
-        let out = out.t()?.reshape((c, h, w))?; // [C, H, W]
-        self.proj.forward_1x1(&out)? + x
+        let out = single_head_attention(&q, &kt, &v, scale, rows)?.reshape((h, w, c))?;
+        self.proj.forward(&out)? + x
     }
 }
 
@@ -473,18 +551,18 @@ impl MidBlock {
 enum DownLayer {
     Res(ResidualBlock),
     Attn(AttentionBlock),
-    /// `QwenImageResample` downsample2d / downsample3d (the conv is `resample.1`; time_conv skipped).
-    Down(Conv),
+    /// `QwenImageResample` downsample2d / downsample3d (its `time_conv` is skipped for one frame).
+    Down(DownConv),
 }
 
 /// `QwenImageEncoder3d` for one frame.
 #[derive(Debug, Clone)]
 struct Encoder {
-    conv_in: Conv,
+    conv_in: Conv3x3,
     down: Vec<DownLayer>,
     mid: MidBlock,
     norm_out: RmsNorm,
-    conv_out: Conv,
+    conv_out: Conv3x3,
 }
 
 impl Encoder {
@@ -495,7 +573,7 @@ impl Encoder {
             .chain(cfg.dim_mult.iter().copied())
             .map(|u| cfg.base_dim * u)
             .collect();
-        let conv_in = Conv::causal(cfg.input_channels, dims[0], 3, vb.pp("conv_in"))?;
+        let conv_in = Conv3x3::causal(cfg.input_channels, dims[0], vb.pp("conv_in"))?;
         let vbd = vb.pp("down_blocks");
         let mut down = Vec::new();
         let mut scale = 1.0f64;
@@ -516,36 +594,36 @@ impl Encoder {
                 in_dim = out_dim;
             }
             if i != cfg.dim_mult.len() - 1 {
-                let vbr = vbd.pp(down.len()).pp("resample.1");
-                down.push(DownLayer::Down(Conv::plain(
-                    out_dim, out_dim, 3, true, vbr,
+                down.push(DownLayer::Down(DownConv::new(
+                    out_dim,
+                    vbd.pp(down.len()).pp("resample.1"),
                 )?));
                 scale /= 2.0;
             }
         }
-        let top = *dims.last().unwrap_or(&cfg.base_dim);
+        let top = dims[dims.len() - 1];
         Ok(Self {
             conv_in,
             down,
             mid: MidBlock::new(top, vb.pp("mid_block"))?,
             norm_out: RmsNorm::new(top, false, vb.pp("norm_out"))?,
-            conv_out: Conv::causal(top, z2, 3, vb.pp("conv_out"))?,
+            conv_out: Conv3x3::causal(top, z2, vb.pp("conv_out"))?,
         })
     }
 
-    /// `[C_in, H, W]` → `[2z, H/f, W/f]`.
+    /// `[H, W, C_in]` → `[H/f, W/f, 2z]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward_3x3(x, Prologue::None)?;
+        let mut x = self.conv_in.forward(x, Prologue::None)?;
         for layer in &self.down {
             x = match layer {
                 DownLayer::Res(r) => r.forward(&x)?,
                 DownLayer::Attn(a) => a.forward(&x)?,
-                DownLayer::Down(d) => d.forward_down(&x)?,
+                DownLayer::Down(d) => d.forward(&x)?,
             };
         }
         let x = self.mid.forward(&x)?;
         self.conv_out
-            .forward_3x3(&x, Prologue::NormSilu(&self.norm_out))
+            .forward(&x, Prologue::NormSilu(&self.norm_out))
     }
 }
 
@@ -553,30 +631,32 @@ impl Encoder {
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<ResidualBlock>,
-    /// `upsamplers.0.resample.1` (upsample2d or upsample3d: same spatial path; time_conv skipped).
-    upsample: Option<Conv>,
+    /// `upsamplers.0.resample.1`, halving the channels (upsample2d and upsample3d share this spatial path;
+    /// upsample3d's `time_conv` is skipped for one frame).
+    upsample: Option<Conv3x3>,
 }
 
 /// `QwenImageDecoder3d` for one frame.
 #[derive(Debug, Clone)]
 struct Decoder {
-    conv_in: Conv,
+    conv_in: Conv3x3,
     mid: MidBlock,
     up_blocks: Vec<UpBlock>,
     norm_out: RmsNorm,
-    conv_out: Conv,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {
-    /// Mirrors the constructor loop of `QwenImageDecoder3d.__init__`.
+    /// Mirrors the constructor loop of `QwenImageDecoder3d.__init__` (which takes `attn_scales` but adds no
+    /// attention to the up blocks).
     fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         // dims = [dim * u for u in [dim_mult[-1]] + dim_mult[::-1]]
-        let last = *cfg.dim_mult.last().unwrap_or(&1);
+        let last = cfg.dim_mult[cfg.dim_mult.len() - 1];
         let dims: Vec<usize> = std::iter::once(last)
             .chain(cfg.dim_mult.iter().rev().copied())
             .map(|u| cfg.base_dim * u)
             .collect();
-        let conv_in = Conv::causal(cfg.z_dim, dims[0], 3, vb.pp("conv_in"))?;
+        let conv_in = Conv3x3::causal(cfg.z_dim, dims[0], vb.pp("conv_in"))?;
         let mid = MidBlock::new(dims[0], vb.pp("mid_block"))?;
         let mut up_blocks = Vec::new();
         for i in 0..cfg.dim_mult.len() {
@@ -596,11 +676,9 @@ impl Decoder {
                 in_dim = out_dim;
             }
             let upsample = if i != cfg.dim_mult.len() - 1 {
-                Some(Conv::plain(
+                Some(Conv3x3::plain(
                     out_dim,
                     out_dim / 2,
-                    3,
-                    false,
                     vbu.pp("upsamplers.0.resample.1"),
                 )?)
             } else {
@@ -608,30 +686,30 @@ impl Decoder {
             };
             up_blocks.push(UpBlock { resnets, upsample });
         }
-        let out_dim = *dims.last().unwrap_or(&cfg.base_dim);
+        let out_dim = dims[dims.len() - 1];
         Ok(Self {
             conv_in,
             mid,
             up_blocks,
             norm_out: RmsNorm::new(out_dim, false, vb.pp("norm_out"))?,
-            conv_out: Conv::causal(out_dim, cfg.input_channels, 3, vb.pp("conv_out"))?,
+            conv_out: Conv3x3::causal(out_dim, cfg.input_channels, vb.pp("conv_out"))?,
         })
     }
 
-    /// `[z, h, w]` (after post_quant_conv) → `[C_in, h·f, w·f]`, not clamped.
+    /// `[h, w, z]` (after post_quant_conv) → `[h·f, w·f, C_in]`, not clamped.
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let x = self.conv_in.forward_3x3(z, Prologue::None)?;
+        let x = self.conv_in.forward(z, Prologue::None)?;
         let mut x = self.mid.forward(&x)?;
         for block in &self.up_blocks {
             for r in &block.resnets {
                 x = r.forward(&x)?;
             }
             if let Some(up) = &block.upsample {
-                x = up.forward_3x3(&x, Prologue::Upsample2x)?;
+                x = up.forward(&x, Prologue::Upsample2x)?;
             }
         }
         self.conv_out
-            .forward_3x3(&x, Prologue::NormSilu(&self.norm_out))
+            .forward(&x, Prologue::NormSilu(&self.norm_out))
     }
 }
 
@@ -679,8 +757,8 @@ impl Posterior {
 pub struct AutoencoderKLQwenImage {
     cfg: VaeConfig,
     encoder: Encoder,
-    quant_conv: Conv,
-    post_quant_conv: Conv,
+    quant_conv: Conv1x1,
+    post_quant_conv: Conv1x1,
     decoder: Decoder,
     dtype: DType,
     device: Device,
@@ -706,8 +784,8 @@ impl AutoencoderKLQwenImage {
         Ok(Self {
             cfg: cfg.clone(),
             encoder: Encoder::new(cfg, 2 * z, vb.pp("encoder"))?,
-            quant_conv: Conv::causal(2 * z, 2 * z, 1, vb.pp("quant_conv"))?,
-            post_quant_conv: Conv::causal(z, z, 1, vb.pp("post_quant_conv"))?,
+            quant_conv: Conv1x1::causal(2 * z, 2 * z, vb.pp("quant_conv"))?,
+            post_quant_conv: Conv1x1::causal(z, z, vb.pp("post_quant_conv"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -763,8 +841,16 @@ impl AutoencoderKLQwenImage {
 
     /// `[z, h, w]` → `[3, H, W]`, not clamped.
     fn decode_one(&self, z: &Tensor) -> Result<Tensor> {
-        let x = self.post_quant_conv.forward_1x1(z)?;
-        self.decoder.forward(&x)
+        let z = z.permute((1, 2, 0))?.contiguous()?; // [h, w, z]
+        let x = self.post_quant_conv.forward(&z)?;
+        self.decoder.forward(&x)?.permute((2, 0, 1))?.contiguous() // [H, W, 3] -> [3, H, W]
+    }
+
+    /// `[3, H, W]` → `[2z, h, w]` (after quant_conv).
+    fn encode_one(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.permute((1, 2, 0))?.contiguous()?; // [H, W, 3]
+        let h = self.quant_conv.forward(&self.encoder.forward(&x)?)?;
+        h.permute((2, 0, 1))?.contiguous() // [h, w, 2z] -> [2z, h, w]
     }
 
     /// Image `[B, 3, H, W]` or `[B, 3, 1, H, W]` in [-1, 1] → posterior over `[B, z, 1, H/8, W/8]`
@@ -773,10 +859,7 @@ impl AutoencoderKLQwenImage {
         let x = self.frames(x, self.cfg.input_channels, "encode")?;
         let z = self.cfg.z_dim;
         let hs = (0..x.dim(0)?)
-            .map(|b| {
-                self.quant_conv
-                    .forward_1x1(&self.encoder.forward(&x.get(b)?)?)
-            })
+            .map(|b| self.encode_one(&x.get(b)?))
             .collect::<Result<Vec<_>>>()?;
         let h = Tensor::stack(&hs, 0)?.unsqueeze(2)?; // [B, 2z, 1, h, w]
         let mean = h.narrow(1, 0, z)?.contiguous()?;
@@ -980,5 +1063,6 @@ pub fn from_rgb8(rgb: &[u8], width: usize, height: usize, device: &Device) -> Re
         .contiguous()
 }
 
+mod im2col;
 #[cfg(test)]
 mod tests;
