@@ -10,10 +10,14 @@
 //! - upsampling is 2x nearest + conv halving the channels, downsampling pads right/bottom by one then runs a
 //!   stride-2 conv (pitfalls 2 and 5); the mid-block attention is single-head over all pixels.
 //!
-//! Every image of a batch runs on its own (every op is per image), and inside an image the 3x3 convs run in
-//! bands of output rows: the RMS norm + SiLU before a conv, or the 2x upsample before a conv, is applied to
-//! each band's input rows only. The full-resolution normalised or upsampled activations therefore never
-//! exist, which bounds the peak memory of a 2048x2048 decode to a few copies of the largest feature map.
+//! Layout and memory: every image of a batch runs on its own (every op is per image) in channels-last
+//! `[H, W, C]` layout. The 3x3 convs run in bands of output rows; for f32 on the CPU one fused pass
+//! (`im2col.rs`) applies the preceding RMS norm + SiLU, or the 2x upsample, to the band's input rows, pads
+//! and writes the band's im2col matrix, then one GEMM computes the band. The full-resolution normalised or
+//! upsampled activations never exist, so a decode holds about three copies of its largest feature map
+//! (block input, conv output, residual sum) plus a bounded scratch. Other dtypes/devices take the same
+//! computation through candle ops on the whole image. The mid-block attention runs in blocks of query rows
+//! so the (H/8·W/8)² score matrix is never materialised.
 
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::VarBuilder;
@@ -237,24 +241,47 @@ impl Conv3x3 {
 
     /// `prologue(x)` then the conv: `[H, W, I]` → `[H', W', O]` (H' = 2H, W' = 2W when upsampling).
     fn forward(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
-        let (h_in, w_in, c) = x.dims3()?;
+        self.forward_add(x, prologue, None)
+    }
+
+    /// `conv(prologue(x)) + residual`: the residual sum is fused into the conv's output write, so a residual
+    /// block never holds a separate full-size sum.
+    fn forward_add(
+        &self,
+        x: &Tensor,
+        prologue: Prologue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, _, c) = x.dims3()?;
         if c != self.in_dim {
             bail!(
                 "vae conv: input has {c} channels, the conv expects {}",
                 self.in_dim
             );
         }
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            self.forward_cpu_f32(&x.contiguous()?, prologue)
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && residual.is_none_or(|r| r.dtype() == DType::F32)
+        {
+            let residual = residual.map(|r| r.contiguous()).transpose()?;
+            self.forward_cpu_f32(&x.contiguous()?, prologue, residual.as_ref())
         } else {
-            let _ = (h_in, w_in);
-            self.forward_tensor_ops(x, prologue)
+            let y = self.forward_tensor_ops(x, prologue)?;
+            match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
         }
     }
 
     /// Bands of output rows: fused prologue + padding + im2col (`im2col::band_cols`), then one GEMM per band
     /// `[rows·(W+2), 9I+1] x [9I+1, O]`; peak scratch is one band (≤ [`CONV_BAND_ELEMS`] floats + its output).
-    fn forward_cpu_f32(&self, x: &Tensor, prologue: Prologue) -> Result<Tensor> {
+    fn forward_cpu_f32(
+        &self,
+        x: &Tensor,
+        prologue: Prologue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (h_in, w_in, c) = x.dims3()?;
         let up = matches!(prologue, Prologue::Upsample2x);
         let (h, w) = if up {
@@ -272,6 +299,14 @@ impl Conv3x3 {
                 eps: NORM_EPS as f32,
             },
         };
+        if let Some(r) = residual {
+            if r.dims() != [h, w, o] {
+                bail!(
+                    "vae conv: residual has shape {:?}, expected [{h}, {w}, {o}]",
+                    r.dims()
+                );
+            }
+        }
         let rows_per_band = (CONV_BAND_ELEMS / (k * wp)).clamp(1, h);
         let threads = candle_core::utils::get_num_threads();
         let mut out = vec![0f32; h * w * o];
@@ -294,13 +329,29 @@ impl Conv3x3 {
                 let cols = Tensor::from_vec(cols, (sub_rows * wp, k), x.device())?;
                 let y = cols.matmul(&self.wt)?; // [rows·(W+2), O]
                 drop(cols);
-                im2col::with_f32(&y, |ys| {
-                    // drop the 2 padding columns of each padded row
+                let mut write = |ys: &[f32], res: Option<&[f32]>| {
+                    // drop the 2 padding columns of each padded row; add the residual
                     for r in 0..sub_rows {
                         let src = &ys[r * wp * o..][..w * o];
-                        out[(r0 + r) * w * o..][..w * o].copy_from_slice(src);
+                        let at = (r0 + r) * w * o;
+                        let dst = &mut out[at..][..w * o];
+                        match res {
+                            Some(res) => {
+                                for ((d, s), a) in dst.iter_mut().zip(src).zip(&res[at..][..w * o])
+                                {
+                                    *d = s + a;
+                                }
+                            }
+                            None => dst.copy_from_slice(src),
+                        }
                     }
-                })?;
+                };
+                match residual {
+                    Some(res) => {
+                        im2col::with_f32(&y, |ys| im2col::with_f32(res, |rs| write(ys, Some(rs))))??
+                    }
+                    None => im2col::with_f32(&y, |ys| write(ys, None))?,
+                }
                 r0 += sub_rows;
             }
             y0 += rows;
@@ -443,10 +494,14 @@ impl ResidualBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(x, Prologue::NormSilu(&self.norm1))?;
-        let h = self.conv2.forward(&h, Prologue::NormSilu(&self.norm2))?;
         match &self.shortcut {
-            Some(s) => h + s.forward(x)?,
-            None => h + x,
+            Some(s) => {
+                self.conv2
+                    .forward_add(&h, Prologue::NormSilu(&self.norm2), Some(&s.forward(x)?))
+            }
+            None => self
+                .conv2
+                .forward_add(&h, Prologue::NormSilu(&self.norm2), Some(x)),
         }
     }
 }

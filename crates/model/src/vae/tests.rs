@@ -187,9 +187,12 @@ fn fused_conv_matches_tensor_ops() {
         Prologue::NormSilu(&norm),
         Prologue::Upsample2x,
     ] {
-        let fused = conv.forward_cpu_f32(&x, prologue).unwrap();
+        let fused = conv.forward_cpu_f32(&x, prologue, None).unwrap();
         let ops = conv.forward_tensor_ops(&x, prologue).unwrap();
         assert!(rel_err(&fused, &ops) < 1e-5);
+        let res = Tensor::randn(0f32, 1.0, ops.dims(), &dev).unwrap();
+        let fused = conv.forward_cpu_f32(&x, prologue, Some(&res)).unwrap();
+        assert!(rel_err(&fused, &(&ops + &res).unwrap()) < 1e-5);
     }
 }
 
