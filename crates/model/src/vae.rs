@@ -299,13 +299,13 @@ impl Conv3x3 {
                 eps: NORM_EPS as f32,
             },
         };
-        if let Some(r) = residual {
-            if r.dims() != [h, w, o] {
-                bail!(
-                    "vae conv: residual has shape {:?}, expected [{h}, {w}, {o}]",
-                    r.dims()
-                );
-            }
+        if let Some(r) = residual
+            && r.dims() != [h, w, o]
+        {
+            bail!(
+                "vae conv: residual has shape {:?}, expected [{h}, {w}, {o}]",
+                r.dims()
+            );
         }
         let rows_per_band = (CONV_BAND_ELEMS / (k * wp)).clamp(1, h);
         let threads = candle_core::utils::get_num_threads();
