@@ -46,8 +46,16 @@ mod tests {
 
     #[test]
     fn parses_shared_flags() {
-        let p = Probe::try_parse_from(["x", "--listen", "0.0.0.0:7", "--log-format", "json", "--metrics-listen", "127.0.0.1:9"])
-            .expect("valid flags");
+        let p = Probe::try_parse_from([
+            "x",
+            "--listen",
+            "0.0.0.0:7",
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            "127.0.0.1:9",
+        ])
+        .expect("valid flags");
         assert_eq!(p.common.listen.port(), 7);
         assert_eq!(p.common.log_format, LogFormat::Json);
         assert_eq!(p.common.metrics_listen.map(|a| a.port()), Some(9));
