@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use qwen_image_common::queue::AdmitError;
+use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor::TensorError;
 use tonic::{Code, Status};
 
@@ -54,6 +55,15 @@ impl From<AdmitError> for DenoiserError {
                 retry_after,
             },
             AdmitError::WorkerGone => Self::NotReady,
+        }
+    }
+}
+
+impl From<StageError> for DenoiserError {
+    fn from(e: StageError) -> Self {
+        match e {
+            StageError::Load(m) => Self::Config(format!("cannot load the model: {m}")),
+            StageError::Reflection(m) | StageError::Transport(m) => Self::Server(m),
         }
     }
 }

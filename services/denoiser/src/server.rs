@@ -1,17 +1,15 @@
-//! `run`: health, reflection, the worker and the gRPC server, with graceful drain.
+//! `run`: the worker, the gRPC services and the stage lifecycle (SERVING after warm-up, graceful drain).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_common::queue::spawn_worker;
+use qwen_image_common::stage::{self, Readiness, Stage};
 use qwen_image_model::snapshot::first_line;
-use qwen_image_proto::v1::FILE_DESCRIPTOR_SET;
 use qwen_image_proto::v1::denoiser_server::DenoiserServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 
 use crate::config::DenoiserConfig;
 use crate::error::DenoiserError;
@@ -23,6 +21,7 @@ use crate::stats::Stats;
 pub const SERVICE_NAME: &str = "qwen_image.v1.Denoiser";
 
 /// Serves until `shutdown` resolves, then drains: NOT_SERVING, stop accepting, finish in-flight streams.
+/// Returns an error if the snapshot is unusable or the model fails to load.
 pub async fn run(
     config: DenoiserConfig,
     listener: TcpListener,
@@ -42,96 +41,37 @@ pub async fn run_with_stats(
     let (health, health_service) = Health::new(SERVICE_NAME).await;
 
     let load_cfg = config.clone();
-    let worker_stats = stats.clone();
     let worker = spawn_worker(
         "denoiser",
         config.queue_capacity,
-        move || {
-            let started = std::time::Instant::now();
-            let m = model::load(&load_cfg, &tcfg, scfg).map_err(|e| first_line(&e))?;
-            tracing::info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "model loaded and warmed up"
-            );
-            Ok(m)
-        },
-        move |m, job, slot| crate::job::run(m, job, slot, &worker_stats),
+        move || model::load(&load_cfg, &tcfg, scfg).map_err(|e| first_line(&e)),
+        move |m, job, slot| crate::job::run(m, job, slot, &stats),
     )
     .map_err(|e| DenoiserError::Server(format!("cannot start the worker thread: {e}")))?;
 
-    let ready = Arc::new(AtomicBool::new(false));
-    let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<String>();
-    {
-        let (ready, health) = (ready.clone(), health.clone());
-        let load = worker.ready;
-        tokio::spawn(async move {
-            match load.await {
-                Ok(Ok(())) => {
-                    ready.store(true, Ordering::Release);
-                    health.serving().await;
-                }
-                Ok(Err(e)) => {
-                    let _ = load_failed_tx.send(e);
-                }
-                Err(_) => {
-                    let _ = load_failed_tx.send("the worker thread ended while loading".into());
-                }
-            }
-        });
-    }
-
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let refl_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| DenoiserError::Server(e.to_string()))?;
-    let refl_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| DenoiserError::Server(e.to_string()))?;
-
+    let readiness = Readiness::default();
     let service = DenoiserService {
         admission: worker.admission,
         shape,
-        ready: ready.clone(),
+        readiness: readiness.clone(),
     };
     let denoiser = DenoiserServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes::new(health_service).add_service(denoiser);
 
     let addr = listener
         .local_addr()
         .map_err(|e| DenoiserError::Server(e.to_string()))?;
     tracing::info!(%addr, model = %config.model_dir.display(), queue_capacity = config.queue_capacity, "denoiser listening");
-    let mut load_error = None;
-    let drain_health = health.clone();
-    let drain_ready = ready.clone();
-    let stop = async {
-        tokio::select! {
-            () = shutdown => tracing::info!("shutting down: draining in-flight requests"),
-            Ok(e) = load_failed_rx => {
-                tracing::error!(error = %e, "model load failed");
-                load_error = Some(e);
-            }
-        }
-        drain_ready.store(false, Ordering::Release);
-        drain_health.not_serving().await;
+    let stage = Stage {
+        name: "denoiser",
+        health,
+        readiness,
+        loaded: worker.ready,
+        worker: worker.thread,
     };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(refl_v1)
-        .add_service(refl_v1alpha)
-        .add_service(denoiser)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+    stage::serve(stage, listener, routes, shutdown)
         .await
-        .map_err(|e| DenoiserError::Server(e.to_string()))?;
-    // The server (and with it the last queue sender) is gone: the worker finishes its queue and exits.
-    let thread = worker.thread;
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    tracing::info!("denoiser stopped");
-    match load_error {
-        Some(e) => Err(DenoiserError::Config(format!("cannot load the model: {e}"))),
-        None => Ok(()),
-    }
+        .map_err(DenoiserError::from)
 }

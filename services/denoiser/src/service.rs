@@ -1,11 +1,10 @@
 //! The `qwen_image.v1.Denoiser` gRPC handler: validate, admit, stream the worker's events.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use qwen_image_common::deadline;
 use qwen_image_common::queue::Admission;
+use qwen_image_common::stage::Readiness;
 use qwen_image_proto::v1::denoiser_server::Denoiser;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseRequest};
 use tokio::sync::mpsc;
@@ -22,8 +21,8 @@ const EVENT_BUFFER: usize = 8;
 pub struct DenoiserService {
     pub(crate) admission: Admission<DenoiseJob>,
     pub(crate) shape: ModelShape,
-    /// Set once the model is loaded and warmed up.
-    pub(crate) ready: Arc<AtomicBool>,
+    /// True once the model is loaded and warmed up, false again while draining.
+    pub(crate) readiness: Readiness,
 }
 
 #[tonic::async_trait]
@@ -35,7 +34,7 @@ impl Denoiser for DenoiserService {
         &self,
         request: Request<DenoiseRequest>,
     ) -> Result<Response<Self::DenoiseStream>, Status> {
-        if !self.ready.load(Ordering::Acquire) {
+        if !self.readiness.is_ready() {
             return Err(DenoiserError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());

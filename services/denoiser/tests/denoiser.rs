@@ -376,3 +376,16 @@ async fn deadline_stops_the_loop_with_deadline_exceeded() {
     assert!(h.stats.snapshot().steps_run < 1000);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn missing_snapshot_is_a_startup_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let config = DenoiserConfig::new(format!("{FIXTURES}/no-such-snapshot"));
+    let result = qwen_image_denoiser::run(config, listener, std::future::pending()).await;
+    assert!(
+        matches!(result, Err(qwen_image_denoiser::DenoiserError::Config(_))),
+        "{result:?}"
+    );
+}
