@@ -1,9 +1,9 @@
 //! Command-line flags and the typed configuration `run` takes.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use qwen_image_common::args::CommonArgs;
+pub use qwen_image_common::args::DeviceSpec;
 
 /// Default number of requests admitted at once (running + waiting).
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4;
@@ -27,33 +27,13 @@ pub struct Args {
     pub queue_capacity: usize,
 
     /// Compute device: `cpu`, or `cuda:N` (`cuda` = `cuda:0`; needs a binary built with `--features cuda`).
-    #[arg(long, env = "QWEN_IMAGE_DEVICE", default_value = "cpu")]
+    #[arg(long, env = "QWEN_IMAGE_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
 }
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let spec = match s {
-            "cpu" => Self::Cpu,
-            "cuda" => Self::Cuda(0),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Self::Cuda(n),
-                _ => return Err(format!("`{s}` is not a device; use `cpu` or `cuda:N`")),
-            },
-        };
-        if matches!(spec, Self::Cuda(_)) && !cfg!(feature = "cuda") {
-            return Err("this binary was built without CUDA support; rebuild with `--features cuda` or use `--device cpu`".into());
-        }
-        Ok(spec)
-    }
+/// `--device` parser: refuses `cuda:N` unless built with the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(s, cfg!(feature = "cuda"))
 }
 
 /// What `run` needs (everything but the listener and the shutdown signal).
@@ -94,12 +74,8 @@ mod tests {
 
     #[test]
     fn parses_devices() {
-        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
-        assert!("gpu".parse::<DeviceSpec>().is_err());
-        assert_eq!(
-            "cuda:1".parse::<DeviceSpec>().is_ok(),
-            cfg!(feature = "cuda")
-        );
+        assert_eq!(parse_device("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse_device("cuda:1").is_ok(), cfg!(feature = "cuda"));
     }
 
     #[test]
