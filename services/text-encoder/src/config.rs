@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-pub use qwen_image_common::args::DeviceSpec;
 use qwen_image_common::args::CommonArgs;
+pub use qwen_image_common::args::DeviceSpec;
 
 /// Default number of requests admitted at once (running + waiting).
 pub const DEFAULT_QUEUE_CAPACITY: usize = 8;
@@ -47,12 +47,20 @@ pub struct TextEncoderConfig {
 impl TextEncoderConfig {
     /// A CPU configuration with the default queue capacity.
     pub fn new(model_dir: impl Into<PathBuf>) -> Self {
-        Self { model_dir: model_dir.into(), queue_capacity: DEFAULT_QUEUE_CAPACITY, device: DeviceSpec::Cpu }
+        Self {
+            model_dir: model_dir.into(),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            device: DeviceSpec::Cpu,
+        }
     }
 }
 
 impl From<&Args> for TextEncoderConfig {
     fn from(a: &Args) -> Self {
-        Self { model_dir: a.model.clone(), queue_capacity: a.queue_capacity, device: a.device }
+        Self {
+            model_dir: a.model.clone(),
+            queue_capacity: a.queue_capacity,
+            device: a.device,
+        }
     }
 }

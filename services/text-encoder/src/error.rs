@@ -12,7 +12,10 @@ pub enum TextEncoderError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("queue full ({capacity} admitted)")]
-    Overloaded { capacity: usize, retry_after: Duration },
+    Overloaded {
+        capacity: usize,
+        retry_after: Duration,
+    },
     /// Loading, warming up or draining.
     #[error("not ready")]
     NotReady,
@@ -32,7 +35,13 @@ pub enum TextEncoderError {
 impl From<AdmitError> for TextEncoderError {
     fn from(e: AdmitError) -> Self {
         match e {
-            AdmitError::Overloaded { capacity, retry_after } => Self::Overloaded { capacity, retry_after },
+            AdmitError::Overloaded {
+                capacity,
+                retry_after,
+            } => Self::Overloaded {
+                capacity,
+                retry_after,
+            },
             AdmitError::WorkerGone => Self::NotReady,
         }
     }
@@ -51,18 +60,23 @@ impl From<TextEncoderError> for Status {
     fn from(e: TextEncoderError) -> Self {
         match e {
             TextEncoderError::InvalidArgument(m) => Status::invalid_argument(m),
-            TextEncoderError::Overloaded { capacity, retry_after } => {
-                qwen_image_common::status::overloaded("text encoder", capacity, retry_after)
-            }
+            TextEncoderError::Overloaded {
+                capacity,
+                retry_after,
+            } => qwen_image_common::status::overloaded("text encoder", capacity, retry_after),
             TextEncoderError::NotReady => Status::unavailable(
                 "the text encoder is not serving (loading, warming up or draining); retry or use another replica",
             ),
             TextEncoderError::Cancelled => Status::cancelled("the request was cancelled"),
-            TextEncoderError::DeadlineExceeded => {
-                Status::deadline_exceeded("the deadline passed before the prompts were encoded; allow more time")
+            TextEncoderError::DeadlineExceeded => Status::deadline_exceeded(
+                "the deadline passed before the prompts were encoded; allow more time",
+            ),
+            TextEncoderError::Model(_) => {
+                Status::internal("the text encoder failed on this request; it has been logged")
             }
-            TextEncoderError::Model(_) => Status::internal("the text encoder failed on this request; it has been logged"),
-            TextEncoderError::Config(_) | TextEncoderError::Server(_) => Status::internal("text encoder internal error"),
+            TextEncoderError::Config(_) | TextEncoderError::Server(_) => {
+                Status::internal("text encoder internal error")
+            }
         }
     }
 }
@@ -75,8 +89,17 @@ mod tests {
     #[test]
     fn maps_every_variant() {
         let cases = [
-            (TextEncoderError::InvalidArgument("x".into()), Code::InvalidArgument),
-            (TextEncoderError::Overloaded { capacity: 1, retry_after: Duration::from_millis(5) }, Code::ResourceExhausted),
+            (
+                TextEncoderError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                TextEncoderError::Overloaded {
+                    capacity: 1,
+                    retry_after: Duration::from_millis(5),
+                },
+                Code::ResourceExhausted,
+            ),
             (TextEncoderError::NotReady, Code::Unavailable),
             (TextEncoderError::Cancelled, Code::Cancelled),
             (TextEncoderError::DeadlineExceeded, Code::DeadlineExceeded),

@@ -29,7 +29,11 @@ pub fn load(cfg: &TextEncoderConfig) -> candle_core::Result<LoadedModel> {
     let snapshot = Snapshot::open(&cfg.model_dir)?;
     let encoder = PromptEncoder::load(&snapshot, dtype, &device)?;
     let warm = encoder.encode(&["warm-up"], 16)?;
-    let sum = warm.embeds.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let sum = warm
+        .embeds
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     if !sum.is_finite() {
         candle_core::bail!("warm-up produced non-finite embeddings");
     }
@@ -46,12 +50,19 @@ pub fn token_counts(m: &LoadedModel, prompts: &[&str]) -> candle_core::Result<Ve
     m.encoder.token_counts(prompts)
 }
 
-pub fn encode(m: &LoadedModel, prompts: &[&str], max_sequence_length: usize) -> candle_core::Result<EncodedPrompts> {
+pub fn encode(
+    m: &LoadedModel,
+    prompts: &[&str],
+    max_sequence_length: usize,
+) -> candle_core::Result<EncodedPrompts> {
     m.encoder.encode(prompts, max_sequence_length)
 }
 
 /// Host copy of a `[B, L, D]` / `[B, L]` tensor as f32: (shape, data).
 pub fn host_f32(t: &Tensor) -> candle_core::Result<(Vec<usize>, Vec<f32>)> {
     let shape = t.dims().to_vec();
-    Ok((shape, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+    Ok((
+        shape,
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    ))
 }

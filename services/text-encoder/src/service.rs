@@ -22,20 +22,37 @@ pub struct TextEncoderService {
 #[tonic::async_trait]
 impl TextEncoder for TextEncoderService {
     #[tracing::instrument(name = "Encode", skip_all)]
-    async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
+    async fn encode(
+        &self,
+        request: Request<EncodeRequest>,
+    ) -> Result<Response<EncodeResponse>, Status> {
         if !self.readiness.is_ready() {
             return Err(TextEncoderError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let inputs = validate(request.get_ref()).inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
-        tracing::info!(prompts = inputs.prompts.len(), max_sequence_length = inputs.max_sequence_length, "admitting");
+        let inputs =
+            validate(request.get_ref()).inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
+        tracing::info!(
+            prompts = inputs.prompts.len(),
+            max_sequence_length = inputs.max_sequence_length,
+            "admitting"
+        );
         let (reply, rx) = oneshot::channel();
         self.admission
-            .try_submit(EncodeJob { inputs, reply, deadline }, tracing::Span::current())
+            .try_submit(
+                EncodeJob {
+                    inputs,
+                    reply,
+                    deadline,
+                },
+                tracing::Span::current(),
+            )
             .map_err(TextEncoderError::from)?;
         // Dropping this future (the caller cancelled) closes `rx`; the worker skips the job if not started.
         let answer = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| TextEncoderError::DeadlineExceeded)?,
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| TextEncoderError::DeadlineExceeded)?,
             None => rx.await,
         };
         match answer {

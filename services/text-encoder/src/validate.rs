@@ -29,24 +29,40 @@ fn invalid(msg: String) -> TextEncoderError {
 pub fn validate(req: &EncodeRequest) -> Result<EncodeInputs, TextEncoderError> {
     let n = req.prompts.len();
     if n == 0 || n > MAX_PROMPTS {
-        return Err(invalid(format!("`prompts` has {n} entries; send 1..={MAX_PROMPTS}")));
+        return Err(invalid(format!(
+            "`prompts` has {n} entries; send 1..={MAX_PROMPTS}"
+        )));
     }
     if let Some(i) = req.prompts.iter().position(|p| p.len() > MAX_PROMPT_BYTES) {
-        return Err(invalid(format!("`prompts[{i}]` is {} bytes; send at most {MAX_PROMPT_BYTES}", req.prompts[i].len())));
+        return Err(invalid(format!(
+            "`prompts[{i}]` is {} bytes; send at most {MAX_PROMPT_BYTES}",
+            req.prompts[i].len()
+        )));
     }
     let max_sequence_length = match req.max_sequence_length as usize {
         0 => DEFAULT_MAX_SEQUENCE_LENGTH,
         m if m > MAX_SEQUENCE_LENGTH => {
-            return Err(invalid(format!("`max_sequence_length` is {m}; send 1..={MAX_SEQUENCE_LENGTH} (0 = 512)")));
+            return Err(invalid(format!(
+                "`max_sequence_length` is {m}; send 1..={MAX_SEQUENCE_LENGTH} (0 = 512)"
+            )));
         }
         m => m,
     };
     let truncate = match OverlongPromptPolicy::try_from(req.overlong_policy) {
         Ok(OverlongPromptPolicy::Unspecified | OverlongPromptPolicy::Reject) => false,
         Ok(OverlongPromptPolicy::Truncate) => true,
-        Err(_) => return Err(invalid(format!("`overlong_policy` {} is unknown; send REJECT or TRUNCATE", req.overlong_policy))),
+        Err(_) => {
+            return Err(invalid(format!(
+                "`overlong_policy` {} is unknown; send REJECT or TRUNCATE",
+                req.overlong_policy
+            )));
+        }
     };
-    Ok(EncodeInputs { prompts: req.prompts.clone(), max_sequence_length, truncate })
+    Ok(EncodeInputs {
+        prompts: req.prompts.clone(),
+        max_sequence_length,
+        truncate,
+    })
 }
 
 #[cfg(test)]
@@ -55,12 +71,36 @@ mod tests {
 
     #[test]
     fn defaults_and_limits() {
-        let ok = validate(&EncodeRequest { prompts: vec!["a".into()], ..Default::default() }).expect("valid");
+        let ok = validate(&EncodeRequest {
+            prompts: vec!["a".into()],
+            ..Default::default()
+        })
+        .expect("valid");
         assert_eq!(ok.max_sequence_length, 512);
         assert!(!ok.truncate);
         assert!(validate(&EncodeRequest::default()).is_err());
-        assert!(validate(&EncodeRequest { prompts: vec!["a".into()], max_sequence_length: 1025, ..Default::default() }).is_err());
-        assert!(validate(&EncodeRequest { prompts: vec!["a".into()], overlong_policy: 9, ..Default::default() }).is_err());
-        assert!(validate(&EncodeRequest { prompts: vec!["x".repeat(MAX_PROMPT_BYTES + 1)], ..Default::default() }).is_err());
+        assert!(
+            validate(&EncodeRequest {
+                prompts: vec!["a".into()],
+                max_sequence_length: 1025,
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&EncodeRequest {
+                prompts: vec!["a".into()],
+                overlong_policy: 9,
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&EncodeRequest {
+                prompts: vec!["x".repeat(MAX_PROMPT_BYTES + 1)],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

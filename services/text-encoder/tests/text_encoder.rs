@@ -25,16 +25,24 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let config = TextEncoderConfig::new(format!("{FIXTURES}/snapshot"));
         let server = tokio::spawn(run(config, listener, async {
             let _ = stopped.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
         let mut watch = HealthClient::new(channel.clone())
-            .watch(HealthCheckRequest { service: SERVICE_NAME.into() })
+            .watch(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
             .await
             .expect("watch")
             .into_inner();
@@ -48,7 +56,11 @@ impl Harness {
         })
         .await
         .expect("SERVING in time");
-        Self { channel, stop, server }
+        Self {
+            channel,
+            stop,
+            server,
+        }
     }
 
     fn client(&self) -> TextEncoderClient<Channel> {
@@ -60,16 +72,24 @@ impl Harness {
     async fn shutdown(self) {
         let _ = self.stop.send(());
         drop(self.channel);
-        let result = tokio::time::timeout(GUARD, self.server).await.expect("drained").expect("no panic");
+        let result = tokio::time::timeout(GUARD, self.server)
+            .await
+            .expect("drained")
+            .expect("no panic");
         assert!(result.is_ok(), "{result:?}");
     }
 }
 
 fn reference(name: &str) -> (Vec<u64>, Vec<f32>) {
-    let bytes = std::fs::read(format!("{FIXTURES}/refs/textenc/tensors.safetensors")).expect("fixture");
+    let bytes =
+        std::fs::read(format!("{FIXTURES}/refs/textenc/tensors.safetensors")).expect("fixture");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     let v = st.tensor(name).expect("tensor");
-    let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (v.shape().iter().map(|&d| d as u64).collect(), data)
 }
 
@@ -79,7 +99,10 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
     let prompt = "A cat holding a sign that says hello world";
     let resp = h
         .client()
-        .encode(EncodeRequest { prompts: vec![prompt.into()], ..Default::default() })
+        .encode(EncodeRequest {
+            prompts: vec![prompt.into()],
+            ..Default::default()
+        })
         .await
         .expect("encoded")
         .into_inner();
@@ -87,9 +110,17 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
     let (shape, expected) = reference("single.1.prompt_embeds");
     assert_eq!(embeds.dtype, DataType::F32 as i32);
     assert_eq!(embeds.shape, shape);
-    let ours: Vec<f32> = embeds.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let ours: Vec<f32> = embeds
+        .data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
     let mask = resp.prompt_embeds_mask.expect("mask");
     assert_eq!(mask.dtype, DataType::U8 as i32);
@@ -99,29 +130,49 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
     assert_eq!(resp.truncated, vec![false]);
 
     // Too long for max_sequence_length 4: rejected by default, truncated on request.
-    let long = EncodeRequest { prompts: vec![prompt.into()], max_sequence_length: 4, ..Default::default() };
+    let long = EncodeRequest {
+        prompts: vec![prompt.into()],
+        max_sequence_length: 4,
+        ..Default::default()
+    };
     let err = h.client().encode(long.clone()).await.expect_err("too long");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("TRUNCATE"), "{}", err.message());
     let cut = h
         .client()
-        .encode(EncodeRequest { overlong_policy: OverlongPromptPolicy::Truncate as i32, ..long })
+        .encode(EncodeRequest {
+            overlong_policy: OverlongPromptPolicy::Truncate as i32,
+            ..long
+        })
         .await
         .expect("truncated")
         .into_inner();
-    assert_eq!(cut.prompt_embeds.expect("embeds").shape, vec![1, 4, shape[2]]);
+    assert_eq!(
+        cut.prompt_embeds.expect("embeds").shape,
+        vec![1, 4, shape[2]]
+    );
     assert_eq!(cut.truncated, vec![true]);
 
     for bad in [
         EncodeRequest::default(),
-        EncodeRequest { prompts: vec!["a".into()], max_sequence_length: 5000, ..Default::default() },
-        EncodeRequest { prompts: vec!["a".into()], overlong_policy: 42, ..Default::default() },
+        EncodeRequest {
+            prompts: vec!["a".into()],
+            max_sequence_length: 5000,
+            ..Default::default()
+        },
+        EncodeRequest {
+            prompts: vec!["a".into()],
+            overlong_policy: 42,
+            ..Default::default()
+        },
     ] {
         let err = h.client().encode(bad).await.expect_err("invalid");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
     let status = HealthClient::new(h.channel.clone())
-        .check(HealthCheckRequest { service: SERVICE_NAME.into() })
+        .check(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
         .await
         .expect("check")
         .into_inner()
@@ -132,7 +183,20 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
 
 #[tokio::test]
 async fn missing_snapshot_is_a_startup_error() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let result = run(TextEncoderConfig::new(format!("{FIXTURES}/nope")), listener, std::future::pending()).await;
-    assert!(matches!(result, Err(qwen_image_text_encoder::TextEncoderError::Config(_))), "{result:?}");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let result = run(
+        TextEncoderConfig::new(format!("{FIXTURES}/nope")),
+        listener,
+        std::future::pending(),
+    )
+    .await;
+    assert!(
+        matches!(
+            result,
+            Err(qwen_image_text_encoder::TextEncoderError::Config(_))
+        ),
+        "{result:?}"
+    );
 }
