@@ -163,6 +163,8 @@ fn execute(
         schedule: &schedule,
         start_step: inp.start_step,
         inpaint: blend.as_ref(),
+        // ControlNet inputs are reserved in the proto (fields 12-19) for a later issue.
+        controlnet: &[],
     };
     let every = inp.preview_every_n_steps;
     let mut stopped_for_deadline = false;

@@ -80,7 +80,7 @@ fn warm_up(m: &LoadedModel, tcfg: &TransformerConfig) -> candle_core::Result<()>
         None,
         1.0,
         &[(1, 1, 1)],
-        None,
+        &[],
     )?;
     let sum = out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     if !sum.is_finite() {
