@@ -81,9 +81,7 @@ impl From<VaeError> for Status {
             VaeError::Model(_) => {
                 Status::internal("the VAE failed on this request; it has been logged")
             }
-            VaeError::Config(_) | VaeError::Server(_) => {
-                Status::internal("VAE internal error")
-            }
+            VaeError::Config(_) | VaeError::Server(_) => Status::internal("VAE internal error"),
         }
     }
 }
@@ -96,10 +94,7 @@ mod tests {
     #[test]
     fn maps_every_variant() {
         let cases = [
-            (
-                VaeError::InvalidArgument("x".into()),
-                Code::InvalidArgument,
-            ),
+            (VaeError::InvalidArgument("x".into()), Code::InvalidArgument),
             (
                 VaeError::Overloaded {
                     capacity: 1,

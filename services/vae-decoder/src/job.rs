@@ -19,26 +19,52 @@ type Reply<T> = oneshot::Sender<Result<T, VaeError>>;
 
 /// What the gRPC handlers hand the worker.
 pub enum VaeJob {
-    Decode { inputs: DecodeInputs, reply: Reply<DecodeResponse>, deadline: Option<Instant> },
-    Encode { inputs: EncodeInputs, reply: Reply<EncodeImageResponse>, deadline: Option<Instant> },
+    Decode {
+        inputs: DecodeInputs,
+        reply: Reply<DecodeResponse>,
+        deadline: Option<Instant>,
+    },
+    Encode {
+        inputs: EncodeInputs,
+        reply: Reply<EncodeImageResponse>,
+        deadline: Option<Instant>,
+    },
 }
 
 /// Runs the job and replies. Releases `slot` before replying.
 pub fn run(model: &LoadedModel, job: VaeJob, slot: Slot) {
     match job {
-        VaeJob::Decode { inputs, reply, deadline } => answer("Decode", reply, deadline, slot, || decode(model, &inputs)),
-        VaeJob::Encode { inputs, reply, deadline } => answer("Encode", reply, deadline, slot, || encode(model, &inputs)),
+        VaeJob::Decode {
+            inputs,
+            reply,
+            deadline,
+        } => answer("Decode", reply, deadline, slot, || decode(model, &inputs)),
+        VaeJob::Encode {
+            inputs,
+            reply,
+            deadline,
+        } => answer("Encode", reply, deadline, slot, || encode(model, &inputs)),
     }
 }
 
-fn answer<T>(rpc: &'static str, reply: Reply<T>, deadline: Option<Instant>, slot: Slot, work: impl FnOnce() -> Result<T, VaeError>) {
+fn answer<T>(
+    rpc: &'static str,
+    reply: Reply<T>,
+    deadline: Option<Instant>,
+    slot: Slot,
+    work: impl FnOnce() -> Result<T, VaeError>,
+) {
     let started = Instant::now();
     if reply.is_closed() {
         tracing::info!("caller went away before the job started");
         metrics::counter!(m::JOBS_STOPPED_TOTAL, "service" => SERVICE, "outcome" => m::OUTCOME_CANCELLED).increment(1);
         return;
     }
-    let result = if deadline.is_some_and(|d| started >= d) { Err(VaeError::DeadlineExceeded) } else { work() };
+    let result = if deadline.is_some_and(|d| started >= d) {
+        Err(VaeError::DeadlineExceeded)
+    } else {
+        work()
+    };
     let outcome = match &result {
         Ok(_) => m::OUTCOME_OK,
         Err(VaeError::DeadlineExceeded) => m::OUTCOME_DEADLINE_EXCEEDED,
@@ -62,7 +88,11 @@ fn decode(model: &LoadedModel, inputs: &DecodeInputs) -> Result<DecodeResponse, 
     let images = model::rgb8(&image)
         .map_err(internal)?
         .into_iter()
-        .map(|rgb| Image { width_px: w as u32, height_px: h as u32, rgb8: rgb.into() })
+        .map(|rgb| Image {
+            width_px: w as u32,
+            height_px: h as u32,
+            rgb8: rgb.into(),
+        })
         .collect();
     let decoded = if inputs.return_float {
         let (shape, data) = model::host_f32(&image).map_err(internal)?;
@@ -74,7 +104,8 @@ fn decode(model: &LoadedModel, inputs: &DecodeInputs) -> Result<DecodeResponse, 
 }
 
 fn encode(model: &LoadedModel, inputs: &EncodeInputs) -> Result<EncodeImageResponse, VaeError> {
-    let (mean, logvar) = model::encode(model, &inputs.images, inputs.width_px, inputs.height_px).map_err(internal)?;
+    let (mean, logvar) = model::encode(model, &inputs.images, inputs.width_px, inputs.height_px)
+        .map_err(internal)?;
     let (shape, mean) = model::host_f32(&mean).map_err(internal)?;
     let (lshape, logvar) = model::host_f32(&logvar).map_err(internal)?;
     let cfg = model.vae.config();

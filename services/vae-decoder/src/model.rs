@@ -17,10 +17,19 @@ pub struct LoadedModel {
 /// Reads `vae/config.json` (cheap) so `run` can validate requests before the model is loaded.
 pub fn read_shape(cfg: &VaeServiceConfig) -> Result<(VaeShape, Vec<f32>, Vec<f32>), String> {
     let snapshot = Snapshot::open(&cfg.model_dir).map_err(|e| first_line(&e))?;
-    let vcfg: VaeConfig = snapshot.config("vae", "config.json").map_err(|e| first_line(&e))?;
+    let vcfg: VaeConfig = snapshot
+        .config("vae", "config.json")
+        .map_err(|e| first_line(&e))?;
     let mean = vcfg.latents_mean.iter().map(|&v| v as f32).collect();
     let std = vcfg.latents_std.iter().map(|&v| v as f32).collect();
-    Ok((VaeShape { z_dim: vcfg.z_dim, scale_factor: vcfg.scale_factor() }, mean, std))
+    Ok((
+        VaeShape {
+            z_dim: vcfg.z_dim,
+            scale_factor: vcfg.scale_factor(),
+        },
+        mean,
+        std,
+    ))
 }
 
 fn device(spec: DeviceSpec) -> candle_core::Result<(Device, DType)> {
@@ -39,7 +48,13 @@ pub fn load(cfg: &VaeServiceConfig) -> candle_core::Result<LoadedModel> {
     let vae = AutoencoderKLQwenImage::load(&snapshot, dtype, &device)?;
     let (z, f) = (vae.config().z_dim, vae.config().scale_factor());
     let m = LoadedModel { vae, device };
-    let img = decode(&m, &HostTensor { shape: vec![1, z, 1, 1], data: vec![0.0; z] })?;
+    let img = decode(
+        &m,
+        &HostTensor {
+            shape: vec![1, z, 1, 1],
+            data: vec![0.0; z],
+        },
+    )?;
     let _ = encode(&m, &[to_rgb8(&img)?.concat()], f, f)?;
     Ok(m)
 }
@@ -57,8 +72,16 @@ pub fn rgb8(image: &Tensor) -> candle_core::Result<Vec<Vec<u8>>> {
 }
 
 /// RGB8 images of one size → posterior (mean, logvar), each `[B, C, 1, h, w]`.
-pub fn encode(m: &LoadedModel, images: &[Vec<u8>], width: usize, height: usize) -> candle_core::Result<(Tensor, Tensor)> {
-    let xs = images.iter().map(|img| from_rgb8(img, width, height, &m.device)).collect::<candle_core::Result<Vec<_>>>()?;
+pub fn encode(
+    m: &LoadedModel,
+    images: &[Vec<u8>],
+    width: usize,
+    height: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let xs = images
+        .iter()
+        .map(|img| from_rgb8(img, width, height, &m.device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let x = Tensor::cat(&xs, 0)?; // [B, 3, H, W]
     let posterior = m.vae.encode(&x)?;
     Ok((posterior.mean, posterior.logvar))
@@ -66,5 +89,8 @@ pub fn encode(m: &LoadedModel, images: &[Vec<u8>], width: usize, height: usize) 
 
 /// Host copy as f32: (shape, data).
 pub fn host_f32(t: &Tensor) -> candle_core::Result<(Vec<usize>, Vec<f32>)> {
-    Ok((t.dims().to_vec(), t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+    Ok((
+        t.dims().to_vec(),
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    ))
 }

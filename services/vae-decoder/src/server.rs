@@ -21,7 +21,11 @@ pub const SERVICE_NAME: &str = "qwen_image.v1.Vae";
 
 /// Serves until `shutdown` resolves, then drains: NOT_SERVING, stop accepting, finish in-flight calls.
 /// Returns an error if the snapshot is unusable or the model fails to load.
-pub async fn run(config: VaeServiceConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), VaeError> {
+pub async fn run(
+    config: VaeServiceConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), VaeError> {
     let (shape, _, _) = model::read_shape(&config).map_err(VaeError::Config)?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
     let load_cfg = config.clone();
@@ -34,14 +38,28 @@ pub async fn run(config: VaeServiceConfig, listener: TcpListener, shutdown: impl
     .map_err(|e| VaeError::Server(format!("cannot start the worker thread: {e}")))?;
 
     let readiness = Readiness::default();
-    let service = VaeService { admission: worker.admission, shape, readiness: readiness.clone() };
+    let service = VaeService {
+        admission: worker.admission,
+        shape,
+        readiness: readiness.clone(),
+    };
     let server = VaeServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = Routes::new(health_service).add_service(server);
 
-    let addr = listener.local_addr().map_err(|e| VaeError::Server(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| VaeError::Server(e.to_string()))?;
     tracing::info!(%addr, model = %config.model_dir.display(), queue_capacity = config.queue_capacity, "VAE listening");
-    let stage = Stage { name: "vae", health, readiness, loaded: worker.ready, worker: worker.thread };
-    stage::serve(stage, listener, routes, shutdown).await.map_err(VaeError::from)
+    let stage = Stage {
+        name: "vae",
+        health,
+        readiness,
+        loaded: worker.ready,
+        worker: worker.thread,
+    };
+    stage::serve(stage, listener, routes, shutdown)
+        .await
+        .map_err(VaeError::from)
 }

@@ -6,7 +6,9 @@ use qwen_image_common::deadline;
 use qwen_image_common::queue::Admission;
 use qwen_image_common::stage::Readiness;
 use qwen_image_proto::v1::vae_server::Vae;
-use qwen_image_proto::v1::{DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse};
+use qwen_image_proto::v1::{
+    DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse,
+};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -30,9 +32,12 @@ impl VaeService {
         make: impl FnOnce(oneshot::Sender<Result<T, VaeError>>) -> VaeJob,
     ) -> Result<T, VaeError> {
         let (reply, rx) = oneshot::channel();
-        self.admission.try_submit(make(reply), tracing::Span::current())?;
+        self.admission
+            .try_submit(make(reply), tracing::Span::current())?;
         let answer = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| VaeError::DeadlineExceeded)?,
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| VaeError::DeadlineExceeded)?,
             None => rx.await,
         };
         answer.map_err(|_| VaeError::NotReady)?
@@ -42,24 +47,44 @@ impl VaeService {
 #[tonic::async_trait]
 impl Vae for VaeService {
     #[tracing::instrument(name = "Decode", skip_all)]
-    async fn decode(&self, request: Request<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+    async fn decode(
+        &self,
+        request: Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
         if !self.readiness.is_ready() {
             return Err(VaeError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let inputs = validate_decode(request.get_ref(), self.shape).inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
-        let out = self.submit(deadline, |reply| VaeJob::Decode { inputs, reply, deadline }).await?;
+        let inputs = validate_decode(request.get_ref(), self.shape)
+            .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
+        let out = self
+            .submit(deadline, |reply| VaeJob::Decode {
+                inputs,
+                reply,
+                deadline,
+            })
+            .await?;
         Ok(Response::new(out))
     }
 
     #[tracing::instrument(name = "Encode", skip_all)]
-    async fn encode(&self, request: Request<EncodeImageRequest>) -> Result<Response<EncodeImageResponse>, Status> {
+    async fn encode(
+        &self,
+        request: Request<EncodeImageRequest>,
+    ) -> Result<Response<EncodeImageResponse>, Status> {
         if !self.readiness.is_ready() {
             return Err(VaeError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let inputs = validate_encode(request.get_ref(), self.shape).inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
-        let out = self.submit(deadline, |reply| VaeJob::Encode { inputs, reply, deadline }).await?;
+        let inputs = validate_encode(request.get_ref(), self.shape)
+            .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
+        let out = self
+            .submit(deadline, |reply| VaeJob::Encode {
+                inputs,
+                reply,
+                deadline,
+            })
+            .await?;
         Ok(Response::new(out))
     }
 }

@@ -26,15 +26,27 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(run(VaeServiceConfig::new(format!("{FIXTURES}/snapshot")), listener, async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+        let server = tokio::spawn(run(
+            VaeServiceConfig::new(format!("{FIXTURES}/snapshot")),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
         let mut watch = HealthClient::new(channel.clone())
-            .watch(HealthCheckRequest { service: SERVICE_NAME.into() })
+            .watch(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
             .await
             .expect("watch")
             .into_inner();
@@ -48,7 +60,11 @@ impl Harness {
         })
         .await
         .expect("SERVING in time");
-        Self { channel, stop, server }
+        Self {
+            channel,
+            stop,
+            server,
+        }
     }
 
     fn client(&self) -> VaeClient<Channel> {
@@ -60,27 +76,40 @@ impl Harness {
     async fn shutdown(self) {
         let _ = self.stop.send(());
         drop(self.channel);
-        let result = tokio::time::timeout(GUARD, self.server).await.expect("drained").expect("no panic");
+        let result = tokio::time::timeout(GUARD, self.server)
+            .await
+            .expect("drained")
+            .expect("no panic");
         assert!(result.is_ok(), "{result:?}");
     }
 }
 
 fn reference(dump: &str, name: &str) -> (Vec<usize>, Vec<u8>) {
-    let bytes = std::fs::read(format!("{FIXTURES}/refs/{dump}/tensors.safetensors")).expect("fixture");
+    let bytes =
+        std::fs::read(format!("{FIXTURES}/refs/{dump}/tensors.safetensors")).expect("fixture");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     let v = st.tensor(name).expect("tensor");
     (v.shape().to_vec(), v.data().to_vec())
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn assert_close(what: &str, ours: &[f32], expected: &[f32], rel: f32) {
     assert_eq!(ours.len(), expected.len(), "{what}");
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let worst = ours.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst <= rel * scale, "{what}: max abs diff {worst} vs max abs {scale}");
+    let worst = ours
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= rel * scale,
+        "{what}: max abs diff {worst} vs max abs {scale}"
+    );
 }
 
 #[tokio::test]
@@ -101,7 +130,10 @@ async fn decode_and_encode_match_diffusers() {
     }
     let resp = h
         .client()
-        .decode(DecodeRequest { latents: Some(from_f32(&[1, 16, 1, 8, 8], &latents)), return_float: true })
+        .decode(DecodeRequest {
+            latents: Some(from_f32(&[1, 16, 1, 8, 8], &latents)),
+            return_float: true,
+        })
         .await
         .expect("decoded")
         .into_inner();
@@ -109,7 +141,13 @@ async fn decode_and_encode_match_diffusers() {
     let img = &resp.images[0];
     assert_eq!((img.width_px, img.height_px), (64, 64));
     let (_, expected_u8) = reference("t2i_64", "image_uint8");
-    let worst = img.rgb8.iter().zip(&expected_u8).map(|(a, b)| a.abs_diff(*b)).max().expect("pixels");
+    let worst = img
+        .rgb8
+        .iter()
+        .zip(&expected_u8)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .expect("pixels");
     assert!(worst <= 2, "8-bit image differs by {worst} levels");
     let decoded = resp.decoded.expect("float tensor");
     assert_eq!(decoded.shape, vec![1, 3, 64, 64]);
@@ -126,13 +164,34 @@ async fn decode_and_encode_match_diffusers() {
             rgb[i * 3 + c] = ((x[c * hh * ww + i] + 1.0) * 127.5).round() as u8;
         }
     }
-    let image = Image { width_px: ww as u32, height_px: hh as u32, rgb8: rgb.into() };
-    let resp = h.client().encode(EncodeImageRequest { images: vec![image] }).await.expect("encoded").into_inner();
+    let image = Image {
+        width_px: ww as u32,
+        height_px: hh as u32,
+        rgb8: rgb.into(),
+    };
+    let resp = h
+        .client()
+        .encode(EncodeImageRequest {
+            images: vec![image],
+        })
+        .await
+        .expect("encoded")
+        .into_inner();
     let mean = resp.mean.expect("mean");
     assert_eq!(mean.shape, vec![1, 16, 1, 8, 8]);
-    assert_close("posterior mean", &f32s(&mean.data), &f32s(&reference("vae_64", "vae.posterior_mean").1), 1e-3);
+    assert_close(
+        "posterior mean",
+        &f32s(&mean.data),
+        &f32s(&reference("vae_64", "vae.posterior_mean").1),
+        1e-3,
+    );
     let logvar = resp.logvar.expect("logvar");
-    assert_close("posterior logvar", &f32s(&logvar.data), &f32s(&reference("vae_64", "vae.posterior_logvar").1), 1e-3);
+    assert_close(
+        "posterior logvar",
+        &f32s(&logvar.data),
+        &f32s(&reference("vae_64", "vae.posterior_logvar").1),
+        1e-3,
+    );
     assert_eq!(resp.latents_mean.len(), 16);
     assert_eq!(resp.latents_std.len(), 16);
     h.shutdown().await;
@@ -143,22 +202,52 @@ async fn bad_requests_get_invalid_argument_and_service_stays_healthy() {
     let h = Harness::start().await;
     let err = h
         .client()
-        .decode(DecodeRequest { latents: Some(from_f32(&[1, 15, 1, 2, 2], &[0.0; 60])), return_float: false })
+        .decode(DecodeRequest {
+            latents: Some(from_f32(&[1, 15, 1, 2, 2], &[0.0; 60])),
+            return_float: false,
+        })
         .await
         .expect_err("wrong channels");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let mut short = from_f32(&[1, 16, 1, 2, 2], &[0.0; 64]);
     short.data = short.data.slice(..10);
-    let err = h.client().decode(DecodeRequest { latents: Some(short), return_float: false }).await.expect_err("bytes");
+    let err = h
+        .client()
+        .decode(DecodeRequest {
+            latents: Some(short),
+            return_float: false,
+        })
+        .await
+        .expect_err("bytes");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let bad_image = Image { width_px: 16, height_px: 16, rgb8: vec![0u8; 10].into() };
-    let err = h.client().encode(EncodeImageRequest { images: vec![bad_image] }).await.expect_err("bytes");
+    let bad_image = Image {
+        width_px: 16,
+        height_px: 16,
+        rgb8: vec![0u8; 10].into(),
+    };
+    let err = h
+        .client()
+        .encode(EncodeImageRequest {
+            images: vec![bad_image],
+        })
+        .await
+        .expect_err("bytes");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let odd = Image { width_px: 12, height_px: 16, rgb8: vec![0u8; 12 * 16 * 3].into() };
-    let err = h.client().encode(EncodeImageRequest { images: vec![odd] }).await.expect_err("size");
+    let odd = Image {
+        width_px: 12,
+        height_px: 16,
+        rgb8: vec![0u8; 12 * 16 * 3].into(),
+    };
+    let err = h
+        .client()
+        .encode(EncodeImageRequest { images: vec![odd] })
+        .await
+        .expect_err("size");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let status = HealthClient::new(h.channel.clone())
-        .check(HealthCheckRequest { service: SERVICE_NAME.into() })
+        .check(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
         .await
         .expect("check")
         .into_inner()
