@@ -166,18 +166,32 @@ fn long_request(reference: &Reference) -> DenoiseRequest {
 
 /// Reads the stream to its end: the progress events and the result.
 async fn collect(
-    mut stream: Streaming<DenoiseEvent>,
+    stream: Streaming<DenoiseEvent>,
 ) -> Result<(Vec<(u32, u32)>, DenoiseResult), tonic::Status> {
+    collect_with_previews(stream).await.map(|(p, _, r)| (p, r))
+}
+
+/// Like [`collect`], also returning the steps that carried preview latents.
+async fn collect_with_previews(
+    mut stream: Streaming<DenoiseEvent>,
+) -> Result<(Vec<(u32, u32)>, Vec<u32>, DenoiseResult), tonic::Status> {
     let mut progress = Vec::new();
+    let mut previews = Vec::new();
     let mut result = None;
     while let Some(ev) = stream.message().await? {
         match ev.event {
-            Some(Event::Progress(p)) => progress.push((p.step, p.total_steps)),
+            Some(Event::Progress(p)) => {
+                if let Some(t) = &p.preview_latents {
+                    assert_eq!(t.shape, vec![1, 16, 1, 8, 8], "preview shape");
+                    previews.push(p.step);
+                }
+                progress.push((p.step, p.total_steps));
+            }
             Some(Event::Result(r)) => result = Some(r),
             None => panic!("empty event"),
         }
     }
-    Ok((progress, result.expect("a result event")))
+    Ok((progress, previews, result.expect("a result event")))
 }
 
 /// Waits for the first progress event of a running stream.
@@ -197,16 +211,19 @@ async fn first_progress(stream: &mut Streaming<DenoiseEvent>) {
 async fn final_latents_match_diffusers() {
     let h = Harness::start(2).await;
     let reference = Reference::load("t2i_64");
+    let mut req = t2i_request(&reference, 4);
+    req.preview_every_n_steps = 3;
     let stream = h
         .client()
-        .denoise(t2i_request(&reference, 4))
+        .denoise(req)
         .await
         .expect("admitted")
         .into_inner();
-    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+    let (progress, previews, result) = tokio::time::timeout(GUARD, collect_with_previews(stream))
         .await
         .expect("in time")
         .expect("ok");
+    assert_eq!(previews, vec![3, 4], "every 3rd step and the last");
     assert_eq!(progress, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
     assert_eq!(result.sigmas.len(), 5);
     let latents = result.latents.expect("latents");
