@@ -254,6 +254,66 @@ async fn final_latents_match_diffusers() {
     h.shutdown().await;
 }
 
+/// Packed `[1, 16, 64]` (4x4 tokens of 2x2 patches) -> unpacked `[1, 16, 1, 8, 8]` wire tensor.
+fn unpack_8x8(packed: &Tensor) -> Tensor {
+    let packed = f32s(packed);
+    let mut out = vec![0f32; 16 * 64];
+    for c in 0..16 {
+        for yy in 0..8 {
+            for xx in 0..8 {
+                let (y, dy, x, dx) = (yy / 2, yy % 2, xx / 2, xx % 2);
+                out[c * 64 + yy * 8 + xx] = packed[(y * 4 + x) * 64 + c * 4 + dy * 2 + dx];
+            }
+        }
+    }
+    qwen_image_common::tensor::from_f32(&[1, 16, 1, 8, 8], &out)
+}
+
+#[tokio::test]
+async fn inpaint_blending_matches_diffusers() {
+    let h = Harness::start(1).await;
+    let reference = Reference::load("inpaint_64");
+    // The dump numbers the steps that ran 0..=2. Strength 0.6 of 4 steps: t_start = int(4 - 2.4) = 1 (QwenImageInpaintPipeline.get_timesteps)
+    let req = DenoiseRequest {
+        prompt_embeds: Some(reference.tensor("prompt_embeds")),
+        negative_prompt_embeds: Some(reference.tensor("negative_prompt_embeds")),
+        true_cfg_scale: 4.0,
+        latents: Some(unpack_8x8(&reference.tensor("latents_init_packed"))),
+        steps: 4,
+        start_step: 1,
+        inpaint: Some(qwen_image_proto::v1::InpaintInputs {
+            image_latents: Some(unpack_8x8(&reference.tensor("image_latents_packed"))),
+            noise: Some(unpack_8x8(&reference.tensor("noise_packed"))),
+            mask: Some(unpack_8x8(&reference.tensor("mask_packed"))),
+        }),
+        ..Default::default()
+    };
+    let stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress, vec![(1, 3), (2, 3), (3, 3)]);
+    let ours = f32s(&result.latents.expect("latents"));
+    let expected = f32s(&unpack_8x8(&reference.tensor("step.2.latents_end")));
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-3 * scale,
+        "max abs diff {worst} vs max abs {scale}"
+    );
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn invalid_requests_get_invalid_argument_and_service_stays_healthy() {
     let h = Harness::start(2).await;
