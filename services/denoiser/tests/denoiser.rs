@@ -466,3 +466,28 @@ async fn missing_snapshot_is_a_startup_error() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_streams() {
+    let mut h = Harness::start(1).await;
+    let reference = Reference::load("t2i_64");
+    let mut req = long_request(&reference);
+    req.steps = 10;
+    let mut stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    first_progress(&mut stream).await;
+    let _ = h.stop.take().expect("not stopped yet").send(());
+    // The in-flight stream still runs to its result.
+    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 9, "the remaining steps after the first");
+    assert!(result.latents.is_some());
+    eprintln!("drained a job of {} ms", result.elapsed_ms);
+    h.shutdown().await;
+}
