@@ -41,6 +41,21 @@ rm -rf "$F/random_v5"
     --dtype bf16 --max-shard-size 100KB > /dev/null
 ref "$F/random_v5/snapshot" "$F/random_v5/refs/textenc" --mode textenc
 
+# --- random preset, seed 17 (VAE only): 3 levels (spatial factor 4), z_dim 8, 2 res blocks, temporal
+# [true, false]; only model_index.json + vae/ are kept, with a 40x72 `vae` reference
+TMP="$(mktemp -d)"
+"$PY" "$H/make_tiny.py" "$TMP/snapshot" --preset random --seed 17 --force > /dev/null
+ref "$TMP/snapshot" "$TMP/vae_40x72" --mode vae --height 40 --width 72 --seed 9 --image-seed 2
+rm -rf "$F/random_vae" && mkdir -p "$F/random_vae/snapshot" "$F/random_vae/refs"
+cp "$TMP/snapshot/model_index.json" "$F/random_vae/snapshot/"
+cp -r "$TMP/snapshot/vae" "$F/random_vae/snapshot/"
+cp -r "$TMP/vae_40x72" "$F/random_vae/refs/"
+rm -rf "$TMP"
+
+# --- diffusers' tiled decode (enable_tiling(64, 64, 48, 48)) of a fixed latent on the tiny VAE
+mkdir -p "$F/vae_tiled"
+"$PY" "$ROOT/tools/refharness_vae/tiled_ref.py" "$F/tiny/snapshot" "$F/vae_tiled/tiny_96x160.safetensors"
+
 # --- Pillow reference outputs for the imaging crate (LANCZOS resize, RGB->L)
 "$PY" "$ROOT/tools/imaging/make_pil_vectors.py" "$F/imaging"
 

@@ -16,5 +16,6 @@ pub mod snapshot;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vae;
 
 pub use candle_core;
