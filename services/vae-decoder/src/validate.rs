@@ -100,7 +100,13 @@ pub fn validate_encode(req: &EncodeImageRequest, vae: VaeShape) -> Result<Encode
         req.images[0].height_px as usize,
     );
     let f = vae.scale_factor;
-    if w == 0 || h == 0 || w > MAX_SIDE_PX || h > MAX_SIDE_PX || !w.is_multiple_of(f) || !h.is_multiple_of(f) {
+    if w == 0
+        || h == 0
+        || w > MAX_SIDE_PX
+        || h > MAX_SIDE_PX
+        || !w.is_multiple_of(f)
+        || !h.is_multiple_of(f)
+    {
         return Err(invalid(format!(
             "`images[0]` is {w}x{h} px; width and height must be multiples of {f} in {f}..={MAX_SIDE_PX}"
         )));
