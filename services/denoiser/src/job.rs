@@ -168,7 +168,12 @@ fn execute(
     };
     let every = inp.preview_every_n_steps;
     let mut stopped_for_deadline = false;
+    // One span per step: entered before the step's compute, closed in the callback that ends it (the
+    // callback runs on this thread right after the step).
+    let step_span = |step: usize| tracing::info_span!("denoise_step", step).entered();
+    let mut current_step = Some(step_span(inp.start_step));
     let outcome = denoise::denoise(&model.transformer, &params, |s| {
+        drop(current_step.take());
         let done = s.done + 1;
         stats.update(|st| st.steps_run += 1);
         metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE).increment(1);
@@ -203,6 +208,9 @@ fn execute(
         if job.deadline.is_some_and(|d| Instant::now() >= d) {
             stopped_for_deadline = true;
             return Flow::Stop;
+        }
+        if done < s.total {
+            current_step = Some(step_span(s.step + 1));
         }
         Flow::Continue
     })?;
