@@ -182,6 +182,19 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
 }
 
 #[tokio::test]
+async fn an_expired_deadline_gets_deadline_exceeded() {
+    let h = Harness::start().await;
+    let mut req = tonic::Request::new(EncodeRequest {
+        prompts: vec!["a cat".into()],
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_nanos(1));
+    let err = h.client().encode(req).await.expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn missing_snapshot_is_a_startup_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

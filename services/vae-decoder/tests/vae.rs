@@ -255,3 +255,33 @@ async fn bad_requests_get_invalid_argument_and_service_stays_healthy() {
     assert_eq!(status, ServingStatus::Serving as i32);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_expired_deadline_gets_deadline_exceeded() {
+    let h = Harness::start().await;
+    let mut req = tonic::Request::new(DecodeRequest {
+        latents: Some(from_f32(&[1, 16, 1, 2, 2], &[0.0; 64])),
+        return_float: false,
+    });
+    req.set_timeout(Duration::from_nanos(1));
+    let err = h.client().decode(req).await.expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_snapshot_is_a_startup_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let result = run(
+        VaeServiceConfig::new(format!("{FIXTURES}/nope")),
+        listener,
+        std::future::pending(),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(qwen_image_vae::VaeError::Config(_))),
+        "{result:?}"
+    );
+}
