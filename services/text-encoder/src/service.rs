@@ -30,6 +30,9 @@ impl TextEncoder for TextEncoderService {
             return Err(TextEncoderError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(TextEncoderError::DeadlineExceeded.into());
+        }
         let inputs =
             validate(request.get_ref()).inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
         tracing::info!(

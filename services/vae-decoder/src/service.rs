@@ -55,6 +55,9 @@ impl Vae for VaeService {
             return Err(VaeError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(VaeError::DeadlineExceeded.into());
+        }
         let inputs = validate_decode(request.get_ref(), self.shape)
             .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
         let out = self
@@ -76,6 +79,9 @@ impl Vae for VaeService {
             return Err(VaeError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(VaeError::DeadlineExceeded.into());
+        }
         let inputs = validate_encode(request.get_ref(), self.shape)
             .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
         let out = self
