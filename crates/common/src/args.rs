@@ -1,0 +1,100 @@
+//! Flags every qwen-image binary shares; flattened into each binary's clap `Args`.
+
+use std::net::SocketAddr;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Shared server flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Address the gRPC server listens on (HOST:PORT; port 0 picks a free port).
+    #[arg(long, env = "QWEN_IMAGE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus `/metrics` endpoint (HOST:PORT). Not served when absent.
+    #[arg(long, env = "QWEN_IMAGE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, value_enum, env = "QWEN_IMAGE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// OTLP/gRPC endpoint for traces (e.g. http://otel-collector:4317). Trace export is not implemented
+    /// yet: the flag is accepted and logged.
+    #[arg(long, env = "QWEN_IMAGE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Where a stage runs its model: `cpu`, or `cuda:N` (`cuda` = `cuda:0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parses a `--device` value; `cuda_built` says whether the binary has the `cuda` feature, so a
+    /// CPU-only binary refuses `cuda:N` at startup with a clear message.
+    pub fn parse(s: &str, cuda_built: bool) -> Result<Self, String> {
+        let spec = match s {
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda(0),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Self::Cuda(n),
+                _ => return Err(format!("`{s}` is not a device; use `cpu` or `cuda:N`")),
+            },
+        };
+        if matches!(spec, Self::Cuda(_)) && !cuda_built {
+            return Err("this binary was built without CUDA support; rebuild with `--features cuda` or use `--device cpu`".into());
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!(DeviceSpec::parse("cpu", false), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda", true), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:3", true), Ok(DeviceSpec::Cuda(3)));
+        assert!(DeviceSpec::parse("cuda:1", false).is_err());
+        assert!(DeviceSpec::parse("gpu", true).is_err());
+        assert!(DeviceSpec::parse("cuda:x", true).is_err());
+    }
+
+    #[derive(Parser)]
+    struct Probe {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn parses_shared_flags() {
+        let p = Probe::try_parse_from([
+            "x",
+            "--listen",
+            "0.0.0.0:7",
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            "127.0.0.1:9",
+        ])
+        .expect("valid flags");
+        assert_eq!(p.common.listen.port(), 7);
+        assert_eq!(p.common.log_format, LogFormat::Json);
+        assert_eq!(p.common.metrics_listen.map(|a| a.port()), Some(9));
+        assert!(Probe::try_parse_from(["x", "--log-format", "xml"]).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! Plumbing shared by the qwen-image stage services and the gateway. Never links candle.
+
+pub mod args;
+pub mod deadline;
+pub mod health;
+pub mod limits;
+pub mod metric_names;
+pub mod queue;
+pub mod randn;
+pub mod shutdown;
+pub mod stage;
+pub mod status;
+pub mod telemetry;
+pub mod tensor;
