@@ -91,10 +91,7 @@ impl Injector for MetadataInjector<'_> {
 pub struct InjectTraceContext;
 
 impl tonic::service::Interceptor for InjectTraceContext {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let cx = tracing::Span::current().context();
         global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
@@ -172,7 +169,11 @@ where
         let (grpc_service, rpc) = split_path(parts.uri.path());
         let rpc = rpc.to_string();
 
-        let request_id = match parts.headers.get(REQUEST_ID_HEADER).and_then(valid_request_id) {
+        let request_id = match parts
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(valid_request_id)
+        {
             Some(id) => id.to_string(),
             None => {
                 let id = new_request_id();
@@ -197,8 +198,9 @@ where
                 otel.status_description = Empty,
             );
             if !span.is_disabled() {
-                let parent =
-                    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&parts.headers)));
+                let parent = global::get_text_map_propagator(|p| {
+                    p.extract(&HeaderExtractor(&parts.headers))
+                });
                 let _ = span.set_parent(parent);
             }
             span
@@ -207,9 +209,14 @@ where
         };
 
         metrics::gauge!(m::GRPC_IN_FLIGHT, "service" => service, "rpc" => rpc.clone()).increment(1);
-        let received =
-            metrics::counter!(m::GRPC_RECEIVED_BYTES_TOTAL, "service" => service, "rpc" => rpc.clone());
-        let req = http::Request::from_parts(parts, Body::new(CountingBody { inner: body, received }));
+        let received = metrics::counter!(m::GRPC_RECEIVED_BYTES_TOTAL, "service" => service, "rpc" => rpc.clone());
+        let req = http::Request::from_parts(
+            parts,
+            Body::new(CountingBody {
+                inner: body,
+                received,
+            }),
+        );
         let finish = Finish {
             service,
             rpc,
@@ -259,7 +266,9 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
-            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
             i += 3;

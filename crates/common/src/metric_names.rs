@@ -65,7 +65,8 @@ pub const REQUEST_BUCKETS_SECONDS: &[f64] = &[
 ];
 /// Buckets (seconds) of one denoising step: sub-millisecond (tiny model) to a minute (large image on CPU).
 pub const STEP_BUCKETS_SECONDS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// The histograms and their buckets (everything else is a counter or a gauge).
