@@ -7,11 +7,17 @@
 //! * `line` with `thickness > 1` (`ThickLine`: a fixed-point quadrilateral through `FillConvexPoly` plus a
 //!   round cap drawn with `Circle` at each end),
 //! * the 8-connected Bresenham `LineIterator` with `clipLine`.
+//!
+//! Known gap: `Line2` (the fixed-point outline of `ThickLine`'s quadrilateral, i.e. the 2-px hand lines) follows
+//! OpenCV 4.x's source; the installed OpenCV 5.0 puts the minor-axis step of that outline about half a step
+//! earlier in some lines. Inside the picture the polygon fill covers the outline, so every realistic pose
+//! fixture is pixel-exact; hand lines that run off the canvas differ on a few edge pixels.
 
 const XY_SHIFT: u32 = 16;
 const XY_ONE: i64 = 1 << XY_SHIFT;
 
 /// `sin(i°)` for i in 0..=90 rounded to 7 decimals, exactly as OpenCV's `SinTable` literals (as `f32`).
+#[allow(clippy::approx_constant, clippy::excessive_precision)]
 const QUARTER_SIN: [f32; 91] = [
     0.0000000, 0.0174524, 0.0348995, 0.0523360, 0.0697565, 0.0871557, 0.1045285, 0.1218693,
     0.1391731, 0.1564345, 0.1736482, 0.1908090, 0.2079117, 0.2249511, 0.2419219, 0.2588190,
@@ -115,7 +121,7 @@ impl Canvas<'_> {
     }
 
     /// `Line2`: a line between 16.16 fixed-point end points (used by `FillConvexPoly` with `shift != 0`).
-    fn line2(&mut self, p1: (i64, i64), p2: (i64, i64), color: [u8; 3]) {
+    pub(crate) fn line2(&mut self, p1: (i64, i64), p2: (i64, i64), color: [u8; 3]) {
         let (mut p1, mut p2) = (p1, p2);
         let (w, h) = (self.width << XY_SHIFT, self.height << XY_SHIFT);
         if !clip_line(w, h, &mut p1, &mut p2) {
@@ -372,7 +378,13 @@ impl Canvas<'_> {
     }
 }
 
-/// `clipLine(Size2l, Point2l&, Point2l&)`: clips the segment to `[0, w-1] x [0, h-1]`; false when fully outside.
+/// `(int64)((double)a * b / c)` as OpenCV 4.x+ `clipLine` computes the intersection.
+fn muldiv(a: i64, b: i64, c: i64) -> i64 {
+    (a as f64 * b as f64 / c as f64) as i64
+}
+
+/// `clipLine(Size2l, Point2l&, Point2l&)` (OpenCV ≥ 4.x, double-precision intersections): clips the segment
+/// to `[0, w-1] x [0, h-1]`; false when fully outside.
 fn clip_line(w: i64, h: i64, p1: &mut (i64, i64), p2: &mut (i64, i64)) -> bool {
     if w <= 0 || h <= 0 {
         return false;
@@ -388,26 +400,26 @@ fn clip_line(w: i64, h: i64, p1: &mut (i64, i64), p2: &mut (i64, i64)) -> bool {
     if (c1 & c2) == 0 && (c1 | c2) != 0 {
         if c1 & 12 != 0 {
             let a = if c1 < 8 { 0 } else { bottom };
-            p1.0 += (a - p1.1) * (p2.0 - p1.0) / (p2.1 - p1.1);
+            p1.0 += muldiv(a - p1.1, p2.0 - p1.0, p2.1 - p1.1);
             p1.1 = a;
             c1 = (p1.0 < 0) as i32 + (p1.0 > right) as i32 * 2;
         }
         if c2 & 12 != 0 {
             let a = if c2 < 8 { 0 } else { bottom };
-            p2.0 += (a - p2.1) * (p2.0 - p1.0) / (p2.1 - p1.1);
+            p2.0 += muldiv(a - p2.1, p2.0 - p1.0, p2.1 - p1.1);
             p2.1 = a;
             c2 = (p2.0 < 0) as i32 + (p2.0 > right) as i32 * 2;
         }
         if (c1 & c2) == 0 && (c1 | c2) != 0 {
             if c1 != 0 {
                 let a = if c1 == 1 { 0 } else { right };
-                p1.1 += (a - p1.0) * (p2.1 - p1.1) / (p2.0 - p1.0);
+                p1.1 += muldiv(a - p1.0, p2.1 - p1.1, p2.0 - p1.0);
                 p1.0 = a;
                 c1 = 0;
             }
             if c2 != 0 {
                 let a = if c2 == 1 { 0 } else { right };
-                p2.1 += (a - p2.0) * (p2.1 - p1.1) / (p2.0 - p1.0);
+                p2.1 += muldiv(a - p2.0, p2.1 - p1.1, p2.0 - p1.0);
                 p2.0 = a;
                 c2 = 0;
             }

@@ -221,8 +221,8 @@ pub fn render(
                 draw_hand(&mut canvas, &pts);
             }
         }
-        if draw_face {
-            if let Some(face) = &person.face {
+        if let (true, Some(face)) = (draw_face, &person.face) {
+            {
                 for p in face.iter().filter_map(|p| scaled(*p, sx, sy)) {
                     let (x, y) = (p.0 as i64, p.1 as i64);
                     if x as f64 > EPS && y as f64 > EPS {
@@ -290,5 +290,62 @@ fn draw_hand(canvas: &mut Canvas<'_>, kp: &[Option<(f64, f64)>]) {
         if x as f64 > EPS && y as f64 > EPS {
             canvas.fill_circle((x, y), 4, [0, 0, 255]);
         }
+    }
+}
+
+/// The raw OpenCV primitives, for parity tests only (not a stable API).
+#[doc(hidden)]
+pub mod primitives {
+    use super::cvdraw::Canvas;
+
+    /// `cv2.fillConvexPoly(img, pts, color)` (LINE_8, shift 0) on an RGB8 buffer.
+    pub fn fill_convex_poly(
+        data: &mut [u8],
+        width: usize,
+        height: usize,
+        pts: &[(i64, i64)],
+        color: [u8; 3],
+    ) {
+        let mut c = Canvas {
+            data,
+            width: width as i64,
+            height: height as i64,
+        };
+        c.fill_convex_poly(pts, color, 0);
+    }
+
+    /// `Line2` (what `cv2.polylines(..., thickness=1, shift=16)` draws for one segment).
+    pub fn line2(
+        data: &mut [u8],
+        width: usize,
+        height: usize,
+        p0: (i64, i64),
+        p1: (i64, i64),
+        color: [u8; 3],
+    ) {
+        let mut c = Canvas {
+            data,
+            width: width as i64,
+            height: height as i64,
+        };
+        c.line2(p0, p1, color);
+    }
+
+    /// `cv2.line(img, p0, p1, color, thickness)` (thickness ≥ 2, LINE_8) on an RGB8 buffer.
+    pub fn thick_line(
+        data: &mut [u8],
+        width: usize,
+        height: usize,
+        p0: (i64, i64),
+        p1: (i64, i64),
+        color: [u8; 3],
+        thickness: i64,
+    ) {
+        let mut c = Canvas {
+            data,
+            width: width as i64,
+            height: height as i64,
+        };
+        c.thick_line(p0, p1, color, thickness);
     }
 }
