@@ -39,12 +39,18 @@ pub struct Reference {
 impl Reference {
     pub fn load(dir: &Path) -> Result<Self> {
         let manifest_path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-        let manifest: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", manifest_path.display()))?;
         let tpath = dir.join("tensors.safetensors");
         let tensors = qwen_image_model::candle_core::safetensors::load(&tpath, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", tpath.display()))?;
-        Ok(Self { dir: dir.to_path_buf(), manifest, tensors })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            tensors,
+        })
     }
 
     pub fn mode(&self) -> &str {
@@ -65,7 +71,9 @@ impl Reference {
 
     /// A reference tensor by name.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).with_context(|| format!("reference {} has no tensor `{name}`", self.dir.display()))
+        self.tensors
+            .get(name)
+            .with_context(|| format!("reference {} has no tensor `{name}`", self.dir.display()))
     }
 
     /// A reference tensor converted to f32.
@@ -99,9 +107,22 @@ impl Report {
     }
 
     /// Compares float tensors: max abs error and relative error `max|a-b| / max|ref|`.
-    pub fn compare(&mut self, name: &str, ours: &Tensor, reference: &Tensor, rel_tol: f64) -> Result<()> {
+    pub fn compare(
+        &mut self,
+        name: &str,
+        ours: &Tensor,
+        reference: &Tensor,
+        rel_tol: f64,
+    ) -> Result<()> {
         if ours.dims() != reference.dims() {
-            self.push(Verdict::Fail, format!("{name:<48} shape {:?} vs reference {:?}", ours.dims(), reference.dims()));
+            self.push(
+                Verdict::Fail,
+                format!(
+                    "{name:<48} shape {:?} vs reference {:?}",
+                    ours.dims(),
+                    reference.dims()
+                ),
+            );
             return Ok(());
         }
         let a = ours.to_dtype(DType::F64)?.flatten_all()?;
@@ -120,10 +141,22 @@ impl Report {
     /// Compares 8-bit images: passes when no channel differs by more than `max_levels`.
     pub fn compare_u8(&mut self, name: &str, ours: &[u8], reference: &[u8], max_levels: u8) {
         if ours.len() != reference.len() {
-            self.push(Verdict::Fail, format!("{name:<48} {} bytes vs reference {}", ours.len(), reference.len()));
+            self.push(
+                Verdict::Fail,
+                format!(
+                    "{name:<48} {} bytes vs reference {}",
+                    ours.len(),
+                    reference.len()
+                ),
+            );
             return;
         }
-        let worst = ours.iter().zip(reference).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        let worst = ours
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
         let differing = ours.iter().zip(reference).filter(|(a, b)| a != b).count();
         self.push(
             if worst <= max_levels { Verdict::Pass } else { Verdict::Fail },
@@ -134,19 +167,33 @@ impl Report {
     /// Exact equality of integer sequences (token ids).
     pub fn compare_ids(&mut self, name: &str, ours: &[i64], reference: &[i64]) {
         if ours == reference {
-            self.push(Verdict::Pass, format!("{name:<48} {} ids identical", ours.len()));
+            self.push(
+                Verdict::Pass,
+                format!("{name:<48} {} ids identical", ours.len()),
+            );
         } else {
-            let first = ours.iter().zip(reference).position(|(a, b)| a != b).unwrap_or(ours.len().min(reference.len()));
+            let first = ours
+                .iter()
+                .zip(reference)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ours.len().min(reference.len()));
             self.push(
                 Verdict::Fail,
-                format!("{name:<48} ids differ (ours {} vs reference {}, first difference at {first})", ours.len(), reference.len()),
+                format!(
+                    "{name:<48} ids differ (ours {} vs reference {}, first difference at {first})",
+                    ours.len(),
+                    reference.len()
+                ),
             );
         }
     }
 
     /// Exact equality of a scalar value.
     pub fn check(&mut self, name: &str, ok: bool, detail: String) {
-        self.push(if ok { Verdict::Pass } else { Verdict::Fail }, format!("{name:<48} {detail}"));
+        self.push(
+            if ok { Verdict::Pass } else { Verdict::Fail },
+            format!("{name:<48} {detail}"),
+        );
     }
 
     /// Something this mode cannot check (yet): reported, never counted as passed.
@@ -156,21 +203,31 @@ impl Report {
 
     fn summary(&self) -> (usize, usize, usize) {
         let count = |v| self.rows.iter().filter(|(r, _)| *r == v).count();
-        (count(Verdict::Pass), count(Verdict::Fail), count(Verdict::Skip))
+        (
+            count(Verdict::Pass),
+            count(Verdict::Fail),
+            count(Verdict::Skip),
+        )
     }
 }
 
 pub fn run(args: &ParityArgs) -> Result<ExitCode> {
     let reference = Reference::load(&args.reference)?;
     let mut report = Report::default();
-    println!("parity: mode {} | snapshot {} | reference {}", reference.mode(), args.snapshot.display(), args.reference.display());
+    println!(
+        "parity: mode {} | snapshot {} | reference {}",
+        reference.mode(),
+        args.snapshot.display(),
+        args.reference.display()
+    );
     match reference.mode() {
         "t2i" => t2i::check(args, &reference, &mut report)?,
         "textenc" => textenc::check(args, &reference, &mut report)?,
         "vae" => vae::check(args, &reference, &mut report)?,
-        "inpaint" | "controlnet" => {
-            report.skip(&format!("mode {}", reference.mode()), "not implemented yet; nothing checked")
-        }
+        "inpaint" | "controlnet" => report.skip(
+            &format!("mode {}", reference.mode()),
+            "not implemented yet; nothing checked",
+        ),
         other => bail!("unknown reference mode `{other}`"),
     }
     let (pass, fail, skip) = report.summary();

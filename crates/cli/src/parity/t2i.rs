@@ -16,8 +16,11 @@ use super::{ParityArgs, Reference, Report, textenc, vae};
 pub fn img_shapes(v: &serde_json::Value) -> Result<Vec<ImgShape>> {
     let first = v.get(0).context("img_shapes is empty")?;
     let nested = first.get(0).is_some_and(|x| x.is_array());
-    let entries: Vec<&serde_json::Value> =
-        if nested { first.as_array().context("img_shapes")?.iter().collect() } else { vec![first] };
+    let entries: Vec<&serde_json::Value> = if nested {
+        first.as_array().context("img_shapes")?.iter().collect()
+    } else {
+        vec![first]
+    };
     entries
         .into_iter()
         .map(|s| {
@@ -25,7 +28,11 @@ pub fn img_shapes(v: &serde_json::Value) -> Result<Vec<ImgShape>> {
                 .as_array()
                 .context("img_shapes entry is not a list")?
                 .iter()
-                .map(|x| x.as_u64().map(|u| u as usize).context("img_shapes entry is not an integer"))
+                .map(|x| {
+                    x.as_u64()
+                        .map(|u| u as usize)
+                        .context("img_shapes entry is not an integer")
+                })
                 .collect::<Result<_>>()?;
             anyhow::ensure!(n.len() == 3, "img_shapes entry {n:?} is not (frames, h, w)");
             Ok((n[0], n[1], n[2]))
@@ -36,7 +43,11 @@ pub fn img_shapes(v: &serde_json::Value) -> Result<Vec<ImgShape>> {
 /// Conditioning from dumped `name` / `name_mask` tensors (the mask is `None` when diffusers had `None`).
 pub fn conditioning(reference: &Reference, name: &str) -> Result<Conditioning> {
     let embeds = reference.f32(name)?;
-    let mask = if reference.scalar(&format!("{name}_mask_is_none")).as_bool().unwrap_or(false) {
+    let mask = if reference
+        .scalar(&format!("{name}_mask_is_none"))
+        .as_bool()
+        .unwrap_or(false)
+    {
         None
     } else {
         Some(reference.f32(&format!("{name}_mask"))?)
@@ -58,14 +69,27 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     // --- schedule
     let latents0 = reference.f32("latents_init_packed")?;
     let seq_len = latents0.dim(1)?;
-    let steps = reference.arg("steps").as_u64().context("manifest args.steps")? as usize;
-    let schedule = Schedule::for_pipeline(&sched_cfg, steps, seq_len).map_err(anyhow::Error::msg)?;
+    let steps = reference
+        .arg("steps")
+        .as_u64()
+        .context("manifest args.steps")? as usize;
+    let schedule =
+        Schedule::for_pipeline(&sched_cfg, steps, seq_len).map_err(anyhow::Error::msg)?;
     if let Some(mu) = reference.scalar("scheduler_set_timesteps_kwargs")["mu"].as_f64() {
         let ours = schedule.mu.unwrap_or(f64::NAN);
-        report.check("mu", (ours - mu).abs() < 1e-12, format!("ours {ours} reference {mu}"));
+        report.check(
+            "mu",
+            (ours - mu).abs() < 1e-12,
+            format!("ours {ours} reference {mu}"),
+        );
     }
     let n = schedule.sigmas.len();
-    report.compare("sched.sigmas", &Tensor::from_vec(schedule.sigmas.clone(), n, &Device::Cpu)?, &reference.f32("sched.sigmas")?, 1e-6)?;
+    report.compare(
+        "sched.sigmas",
+        &Tensor::from_vec(schedule.sigmas.clone(), n, &Device::Cpu)?,
+        &reference.f32("sched.sigmas")?,
+        1e-6,
+    )?;
     report.compare(
         "sched.timesteps",
         &Tensor::from_vec(schedule.timesteps.clone(), n - 1, &Device::Cpu)?,
@@ -80,7 +104,11 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         if !reference.has(&format!("{p}.out")) {
             continue;
         }
-        let mask = if reference.scalar(&format!("{p}.encoder_hidden_states_mask_is_none")).as_bool().unwrap_or(true) {
+        let mask = if reference
+            .scalar(&format!("{p}.encoder_hidden_states_mask_is_none"))
+            .as_bool()
+            .unwrap_or(true)
+        {
             None
         } else {
             Some(reference.f32(&format!("{p}.encoder_hidden_states_mask"))?)
@@ -93,12 +121,21 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
             img_shapes: &shapes,
             controlnet_residuals: None,
         })?;
-        report.compare(&format!("{p}.out"), &out, &reference.f32(&format!("{p}.out"))?, args.tol)?;
+        report.compare(
+            &format!("{p}.out"),
+            &out,
+            &reference.f32(&format!("{p}.out"))?,
+            args.tol,
+        )?;
     }
 
     // --- the loop from the dump's initial latents, CFG batched as our denoiser runs it
     let positive = conditioning(reference, "prompt_embeds")?;
-    let negative = if reference.has("negative_prompt_embeds") { Some(conditioning(reference, "negative_prompt_embeds")?) } else { None };
+    let negative = if reference.has("negative_prompt_embeds") {
+        Some(conditioning(reference, "negative_prompt_embeds")?)
+    } else {
+        None
+    };
     let cfg_scale = reference.arg("true_cfg_scale").as_f64().unwrap_or(1.0);
     let params = DenoiseParams {
         positive: &positive,
@@ -127,8 +164,15 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
             report.compare(&le, lat, &reference.f32(&le)?, args.loop_tol)?;
         }
     }
-    let Outcome::Finished(final_latents) = outcome else { anyhow::bail!("the loop stopped early") };
-    report.compare("latents_final_packed", &final_latents, &reference.f32("latents_final_packed")?, args.loop_tol)?;
+    let Outcome::Finished(final_latents) = outcome else {
+        anyhow::bail!("the loop stopped early")
+    };
+    report.compare(
+        "latents_final_packed",
+        &final_latents,
+        &reference.f32("latents_final_packed")?,
+        args.loop_tol,
+    )?;
 
     textenc::check_t2i_part(args, reference, report)?;
     vae::check_t2i_part(args, reference, report)?;

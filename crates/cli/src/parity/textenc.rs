@@ -10,7 +10,11 @@ pub fn check(_args: &ParityArgs, _reference: &Reference, report: &mut Report) ->
 }
 
 /// The text-encoder tensors of a t2i dump (`te.K.*`, `prompt_embeds`, masks).
-pub fn check_t2i_part(_args: &ParityArgs, _reference: &Reference, report: &mut Report) -> Result<()> {
+pub fn check_t2i_part(
+    _args: &ParityArgs,
+    _reference: &Reference,
+    report: &mut Report,
+) -> Result<()> {
     report.skip("t2i text encoder", "text encoder not implemented yet");
     Ok(())
 }

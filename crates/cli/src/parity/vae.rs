@@ -10,7 +10,11 @@ pub fn check(_args: &ParityArgs, _reference: &Reference, report: &mut Report) ->
 }
 
 /// The decode part of a t2i dump (`vae.decode.0.*`, `image_uint8`).
-pub fn check_t2i_part(_args: &ParityArgs, _reference: &Reference, report: &mut Report) -> Result<()> {
+pub fn check_t2i_part(
+    _args: &ParityArgs,
+    _reference: &Reference,
+    report: &mut Report,
+) -> Result<()> {
     report.skip("t2i decode", "VAE not implemented yet");
     Ok(())
 }
