@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use clap::builder::TypedValueParser as _;
 use qwen_image_common::args::CommonArgs;
 use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
-use crate::stack::{LocalStack, StageKind, run_stage};
+use crate::stack::{LocalStack, StageKind, StageOptions, run_stage};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -37,6 +38,11 @@ pub struct ServeArgs {
     /// With `--stage gateway`: VAE endpoint(s), comma-separated URLs.
     #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',')]
     pub vae: Vec<String>,
+
+    /// With `--stage text-encoder|denoiser|vae`: requests admitted at once (running + waiting); more get
+    /// RESOURCE_EXHAUSTED. Default: the service's own.
+    #[arg(long, env = "QWEN_IMAGE_QUEUE_CAPACITY", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
+    pub queue_capacity: Option<usize>,
 
     /// How long to wait for the stack to load its models and report SERVING.
     #[arg(long, env = "QWEN_IMAGE_READY_TIMEOUT_SECS", default_value_t = 600)]
@@ -87,6 +93,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 &model,
                 listener,
                 qwen_image_common::shutdown::signal(),
+                StageOptions { queue_capacity: args.queue_capacity },
             )
             .await?;
         }

@@ -40,7 +40,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("200m"), Some(Duration::from_millis(200)));
-        assert_eq!(parse_grpc_timeout("200000u"), Some(Duration::from_millis(200)));
+        assert_eq!(
+            parse_grpc_timeout("200000u"),
+            Some(Duration::from_millis(200))
+        );
         assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
     }
 

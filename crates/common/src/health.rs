@@ -16,9 +16,15 @@ impl Health {
     /// (e.g. `qwen_image.v1.Denoiser`).
     pub async fn new(
         service_name: &'static str,
-    ) -> (Self, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
+    ) -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
         let (reporter, service) = tonic_health::server::health_reporter();
-        let h = Self { reporter, service_name };
+        let h = Self {
+            reporter,
+            service_name,
+        };
         h.set(ServingStatus::NotServing).await;
         (h, service)
     }
@@ -32,7 +38,9 @@ impl Health {
     }
 
     async fn set(&self, status: ServingStatus) {
-        self.reporter.set_service_status(self.service_name, status).await;
+        self.reporter
+            .set_service_status(self.service_name, status)
+            .await;
         self.reporter.set_service_status("", status).await;
     }
 }

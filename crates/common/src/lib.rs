@@ -8,6 +8,7 @@ pub mod metric_names;
 pub mod queue;
 pub mod randn;
 pub mod shutdown;
+pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod tensor;

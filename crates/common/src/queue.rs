@@ -1,10 +1,12 @@
 //! Bounded admission in front of a model worker thread.
 //!
 //! The model lives on its own OS thread (it is loaded there, so it need not be `Send`), fed by a bounded
-//! `tokio::sync::mpsc` channel of jobs. `capacity` bounds the requests admitted and not finished (waiting
-//! + running): each job holds a semaphore permit until the worker is done with it, so a finished,
-//! cancelled or failed job frees its slot. When all slots are taken, [`Admission::try_submit`] fails at
-//! once with [`AdmitError::Overloaded`] carrying a retry hint (the last job's duration).
+//! `tokio::sync::mpsc` channel of jobs. `capacity` bounds the requests admitted and not finished, waiting
+//! or running. Each job holds a [`Slot`] (a semaphore permit) that the handler releases before its last
+//! reply (or that is released when the handler returns). So a finished, cancelled or failed job frees
+//! its slot, and a caller that sends its next request right after a reply is admitted. When all slots
+//! are taken, [`Admission::try_submit`] fails at once with [`AdmitError::Overloaded`] carrying a retry
+//! hint (the last job's duration).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,14 +24,28 @@ struct Job<P> {
     payload: P,
     span: tracing::Span,
     enqueued_at: Instant,
+    slot: Slot,
+}
+
+/// One admission slot. Dropping it (or [`Slot::release`]) lets the next request in.
+#[derive(Debug)]
+pub struct Slot {
     _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    /// Frees the slot now (call it before sending the last reply).
+    pub fn release(self) {}
 }
 
 /// Why a job was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmitError {
     #[error("all {capacity} queue slots are taken")]
-    Overloaded { capacity: usize, retry_after: Duration },
+    Overloaded {
+        capacity: usize,
+        retry_after: Duration,
+    },
     #[error("the model worker has stopped")]
     WorkerGone,
 }
@@ -62,9 +78,17 @@ impl<P: Send + 'static> Admission<P> {
             metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_OVERLOADED)
                 .increment(1);
             let last = Duration::from_millis(self.last_job_ms.load(Ordering::Relaxed));
-            return Err(AdmitError::Overloaded { capacity: self.capacity, retry_after: last.max(MIN_RETRY_AFTER) });
+            return Err(AdmitError::Overloaded {
+                capacity: self.capacity,
+                retry_after: last.max(MIN_RETRY_AFTER),
+            });
         };
-        let job = Job { payload, span, enqueued_at: Instant::now(), _permit: permit };
+        let job = Job {
+            payload,
+            span,
+            enqueued_at: Instant::now(),
+            slot: Slot { _permit: permit },
+        };
         // Never full: the channel holds `capacity` jobs and each job holds one of `capacity` permits.
         self.tx.try_send(job).map_err(|_| AdmitError::WorkerGone)?;
         metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_ADMITTED).increment(1);
@@ -91,41 +115,57 @@ pub struct Worker<P> {
 }
 
 /// Starts the worker thread `name`: it calls `load` (model + warm-up), reports on `ready`, then runs
-/// `handle(&mut model, payload)` for each admitted job inside the job's span, in order.
-pub fn spawn_worker<P, M, L, H>(service: &'static str, capacity: usize, load: L, mut handle: H) -> std::io::Result<Worker<P>>
+/// `handle(&mut model, payload, slot)` for each admitted job inside the job's span, in order.
+pub fn spawn_worker<P, M, L, H>(
+    service: &'static str,
+    capacity: usize,
+    load: L,
+    mut handle: H,
+) -> std::io::Result<Worker<P>>
 where
     P: Send + 'static,
     L: FnOnce() -> Result<M, String> + Send + 'static,
-    H: FnMut(&mut M, P) + Send + 'static,
+    H: FnMut(&mut M, P, Slot) + Send + 'static,
 {
     let capacity = capacity.max(1);
     let (tx, mut rx) = mpsc::channel::<Job<P>>(capacity);
     let (ready_tx, ready) = oneshot::channel();
     let last_job_ms = Arc::new(AtomicU64::new(0));
     let last = last_job_ms.clone();
-    let thread = std::thread::Builder::new().name(format!("{service}-worker")).spawn(move || {
-        let mut model = match load() {
-            Ok(model) => {
-                let _ = ready_tx.send(Ok(()));
-                model
+    let thread = std::thread::Builder::new()
+        .name(format!("{service}-worker"))
+        .spawn(move || {
+            let mut model = match load() {
+                Ok(model) => {
+                    let _ = ready_tx.send(Ok(()));
+                    model
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some(job) = rx.blocking_recv() {
+                let _entered = job.span.enter();
+                metrics::histogram!(m::QUEUE_WAIT_SECONDS, "service" => service)
+                    .record(job.enqueued_at.elapsed().as_secs_f64());
+                let started = Instant::now();
+                handle(&mut model, job.payload, job.slot);
+                last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-        };
-        while let Some(job) = rx.blocking_recv() {
-            let _entered = job.span.enter();
-            metrics::histogram!(m::QUEUE_WAIT_SECONDS, "service" => service).record(job.enqueued_at.elapsed().as_secs_f64());
-            let started = Instant::now();
-            handle(&mut model, job.payload);
-            last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            // job._permit drops here: the slot is free again.
-        }
-    })?;
-    let admission =
-        Admission { tx, permits: Arc::new(Semaphore::new(capacity)), capacity, service, last_job_ms };
-    Ok(Worker { admission, ready, thread })
+        })?;
+    let admission = Admission {
+        tx,
+        permits: Arc::new(Semaphore::new(capacity)),
+        capacity,
+        service,
+        last_job_ms,
+    };
+    Ok(Worker {
+        admission,
+        ready,
+        thread,
+    })
 }
 
 #[cfg(test)]
@@ -140,38 +180,45 @@ mod tests {
             "test",
             1,
             || Ok(7),
-            move |model, reply| {
+            move |model, reply, slot| {
                 let _ = gate_rx.lock().map(|rx| rx.recv());
+                slot.release();
                 let _ = reply.send(*model);
             },
         )
         .expect("thread");
         w.ready.await.expect("sent").expect("loaded");
         let (a_tx, a_rx) = oneshot::channel();
-        w.admission.try_submit(a_tx, tracing::Span::none()).expect("first fits");
+        w.admission
+            .try_submit(a_tx, tracing::Span::none())
+            .expect("first fits");
         let (b_tx, _b_rx) = oneshot::channel();
-        let err = w.admission.try_submit(b_tx, tracing::Span::none()).expect_err("full");
+        let err = w
+            .admission
+            .try_submit(b_tx, tracing::Span::none())
+            .expect_err("full");
         assert!(matches!(err, AdmitError::Overloaded { capacity: 1, .. }));
         gate_tx.send(()).expect("worker waiting");
         assert_eq!(a_rx.await.expect("reply"), 7);
-        // the slot is released right after the reply; wait for it without sleeping
+        // the slot was released before the reply: the next request is admitted at once
         let (c_tx, c_rx) = oneshot::channel();
-        let mut c = Some(c_tx);
-        while let Some(tx) = c.take() {
-            if let Err(AdmitError::Overloaded { .. }) = w.admission.try_submit(tx, tracing::Span::none()) {
-                tokio::task::yield_now().await;
-                c = Some(oneshot::channel().0);
-            }
-        }
-        let _ = c_rx;
-        drop(gate_tx);
+        w.admission
+            .try_submit(c_tx, tracing::Span::none())
+            .expect("slot free after the reply");
+        gate_tx.send(()).expect("worker waiting");
+        assert_eq!(c_rx.await.expect("reply"), 7);
     }
 
     #[tokio::test]
     async fn load_error_is_reported() {
-        let w = spawn_worker::<(), (), _, _>("test", 1, || Err("no weights".to_string()), |_, _| {}).expect("thread");
+        let w =
+            spawn_worker::<(), (), _, _>("test", 1, || Err("no weights".to_string()), |_, _, _| {})
+                .expect("thread");
         assert_eq!(w.ready.await.expect("sent"), Err("no weights".to_string()));
         w.thread.join().expect("no panic");
-        assert_eq!(w.admission.try_submit((), tracing::Span::none()), Err(AdmitError::WorkerGone));
+        assert_eq!(
+            w.admission.try_submit((), tracing::Span::none()),
+            Err(AdmitError::WorkerGone)
+        );
     }
 }

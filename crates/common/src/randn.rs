@@ -22,14 +22,20 @@ impl Mt19937 {
         state[0] = seed;
         for i in 1..Self::N {
             let prev = state[i - 1];
-            state[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32
+                .wrapping_mul(prev ^ (prev >> 30))
+                .wrapping_add(i as u32);
         }
-        Self { state, index: Self::N }
+        Self {
+            state,
+            index: Self::N,
+        }
     }
 
     fn twist(&mut self) {
         for i in 0..Self::N {
-            let y = (self.state[i] & Self::UPPER_MASK) | (self.state[(i + 1) % Self::N] & Self::LOWER_MASK);
+            let y = (self.state[i] & Self::UPPER_MASK)
+                | (self.state[(i + 1) % Self::N] & Self::LOWER_MASK);
             let mag = if y & 1 == 1 { Self::MATRIX_A } else { 0 };
             self.state[i] = self.state[(i + Self::M) % Self::N] ^ (y >> 1) ^ mag;
         }
@@ -67,7 +73,9 @@ pub struct TooFewElements(pub usize);
 impl TorchCpuGenerator {
     /// `torch.Generator("cpu").manual_seed(seed)`: only the low 32 bits of the seed matter.
     pub fn new(seed: u64) -> Self {
-        Self { mt: Mt19937::new(seed as u32) }
+        Self {
+            mt: Mt19937::new(seed as u32),
+        }
     }
 
     /// A float32 uniform in [0, 1): 24 random bits times 2^-24.
@@ -86,7 +94,7 @@ impl TorchCpuGenerator {
             box_muller_16(&mut d[i..i + 16]);
             i += 16;
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut d[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform();
@@ -133,7 +141,9 @@ mod tests {
     #[test]
     fn only_low_32_bits_of_the_seed_count() {
         let a = TorchCpuGenerator::new(7).randn(32).expect("32 >= 16");
-        let b = TorchCpuGenerator::new(7 + (1u64 << 32)).randn(32).expect("32 >= 16");
+        let b = TorchCpuGenerator::new(7 + (1u64 << 32))
+            .randn(32)
+            .expect("32 >= 16");
         assert_eq!(a, b);
     }
 
@@ -144,18 +154,31 @@ mod tests {
 
     #[test]
     fn matches_noise_saved_from_torch() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny/refs/t2i_64");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tiny/refs/t2i_64"
+        );
         let bytes = std::fs::read(format!("{dir}/tensors.safetensors")).expect("fixture present");
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(format!("{dir}/manifest.json")).expect("manifest present"))
-                .expect("manifest is JSON");
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(format!("{dir}/manifest.json")).expect("manifest present"),
+        )
+        .expect("manifest is JSON");
         let seed = manifest["args"]["seed"].as_u64().expect("args.seed");
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
         let view = st.tensor("rng.0").expect("rng.0");
-        let expected: Vec<f32> =
-            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let ours = TorchCpuGenerator::new(seed).randn(expected.len()).expect("latent noise is large");
-        let worst = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let expected: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = TorchCpuGenerator::new(seed)
+            .randn(expected.len())
+            .expect("latent noise is large");
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst <= 1e-6, "max abs difference {worst}");
     }
 

@@ -31,8 +31,16 @@ pub fn init(service: &'static str, args: &CommonArgs) -> Result<TelemetryGuard, 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match args.log_format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
     };
     result.map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     if let Some(endpoint) = &args.otlp_endpoint {
@@ -46,5 +54,8 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), TelemetryError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
-        .map_err(|e| TelemetryError::Metrics { addr, reason: e.to_string() })
+        .map_err(|e| TelemetryError::Metrics {
+            addr,
+            reason: e.to_string(),
+        })
 }

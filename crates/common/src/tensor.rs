@@ -16,7 +16,10 @@ pub struct TensorError {
 
 impl TensorError {
     pub fn new(field: &str, problem: impl Into<String>) -> Self {
-        Self { field: field.to_string(), problem: problem.into() }
+        Self {
+            field: field.to_string(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -51,31 +54,67 @@ pub fn required<'a>(t: Option<&'a Tensor>, field: &str) -> Result<&'a Tensor, Te
 
 /// Checks dtype (one of `dtypes`), rank (one of `ranks`), element count and byte length; returns the
 /// dtype and shape.
-pub fn check(t: &Tensor, field: &str, dtypes: &[DataType], ranks: &[usize]) -> Result<(DataType, Vec<usize>), TensorError> {
-    let names = || dtypes.iter().map(|d| d.as_str_name()).collect::<Vec<_>>().join(" or ");
-    let dtype = DataType::try_from(t.dtype)
-        .map_err(|_| TensorError::new(field, format!("unknown dtype value {}; send {}", t.dtype, names())))?;
+pub fn check(
+    t: &Tensor,
+    field: &str,
+    dtypes: &[DataType],
+    ranks: &[usize],
+) -> Result<(DataType, Vec<usize>), TensorError> {
+    let names = || {
+        dtypes
+            .iter()
+            .map(|d| d.as_str_name())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    let dtype = DataType::try_from(t.dtype).map_err(|_| {
+        TensorError::new(
+            field,
+            format!("unknown dtype value {}; send {}", t.dtype, names()),
+        )
+    })?;
     if !dtypes.contains(&dtype) {
-        return Err(TensorError::new(field, format!("dtype {} is not accepted; send {}", dtype.as_str_name(), names())));
+        return Err(TensorError::new(
+            field,
+            format!(
+                "dtype {} is not accepted; send {}",
+                dtype.as_str_name(),
+                names()
+            ),
+        ));
     }
     if !ranks.contains(&t.shape.len()) {
         return Err(TensorError::new(
             field,
-            format!("rank {} (shape {:?}) is not accepted; send a tensor of rank {}", t.shape.len(), t.shape, join(ranks)),
+            format!(
+                "rank {} (shape {:?}) is not accepted; send a tensor of rank {}",
+                t.shape.len(),
+                t.shape,
+                join(ranks)
+            ),
         ));
     }
     let shape: Vec<usize> = t
         .shape
         .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| TensorError::new(field, format!("dimension {d} is too large"))))
+        .map(|&d| {
+            usize::try_from(d)
+                .map_err(|_| TensorError::new(field, format!("dimension {d} is too large")))
+        })
         .collect::<Result<_, _>>()?;
     let elements = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
-        .ok_or_else(|| TensorError::new(field, format!("shape {shape:?} has more than {MAX_TENSOR_ELEMENTS} elements")))?;
+        .ok_or_else(|| {
+            TensorError::new(
+                field,
+                format!("shape {shape:?} has more than {MAX_TENSOR_ELEMENTS} elements"),
+            )
+        })?;
     // element_size_bytes is Some for every accepted dtype: UNSPECIFIED has no size and is never listed.
-    let size = element_size_bytes(dtype).ok_or_else(|| TensorError::new(field, "dtype must be set"))?;
+    let size =
+        element_size_bytes(dtype).ok_or_else(|| TensorError::new(field, "dtype must be set"))?;
     let want = elements * size;
     if t.data.len() != want {
         return Err(TensorError::new(
@@ -91,17 +130,34 @@ pub fn check(t: &Tensor, field: &str, dtypes: &[DataType], ranks: &[usize]) -> R
 }
 
 fn join(v: &[usize]) -> String {
-    v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" or ")
+    v.iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// Decodes to f32 after [`check`]. F16/BF16/U8/I64 are widened; non-finite floats are rejected.
-pub fn to_f32(t: &Tensor, field: &str, dtypes: &[DataType], ranks: &[usize]) -> Result<HostTensor<f32>, TensorError> {
+pub fn to_f32(
+    t: &Tensor,
+    field: &str,
+    dtypes: &[DataType],
+    ranks: &[usize],
+) -> Result<HostTensor<f32>, TensorError> {
     let (dtype, shape) = check(t, field, dtypes, ranks)?;
     let d = &t.data;
     let data: Vec<f32> = match dtype {
-        DataType::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DataType::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DataType::Bf16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DataType::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DataType::F16 => d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DataType::Bf16 => d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         DataType::U8 => d.iter().map(|&b| f32::from(b)).collect(),
         DataType::I64 => d
             .chunks_exact(8)
@@ -110,7 +166,10 @@ pub fn to_f32(t: &Tensor, field: &str, dtypes: &[DataType], ranks: &[usize]) -> 
         DataType::Unspecified => return Err(TensorError::new(field, "dtype must be set")),
     };
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        return Err(TensorError::new(field, format!("element {i} is not finite; send finite values")));
+        return Err(TensorError::new(
+            field,
+            format!("element {i} is not finite; send finite values"),
+        ));
     }
     Ok(HostTensor { shape, data })
 }
@@ -118,18 +177,30 @@ pub fn to_f32(t: &Tensor, field: &str, dtypes: &[DataType], ranks: &[usize]) -> 
 /// Decodes a U8 tensor after [`check`].
 pub fn to_u8(t: &Tensor, field: &str, ranks: &[usize]) -> Result<HostTensor<u8>, TensorError> {
     let (_, shape) = check(t, field, &[DataType::U8], ranks)?;
-    Ok(HostTensor { shape, data: t.data.to_vec() })
+    Ok(HostTensor {
+        shape,
+        data: t.data.to_vec(),
+    })
 }
 
 /// Checks that `shape[axis] == expected`, naming the axis for the caller.
-pub fn expect_dim(field: &str, shape: &[usize], axis: usize, what: &str, expected: usize) -> Result<(), TensorError> {
+pub fn expect_dim(
+    field: &str,
+    shape: &[usize],
+    axis: usize,
+    what: &str,
+    expected: usize,
+) -> Result<(), TensorError> {
     match shape.get(axis) {
         Some(&d) if d == expected => Ok(()),
         Some(&d) => Err(TensorError::new(
             field,
             format!("dimension {axis} ({what}) is {d} but must be {expected} (shape {shape:?})"),
         )),
-        None => Err(TensorError::new(field, format!("has no dimension {axis} ({what}); shape {shape:?}"))),
+        None => Err(TensorError::new(
+            field,
+            format!("has no dimension {axis} ({what}); shape {shape:?}"),
+        )),
     }
 }
 
@@ -137,7 +208,10 @@ pub fn expect_dim(field: &str, shape: &[usize], axis: usize, what: &str, expecte
 pub fn expect_binary(field: &str, data: &[f32]) -> Result<(), TensorError> {
     match data.iter().position(|&v| v != 0.0 && v != 1.0) {
         None => Ok(()),
-        Some(i) => Err(TensorError::new(field, format!("element {i} is {}; mask values must be 0 or 1", data[i]))),
+        Some(i) => Err(TensorError::new(
+            field,
+            format!("element {i} is {}; mask values must be 0 or 1", data[i]),
+        )),
     }
 }
 
@@ -147,12 +221,20 @@ pub fn from_f32(shape: &[usize], data: &[f32]) -> Tensor {
     for v in data {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    Tensor { dtype: DataType::F32 as i32, shape: shape.iter().map(|&d| d as u64).collect(), data: Bytes::from(bytes) }
+    Tensor {
+        dtype: DataType::F32 as i32,
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        data: Bytes::from(bytes),
+    }
 }
 
 /// Encodes u8 data of `shape` (row-major).
 pub fn from_u8(shape: &[usize], data: Vec<u8>) -> Tensor {
-    Tensor { dtype: DataType::U8 as i32, shape: shape.iter().map(|&d| d as u64).collect(), data: Bytes::from(data) }
+    Tensor {
+        dtype: DataType::U8 as i32,
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        data: Bytes::from(data),
+    }
 }
 
 #[cfg(test)]
@@ -172,35 +254,67 @@ mod tests {
     #[test]
     fn u8_round_trip() {
         let t = from_u8(&[1, 4], vec![0, 1, 255, 7]);
-        assert_eq!(to_u8(&t, "m", &[2]).expect("valid").data, vec![0, 1, 255, 7]);
+        assert_eq!(
+            to_u8(&t, "m", &[2]).expect("valid").data,
+            vec![0, 1, 255, 7]
+        );
     }
 
     #[test]
     fn half_and_int_widen() {
         let mut data = Vec::new();
         data.extend_from_slice(&half::bf16::from_f32(1.5).to_le_bytes());
-        let t = Tensor { dtype: DataType::Bf16 as i32, shape: vec![1], data: data.into() };
-        assert_eq!(to_f32(&t, "x", &[DataType::Bf16], &[1]).expect("valid").data, vec![1.5]);
-        let t = Tensor { dtype: DataType::I64 as i32, shape: vec![2], data: [1i64.to_le_bytes(), 0i64.to_le_bytes()].concat().into() };
-        assert_eq!(to_f32(&t, "m", &[DataType::I64], &[1]).expect("valid").data, vec![1.0, 0.0]);
+        let t = Tensor {
+            dtype: DataType::Bf16 as i32,
+            shape: vec![1],
+            data: data.into(),
+        };
+        assert_eq!(
+            to_f32(&t, "x", &[DataType::Bf16], &[1])
+                .expect("valid")
+                .data,
+            vec![1.5]
+        );
+        let t = Tensor {
+            dtype: DataType::I64 as i32,
+            shape: vec![2],
+            data: [1i64.to_le_bytes(), 0i64.to_le_bytes()].concat().into(),
+        };
+        assert_eq!(
+            to_f32(&t, "m", &[DataType::I64], &[1]).expect("valid").data,
+            vec![1.0, 0.0]
+        );
     }
 
     #[test]
     fn errors_name_the_problem() {
         let t = from_f32(&[2, 2], &[0.0; 4]);
         let e = to_f32(&t, "x", &[DataType::F16], &[2]).expect_err("dtype");
-        assert!(e.to_string().contains("DATA_TYPE_F32 is not accepted; send DATA_TYPE_F16"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("DATA_TYPE_F32 is not accepted; send DATA_TYPE_F16"),
+            "{e}"
+        );
         let e = to_f32(&t, "x", F32, &[3]).expect_err("rank");
         assert!(e.to_string().contains("rank 2"), "{e}");
         let mut short = t.clone();
         short.data = short.data.slice(..12);
         let e = to_f32(&short, "x", F32, &[2]).expect_err("bytes");
         assert!(e.to_string().contains("holds 12 bytes"), "{e}");
-        let unspecified = Tensor { dtype: 0, ..t.clone() };
+        let unspecified = Tensor {
+            dtype: 0,
+            ..t.clone()
+        };
         assert!(to_f32(&unspecified, "x", F32, &[2]).is_err());
-        let unknown = Tensor { dtype: 99, ..t.clone() };
+        let unknown = Tensor {
+            dtype: 99,
+            ..t.clone()
+        };
         assert!(to_f32(&unknown, "x", F32, &[2]).is_err());
-        let huge = Tensor { shape: vec![u64::MAX, 2], ..t.clone() };
+        let huge = Tensor {
+            shape: vec![u64::MAX, 2],
+            ..t.clone()
+        };
         assert!(to_f32(&huge, "x", F32, &[2]).is_err());
         let nan = from_f32(&[1], &[f32::NAN]);
         assert!(to_f32(&nan, "x", F32, &[1]).is_err());

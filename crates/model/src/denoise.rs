@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::controlnet::{self, ControlUnit};
 use crate::latents::true_cfg;
 use crate::rope::ImgShape;
 use crate::scheduler::Schedule;
@@ -42,6 +43,8 @@ pub struct DenoiseParams<'a> {
     /// First step to run (img2img / inpaint strength); 0 for text-to-image.
     pub start_step: usize,
     pub inpaint: Option<&'a InpaintBlend>,
+    /// ControlNets with their conditions (`QwenImageControlNetPipeline`); empty for none.
+    pub controlnet: &'a [ControlUnit<'a>],
 }
 
 /// What the callback sees after each step.
@@ -99,7 +102,10 @@ fn mask_or_ones(c: &Conditioning, len: usize) -> Result<Tensor> {
     if l == len {
         return Ok(m);
     }
-    Tensor::cat(&[&m, &Tensor::zeros((b, len - l), DType::F32, m.device())?], 1)
+    Tensor::cat(
+        &[&m, &Tensor::zeros((b, len - l), DType::F32, m.device())?],
+        1,
+    )
 }
 
 /// Cond and uncond stacked into one batch `[2B, Lmax, D]` with a mask when any token is padding.
@@ -107,11 +113,20 @@ pub fn batch_conditioning(pos: &Conditioning, neg: &Conditioning) -> Result<Cond
     let lp = pos.embeds.dim(1)?;
     let ln = neg.embeds.dim(1)?;
     let len = lp.max(ln);
-    let embeds = Tensor::cat(&[&pad_tokens(&pos.embeds, len)?, &pad_tokens(&neg.embeds, len)?], 0)?;
+    let embeds = Tensor::cat(
+        &[
+            &pad_tokens(&pos.embeds, len)?,
+            &pad_tokens(&neg.embeds, len)?,
+        ],
+        0,
+    )?;
     let mask = if lp == ln && pos.mask.is_none() && neg.mask.is_none() {
         None
     } else {
-        Some(Tensor::cat(&[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?], 0)?)
+        Some(Tensor::cat(
+            &[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?],
+            0,
+        )?)
     };
     Ok(Conditioning { embeds, mask })
 }
@@ -125,7 +140,7 @@ pub fn predict(
     negative: Option<&Conditioning>,
     true_cfg_scale: f64,
     img_shapes: &[ImgShape],
-    controlnet_residuals: Option<&[Tensor]>,
+    controlnet_residuals: &[Vec<Tensor>],
 ) -> Result<Tensor> {
     let b = latents.dim(0)?;
     let device = latents.device();
@@ -133,16 +148,22 @@ pub fn predict(
         let both = batch_conditioning(positive, neg)?;
         let x2 = Tensor::cat(&[latents, latents], 0)?;
         let t = Tensor::full(t_model, 2 * b, device)?;
-        let res2: Option<Vec<Tensor>> = controlnet_residuals
-            .map(|r| r.iter().map(|s| Tensor::cat(&[s, s], 0)).collect::<Result<Vec<_>>>())
-            .transpose()?;
+        // the residuals (computed once with the positive prompt) serve both halves of the batch
+        let res2: Vec<Vec<Tensor>> = controlnet_residuals
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|s| Tensor::cat(&[s, s], 0))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
         let out = model.forward(&TransformerInputs {
             hidden_states: &x2,
             encoder_hidden_states: &both.embeds,
             encoder_mask: both.mask.as_ref(),
             timestep: &t,
             img_shapes,
-            controlnet_residuals: res2.as_deref(),
+            controlnet_residuals: &res2,
         })?;
         let cond = out.narrow(0, 0, b)?;
         let uncond = out.narrow(0, b, b)?;
@@ -172,25 +193,45 @@ pub fn denoise(
 ) -> Result<Outcome> {
     let n = p.schedule.steps();
     if p.start_step >= n {
-        candle_core::bail!("start step {} leaves no step to run out of {n}", p.start_step);
+        candle_core::bail!(
+            "start step {} leaves no step to run out of {n}",
+            p.start_step
+        );
     }
     let total = n - p.start_step;
     let dtype = model.dtype();
     let mut latents = p.latents.to_dtype(dtype)?;
     for (done, i) in (p.start_step..n).enumerate() {
+        let t_model = p.schedule.model_timestep(i);
+        let residuals = if p.controlnet.is_empty() {
+            Vec::new()
+        } else {
+            // the pipeline runs the ControlNet once per step with the positive prompt
+            let t = Tensor::full(t_model, latents.dim(0)?, latents.device())?;
+            let inp = TransformerInputs {
+                hidden_states: &latents,
+                encoder_hidden_states: &p.positive.embeds,
+                encoder_mask: p.positive.mask.as_ref(),
+                timestep: &t,
+                img_shapes: p.img_shapes,
+                controlnet_residuals: &[],
+            };
+            controlnet::residuals(p.controlnet, &inp, done, total)?
+        };
         let v = predict(
             model,
             &latents,
-            p.schedule.model_timestep(i),
+            t_model,
             p.positive,
             p.negative,
             p.true_cfg_scale,
             p.img_shapes,
-            None,
+            &residuals,
         )?;
         // Euler step in f32: x + (sigma_{i+1} - sigma_i)·v
         let dt = p.schedule.dt(i) as f64;
-        latents = (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
+        latents =
+            (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
         if let Some(blend) = p.inpaint {
             let init = if i + 1 < n {
                 scale_noise(&blend.image_latents, &blend.noise, p.schedule.sigmas[i + 1])?
@@ -200,9 +241,18 @@ pub fn denoise(
             let keep = (1.0 - &blend.mask)?;
             latents = ((keep * init)? + (&blend.mask * &latents)?)?;
         }
-        let info = StepInfo { step: i, total, done, timestep: p.schedule.timesteps[i], latents: &latents, noise_pred: &v };
+        let info = StepInfo {
+            step: i,
+            total,
+            done,
+            timestep: p.schedule.timesteps[i],
+            latents: &latents,
+            noise_pred: &v,
+        };
         if on_step(&info) == Flow::Stop && done + 1 < total {
-            return Ok(Outcome::Stopped { steps_done: done + 1 });
+            return Ok(Outcome::Stopped {
+                steps_done: done + 1,
+            });
         }
     }
     Ok(Outcome::Finished(latents))

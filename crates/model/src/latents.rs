@@ -3,17 +3,20 @@
 
 use candle_core::{D, Result, Tensor};
 
-/// Packs `[B, C, h, w]` or `[B, 1, C, h, w]` (the pipeline's `[B, 1, C, h, w]` layout with one frame) into
+/// Packs `[B, C, h, w]`, `[B, 1, C, h, w]` (the pipeline's noise layout) or `[B, C, 1, h, w]` (the VAE's) into
 /// `[B, (h/2)(w/2), 4C]`: `packed[b, y·(w/2)+x, c·4 + dy·2 + dx] = lat[b, c, 2y+dy, 2x+dx]`.
 pub fn pack(lat: &Tensor) -> Result<Tensor> {
     let lat = match lat.rank() {
         4 => lat.clone(),
         5 => {
-            let (b, f, c, h, w) = lat.dims5()?;
-            if f != 1 {
-                candle_core::bail!("pack expects one frame, got shape [{b}, {f}, {c}, {h}, {w}]");
+            // the pipeline's noise layout [B, 1, C, h, w] or the VAE's [B, C, 1, h, w]
+            let (b, d1, d2, h, w) = lat.dims5()?;
+            match (d1, d2) {
+                (1, c) | (c, 1) => lat.reshape((b, c, h, w))?,
+                _ => candle_core::bail!(
+                    "pack expects one frame, got shape [{b}, {d1}, {d2}, {h}, {w}]"
+                ),
             }
-            lat.reshape((b, c, h, w))?
         }
         r => candle_core::bail!("pack expects a rank 4 or 5 latent tensor, got rank {r}"),
     };
@@ -75,7 +78,10 @@ mod tests {
         assert_eq!(pv[1][5][10], (10000 + 2 * 1000 + 3 * 100 + 4) as f32);
         let back = unpack(&p, h, w)?;
         assert_eq!(back.dims(), &[2, 3, 1, 4, 6]);
-        let diff = (back.reshape((b, c, h, w))? - &lat)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (back.reshape((b, c, h, w))? - &lat)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         Ok(())
     }
@@ -87,9 +93,15 @@ mod tests {
             let p = pack(&lat)?;
             assert_eq!(p.dims(), &[b, (h / 2) * (w / 2), 4 * c]);
             let back = unpack(&p, h, w)?;
-            let d = (back.permute((0, 2, 1, 3, 4))? - &lat)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (back.permute((0, 2, 1, 3, 4))? - &lat)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert_eq!(d, 0.0);
-            assert_eq!((pack(&back)? - &p)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            assert_eq!(
+                (pack(&back)? - &p)?.abs()?.max_all()?.to_scalar::<f32>()?,
+                0.0
+            );
         }
         assert!(pack(&Tensor::zeros((1, 4, 3, 4), DType::F32, &Device::Cpu)?).is_err());
         assert!(unpack(&Tensor::zeros((1, 5, 16), DType::F32, &Device::Cpu)?, 4, 4).is_err());

@@ -4,12 +4,18 @@
 //! No async, no I/O beyond reading weights and configs, no environment variables, no printing. Errors are
 //! `candle_core::Result` with messages naming the file, tensor or shape at fault.
 
+pub mod controlnet;
+pub mod cpu_kernels;
 pub mod denoise;
 pub mod latents;
 pub mod nn;
+pub mod prompt;
 pub mod rope;
 pub mod scheduler;
 pub mod snapshot;
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod transformer;
+pub mod vae;
 
 pub use candle_core;

@@ -42,7 +42,12 @@ pub struct RopeTables {
 
 /// Builds the RoPE tables for `img_shapes` (in order; image `idx` uses frame positions `idx..idx+F`) and a
 /// padded text length `txt_len`.
-pub fn rope_tables(axes_dim: &[usize], img_shapes: &[ImgShape], txt_len: usize, device: &Device) -> Result<RopeTables> {
+pub fn rope_tables(
+    axes_dim: &[usize],
+    img_shapes: &[ImgShape],
+    txt_len: usize,
+    device: &Device,
+) -> Result<RopeTables> {
     if axes_dim.len() != 3 || axes_dim.iter().any(|d| d % 2 != 0) {
         candle_core::bail!("axes_dims_rope must be three even numbers, got {axes_dim:?}");
     }
@@ -81,11 +86,19 @@ pub fn rope_tables(axes_dim: &[usize], img_shapes: &[ImgShape], txt_len: usize, 
     let to_tables = |a: &[f32], n: usize| -> Result<(Tensor, Tensor)> {
         let cos: Vec<f32> = a.iter().map(|v| v.cos()).collect();
         let sin: Vec<f32> = a.iter().map(|v| v.sin()).collect();
-        Ok((Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?))
+        Ok((
+            Tensor::from_vec(cos, (n, half), device)?,
+            Tensor::from_vec(sin, (n, half), device)?,
+        ))
     };
     let (img_cos, img_sin) = to_tables(&img, n_img)?;
     let (txt_cos, txt_sin) = to_tables(&txt, txt_len)?;
-    Ok(RopeTables { img_cos, img_sin, txt_cos, txt_sin })
+    Ok(RopeTables {
+        img_cos,
+        img_sin,
+        txt_cos,
+        txt_sin,
+    })
 }
 
 /// Applies the rotation to `x` `[B, H, S, D]` with tables `[S, D/2]` (interleaved pairs, in f32).

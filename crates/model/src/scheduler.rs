@@ -86,14 +86,23 @@ impl SchedulerConfig {
 
     /// Rejects options the Qwen pipelines never use and this scheduler does not implement.
     pub fn validate(&self) -> Result<(), String> {
-        if self.invert_sigmas || self.use_karras_sigmas || self.use_exponential_sigmas || self.use_beta_sigmas {
-            return Err("scheduler config: invert/karras/exponential/beta sigmas are not supported".into());
+        if self.invert_sigmas
+            || self.use_karras_sigmas
+            || self.use_exponential_sigmas
+            || self.use_beta_sigmas
+        {
+            return Err(
+                "scheduler config: invert/karras/exponential/beta sigmas are not supported".into(),
+            );
         }
         if self.stochastic_sampling {
             return Err("scheduler config: stochastic_sampling is not supported".into());
         }
         if !matches!(self.time_shift_type.as_str(), "exponential" | "linear") {
-            return Err(format!("scheduler config: unknown time_shift_type `{}`", self.time_shift_type));
+            return Err(format!(
+                "scheduler config: unknown time_shift_type `{}`",
+                self.time_shift_type
+            ));
         }
         Ok(())
     }
@@ -101,7 +110,8 @@ impl SchedulerConfig {
     /// `calculate_shift(image_seq_len, base_seq, max_seq, base_shift, max_shift)` with this config's values
     /// (what `QwenImagePipeline.__call__` passes). Not clamped.
     pub fn mu(&self, image_seq_len: usize) -> f64 {
-        let m = (self.max_shift - self.base_shift) / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
+        let m = (self.max_shift - self.base_shift)
+            / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
         let b = self.base_shift - m * self.base_image_seq_len as f64;
         image_seq_len as f64 * m + b
     }
@@ -132,7 +142,11 @@ pub struct Schedule {
 
 impl Schedule {
     /// `set_timesteps(sigmas=input_sigmas, mu=mu)`.
-    pub fn new(cfg: &SchedulerConfig, input_sigmas: &[f64], mu: Option<f64>) -> Result<Self, String> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        input_sigmas: &[f64],
+        mu: Option<f64>,
+    ) -> Result<Self, String> {
         cfg.validate()?;
         if input_sigmas.is_empty() {
             return Err("at least one sigma is needed".into());
@@ -163,22 +177,37 @@ impl Schedule {
                 // stretch_shift_to_terminal
                 let last = 1.0f32 - shifted[shifted.len() - 1];
                 let scale = last / (1.0f32 - term as f32);
-                shifted.iter().map(|&t| 1.0f32 - (1.0f32 - t) / scale).collect()
+                shifted
+                    .iter()
+                    .map(|&t| 1.0f32 - (1.0f32 - t) / scale)
+                    .collect()
             }
             _ => shifted,
         };
         let n = cfg.num_train_timesteps as f32;
         let timesteps: Vec<f32> = sigmas.iter().map(|&v| v * n).collect();
         sigmas.push(0.0);
-        Ok(Self { sigmas, timesteps, mu: if cfg.use_dynamic_shifting { mu } else { None } })
+        Ok(Self {
+            sigmas,
+            timesteps,
+            mu: if cfg.use_dynamic_shifting { mu } else { None },
+        })
     }
 
     /// The schedule `QwenImagePipeline` uses for `steps` steps at `image_seq_len` packed tokens.
-    pub fn for_pipeline(cfg: &SchedulerConfig, steps: usize, image_seq_len: usize) -> Result<Self, String> {
+    pub fn for_pipeline(
+        cfg: &SchedulerConfig,
+        steps: usize,
+        image_seq_len: usize,
+    ) -> Result<Self, String> {
         if steps == 0 {
             return Err("steps must be at least 1".into());
         }
-        Self::new(cfg, &default_input_sigmas(steps), Some(cfg.mu(image_seq_len)))
+        Self::new(
+            cfg,
+            &default_input_sigmas(steps),
+            Some(cfg.mu(image_seq_len)),
+        )
     }
 
     pub fn steps(&self) -> usize {
@@ -221,12 +250,14 @@ mod tests {
         assert!((cfg.mu(4096) - 0.6935483870967742).abs() < 1e-15);
         let s = Schedule::for_pipeline(&cfg, 50, 4096).unwrap();
         let want = [
-            1.00000000, 0.98970091, 0.97919148, 0.96846533, 0.95751566, 0.94633532, 0.93491709, 0.92325306, 0.91133547,
-            0.89915574, 0.88670534, 0.87397492, 0.86095506, 0.84763587, 0.83400667, 0.82005662, 0.80577433, 0.79114771,
-            0.77616411, 0.76081049, 0.74507278, 0.72893631, 0.71238601, 0.69540554, 0.67797804, 0.66008556, 0.64170921,
-            0.62282920, 0.60342437, 0.58347261, 0.56295049, 0.54183316, 0.52009439, 0.49770635, 0.47463942, 0.45086229,
-            0.42634165, 0.40104216, 0.37492591, 0.34795296, 0.32008022, 0.29126203, 0.26144940, 0.23059005, 0.19862771,
-            0.16550225, 0.13114905, 0.09549850, 0.05847579, 0.01999998, 0.00000000,
+            1.00000000, 0.98970091, 0.97919148, 0.96846533, 0.95751566, 0.94633532, 0.93491709,
+            0.92325306, 0.91133547, 0.89915574, 0.88670534, 0.87397492, 0.86095506, 0.84763587,
+            0.83400667, 0.82005662, 0.80577433, 0.79114771, 0.77616411, 0.76081049, 0.74507278,
+            0.72893631, 0.71238601, 0.69540554, 0.67797804, 0.66008556, 0.64170921, 0.62282920,
+            0.60342437, 0.58347261, 0.56295049, 0.54183316, 0.52009439, 0.49770635, 0.47463942,
+            0.45086229, 0.42634165, 0.40104216, 0.37492591, 0.34795296, 0.32008022, 0.29126203,
+            0.26144940, 0.23059005, 0.19862771, 0.16550225, 0.13114905, 0.09549850, 0.05847579,
+            0.01999998, 0.00000000,
         ];
         close(&s.sigmas, &want, 2e-7);
         assert_eq!(s.steps(), 50);
@@ -238,10 +269,11 @@ mod tests {
         assert!((cfg.mu(6889) - 0.8343245967741936).abs() < 1e-15);
         let s = Schedule::for_pipeline(&cfg, 30, 6889).unwrap();
         let want = [
-            1.00000000, 0.98439640, 0.96818125, 0.95131761, 0.93376601, 0.91548336, 0.89642310, 0.87653434, 0.85576212,
-            0.83404619, 0.81132054, 0.78751326, 0.76254529, 0.73632932, 0.70876968, 0.67976034, 0.64918369, 0.61690927,
-            0.58279157, 0.54666805, 0.50835657, 0.46765208, 0.42432302, 0.37810731, 0.32870638, 0.27577919, 0.21893436,
-            0.15772003, 0.09161228, 0.01999998, 0.00000000,
+            1.00000000, 0.98439640, 0.96818125, 0.95131761, 0.93376601, 0.91548336, 0.89642310,
+            0.87653434, 0.85576212, 0.83404619, 0.81132054, 0.78751326, 0.76254529, 0.73632932,
+            0.70876968, 0.67976034, 0.64918369, 0.61690927, 0.58279157, 0.54666805, 0.50835657,
+            0.46765208, 0.42432302, 0.37810731, 0.32870638, 0.27577919, 0.21893436, 0.15772003,
+            0.09161228, 0.01999998, 0.00000000,
         ];
         close(&s.sigmas, &want, 2e-7);
     }
@@ -250,13 +282,20 @@ mod tests {
     fn short_schedules() {
         let cfg = SchedulerConfig::qwen_image();
         let s = Schedule::for_pipeline(&cfg, 4, 4096).unwrap();
-        close(&s.sigmas, &[1.0, 0.76670933, 0.45561373, 0.01999998, 0.0], 2e-7);
+        close(
+            &s.sigmas,
+            &[1.0, 0.76670933, 0.45561373, 0.01999998, 0.0],
+            2e-7,
+        );
         // 512x768: seq 32*48 = 1536
         assert!((cfg.mu(1536) - 0.5645161290322581).abs() < 1e-15);
         let s = Schedule::for_pipeline(&cfg, 8, 1536).unwrap();
         close(
             &s.sigmas,
-            &[1.0, 0.90787470, 0.80461371, 0.68806779, 0.55549729, 0.40335315, 0.22695476, 0.01999998, 0.0],
+            &[
+                1.0, 0.90787470, 0.80461371, 0.68806779, 0.55549729, 0.40335315, 0.22695476,
+                0.01999998, 0.0,
+            ],
             2e-7,
         );
         assert!((s.timesteps[1] - 907.8747).abs() < 1e-3);
@@ -270,7 +309,13 @@ mod tests {
         cfg.max_shift = 3f64.ln();
         cfg.shift_terminal = None;
         let s = Schedule::for_pipeline(&cfg, 8, 4096).unwrap();
-        close(&s.sigmas, &[1.0, 0.9545455, 0.9, 0.8333334, 0.75, 0.6428571, 0.5, 0.3, 0.0], 2e-7);
+        close(
+            &s.sigmas,
+            &[
+                1.0, 0.9545455, 0.9, 0.8333334, 0.75, 0.6428571, 0.5, 0.3, 0.0,
+            ],
+            2e-7,
+        );
         // diffusers' default config (the test suite's scheduler): sigmas unchanged.
         let cfg: SchedulerConfig = serde_json::from_str("{}").unwrap();
         let s = Schedule::for_pipeline(&cfg, 2, 16).unwrap();

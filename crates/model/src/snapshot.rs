@@ -59,29 +59,43 @@ impl Snapshot {
     }
 
     /// Parses `<component>/<file>` (unknown keys are ignored by the config types).
-    pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> candle_core::Result<T> {
+    pub fn config<T: DeserializeOwned>(
+        &self,
+        component: &str,
+        file: &str,
+    ) -> candle_core::Result<T> {
         read_json(&self.component_dir(component)?.join(file))
     }
 
     /// Memory-maps the weights of `component` and returns a builder converting them to `dtype`.
-    pub fn weights(&self, component: &str, dtype: DType, device: &Device) -> candle_core::Result<VarBuilder<'static>> {
+    pub fn weights(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<VarBuilder<'static>> {
         load_weights(&self.component_dir(component)?, dtype, device)
     }
 }
 
 /// Reads and parses a JSON file; errors name the file.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> candle_core::Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| err(format!("cannot parse {}: {e}", path.display())))
 }
 
 /// The safetensors files of a model folder: the shards listed by a `*.safetensors.index.json` when present,
 /// otherwise every `*.safetensors` file in the folder.
 pub fn weight_files(dir: &Path) -> candle_core::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot list {}: {e}", dir.display())))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| err(format!("cannot list {}: {e}", dir.display())))?;
     let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     names.sort();
-    if let Some(index) = names.iter().find(|p| p.to_string_lossy().ends_with(".safetensors.index.json")) {
+    if let Some(index) = names
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+    {
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: HashMap<String, String>,
@@ -93,7 +107,12 @@ pub fn weight_files(dir: &Path) -> candle_core::Result<Vec<PathBuf>> {
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
         for f in &files {
             if !f.is_file() {
-                return Err(err(format!("{}: shard {} listed in {} is missing", dir.display(), f.display(), index.display())));
+                return Err(err(format!(
+                    "{}: shard {} listed in {} is missing",
+                    dir.display(),
+                    f.display(),
+                    index.display()
+                )));
             }
         }
         return Ok(files);
@@ -103,7 +122,10 @@ pub fn weight_files(dir: &Path) -> candle_core::Result<Vec<PathBuf>> {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     if files.is_empty() {
-        return Err(err(format!("{}: no *.safetensors weights found", dir.display())));
+        return Err(err(format!(
+            "{}: no *.safetensors weights found",
+            dir.display()
+        )));
     }
     Ok(files)
 }
@@ -122,18 +144,32 @@ impl Weights {
         // SAFETY: the files are opened read-only and must not be modified while the server runs; this is
         // the usual contract of memory-mapped model weights (candle, safetensors, PyTorch all rely on it).
         #[allow(unsafe_code)]
-        let st = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| err(format!("{}: cannot read safetensors: {}", dir.display(), first_line(&e))))?;
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            err(format!(
+                "{}: cannot read safetensors: {}",
+                dir.display(),
+                first_line(&e)
+            ))
+        })?;
         let mut file_of = HashMap::new();
         for f in &files {
             #[allow(unsafe_code)]
-            let one = unsafe { MmapedSafetensors::new(f) }
-                .map_err(|e| err(format!("{}: cannot read safetensors: {}", f.display(), first_line(&e))))?;
+            let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| {
+                err(format!(
+                    "{}: cannot read safetensors: {}",
+                    f.display(),
+                    first_line(&e)
+                ))
+            })?;
             for (name, _) in one.tensors() {
                 file_of.insert(name, f.clone());
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), st, file_of })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            st,
+            file_of,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -147,21 +183,38 @@ impl Weights {
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let Some(file) = self.file_of.get(name) else {
-            return Err(err(format!("{}: tensor `{name}` is missing from the weights", self.dir.display())));
+            return Err(err(format!(
+                "{}: tensor `{name}` is missing from the weights",
+                self.dir.display()
+            )));
         };
-        let t = self
-            .st
-            .load(name, dev)
-            .map_err(|e| err(format!("{}: cannot load tensor `{name}`: {}", file.display(), first_line(&e))))?;
+        let t = self.st.load(name, dev).map_err(|e| {
+            err(format!(
+                "{}: cannot load tensor `{name}`: {}",
+                file.display(),
+                first_line(&e)
+            ))
+        })?;
         t.to_dtype(dtype)
     }
 }
 
 impl candle_nn::var_builder::SimpleBackend for Weights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.load(name, dtype, dev)?;
         if t.shape() != &s {
-            let file = self.file_of.get(name).map(|f| f.display().to_string()).unwrap_or_default();
+            let file = self
+                .file_of
+                .get(name)
+                .map(|f| f.display().to_string())
+                .unwrap_or_default();
             return Err(err(format!(
                 "{file}: tensor `{name}` has shape {:?}, the config expects {:?}",
                 t.dims(),
@@ -181,7 +234,11 @@ impl candle_nn::var_builder::SimpleBackend for Weights {
 }
 
 /// Memory-maps the weights of a model folder and returns a `VarBuilder` converting to `dtype` on load.
-pub fn load_weights(dir: &Path, dtype: DType, device: &Device) -> candle_core::Result<VarBuilder<'static>> {
+pub fn load_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
     let w = Weights::open(dir)?;
     Ok(VarBuilder::from_backend(Box::new(w), dtype, device.clone()))
 }

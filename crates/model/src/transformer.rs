@@ -5,7 +5,9 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{LayerNormNoAffine, Linear, RmsNorm, attention, key_bias_from_mask, linear};
+use crate::nn::{
+    LayerNormNoAffine, Linear, RmsNorm, attention, gelu_tanh, key_bias_from_mask, linear,
+};
 use crate::rope::{self, ImgShape, RopeTables};
 
 /// eps of every norm in the model (`eps=1e-6` throughout `transformer_qwenimage.py`).
@@ -81,7 +83,8 @@ impl TransformerConfig {
 
     /// Latent channels of the VAE this transformer denoises (`out_channels`).
     pub fn latent_channels(&self) -> usize {
-        self.out_channels.unwrap_or(self.in_channels / (self.patch_size * self.patch_size))
+        self.out_channels
+            .unwrap_or(self.in_channels / (self.patch_size * self.patch_size))
     }
 
     /// Rejects configurations this implementation does not compute.
@@ -100,7 +103,10 @@ impl TransformerConfig {
             );
         }
         if self.patch_size != 2 {
-            candle_core::bail!("patch_size {} is not supported (Qwen-Image packs 2x2 patches)", self.patch_size);
+            candle_core::bail!(
+                "patch_size {} is not supported (Qwen-Image packs 2x2 patches)",
+                self.patch_size
+            );
         }
         Ok(())
     }
@@ -114,7 +120,9 @@ pub fn timestep_projection(t: &Tensor, channels: usize) -> Result<Tensor> {
     let device = t.device();
     // exponent = -math.log(10000) * arange(half, f32) / (half - 0); emb = exp(exponent)
     let ln = -(10000f64.ln()) as f32;
-    let freqs: Vec<f32> = (0..half).map(|k| ((ln * k as f32) / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| ((ln * k as f32) / half as f32).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), device)?;
     let t = t.to_dtype(DType::F32)?.unsqueeze(1)?; // [B, 1]
     let args = (t.broadcast_mul(&freqs)? * 1000.0)?; // scale applied after t·freq
@@ -140,7 +148,8 @@ impl TimestepEmbedder {
     /// `t`: `[B]` (already divided by 1000) → `[B, dim]`.
     pub fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
         let proj = timestep_projection(t, TIMESTEP_CHANNELS)?.to_dtype(dtype)?;
-        self.linear_2.forward(&self.linear_1.forward(&proj)?.silu()?)
+        self.linear_2
+            .forward(&self.linear_1.forward(&proj)?.silu()?)
     }
 }
 
@@ -160,8 +169,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (GELU(approximate="tanh")).
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out
+            .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
     }
 }
 
@@ -258,16 +267,38 @@ impl TransformerBlock {
 
         // joint attention, text first
         let r = inp.rope;
-        let qi = rope::apply(&self.heads_of(&self.to_q.forward(&xm)?, Some(&self.norm_q))?, &r.img_cos, &r.img_sin)?;
-        let ki = rope::apply(&self.heads_of(&self.to_k.forward(&xm)?, Some(&self.norm_k))?, &r.img_cos, &r.img_sin)?;
+        let qi = rope::apply(
+            &self.heads_of(&self.to_q.forward(&xm)?, Some(&self.norm_q))?,
+            &r.img_cos,
+            &r.img_sin,
+        )?;
+        let ki = rope::apply(
+            &self.heads_of(&self.to_k.forward(&xm)?, Some(&self.norm_k))?,
+            &r.img_cos,
+            &r.img_sin,
+        )?;
         let vi = self.heads_of(&self.to_v.forward(&xm)?, None)?;
-        let qt = rope::apply(&self.heads_of(&self.add_q.forward(&cm)?, Some(&self.norm_added_q))?, &r.txt_cos, &r.txt_sin)?;
-        let kt = rope::apply(&self.heads_of(&self.add_k.forward(&cm)?, Some(&self.norm_added_k))?, &r.txt_cos, &r.txt_sin)?;
+        let qt = rope::apply(
+            &self.heads_of(&self.add_q.forward(&cm)?, Some(&self.norm_added_q))?,
+            &r.txt_cos,
+            &r.txt_sin,
+        )?;
+        let kt = rope::apply(
+            &self.heads_of(&self.add_k.forward(&cm)?, Some(&self.norm_added_k))?,
+            &r.txt_cos,
+            &r.txt_sin,
+        )?;
         let vt = self.heads_of(&self.add_v.forward(&cm)?, None)?;
         let q = Tensor::cat(&[&qt, &qi], 2)?; // [B, H, L+S, hd]
         let k = Tensor::cat(&[&kt, &ki], 2)?;
         let v = Tensor::cat(&[&vt, &vi], 2)?;
-        let o = attention(&q, &k, &v, inp.key_bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let o = attention(
+            &q,
+            &k,
+            &v,
+            inp.key_bias,
+            1.0 / (self.head_dim as f64).sqrt(),
+        )?;
         let o = o.transpose(1, 2)?.reshape((b, (), dim))?; // [B, L+S, D]
         let s = o.dim(1)? - l;
         let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
@@ -277,9 +308,17 @@ impl TransformerBlock {
         let c = (c + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
 
         let xm2 = modulate(&self.ln.forward(&x)?, &im[3], &im[4])?;
-        let x = (&x + self.img_mlp.forward(&xm2)?.broadcast_mul(&im[5].unsqueeze(1)?)?)?;
+        let x = (&x
+            + self
+                .img_mlp
+                .forward(&xm2)?
+                .broadcast_mul(&im[5].unsqueeze(1)?)?)?;
         let cm2 = modulate(&self.ln.forward(&c)?, &tm[3], &tm[4])?;
-        let c = (&c + self.txt_mlp.forward(&cm2)?.broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
+        let c = (&c
+            + self
+                .txt_mlp
+                .forward(&cm2)?
+                .broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
         Ok((c, x))
     }
 }
@@ -317,8 +356,9 @@ pub struct TransformerInputs<'a> {
     pub timestep: &'a Tensor,
     /// Token grids of the images in `hidden_states`, in order (`(1, h/2, w/2)` for text-to-image).
     pub img_shapes: &'a [ImgShape],
-    /// ControlNet residuals `[B, S, D]` (already scaled), added to the image stream after the blocks.
-    pub controlnet_residuals: Option<&'a [Tensor]>,
+    /// ControlNet residual lists (one list per ControlNet, each `[B, S, D]` per ControlNet block, already
+    /// scaled); list `k` adds `list[i / ceil(num_layers / len)]` to the image stream after block `i`.
+    pub controlnet_residuals: &'a [Vec<Tensor>],
 }
 
 /// Shared preparation of block inputs (text projection, timestep embedding, RoPE, key mask).
@@ -331,7 +371,13 @@ pub struct Prepared {
 }
 
 /// Checks shapes and computes what every block needs.
-pub fn prepare(cfg: &TransformerConfig, emb: &Embedders, x: Tensor, inp: &TransformerInputs, device: &Device) -> Result<Prepared> {
+pub fn prepare(
+    cfg: &TransformerConfig,
+    emb: &Embedders,
+    x: Tensor,
+    inp: &TransformerInputs,
+    device: &Device,
+) -> Result<Prepared> {
     let (b, s, _) = x.dims3()?;
     let (bt, l, dt) = inp.encoder_hidden_states.dims3()?;
     if bt != b || dt != cfg.joint_attention_dim {
@@ -342,13 +388,21 @@ pub fn prepare(cfg: &TransformerConfig, emb: &Embedders, x: Tensor, inp: &Transf
     }
     let tokens: usize = inp.img_shapes.iter().map(|(f, h, w)| f * h * w).sum();
     if tokens != s {
-        candle_core::bail!("img_shapes {:?} describe {tokens} tokens, hidden_states has {s}", inp.img_shapes);
+        candle_core::bail!(
+            "img_shapes {:?} describe {tokens} tokens, hidden_states has {s}",
+            inp.img_shapes
+        );
     }
     if inp.timestep.dims() != [b] {
-        candle_core::bail!("timestep has shape {:?}, expected [{b}]", inp.timestep.dims());
+        candle_core::bail!(
+            "timestep has shape {:?}, expected [{b}]",
+            inp.timestep.dims()
+        );
     }
     let dtype = x.dtype();
-    let c = emb.txt_in.forward(&emb.txt_norm.forward(inp.encoder_hidden_states)?)?;
+    let c = emb
+        .txt_in
+        .forward(&emb.txt_norm.forward(inp.encoder_hidden_states)?)?;
     let temb = emb.time_text_embed.forward(inp.timestep, dtype)?;
     let rope = rope::rope_tables(&cfg.axes_dims_rope, inp.img_shapes, l, device)?;
     let key_bias = match inp.encoder_mask {
@@ -358,11 +412,23 @@ pub fn prepare(cfg: &TransformerConfig, emb: &Embedders, x: Tensor, inp: &Transf
                 candle_core::bail!("encoder mask has shape {:?}, expected [{b}, {l}]", m.dims());
             }
             // keys are [text, image]; image keys are always attended
-            let full = Tensor::cat(&[&m.to_dtype(DType::F32)?, &Tensor::ones((b, s), DType::F32, device)?], 1)?;
+            let full = Tensor::cat(
+                &[
+                    &m.to_dtype(DType::F32)?,
+                    &Tensor::ones((b, s), DType::F32, device)?,
+                ],
+                1,
+            )?;
             Some(key_bias_from_mask(&full, dtype)?)
         }
     };
-    Ok(Prepared { x, c, temb, rope, key_bias })
+    Ok(Prepared {
+        x,
+        c,
+        temb,
+        rope,
+        key_bias,
+    })
 }
 
 /// `QwenImageTransformer2DModel`.
@@ -414,25 +480,43 @@ impl QwenImageTransformer {
     pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
         let (_, _, cin) = inp.hidden_states.dims3()?;
         if cin != self.cfg.in_channels {
-            candle_core::bail!("hidden_states has {cin} channels, the transformer expects {}", self.cfg.in_channels);
+            candle_core::bail!(
+                "hidden_states has {cin} channels, the transformer expects {}",
+                self.cfg.in_channels
+            );
         }
-        let x = self.emb.img_in.forward(&inp.hidden_states.to_dtype(self.dtype)?)?;
+        let x = self
+            .emb
+            .img_in
+            .forward(&inp.hidden_states.to_dtype(self.dtype)?)?;
         let p = prepare(&self.cfg, &self.emb, x, inp, &self.device)?;
-        let block_inp = BlockInputs { temb: &p.temb, rope: &p.rope, key_bias: p.key_bias.as_ref() };
-        let (mut x, mut c) = (p.x, p.c);
-        let interval = match inp.controlnet_residuals {
-            Some(r) if !r.is_empty() => self.blocks.len().div_ceil(r.len()),
-            _ => 0,
+        let block_inp = BlockInputs {
+            temb: &p.temb,
+            rope: &p.rope,
+            key_bias: p.key_bias.as_ref(),
         };
+        let (mut x, mut c) = (p.x, p.c);
+        for res in inp.controlnet_residuals {
+            if res.iter().any(|r| r.dims() != x.dims()) {
+                candle_core::bail!(
+                    "controlnet residuals must have the image stream's shape {:?}",
+                    x.dims()
+                );
+            }
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             (c, x) = block.forward(&x, &c, &block_inp)?;
-            if let Some(res) = inp.controlnet_residuals.filter(|r| !r.is_empty()) {
-                // transformer_qwenimage.py: interval_control = ceil(len(blocks) / len(samples))
+            for res in inp.controlnet_residuals.iter().filter(|r| !r.is_empty()) {
+                // transformer_qwenimage.py: interval_control = ceil(len(transformer_blocks) / len(samples))
+                let interval = self.blocks.len().div_ceil(res.len());
                 x = (x + res[i / interval].to_dtype(self.dtype)?)?;
             }
         }
         // AdaLayerNormContinuous: [scale | shift] (scale first, unlike the blocks)
-        let mods = self.norm_out_linear.forward(&p.temb.silu()?)?.chunk(2, D::Minus1)?;
+        let mods = self
+            .norm_out_linear
+            .forward(&p.temb.silu()?)?
+            .chunk(2, D::Minus1)?;
         let x = modulate(&self.norm_out.forward(&x)?, &mods[1], &mods[0])?;
         self.proj_out.forward(&x)
     }

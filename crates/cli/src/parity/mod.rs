@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 
+mod controlnet;
+mod inpaint;
 mod t2i;
 mod textenc;
 mod vae;
@@ -224,10 +226,8 @@ pub fn run(args: &ParityArgs) -> Result<ExitCode> {
         "t2i" => t2i::check(args, &reference, &mut report)?,
         "textenc" => textenc::check(args, &reference, &mut report)?,
         "vae" => vae::check(args, &reference, &mut report)?,
-        "inpaint" | "controlnet" => report.skip(
-            &format!("mode {}", reference.mode()),
-            "not implemented yet; nothing checked",
-        ),
+        "inpaint" => inpaint::check(args, &reference, &mut report)?,
+        "controlnet" => controlnet::check(args, &reference, &mut report)?,
         other => bail!("unknown reference mode `{other}`"),
     }
     let (pass, fail, skip) = report.summary();

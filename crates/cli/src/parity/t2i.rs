@@ -119,7 +119,7 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
             encoder_mask: mask.as_ref(),
             timestep: &reference.f32(&format!("{p}.timestep"))?,
             img_shapes: &shapes,
-            controlnet_residuals: None,
+            controlnet_residuals: &[],
         })?;
         report.compare(
             &format!("{p}.out"),
@@ -146,6 +146,7 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         schedule: &schedule,
         start_step: 0,
         inpaint: None,
+        controlnet: &[],
     };
     let mut per_step: Vec<(usize, Tensor, Tensor)> = Vec::new();
     let outcome = denoise::denoise(&model, &params, |s| {

@@ -34,22 +34,45 @@ impl StageKind {
     }
 }
 
-/// Runs one model stage on `listener` until `shutdown`.
+/// Requests each stage admits at once (running + waiting); `None` = the service's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageOptions {
+    pub queue_capacity: Option<usize>,
+}
+
+/// Runs one model stage on `listener` until `shutdown`, through the stage library's own `run`.
 pub async fn run_stage(
     kind: StageKind,
     model: &Path,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    options: StageOptions,
 ) -> Result<()> {
-    let _ = (model, &listener);
-    drop(shutdown);
     match kind {
-        StageKind::TextEncoder | StageKind::Denoiser | StageKind::Vae => bail!(
-            "the {} stage service is not part of this build yet (it lands with the `services` branch)",
-            kind.name()
-        ),
-        StageKind::Gateway => bail!("the gateway is not a model stage; use run_gateway"),
+        StageKind::TextEncoder => {
+            let mut c = qwen_image_text_encoder::TextEncoderConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_text_encoder::run(c, listener, shutdown).await?;
+        }
+        StageKind::Denoiser => {
+            let mut c = qwen_image_denoiser::DenoiserConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_denoiser::run(c, listener, shutdown).await?;
+        }
+        StageKind::Vae => {
+            let mut c = qwen_image_vae::VaeServiceConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_vae::run(c, listener, shutdown).await?;
+        }
+        StageKind::Gateway => bail!("the gateway is not a model stage; use qwen_image_gateway::run"),
     }
+    Ok(())
 }
 
 /// A running in-process stack: three stages and a gateway on loopback ports.
@@ -86,7 +109,7 @@ impl LocalStack {
             let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
             tasks.push((
                 kind.name(),
-                tokio::spawn(async move { run_stage(kind, &model, listener, shutdown).await }),
+                tokio::spawn(async move { run_stage(kind, &model, listener, shutdown, StageOptions::default()).await }),
             ));
             stage_addrs.push((kind, addr));
         }

@@ -1,0 +1,345 @@
+//! f32 CPU kernels for the two places where candle's generic CPU ops are slow for this model
+//! (shared/reference/candle-notes.md §4): attention, whose full score matrix candle materialises and
+//! soft-maxes with scalar `expf`, and the tanh-GELU, a scalar `tanh` per element. Both are exact to f32
+//! rounding (a few ulp): the exponential is a Cephes-style polynomial that the compiler vectorises.
+//!
+//! Used by [`crate::nn`] when a tensor is f32 on the CPU; other devices and dtypes use candle's ops.
+
+use candle_core::{CpuStorage, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Query rows processed together by one attention task (its score block is `QUERY_BLOCK × keys` floats).
+const QUERY_BLOCK: usize = 256;
+/// Elements per parallel task of the elementwise kernels.
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
+/// `e^x` for f32 with about 1-2 ulp error (Cephes `expf`): `x = n·ln2 + r`, a degree-5 polynomial in `r`,
+/// scaled by `2^n` through the exponent bits. Inputs are clamped to the finite range, so `-inf` gives
+/// ~1e-38 instead of 0 (negligible next to any unmasked softmax term).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a high part exact in f32 and a low correction (Cephes)
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.7);
+    // round-to-nearest through the 1.5·2^23 magic constant (no libm call, vectorises)
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits((((n as i32) + 127) as u32) << 23)
+}
+
+/// tanh-approximated GELU (`GELU(approximate="tanh")`):
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as `x·σ(2·√(2/π)·(x + 0.044715·x³))`.
+#[inline(always)]
+fn gelu_one(x: f32) -> f32 {
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1; // 2·sqrt(2/π)
+    let z = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp_f32(-z))
+}
+
+/// Runs `f` on the data of a contiguous CPU f32 tensor without copying; `None` for anything else.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return None;
+    };
+    let (a, b) = layout.contiguous_offsets()?;
+    Some(f(&data[a..b]))
+}
+
+/// GELU (tanh) of a CPU f32 tensor, in parallel. `None` when `x` is not a CPU f32 tensor.
+pub fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
+    let x = x.contiguous()?;
+    let Some(mut data) = with_f32(&x, |d| d.to_vec()) else {
+        return Ok(None);
+    };
+    data.par_chunks_mut(ELEMWISE_CHUNK).for_each(gelu_slice);
+    Ok(Some(Tensor::from_vec(data, x.shape(), x.device())?))
+}
+
+/// Lanes of the manual reductions below: lets the compiler keep 8 independent accumulators (vectorised)
+/// where a single running max/sum would be a serial dependency chain.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn softmax_row_generic(row: &mut [f32]) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            if c[i] > m[i] {
+                m[i] = c[i];
+            }
+        }
+    }
+    let mut max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in chunks.remainder() {
+        max = max.max(v);
+    }
+    for v in row.iter_mut() {
+        *v = exp_f32(*v - max);
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let sum: f32 = acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[inline(always)]
+fn gelu_slice_generic(c: &mut [f32]) {
+    for v in c.iter_mut() {
+        *v = gelu_one(*v);
+    }
+}
+
+/// Runs `$generic` compiled for AVX2+FMA when the CPU has them (checked once by std), else the baseline.
+macro_rules! multiversion {
+    ($name:ident, $avx:ident, $generic:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx(x: &mut [f32]) {
+            $generic(x)
+        }
+
+        fn $name(x: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features `$avx` was compiled for (checked just above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    return $avx(x);
+                }
+            }
+            $generic(x)
+        }
+    };
+}
+
+multiversion!(softmax_row, softmax_row_avx2, softmax_row_generic);
+multiversion!(gelu_slice, gelu_slice_avx2, gelu_slice_generic);
+
+/// `C[m×n] = scale · A[m×k] · B` with row-major `A` and `B` given as `[n×k]` (transposed) or `[k×n]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    b_is_nk: bool,
+    scale: f32,
+) {
+    debug_assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
+    let (b_cs, b_rs) = if b_is_nk {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
+    // SAFETY: the slices outlive the call and hold at least m·n, m·k and k·n elements with the given
+    // strides (checked above in debug builds, guaranteed by the callers' shape checks).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Attention over contiguous CPU f32 tensors: `q` `[B, H, Sq, D]`, `k`/`v` `[B, H, Sk, D]`, optional additive
+/// bias `[B, 1, Sk]` (per key) or `[B, Sq, Sk]` (per query row, e.g. causal). Parallel over (batch·head, query block); each task keeps a `QUERY_BLOCK × Sk` score
+/// block, so memory stays bounded at any image size. `None` when the inputs are not CPU f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (b, h, sq, d) = q.dims4()?;
+    let (_, _, sk, _) = k.dims4()?;
+    if k.dims() != [b, h, sk, d] || v.dims() != [b, h, sk, d] {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let bias = key_bias.map(|t| t.contiguous()).transpose()?;
+    // rows of the bias per batch element: 1 (per key) or Sq (per query)
+    let bias_rows = match &bias {
+        None => 0,
+        Some(t) if t.elem_count() == b * sk => 1,
+        Some(t) if t.elem_count() == b * sq * sk => sq,
+        Some(t) => candle_core::bail!(
+            "attention: bias of shape {:?} fits neither [B, 1, Sk] nor [B, Sq, Sk]",
+            t.dims()
+        ),
+    };
+    let scale = scale as f32;
+    let run = |qd: &[f32], kd: &[f32], vd: &[f32], bias: Option<&[f32]>| {
+        let mut out = vec![0f32; b * h * sq * d];
+        out.par_chunks_mut(sq * d).enumerate().for_each(|(bh, o)| {
+            let qh = &qd[bh * sq * d..(bh + 1) * sq * d];
+            let kh = &kd[bh * sk * d..(bh + 1) * sk * d];
+            let vh = &vd[bh * sk * d..(bh + 1) * sk * d];
+            let bias_b =
+                bias.map(|bv| &bv[(bh / h) * bias_rows * sk..(bh / h + 1) * bias_rows * sk]);
+            o.par_chunks_mut(QUERY_BLOCK * d)
+                .enumerate()
+                .for_each(|(qb, ob)| {
+                    let rows = ob.len() / d;
+                    let q0 = qb * QUERY_BLOCK;
+                    let mut scores = vec![0f32; rows * sk];
+                    gemm_rm(
+                        rows,
+                        sk,
+                        d,
+                        &mut scores,
+                        &qh[q0 * d..(q0 + rows) * d],
+                        kh,
+                        true,
+                        scale,
+                    );
+                    for (r, row) in scores.chunks_mut(sk).enumerate() {
+                        let bias_row = bias_b.map(|bb| {
+                            if bias_rows == 1 {
+                                bb
+                            } else {
+                                &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
+                            }
+                        });
+                        if let Some(br) = bias_row {
+                            for (s, bv) in row.iter_mut().zip(br) {
+                                *s += bv;
+                            }
+                        }
+                        softmax_row(row);
+                    }
+                    gemm_rm(rows, d, sk, ob, &scores, vh, false, 1.0);
+                });
+        });
+        out
+    };
+    let out = with_f32(&q, |qd| {
+        with_f32(&k, |kd| {
+            with_f32(&v, |vd| match &bias {
+                None => Some(run(qd, kd, vd, None)),
+                Some(t) => with_f32(t, |bd| run(qd, kd, vd, Some(bd))),
+            })
+        })
+    });
+    match out.flatten().flatten().flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, (b, h, sq, d), q.device())?)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp_f32(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn gelu_matches_candle() -> Result<()> {
+        let x = Tensor::randn(0f32, 3f32, (3, 1000), &Device::Cpu)?;
+        let ours = gelu_tanh(&x)?.expect("cpu f32");
+        let theirs = x.gelu()?;
+        let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 2e-6, "max diff {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn attention_with_per_query_bias_matches_naive() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, s, d) = (2, 2, 300, 8);
+        let q = Tensor::randn(0f32, 1f32, (b, h, s, d), &dev)?;
+        let mut causal = vec![0f32; b * s * s];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in (i + 1)..s {
+                    causal[(bi * s + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let bias = Tensor::from_vec(causal, (b, s, s), &dev)?;
+        let ours = attention(&q, &q, &q, Some(&bias), 0.3)?.expect("cpu f32");
+        let scores =
+            (q.matmul(&q.transpose(2, 3)?)? * 0.3)?.broadcast_add(&bias.reshape((b, 1, s, s))?)?;
+        let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&q)?;
+        let diff = (ours - naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn attention_matches_naive_with_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, sq, sk, d) = (2, 3, 150, 70, 16);
+        let q = Tensor::randn(0f32, 1f32, (b, h, sq, d), &dev)?;
+        let k = Tensor::randn(0f32, 1f32, (b, h, sk, d), &dev)?;
+        let v = Tensor::randn(0f32, 1f32, (b, h, sk, d), &dev)?;
+        let mut bias = vec![0f32; b * sk];
+        for j in 60..70 {
+            bias[sk + j] = f32::NEG_INFINITY; // mask the last keys of batch 1
+        }
+        let bias = Tensor::from_vec(bias, (b, 1, sk), &dev)?;
+        let ours = attention(&q, &k, &v, Some(&bias), 0.25)?.expect("cpu f32");
+        let scores = (q.matmul(&k.transpose(2, 3)?)? * 0.25)?
+            .broadcast_add(&bias.reshape((b, 1, 1, sk))?)?;
+        let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let diff = (ours - naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! One Denoise job on the worker thread: the loop, a Progress event per step, the Result; stops within
+//! one step when the caller goes away or the deadline passes.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use qwen_image_common::metric_names as m;
+use qwen_image_common::queue::Slot;
+use qwen_image_common::tensor::{self, HostTensor};
+use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, InpaintBlend, Outcome};
+use qwen_image_model::latents::{pack, unpack};
+use qwen_image_model::scheduler::Schedule;
+use qwen_image_model::snapshot::first_line;
+use qwen_image_proto::v1::{DenoiseEvent, DenoiseProgress, DenoiseResult, denoise_event::Event};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::error::DenoiserError;
+use crate::model::LoadedModel;
+use crate::stats::Stats;
+use crate::validate::{DenoiseInputs, HostConditioning, ScheduleInput};
+
+const SERVICE: &str = "denoiser";
+
+/// What the gRPC handler hands the worker.
+pub struct DenoiseJob {
+    pub inputs: DenoiseInputs,
+    /// The response stream; closed when the caller goes away.
+    pub events: mpsc::Sender<Result<DenoiseEvent, Status>>,
+    pub deadline: Option<Instant>,
+}
+
+enum Ended {
+    Finished(DenoiseResult),
+    Cancelled,
+    DeadlineExceeded { steps_done: usize },
+}
+
+/// Runs the job and answers on its stream. Releases `slot` before the last message and before the
+/// stats change, so whoever observes the end of a job can be admitted at once.
+pub fn run(model: &LoadedModel, job: DenoiseJob, slot: Slot, stats: &Stats) {
+    let started = Instant::now();
+    let past_deadline = |now: Instant| job.deadline.is_some_and(|d| now >= d);
+    let ended = if job.events.is_closed() {
+        Ok(Ended::Cancelled)
+    } else if past_deadline(started) {
+        Ok(Ended::DeadlineExceeded { steps_done: 0 })
+    } else {
+        stats.update(|s| s.jobs_started += 1);
+        execute(model, &job, started, stats)
+    };
+    let outcome = match ended {
+        Ok(Ended::Finished(result)) => {
+            slot.release();
+            let event = DenoiseEvent {
+                event: Some(Event::Result(result)),
+            };
+            if job.events.blocking_send(Ok(event)).is_ok() {
+                stats.update(|s| s.jobs_finished += 1);
+                m::OUTCOME_OK
+            } else {
+                stats.update(|s| s.jobs_cancelled += 1);
+                m::OUTCOME_CANCELLED
+            }
+        }
+        Ok(Ended::Cancelled) => {
+            tracing::info!("caller went away; job stopped");
+            slot.release();
+            stats.update(|s| s.jobs_cancelled += 1);
+            m::OUTCOME_CANCELLED
+        }
+        Ok(Ended::DeadlineExceeded { steps_done }) => {
+            tracing::info!(steps_done, "deadline passed; job stopped");
+            slot.release();
+            stats.update(|s| s.jobs_deadline_exceeded += 1);
+            let _ = job
+                .events
+                .blocking_send(Err(DenoiserError::DeadlineExceeded { steps_done }.into()));
+            m::OUTCOME_DEADLINE_EXCEEDED
+        }
+        Err(e) => {
+            tracing::error!(error = %first_line(&e), "denoising failed");
+            slot.release();
+            stats.update(|s| s.jobs_failed += 1);
+            let _ = job
+                .events
+                .blocking_send(Err(DenoiserError::Model(first_line(&e)).into()));
+            m::OUTCOME_ERROR
+        }
+    };
+    if outcome == m::OUTCOME_CANCELLED || outcome == m::OUTCOME_DEADLINE_EXCEEDED {
+        metrics::counter!(m::JOBS_STOPPED_TOTAL, "service" => SERVICE, "outcome" => outcome)
+            .increment(1);
+    }
+    metrics::histogram!(m::JOB_SECONDS, "service" => SERVICE, "rpc" => "Denoise", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn device_tensor(h: &HostTensor<f32>, model: &LoadedModel) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(&h.data, h.shape.as_slice(), &model.device)
+}
+
+fn conditioning(c: &HostConditioning, model: &LoadedModel) -> candle_core::Result<Conditioning> {
+    let embeds = device_tensor(&c.embeds, model)?;
+    let mask = c
+        .mask
+        .as_ref()
+        .map(|m| device_tensor(m, model))
+        .transpose()?;
+    Ok(Conditioning { embeds, mask })
+}
+
+/// Unpacked `[B, C, 1, h, w]` f32 latents as a wire tensor.
+fn wire_latents(
+    packed: &Tensor,
+    h: usize,
+    w: usize,
+) -> candle_core::Result<qwen_image_proto::v1::Tensor> {
+    let t = unpack(packed, h, w)?.to_dtype(DType::F32)?;
+    let shape = t.dims().to_vec();
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(tensor::from_f32(&shape, &data))
+}
+
+fn execute(
+    model: &LoadedModel,
+    job: &DenoiseJob,
+    started: Instant,
+    stats: &Stats,
+) -> candle_core::Result<Ended> {
+    let inp = &job.inputs;
+    let (lh, lw) = (inp.latents.shape[2], inp.latents.shape[3]);
+    let positive = conditioning(&inp.positive, model)?;
+    let negative = inp
+        .negative
+        .as_ref()
+        .map(|n| conditioning(n, model))
+        .transpose()?;
+    let latents = pack(&device_tensor(&inp.latents, model)?)?; // [B, S, 4C]
+    let seq_len = (lh / 2) * (lw / 2);
+    let schedule = match &inp.schedule {
+        ScheduleInput::Steps(n) => Schedule::for_pipeline(&model.scheduler, *n, seq_len),
+        ScheduleInput::Sigmas(s) => {
+            Schedule::new(&model.scheduler, s, Some(model.scheduler.mu(seq_len)))
+        }
+    }
+    .map_err(candle_core::Error::Msg)?;
+    let blend = match &inp.inpaint {
+        Some(i) => Some(InpaintBlend {
+            image_latents: pack(&device_tensor(&i.image_latents, model)?)?,
+            noise: pack(&device_tensor(&i.noise, model)?)?,
+            mask: pack(&device_tensor(&i.mask, model)?)?,
+        }),
+        None => None,
+    };
+    let img_shapes = [(1, lh / 2, lw / 2)];
+    let params = DenoiseParams {
+        positive: &positive,
+        negative: negative.as_ref(),
+        true_cfg_scale: inp.true_cfg_scale,
+        latents,
+        img_shapes: &img_shapes,
+        schedule: &schedule,
+        start_step: inp.start_step,
+        inpaint: blend.as_ref(),
+        // ControlNet inputs are reserved in the proto (fields 12-19) for a later issue.
+        controlnet: &[],
+    };
+    let every = inp.preview_every_n_steps;
+    let mut stopped_for_deadline = false;
+    // One span per step: entered before the step's compute, closed in the callback that ends it (the
+    // callback runs on this thread right after the step).
+    let step_span = |step: usize| tracing::info_span!("denoise_step", step).entered();
+    let mut current_step = Some(step_span(inp.start_step));
+    let outcome = denoise::denoise(&model.transformer, &params, |s| {
+        drop(current_step.take());
+        let done = s.done + 1;
+        stats.update(|st| st.steps_run += 1);
+        metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE).increment(1);
+        let preview_latents = if every > 0 && (done % every == 0 || done == s.total) {
+            match wire_latents(s.latents, lh, lw) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %first_line(&e), "preview skipped");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let progress = DenoiseProgress {
+            step: done as u32,
+            total_steps: s.total as u32,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            timestep: s.timestep,
+            preview_latents,
+        };
+        tracing::debug!(step = done, total = s.total, "denoise step");
+        if job
+            .events
+            .blocking_send(Ok(DenoiseEvent {
+                event: Some(Event::Progress(progress)),
+            }))
+            .is_err()
+        {
+            return Flow::Stop;
+        }
+        if job.deadline.is_some_and(|d| Instant::now() >= d) {
+            stopped_for_deadline = true;
+            return Flow::Stop;
+        }
+        if done < s.total {
+            current_step = Some(step_span(s.step + 1));
+        }
+        Flow::Continue
+    })?;
+    Ok(match outcome {
+        Outcome::Finished(final_latents) => Ended::Finished(DenoiseResult {
+            latents: Some(wire_latents(&final_latents, lh, lw)?),
+            sigmas: schedule.sigmas.clone(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }),
+        Outcome::Stopped { steps_done } if stopped_for_deadline => {
+            Ended::DeadlineExceeded { steps_done }
+        }
+        Outcome::Stopped { .. } => Ended::Cancelled,
+    })
+}

@@ -1,0 +1,90 @@
+//! The model the worker thread owns: loading from a snapshot and the warm-up pass.
+
+use candle_core::{DType, Device, Tensor};
+use qwen_image_model::denoise::{Conditioning, predict};
+use qwen_image_model::scheduler::SchedulerConfig;
+use qwen_image_model::snapshot::{Snapshot, first_line};
+use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
+
+use crate::config::{DenoiserConfig, DeviceSpec};
+use crate::validate::ModelShape;
+
+/// Transformer, scheduler config and device, living on the worker thread.
+pub struct LoadedModel {
+    pub transformer: QwenImageTransformer,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+}
+
+/// The configs `run` reads before starting the worker (cheap JSON reads): they fix what requests are
+/// validated against.
+pub fn read_shape(
+    cfg: &DenoiserConfig,
+) -> Result<(ModelShape, TransformerConfig, SchedulerConfig), String> {
+    let snapshot = Snapshot::open(&cfg.model_dir).map_err(|e| first_line(&e))?;
+    let tcfg: TransformerConfig = snapshot
+        .config("transformer", "config.json")
+        .map_err(|e| first_line(&e))?;
+    tcfg.validate().map_err(|e| first_line(&e))?;
+    let scfg: SchedulerConfig = snapshot
+        .config("scheduler", "scheduler_config.json")
+        .map_err(|e| first_line(&e))?;
+    scfg.validate()?;
+    let shape = ModelShape {
+        joint_attention_dim: tcfg.joint_attention_dim,
+        latent_channels: tcfg.latent_channels(),
+    };
+    Ok((shape, tcfg, scfg))
+}
+
+fn device(spec: DeviceSpec) -> candle_core::Result<(Device, DType)> {
+    match spec {
+        // f32 on CPU: the reference precision, and bf16 matmuls are slow there.
+        DeviceSpec::Cpu => Ok((Device::Cpu, DType::F32)),
+        // bf16 on GPU: the published weights' dtype.
+        DeviceSpec::Cuda(n) => Ok((Device::new_cuda(n)?, DType::BF16)),
+    }
+}
+
+/// Loads the transformer on the configured device and runs one warm-up prediction. Runs on the worker.
+pub fn load(
+    cfg: &DenoiserConfig,
+    tcfg: &TransformerConfig,
+    scheduler: SchedulerConfig,
+) -> candle_core::Result<LoadedModel> {
+    let (device, dtype) = device(cfg.device)?;
+    let snapshot = Snapshot::open(&cfg.model_dir)?;
+    let vb = snapshot.weights("transformer", dtype, &device)?;
+    let transformer = QwenImageTransformer::new(tcfg, vb)?;
+    let model = LoadedModel {
+        transformer,
+        scheduler,
+        device,
+    };
+    warm_up(&model, tcfg)?;
+    Ok(model)
+}
+
+/// One transformer pass on a 2x2 latent (one token) and one zero prompt token: touches every weight.
+fn warm_up(m: &LoadedModel, tcfg: &TransformerConfig) -> candle_core::Result<()> {
+    let latents = Tensor::zeros((1, 1, 4 * tcfg.latent_channels()), DType::F32, &m.device)?;
+    let cond = Conditioning {
+        embeds: Tensor::zeros((1, 1, tcfg.joint_attention_dim), DType::F32, &m.device)?,
+        mask: None,
+    };
+    let out = predict(
+        &m.transformer,
+        &latents,
+        1.0,
+        &cond,
+        None,
+        1.0,
+        &[(1, 1, 1)],
+        &[],
+    )?;
+    let sum = out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        candle_core::bail!("warm-up produced non-finite output");
+    }
+    Ok(())
+}

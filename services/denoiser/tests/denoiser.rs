@@ -1,0 +1,493 @@
+//! The real denoiser on 127.0.0.1:0 with the tiny fixture snapshot, called through the generated client.
+
+use std::time::Duration;
+
+use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_denoiser::{DenoiserConfig, SERVICE_NAME, Stats, run_with_stats};
+use qwen_image_proto::v1::denoise_event::Event;
+use qwen_image_proto::v1::denoiser_client::DenoiserClient;
+use qwen_image_proto::v1::{DataType, DenoiseEvent, DenoiseRequest, DenoiseResult, Tensor};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny");
+/// Guard against a hung test; never used to wait for something to happen.
+const GUARD: Duration = Duration::from_secs(120);
+
+struct Harness {
+    channel: Channel,
+    stats: Stats,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), qwen_image_denoiser::DenoiserError>>,
+}
+
+impl Harness {
+    async fn start(queue_capacity: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
+        config.queue_capacity = queue_capacity;
+        let stats = Stats::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(run_with_stats(
+            config,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            stats.clone(),
+        ));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let h = Self {
+            channel,
+            stats,
+            stop: Some(stop),
+            server,
+        };
+        h.wait_serving().await;
+        h
+    }
+
+    fn client(&self) -> DenoiserClient<Channel> {
+        DenoiserClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Waits (on the health Watch stream) until the denoiser reports SERVING.
+    async fn wait_serving(&self) {
+        let mut health = HealthClient::new(self.channel.clone());
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        tokio::time::timeout(GUARD, async {
+            while let Some(msg) = watch.message().await.expect("health stream") {
+                if msg.status == ServingStatus::Serving as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before SERVING");
+        })
+        .await
+        .expect("SERVING in time");
+    }
+
+    async fn health(&self) -> i32 {
+        let mut health = HealthClient::new(self.channel.clone());
+        health
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner()
+            .status
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        drop(self.channel);
+        let result = tokio::time::timeout(GUARD, self.server)
+            .await
+            .expect("drained in time")
+            .expect("no panic");
+        assert!(result.is_ok(), "run returned {result:?}");
+    }
+}
+
+/// Reference tensors dumped by diffusers for the t2i_64 fixture.
+struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    fn load(name: &str) -> Self {
+        Self {
+            bytes: std::fs::read(format!("{FIXTURES}/refs/{name}/tensors.safetensors"))
+                .expect("fixture"),
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Tensor {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("safetensors");
+        let v = st.tensor(name).expect("tensor in fixture");
+        assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}");
+        Tensor {
+            dtype: DataType::F32 as i32,
+            shape: v.shape().iter().map(|&d| d as u64).collect(),
+            data: v.data().to_vec().into(),
+        }
+    }
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn t2i_request(reference: &Reference, steps: u32) -> DenoiseRequest {
+    DenoiseRequest {
+        prompt_embeds: Some(reference.tensor("prompt_embeds")),
+        negative_prompt_embeds: Some(reference.tensor("negative_prompt_embeds")),
+        true_cfg_scale: 4.0,
+        latents: Some(reference.tensor("rng.0")),
+        steps,
+        ..Default::default()
+    }
+}
+
+/// A request that runs for a long time on the tiny model: 1000 steps on a 64x64 latent grid (1024 tokens).
+fn long_request(reference: &Reference) -> DenoiseRequest {
+    let mut r = t2i_request(reference, 1000);
+    r.latents = Some(qwen_image_common::tensor::from_f32(
+        &[1, 16, 64, 64],
+        &vec![0.5; 16 * 64 * 64],
+    ));
+    r
+}
+
+/// Reads the stream to its end: the progress events and the result.
+async fn collect(
+    stream: Streaming<DenoiseEvent>,
+) -> Result<(Vec<(u32, u32)>, DenoiseResult), tonic::Status> {
+    collect_with_previews(stream).await.map(|(p, _, r)| (p, r))
+}
+
+/// Like [`collect`], also returning the steps that carried preview latents.
+async fn collect_with_previews(
+    mut stream: Streaming<DenoiseEvent>,
+) -> Result<(Vec<(u32, u32)>, Vec<u32>, DenoiseResult), tonic::Status> {
+    let mut progress = Vec::new();
+    let mut previews = Vec::new();
+    let mut result = None;
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(Event::Progress(p)) => {
+                if let Some(t) = &p.preview_latents {
+                    assert_eq!(t.shape, vec![1, 16, 1, 8, 8], "preview shape");
+                    previews.push(p.step);
+                }
+                progress.push((p.step, p.total_steps));
+            }
+            Some(Event::Result(r)) => result = Some(r),
+            None => panic!("empty event"),
+        }
+    }
+    Ok((progress, previews, result.expect("a result event")))
+}
+
+/// Waits for the first progress event of a running stream.
+async fn first_progress(stream: &mut Streaming<DenoiseEvent>) {
+    let ev = tokio::time::timeout(GUARD, stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("an event");
+    assert!(
+        matches!(ev.event, Some(Event::Progress(_))),
+        "first event is progress"
+    );
+}
+
+#[tokio::test]
+async fn final_latents_match_diffusers() {
+    let h = Harness::start(2).await;
+    let reference = Reference::load("t2i_64");
+    let mut req = t2i_request(&reference, 4);
+    req.preview_every_n_steps = 3;
+    let stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let (progress, previews, result) = tokio::time::timeout(GUARD, collect_with_previews(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(previews, vec![3, 4], "every 3rd step and the last");
+    assert_eq!(progress, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert_eq!(result.sigmas.len(), 5);
+    let latents = result.latents.expect("latents");
+    assert_eq!(latents.shape, vec![1, 16, 1, 8, 8]);
+    let ours = f32s(&latents);
+
+    // latents_final_packed [1, 16, 64] -> [1, 16, 1, 8, 8]: packed[y*4+x, c*4+dy*2+dx] = lat[c, 2y+dy, 2x+dx]
+    let packed = f32s(&reference.tensor("latents_final_packed"));
+    let mut expected = vec![0f32; 16 * 64];
+    for c in 0..16 {
+        for yy in 0..8 {
+            for xx in 0..8 {
+                let (y, dy, x, dx) = (yy / 2, yy % 2, xx / 2, xx % 2);
+                expected[c * 64 + yy * 8 + xx] = packed[(y * 4 + x) * 64 + c * 4 + dy * 2 + dx];
+            }
+        }
+    }
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-3 * scale,
+        "max abs diff {worst} vs max abs {scale}"
+    );
+    h.shutdown().await;
+}
+
+/// Packed `[1, 16, 64]` (4x4 tokens of 2x2 patches) -> unpacked `[1, 16, 1, 8, 8]` wire tensor.
+fn unpack_8x8(packed: &Tensor) -> Tensor {
+    let packed = f32s(packed);
+    let mut out = vec![0f32; 16 * 64];
+    for c in 0..16 {
+        for yy in 0..8 {
+            for xx in 0..8 {
+                let (y, dy, x, dx) = (yy / 2, yy % 2, xx / 2, xx % 2);
+                out[c * 64 + yy * 8 + xx] = packed[(y * 4 + x) * 64 + c * 4 + dy * 2 + dx];
+            }
+        }
+    }
+    qwen_image_common::tensor::from_f32(&[1, 16, 1, 8, 8], &out)
+}
+
+#[tokio::test]
+async fn inpaint_blending_matches_diffusers() {
+    let h = Harness::start(1).await;
+    let reference = Reference::load("inpaint_64");
+    // The dump numbers the steps that ran 0..=2. Strength 0.6 of 4 steps: t_start = int(4 - 2.4) = 1 (QwenImageInpaintPipeline.get_timesteps)
+    let req = DenoiseRequest {
+        prompt_embeds: Some(reference.tensor("prompt_embeds")),
+        negative_prompt_embeds: Some(reference.tensor("negative_prompt_embeds")),
+        true_cfg_scale: 4.0,
+        latents: Some(unpack_8x8(&reference.tensor("latents_init_packed"))),
+        steps: 4,
+        start_step: 1,
+        inpaint: Some(qwen_image_proto::v1::InpaintInputs {
+            image_latents: Some(unpack_8x8(&reference.tensor("image_latents_packed"))),
+            noise: Some(unpack_8x8(&reference.tensor("noise_packed"))),
+            mask: Some(unpack_8x8(&reference.tensor("mask_packed"))),
+        }),
+        ..Default::default()
+    };
+    let stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress, vec![(1, 3), (2, 3), (3, 3)]);
+    let ours = f32s(&result.latents.expect("latents"));
+    let expected = f32s(&unpack_8x8(&reference.tensor("step.2.latents_end")));
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-3 * scale,
+        "max abs diff {worst} vs max abs {scale}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_get_invalid_argument_and_service_stays_healthy() {
+    let h = Harness::start(2).await;
+    let reference = Reference::load("t2i_64");
+    let good = t2i_request(&reference, 2);
+    let embeds = reference.tensor("prompt_embeds");
+    let mut cases: Vec<(&str, DenoiseRequest)> = Vec::new();
+
+    let mut r = good.clone();
+    r.prompt_embeds = Some(Tensor {
+        dtype: DataType::F16 as i32,
+        ..embeds.clone()
+    });
+    cases.push(("dtype", r));
+    let mut r = good.clone();
+    r.prompt_embeds = Some(Tensor {
+        shape: vec![22, 32],
+        ..embeds.clone()
+    });
+    cases.push(("rank", r));
+    let mut r = good.clone();
+    r.prompt_embeds = Some(Tensor {
+        shape: vec![1, 11, 64],
+        ..embeds.clone()
+    });
+    cases.push(("embedding width", r));
+    let mut r = good.clone();
+    r.prompt_embeds = Some(Tensor {
+        data: embeds.data.slice(..embeds.data.len() - 4),
+        ..embeds.clone()
+    });
+    cases.push(("byte length", r));
+    let mut r = good.clone();
+    r.latents = Some(Tensor {
+        shape: vec![1, 16, 1, 1, 64],
+        ..reference.tensor("rng.0")
+    });
+    cases.push(("odd latent height", r));
+    let mut r = good.clone();
+    r.steps = 0;
+    cases.push(("zero steps", r));
+    let mut r = good.clone();
+    r.steps = 1001;
+    cases.push(("too many steps", r));
+    let mut r = good.clone();
+    r.true_cfg_scale = -1.0;
+    cases.push(("negative cfg", r));
+
+    for (what, req) in cases {
+        let err = h.client().denoise(req).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(!err.message().is_empty(), "{what}");
+    }
+    assert_eq!(h.health().await, ServingStatus::Serving as i32);
+    let stream = h
+        .client()
+        .denoise(good)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 2);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn full_queue_gets_resource_exhausted_and_cancel_frees_the_slot() {
+    let h = Harness::start(1).await;
+    let reference = Reference::load("t2i_64");
+    let mut stats = h.stats.subscribe();
+
+    let mut long = h
+        .client()
+        .denoise(long_request(&reference))
+        .await
+        .expect("admitted")
+        .into_inner();
+    first_progress(&mut long).await;
+
+    let err = h
+        .client()
+        .denoise(t2i_request(&reference, 2))
+        .await
+        .expect_err("queue is full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        qwen_image_common::status::retry_after(&err).is_some(),
+        "retry hint in metadata"
+    );
+
+    drop(long); // the caller goes away
+    let snap = tokio::time::timeout(GUARD, stats.wait_for(|s| s.jobs_cancelled == 1))
+        .await
+        .expect("cancel observed in time")
+        .expect("stats alive")
+        .clone();
+    assert!(snap.steps_run < 1000, "the loop stopped early: {snap:?}");
+    eprintln!("cancelled after {} steps", snap.steps_run);
+    assert_eq!(snap.jobs_finished, 0);
+
+    // The slot is free again: the next request is admitted and completes.
+    let stream = h
+        .client()
+        .denoise(t2i_request(&reference, 2))
+        .await
+        .expect("admitted after cancel")
+        .into_inner();
+    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 2);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn deadline_stops_the_loop_with_deadline_exceeded() {
+    let h = Harness::start(1).await;
+    let reference = Reference::load("t2i_64");
+    let mut req = tonic::Request::new(long_request(&reference));
+    req.set_timeout(Duration::from_millis(300));
+    let stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let err = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(h.stats.snapshot().jobs_deadline_exceeded, 1);
+    assert!(h.stats.snapshot().steps_run < 1000);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_snapshot_is_a_startup_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let config = DenoiserConfig::new(format!("{FIXTURES}/no-such-snapshot"));
+    let result = qwen_image_denoiser::run(config, listener, std::future::pending()).await;
+    assert!(
+        matches!(result, Err(qwen_image_denoiser::DenoiserError::Config(_))),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_streams() {
+    let mut h = Harness::start(1).await;
+    let reference = Reference::load("t2i_64");
+    let mut req = long_request(&reference);
+    req.steps = 10;
+    let mut stream = h
+        .client()
+        .denoise(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    first_progress(&mut stream).await;
+    let _ = h.stop.take().expect("not stopped yet").send(());
+    // The in-flight stream still runs to its result.
+    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 9, "the remaining steps after the first");
+    assert!(result.latents.is_some());
+    eprintln!("drained a job of {} ms", result.elapsed_ms);
+    h.shutdown().await;
+}

@@ -1,0 +1,221 @@
+//! The real text encoder on 127.0.0.1:0 with the tiny fixture snapshot, called through the generated client.
+
+use std::time::Duration;
+
+use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_proto::v1::text_encoder_client::TextEncoderClient;
+use qwen_image_proto::v1::{DataType, EncodeRequest, OverlongPromptPolicy};
+use qwen_image_text_encoder::{SERVICE_NAME, TextEncoderConfig, run};
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny");
+/// Guard against a hung test; never used to wait for something to happen.
+const GUARD: Duration = Duration::from_secs(120);
+
+struct Harness {
+    channel: Channel,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), qwen_image_text_encoder::TextEncoderError>>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = TextEncoderConfig::new(format!("{FIXTURES}/snapshot"));
+        let server = tokio::spawn(run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut watch = HealthClient::new(channel.clone())
+            .watch(HealthCheckRequest {
+                service: SERVICE_NAME.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        tokio::time::timeout(GUARD, async {
+            while let Some(msg) = watch.message().await.expect("health stream") {
+                if msg.status == ServingStatus::Serving as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before SERVING");
+        })
+        .await
+        .expect("SERVING in time");
+        Self {
+            channel,
+            stop,
+            server,
+        }
+    }
+
+    fn client(&self) -> TextEncoderClient<Channel> {
+        TextEncoderClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        drop(self.channel);
+        let result = tokio::time::timeout(GUARD, self.server)
+            .await
+            .expect("drained")
+            .expect("no panic");
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
+
+fn reference(name: &str) -> (Vec<u64>, Vec<f32>) {
+    let bytes =
+        std::fs::read(format!("{FIXTURES}/refs/textenc/tensors.safetensors")).expect("fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let v = st.tensor(name).expect("tensor");
+    let data = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (v.shape().iter().map(|&d| d as u64).collect(), data)
+}
+
+#[tokio::test]
+async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
+    let h = Harness::start().await;
+    let prompt = "A cat holding a sign that says hello world";
+    let resp = h
+        .client()
+        .encode(EncodeRequest {
+            prompts: vec![prompt.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("encoded")
+        .into_inner();
+    let embeds = resp.prompt_embeds.expect("embeds");
+    let (shape, expected) = reference("single.1.prompt_embeds");
+    assert_eq!(embeds.dtype, DataType::F32 as i32);
+    assert_eq!(embeds.shape, shape);
+    let ours: Vec<f32> = embeds
+        .data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
+    let mask = resp.prompt_embeds_mask.expect("mask");
+    assert_eq!(mask.dtype, DataType::U8 as i32);
+    assert_eq!(mask.shape, vec![1, shape[1]]);
+    assert!(resp.mask_all_ones);
+    assert_eq!(resp.token_counts, vec![shape[1] as u32]);
+    assert_eq!(resp.truncated, vec![false]);
+
+    // Too long for max_sequence_length 4: rejected by default, truncated on request.
+    let long = EncodeRequest {
+        prompts: vec![prompt.into()],
+        max_sequence_length: 4,
+        ..Default::default()
+    };
+    let err = h.client().encode(long.clone()).await.expect_err("too long");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("TRUNCATE"), "{}", err.message());
+    let cut = h
+        .client()
+        .encode(EncodeRequest {
+            overlong_policy: OverlongPromptPolicy::Truncate as i32,
+            ..long
+        })
+        .await
+        .expect("truncated")
+        .into_inner();
+    assert_eq!(
+        cut.prompt_embeds.expect("embeds").shape,
+        vec![1, 4, shape[2]]
+    );
+    assert_eq!(cut.truncated, vec![true]);
+
+    for bad in [
+        EncodeRequest::default(),
+        EncodeRequest {
+            prompts: vec!["a".into()],
+            max_sequence_length: 5000,
+            ..Default::default()
+        },
+        EncodeRequest {
+            prompts: vec!["a".into()],
+            overlong_policy: 42,
+            ..Default::default()
+        },
+    ] {
+        let err = h.client().encode(bad).await.expect_err("invalid");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    let status = HealthClient::new(h.channel.clone())
+        .check(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
+        .await
+        .expect("check")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_deadline_gets_deadline_exceeded() {
+    let h = Harness::start().await;
+    let mut req = tonic::Request::new(EncodeRequest {
+        prompts: vec!["a cat".into()],
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_nanos(1));
+    let err = h.client().encode(req).await.expect_err("deadline");
+    // Either our handler answers first (DEADLINE_EXCEEDED), or tonic's own grpc-timeout enforcement on
+    // unary calls does (CANCELLED "Timeout expired", rust-stack.md §3.5): both end the call.
+    let tonic_timeout = err.code() == Code::Cancelled && err.message() == "Timeout expired";
+    assert!(
+        err.code() == Code::DeadlineExceeded || tonic_timeout,
+        "{err:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_snapshot_is_a_startup_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let result = run(
+        TextEncoderConfig::new(format!("{FIXTURES}/nope")),
+        listener,
+        std::future::pending(),
+    )
+    .await;
+    assert!(
+        matches!(
+            result,
+            Err(qwen_image_text_encoder::TextEncoderError::Config(_))
+        ),
+        "{result:?}"
+    );
+}

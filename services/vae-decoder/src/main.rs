@@ -1,0 +1,21 @@
+//! `qwen-image-vae`: parse flags, start telemetry, bind, serve until SIGTERM / ctrl-c.
+
+use anyhow::Context;
+use clap::Parser;
+use qwen_image_vae::{Args, VaeServiceConfig, run};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = qwen_image_common::telemetry::init("qwen-image-vae", &args.common)?;
+    if let Some(addr) = args.common.metrics_listen {
+        qwen_image_common::telemetry::serve_metrics(addr)?;
+    }
+    let config = VaeServiceConfig::from(&args);
+    tracing::info!(?config, "starting");
+    let listener = tokio::net::TcpListener::bind(args.common.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.common.listen))?;
+    run(config, listener, qwen_image_common::shutdown::signal()).await?;
+    Ok(())
+}

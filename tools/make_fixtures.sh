@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Regenerates every committed test fixture under tests/fixtures/ with diffusers itself (tiny random-weight
+# snapshots + reference dumps). Needs the reference venv: tools/refharness/install.sh (about 3 min, 6 GB).
+# Outputs are deterministic for the pinned versions on the same CPU type (see tools/refharness/README.md).
+#   tools/make_fixtures.sh            # all fixtures
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PY:-$HOME/.venvs/qwen-image-ref/bin/python}"
+H="$ROOT/tools/refharness"
+F="$ROOT/tests/fixtures"
+ref() { local snap="$1" out="$2"; shift 2; "$PY" "$H/reference.py" "$snap" "$out" --force "$@" > /dev/null; echo "ok $out"; }
+
+# --- tiny: the standard suite (snapshot with ControlNet; t2i, inpaint, controlnet, vae, textenc refs)
+PY="$PY" bash "$H/make_suite.sh" "$F/tiny" tiny 0
+rm -f "$F"/tiny/refs/*.log
+
+# --- tiny in bf16, sharded into many small files, without tokenizer.json (the released snapshot's shape)
+"$PY" "$H/make_tiny.py" "$F/tiny-bf16-sharded/snapshot" --preset tiny --seed 7 --dtype bf16 --max-shard-size 60KB \
+    --no-tokenizer-json --force > /dev/null
+ref "$F/tiny-bf16-sharded/snapshot" "$F/tiny-bf16-sharded/refs/t2i_64x48" --mode t2i --height 64 --width 48 --steps 3 \
+    --true-cfg-scale 3.5 --negative-prompt " " --seed 11
+
+# --- random preset, seed 3: z_dim 4, 3 heads x 32, 3 layers, VAE dim_mult [1,1,2,2], 3-level temporal flags
+"$PY" "$H/make_tiny.py" "$F/random-3/snapshot" --preset random --seed 3 --force > /dev/null
+ref "$F/random-3/snapshot" "$F/random-3/refs/t2i_48x80" --mode t2i --height 48 --width 80 --steps 3 --true-cfg-scale 4 \
+    --negative-prompt "blurry, 模糊" --seed 5 --prompt "a red kite over the sea, 海边的红色风筝"
+ref "$F/random-3/snapshot" "$F/random-3/refs/vae_48x80" --mode vae --height 48 --width 80 --seed 6
+ref "$F/random-3/snapshot" "$F/random-3/refs/textenc" --mode textenc
+
+# --- random preset, seed 5: z_dim 8, head_dim 48 (axes 8/20/20), VAE temporal flags [true,false,false]
+"$PY" "$H/make_tiny.py" "$F/random-5/snapshot" --preset random --seed 5 --force > /dev/null
+ref "$F/random-5/snapshot" "$F/random-5/refs/t2i_80x32" --mode t2i --height 80 --width 32 --steps 2 --no-negative \
+    --true-cfg-scale 1 --seed 9 --prompt "一个穿红衣服的人在跳舞 a person dancing"
+ref "$F/random-5/snapshot" "$F/random-5/refs/vae_80x32" --mode vae --height 80 --width 32 --seed 3
+ref "$F/random-5/snapshot" "$F/random-5/refs/textenc" --mode textenc
+
+# --- random preset, seed 46 (text encoder): 4 heads / 2 KV heads (GQA group 2), 3 layers, vocab 2048;
+# transformers-5 (`text_config` + `rope_parameters`) config; no tokenizer.json; bf16 weights in 100 KB shards
+rm -rf "$F/random_v5"
+"$PY" "$H/make_tiny.py" "$F/random_v5/snapshot" --preset random --seed 46 --te-config-style v5 --no-tokenizer-json \
+    --dtype bf16 --max-shard-size 100KB > /dev/null
+ref "$F/random_v5/snapshot" "$F/random_v5/refs/textenc" --mode textenc
+
+# --- random preset, seed 17 (VAE only): 3 levels (spatial factor 4), z_dim 8, 2 res blocks, temporal
+# [true, false]; only model_index.json + vae/ are kept, with a 40x72 `vae` reference
+TMP="$(mktemp -d)"
+"$PY" "$H/make_tiny.py" "$TMP/snapshot" --preset random --seed 17 --force > /dev/null
+ref "$TMP/snapshot" "$TMP/vae_40x72" --mode vae --height 40 --width 72 --seed 9 --image-seed 2
+rm -rf "$F/random_vae" && mkdir -p "$F/random_vae/snapshot" "$F/random_vae/refs"
+cp "$TMP/snapshot/model_index.json" "$F/random_vae/snapshot/"
+cp -r "$TMP/snapshot/vae" "$F/random_vae/snapshot/"
+cp -r "$TMP/vae_40x72" "$F/random_vae/refs/"
+rm -rf "$TMP"
+
+# --- diffusers' tiled decode (enable_tiling(64, 64, 48, 48)) of a fixed latent on the tiny VAE
+mkdir -p "$F/vae_tiled"
+"$PY" "$ROOT/tools/refharness_vae/tiled_ref.py" "$F/tiny/snapshot" "$F/vae_tiled/tiny_96x160.safetensors"
+
+# --- Pillow reference outputs for the imaging crate (LANCZOS resize, RGB->L)
+"$PY" "$ROOT/tools/imaging/make_pil_vectors.py" "$F/imaging"
+
+du -sh "$F"/*
