@@ -93,7 +93,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 &model,
                 listener,
                 qwen_image_common::shutdown::signal(),
-                StageOptions { queue_capacity: args.queue_capacity },
+                StageOptions {
+                    queue_capacity: args.queue_capacity,
+                },
             )
             .await?;
         }

@@ -70,7 +70,9 @@ pub async fn run_stage(
             }
             qwen_image_vae::run(c, listener, shutdown).await?;
         }
-        StageKind::Gateway => bail!("the gateway is not a model stage; use qwen_image_gateway::run"),
+        StageKind::Gateway => {
+            bail!("the gateway is not a model stage; use qwen_image_gateway::run")
+        }
     }
     Ok(())
 }
@@ -109,7 +111,9 @@ impl LocalStack {
             let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
             tasks.push((
                 kind.name(),
-                tokio::spawn(async move { run_stage(kind, &model, listener, shutdown, StageOptions::default()).await }),
+                tokio::spawn(async move {
+                    run_stage(kind, &model, listener, shutdown, StageOptions::default()).await
+                }),
             ));
             stage_addrs.push((kind, addr));
         }
