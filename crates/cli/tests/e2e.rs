@@ -333,10 +333,10 @@ async fn cancelling_a_request_frees_the_denoiser() {
             .await
             .expect("events")
             .expect("not finished");
-        if let Some(generate_event::Event::Progress(p)) = ev.event {
-            if p.stage == Stage::Denoise as i32 {
-                step_ms.push(p.elapsed_ms);
-            }
+        if let Some(generate_event::Event::Progress(p)) = ev.event
+            && p.stage == Stage::Denoise as i32
+        {
+            step_ms.push(p.elapsed_ms);
         }
     }
     let per_step = Duration::from_millis((step_ms[2] - step_ms[0]).max(2) / 2);

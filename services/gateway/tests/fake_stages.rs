@@ -495,10 +495,10 @@ async fn dropping_the_stream_cancels_the_denoiser() {
     // Read until the first denoising step arrives, then hang up.
     tokio::time::timeout(GUARD, async {
         while let Some(ev) = stream.message().await.expect("events") {
-            if let Some(generate_event::Event::Progress(p)) = ev.event {
-                if p.stage == Stage::Denoise as i32 {
-                    return;
-                }
+            if let Some(generate_event::Event::Progress(p)) = ev.event
+                && p.stage == Stage::Denoise as i32
+            {
+                return;
             }
         }
     })
