@@ -59,4 +59,14 @@ mkdir -p "$F/vae_tiled"
 # --- Pillow reference outputs for the imaging crate (LANCZOS resize, RGB->L)
 "$PY" "$ROOT/tools/imaging/make_pil_vectors.py" "$F/imaging"
 
+# --- BEGIN gateway end-to-end references (crates/cli/tests/e2e.rs; t2i_64 above is reused as is)
+# Text-to-image without a negative prompt (no CFG) and with a Chinese+English prompt, 64x64, 4 steps.
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/t2i_64_nocfg" --mode t2i \
+  --height 64 --width 64 --steps 4 --seed 7 --prompt 'A red fox in the snow' --no-negative --true-cfg-scale 1 \
+  --dump-steps first --force
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/t2i_64_zh" --mode t2i \
+  --height 64 --width 64 --steps 4 --seed 3 --prompt '一只猫举着写有 hello world 的牌子' --negative-prompt " " \
+  --dump-steps first --force
+# --- END gateway end-to-end references
+
 du -sh "$F"/*

@@ -2,7 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod generate;
+mod model_dir;
 mod parity;
+mod serve;
+mod stack;
 
 /// Qwen-Image serving system command line.
 #[derive(Parser)]
@@ -16,12 +20,18 @@ struct Cli {
 enum Command {
     /// Recompute a diffusers reference dump (refharness format) with our code and compare, tensor by tensor.
     Parity(parity::ParityArgs),
+    /// Run the stack (text-encoder, denoiser, VAE and gateway) in this process, or one service of it.
+    Serve(serve::ServeArgs),
+    /// Generate an image from a prompt through a gateway (or a stack started for the call) and write a PNG.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity(args) => parity::run(&args),
+        Command::Serve(args) => serve::run(args),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(code) => code,

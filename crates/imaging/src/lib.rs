@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod mask;
+pub mod openpose;
 pub mod resize;
 
 /// An 8-bit image, row-major, interleaved channels (`channels` = 1 for L, 3 for RGB).

@@ -1,0 +1,292 @@
+//! `qwen-image generate`: one text-to-image request, to a running gateway or to a stack started in this
+//! process, with a progress bar on stderr; writes the PNG(s).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
+use qwen_image_proto::v1::{
+    DataType, GenerateResult, Stage, Tensor, TextToImageRequest, generate_event,
+};
+
+use crate::model_dir::default_model_dir;
+use crate::stack::LocalStack;
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// What to draw (Chinese, English or mixed).
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Width in pixels, a multiple of 16 (server default 1024).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels, a multiple of 16 (server default 1024).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Denoising steps (server default 50).
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// True CFG scale (server default 4.0).
+    #[arg(long)]
+    pub true_cfg_scale: Option<f32>,
+    /// Seed (torch.Generator("cpu").manual_seed compatible); random when absent, printed either way.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images (1..=4); files after the first get `-1`, `-2`, ... before the extension.
+    #[arg(long)]
+    pub num_images: Option<u32>,
+    /// Initial latents instead of seeded noise: a safetensors file with one F32 tensor (or one named
+    /// `latents`) of shape [N, 1, 16, H/8, W/8] or [N, 16, 1, H/8, W/8].
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Where to write the PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
+    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
+    pub gateway: Option<String>,
+    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model.
+    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
+    pub model: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(generate(args))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn generate(args: GenerateArgs) -> Result<()> {
+    let request = build_request(&args)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let result = match &args.gateway {
+        Some(url) => send(url, request, timeout, args.quiet).await?,
+        None => {
+            let model = match &args.model {
+                Some(m) => m.clone(),
+                None => default_model_dir()?,
+            };
+            if !args.quiet {
+                eprintln!("starting a local stack on {} ...", model.display());
+            }
+            let mut stack = LocalStack::start(model, "127.0.0.1:0").await?;
+            let out = async {
+                stack.wait_ready(timeout).await?;
+                send(&stack.gateway_url(), request, timeout, args.quiet).await
+            }
+            .await;
+            stack.shutdown().await?;
+            out?
+        }
+    };
+    for (i, png) in result.png.iter().enumerate() {
+        let path = numbered(&args.out, i);
+        std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "seed {} size {}x{} request {} in {:.1}s",
+        result.seed,
+        result.width_px,
+        result.height_px,
+        result.request_id,
+        result.elapsed_ms as f64 / 1000.0
+    );
+    Ok(())
+}
+
+/// `out.png`, `out-1.png`, `out-2.png`, ...
+fn numbered(out: &Path, i: usize) -> PathBuf {
+    if i == 0 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+fn build_request(args: &GenerateArgs) -> Result<TextToImageRequest> {
+    let initial_latents = match &args.latents {
+        Some(p) => Some(read_latents(p)?),
+        None => None,
+    };
+    Ok(TextToImageRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width_px: args.width.unwrap_or(0),
+        height_px: args.height.unwrap_or(0),
+        steps: args.steps.unwrap_or(0),
+        true_cfg_scale: args.true_cfg_scale,
+        seed: args.seed,
+        initial_latents,
+        preview: None,
+        num_images: args.num_images.unwrap_or(0),
+    })
+}
+
+/// One F32 tensor from a safetensors file (the only one, or the one named `latents`).
+pub fn read_latents(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let names = st.names();
+    let name = match names.as_slice() {
+        [one] => one.to_string(),
+        _ if names.iter().any(|n| *n == "latents") => "latents".to_string(),
+        _ => bail!(
+            "{} holds {} tensors; keep one, or name it `latents`",
+            path.display(),
+            names.len()
+        ),
+    };
+    let view = st.tensor(&name)?;
+    if view.dtype() != safetensors::Dtype::F32 {
+        bail!(
+            "tensor `{name}` in {} is {:?}; save it as float32",
+            path.display(),
+            view.dtype()
+        );
+    }
+    Ok(Tensor {
+        dtype: DataType::F32 as i32,
+        shape: view.shape().iter().map(|&d| d as u64).collect(),
+        data: bytes::Bytes::copy_from_slice(view.data()),
+    })
+}
+
+async fn send(
+    url: &str,
+    request: TextToImageRequest,
+    timeout: Duration,
+    quiet: bool,
+) -> Result<GenerateResult> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("`{url}` is not a gateway URL"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the gateway at {url}"))?;
+    let mut client = ImageGeneratorClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut req = tonic::Request::new(request);
+    req.set_timeout(timeout);
+    let mut stream = client
+        .text_to_image(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut bar = Progress::new(quiet);
+    while let Some(ev) = stream.message().await.map_err(status_error)? {
+        match ev.event {
+            Some(generate_event::Event::Progress(p)) => {
+                bar.update(p.stage, p.step, p.total_steps, p.elapsed_ms)
+            }
+            Some(generate_event::Event::Result(r)) => {
+                bar.finish();
+                return Ok(r);
+            }
+            None => {}
+        }
+    }
+    bar.finish();
+    bail!("the gateway ended the stream without a result")
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("gateway answered {:?}: {}", s.code(), s.message())
+}
+
+/// A one-line progress bar on stderr.
+struct Progress {
+    quiet: bool,
+    started: Instant,
+    drawn: bool,
+}
+
+impl Progress {
+    const WIDTH: u32 = 30;
+
+    fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            started: Instant::now(),
+            drawn: false,
+        }
+    }
+
+    fn update(&mut self, stage: i32, step: u32, total: u32, _elapsed_ms: u64) {
+        if self.quiet {
+            return;
+        }
+        let label = match Stage::try_from(stage) {
+            Ok(Stage::EncodePrompt) => "encoding prompt",
+            Ok(Stage::Denoise) => "denoising",
+            Ok(Stage::Decode) => "decoding",
+            Ok(Stage::Queued) => "queued",
+            _ => "working",
+        };
+        let filled = if total > 0 {
+            (step.min(total) * Self::WIDTH) / total
+        } else {
+            0
+        };
+        let bar: String = (0..Self::WIDTH)
+            .map(|i| if i < filled { '#' } else { '.' })
+            .collect();
+        let counts = if total > 0 {
+            format!(" {step}/{total}")
+        } else {
+            String::new()
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r[{bar}]{counts} {label} {:.1}s\x1b[K",
+            self.started.elapsed().as_secs_f64()
+        );
+        let _ = err.flush();
+        self.drawn = true;
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_extra_images() {
+        assert_eq!(numbered(Path::new("a/b.png"), 0), PathBuf::from("a/b.png"));
+        assert_eq!(
+            numbered(Path::new("a/b.png"), 2),
+            PathBuf::from("a/b-2.png")
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! `qwen-image serve`: the whole stack in one process (three stages + gateway on loopback ports), or one
+//! service with `--stage`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use clap::builder::TypedValueParser as _;
+use qwen_image_common::args::CommonArgs;
+use tokio::net::TcpListener;
+
+use crate::model_dir::default_model_dir;
+use crate::stack::{LocalStack, StageKind, StageOptions, run_stage};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// `--listen` is the gateway's address (or the one stage's with `--stage`).
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Diffusers snapshot directory. Default: the embedded default model.
+    #[arg(long, env = "QWEN_IMAGE_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Run only this service (for deployments and tests that want separate processes).
+    #[arg(long, value_enum, env = "QWEN_IMAGE_STAGE")]
+    pub stage: Option<StageKind>,
+
+    /// With `--stage gateway`: text-encoder endpoint(s), comma-separated URLs.
+    #[arg(long, env = "QWEN_IMAGE_TEXT_ENCODER", value_delimiter = ',')]
+    pub text_encoder: Vec<String>,
+
+    /// With `--stage gateway`: denoiser endpoint(s), comma-separated URLs.
+    #[arg(long, env = "QWEN_IMAGE_DENOISER", value_delimiter = ',')]
+    pub denoiser: Vec<String>,
+
+    /// With `--stage gateway`: VAE endpoint(s), comma-separated URLs.
+    #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',')]
+    pub vae: Vec<String>,
+
+    /// With `--stage text-encoder|denoiser|vae`: requests admitted at once (running + waiting); more get
+    /// RESOURCE_EXHAUSTED. Default: the service's own.
+    #[arg(long, env = "QWEN_IMAGE_QUEUE_CAPACITY", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
+    pub queue_capacity: Option<usize>,
+
+    /// How long to wait for the stack to load its models and report SERVING.
+    #[arg(long, env = "QWEN_IMAGE_READY_TIMEOUT_SECS", default_value_t = 600)]
+    pub ready_timeout_secs: u64,
+}
+
+pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
+    let _telemetry = qwen_image_common::telemetry::init("qwen-image", &args.common)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(addr) = args.common.metrics_listen {
+        qwen_image_common::telemetry::serve_metrics(addr)?;
+    }
+    let listen = args.common.listen.to_string();
+    match args.stage {
+        Some(StageKind::Gateway) => {
+            if args.text_encoder.is_empty() || args.denoiser.is_empty() || args.vae.is_empty() {
+                bail!("--stage gateway needs --text-encoder, --denoiser and --vae endpoint URLs");
+            }
+            let mut config = qwen_image_gateway::GatewayConfig::new("", "", "");
+            config.text_encoder = args.text_encoder;
+            config.denoiser = args.denoiser;
+            config.vae = args.vae;
+            let listener = TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
+            qwen_image_gateway::run(config, listener, qwen_image_common::shutdown::signal())
+                .await?;
+        }
+        Some(kind) => {
+            let model = match args.model {
+                Some(m) => m,
+                None => default_model_dir()?,
+            };
+            let listener = TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("listening on {}", listener.local_addr()?);
+            run_stage(
+                kind,
+                &model,
+                listener,
+                qwen_image_common::shutdown::signal(),
+                StageOptions {
+                    queue_capacity: args.queue_capacity,
+                },
+            )
+            .await?;
+        }
+        None => {
+            let model = match args.model {
+                Some(m) => m,
+                None => default_model_dir()?,
+            };
+            let mut stack = LocalStack::start(model.clone(), &listen).await?;
+            for (kind, addr) in &stack.stage_addrs {
+                println!("{} listening on {addr}", kind.name());
+            }
+            println!("listening on {}", stack.gateway_addr);
+            eprintln!("loading {} ...", model.display());
+            let stop = qwen_image_common::shutdown::signal();
+            tokio::pin!(stop);
+            tokio::select! {
+                r = stack.wait_ready(Duration::from_secs(args.ready_timeout_secs)) => {
+                    r?;
+                    eprintln!("ready: send requests to http://{} (ctrl-c to stop)", stack.gateway_addr);
+                    stop.as_mut().await;
+                }
+                () = stop.as_mut() => {}
+            }
+            stack.shutdown().await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Running stage services and the gateway in this process, each a real gRPC server on its own listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// One service of the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StageKind {
+    TextEncoder,
+    Denoiser,
+    Vae,
+    Gateway,
+}
+
+impl StageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TextEncoder => "text-encoder",
+            Self::Denoiser => "denoiser",
+            Self::Vae => "vae",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+/// Requests each stage admits at once (running + waiting); `None` = the service's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageOptions {
+    pub queue_capacity: Option<usize>,
+}
+
+/// Runs one model stage on `listener` until `shutdown`, through the stage library's own `run`.
+pub async fn run_stage(
+    kind: StageKind,
+    model: &Path,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: StageOptions,
+) -> Result<()> {
+    match kind {
+        StageKind::TextEncoder => {
+            let mut c = qwen_image_text_encoder::TextEncoderConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_text_encoder::run(c, listener, shutdown).await?;
+        }
+        StageKind::Denoiser => {
+            let mut c = qwen_image_denoiser::DenoiserConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_denoiser::run(c, listener, shutdown).await?;
+        }
+        StageKind::Vae => {
+            let mut c = qwen_image_vae::VaeServiceConfig::new(model);
+            if let Some(q) = options.queue_capacity {
+                c.queue_capacity = q;
+            }
+            qwen_image_vae::run(c, listener, shutdown).await?;
+        }
+        StageKind::Gateway => {
+            bail!("the gateway is not a model stage; use qwen_image_gateway::run")
+        }
+    }
+    Ok(())
+}
+
+/// A running in-process stack: three stages and a gateway on loopback ports.
+pub struct LocalStack {
+    pub gateway_addr: SocketAddr,
+    pub stage_addrs: Vec<(StageKind, SocketAddr)>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<Result<()>>)>,
+}
+
+fn stop_signal(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+impl LocalStack {
+    /// Starts the three stages on `127.0.0.1:0` and the gateway on `gateway_listen`.
+    pub async fn start(model: PathBuf, gateway_listen: &str) -> Result<Self> {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut stage_addrs = Vec::new();
+        for kind in [StageKind::TextEncoder, StageKind::Denoiser, StageKind::Vae] {
+            let (listener, addr) = bind("127.0.0.1:0").await?;
+            let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
+            tasks.push((
+                kind.name(),
+                tokio::spawn(async move {
+                    run_stage(kind, &model, listener, shutdown, StageOptions::default()).await
+                }),
+            ));
+            stage_addrs.push((kind, addr));
+        }
+        let url = |k: StageKind| {
+            stage_addrs
+                .iter()
+                .find(|(s, _)| *s == k)
+                .map(|(_, a)| format!("http://{a}"))
+                .unwrap_or_default()
+        };
+        let config = qwen_image_gateway::GatewayConfig::new(
+            url(StageKind::TextEncoder),
+            url(StageKind::Denoiser),
+            url(StageKind::Vae),
+        );
+        let (listener, gateway_addr) = bind(gateway_listen).await?;
+        let shutdown = stop_signal(&stop_rx);
+        tasks.push((
+            "gateway",
+            tokio::spawn(
+                async move { Ok(qwen_image_gateway::run(config, listener, shutdown).await?) },
+            ),
+        ));
+        Ok(Self {
+            gateway_addr,
+            stage_addrs,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.gateway_addr)
+    }
+
+    /// Waits until the gateway reports SERVING (all stages loaded), or fails when a service ends first.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let url = self.gateway_url();
+        let ready = wait_serving(&url, timeout);
+        tokio::pin!(ready);
+        loop {
+            if let Some(i) = self.tasks.iter().position(|(_, t)| t.is_finished()) {
+                let (name, task) = self.tasks.remove(i);
+                let r = task
+                    .await
+                    .map_err(|e| anyhow!("the {name} task panicked: {e}"))?;
+                r.with_context(|| format!("the {name} service stopped"))?;
+                bail!("the {name} service stopped before the stack was ready");
+            }
+            tokio::select! {
+                r = &mut ready => return r,
+                // Re-check the tasks every so often (a failed stage never turns the gateway SERVING).
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Stops every service and waits for them to drain.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let mut first_error = None;
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e.context(format!("the {name} service failed")));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(anyhow!("the {name} task panicked: {e}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits (through grpc.health.v1 `Watch`, no polling of the status) until `url` reports SERVING.
+pub async fn wait_serving(url: &str, timeout: Duration) -> Result<()> {
+    let channel = Channel::from_shared(url.to_string())?.connect_lazy();
+    let mut health = HealthClient::new(channel);
+    let fut = async {
+        loop {
+            match health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    while let Ok(Some(m)) = stream.message().await {
+                        if m.status == ServingStatus::Serving as i32 {
+                            return;
+                        }
+                    }
+                }
+                // Not accepting connections yet: try again shortly.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("{url} did not become SERVING within {timeout:?}"))
+}

@@ -1,0 +1,368 @@
+//! End to end: the four services as separate processes (`qwen-image serve --stage ...` on 127.0.0.1:0),
+//! driven through the gateway as a user would, compared with diffusers' images for the same seed.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
+use qwen_image_proto::v1::{
+    DataType, GenerateResult, Stage, Tensor, TextToImageRequest, generate_event,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Failure guard for waits (model loading included); never used to synchronise.
+const GUARD: Duration = Duration::from_secs(300);
+/// diffusers' reference.py default prompt.
+const DEFAULT_PROMPT: &str = "A cat holding a sign that says hello world";
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn snapshot() -> PathBuf {
+    workspace().join("tests/fixtures/tiny/snapshot")
+}
+
+/// A child process killed when dropped, with the address it printed (`listening on HOST:PORT`).
+struct Service {
+    _child: Child,
+    url: String,
+}
+
+async fn spawn(args: &[&str]) -> Service {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-image"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("qwen-image starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(GUARD, async {
+        while let Some(line) = lines.next_line().await.expect("stdout") {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                return a.trim().to_string();
+            }
+        }
+        panic!("qwen-image {args:?} exited without printing its address");
+    })
+    .await
+    .expect("address printed");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Service {
+        _child: child,
+        url: format!("http://{addr}"),
+    }
+}
+
+struct Stack {
+    _stages: Vec<Service>,
+    gateway: Service,
+}
+
+async fn start_stack(denoiser_queue_capacity: Option<&str>) -> Stack {
+    let model = snapshot();
+    let model = model.to_str().expect("utf-8 path");
+    let te = spawn(&[
+        "serve",
+        "--stage",
+        "text-encoder",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+    ])
+    .await;
+    let mut dn_args = vec![
+        "serve",
+        "--stage",
+        "denoiser",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+    ];
+    if let Some(q) = denoiser_queue_capacity {
+        dn_args.extend(["--queue-capacity", q]);
+    }
+    let dn = spawn(&dn_args).await;
+    let vae = spawn(&[
+        "serve",
+        "--stage",
+        "vae",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+    ])
+    .await;
+    let gateway = spawn(&[
+        "serve",
+        "--stage",
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--text-encoder",
+        &te.url,
+        "--denoiser",
+        &dn.url,
+        "--vae",
+        &vae.url,
+    ])
+    .await;
+    wait_serving(&gateway.url).await;
+    Stack {
+        _stages: vec![te, dn, vae],
+        gateway,
+    }
+}
+
+/// Waits for SERVING through grpc.health.v1 `Watch` (the gateway turns SERVING once every stage is).
+async fn wait_serving(url: &str) {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    tokio::time::timeout(GUARD, async {
+        let mut stream = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while let Some(m) = stream.message().await.expect("health stream") {
+            if m.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    })
+    .await
+    .expect("SERVING");
+}
+
+async fn client(url: &str) -> ImageGeneratorClient<Channel> {
+    let ch = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    ImageGeneratorClient::new(ch).max_decoding_message_size(64 << 20)
+}
+
+async fn generate(
+    c: &mut ImageGeneratorClient<Channel>,
+    req: TextToImageRequest,
+) -> Result<GenerateResult, tonic::Status> {
+    let mut stream = c.text_to_image(req).await?.into_inner();
+    while let Some(ev) = stream.message().await? {
+        if let Some(generate_event::Event::Result(r)) = ev.event {
+            return Ok(r);
+        }
+    }
+    Err(tonic::Status::internal("no result"))
+}
+
+fn decode_rgb(png_bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// The reference dump's request parameters and image.
+fn reference(name: &str) -> (TextToImageRequest, Vec<u8>) {
+    let dir = workspace().join("tests/fixtures/tiny/refs").join(name);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    let a = &manifest["args"];
+    // reference.py stores `--prompt` as a list (one entry per batch element) or null for its default.
+    let prompt = a["prompt"]
+        .as_str()
+        .or_else(|| a["prompt"][0].as_str())
+        .unwrap_or(DEFAULT_PROMPT)
+        .to_string();
+    let negative_prompt = if a["no_negative"].as_bool().unwrap_or(false) {
+        None
+    } else {
+        a["negative_prompt"].as_str().map(str::to_string)
+    };
+    let req = TextToImageRequest {
+        prompt,
+        negative_prompt,
+        width_px: a["width"].as_u64().expect("width") as u32,
+        height_px: a["height"].as_u64().expect("height") as u32,
+        steps: a["steps"].as_u64().expect("steps") as u32,
+        true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
+        seed: Some(a["seed"].as_u64().expect("seed")),
+        ..Default::default()
+    };
+    (
+        req,
+        std::fs::read(dir.join("image_0.png")).expect("reference png"),
+    )
+}
+
+fn assert_close(ours: &[u8], theirs_png: &[u8], what: &str) {
+    let (w, h, theirs) = decode_rgb(theirs_png);
+    let (ow, oh, ours) = decode_rgb(ours);
+    assert_eq!((ow, oh), (w, h), "{what}: size");
+    let max = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max <= 1, "{what}: max difference {max} levels (allowed 1)");
+}
+
+#[tokio::test]
+async fn text_to_image_matches_diffusers() {
+    let stack = start_stack(None).await;
+    let mut c = client(&stack.gateway.url).await;
+    for name in ["t2i_64", "t2i_64_nocfg", "t2i_64_zh"] {
+        let (req, reference_png) = reference(name);
+        let expected_seed = req.seed;
+        let r = generate(&mut c, req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(Some(r.seed), expected_seed);
+        assert_eq!(r.png.len(), 1);
+        assert_close(&r.png[0], &reference_png, name);
+        let params = r.parameters.expect("parameters");
+        assert_eq!(params.prompt, req.prompt);
+    }
+}
+
+#[tokio::test]
+async fn bad_inputs_are_rejected_and_the_gateway_stays_healthy() {
+    let stack = start_stack(None).await;
+    let mut c = client(&stack.gateway.url).await;
+    let (good, _) = reference("t2i_64");
+    let bad_latents = Tensor {
+        dtype: DataType::F32 as i32,
+        shape: vec![1, 16, 1, 4, 4],
+        data: vec![0u8; 1024].into(),
+    };
+    let cases = [
+        (
+            "empty prompt",
+            TextToImageRequest {
+                prompt: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "width 100",
+            TextToImageRequest {
+                width_px: 100,
+                ..good.clone()
+            },
+        ),
+        (
+            "steps over 1000",
+            TextToImageRequest {
+                steps: 5000,
+                ..good.clone()
+            },
+        ),
+        (
+            "NaN cfg",
+            TextToImageRequest {
+                true_cfg_scale: Some(f32::NAN),
+                ..good.clone()
+            },
+        ),
+        (
+            "latents shape",
+            TextToImageRequest {
+                initial_latents: Some(bad_latents),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (what, req) in cases {
+        let e = generate(&mut c, req).await.expect_err(what);
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {}", e.message());
+    }
+    // steps: 0 means the default (50), so the "steps 0" case of the brief is a valid request here.
+    let ch = Channel::from_shared(stack.gateway.url.clone())
+        .expect("url")
+        .connect_lazy();
+    let status = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health");
+    assert_eq!(status.into_inner().status, ServingStatus::Serving as i32);
+    generate(&mut c, good).await.expect("still generates");
+}
+
+#[tokio::test]
+async fn cancelling_a_request_frees_the_denoiser() {
+    // Queue capacity 1: a second request is admitted only once the first stopped.
+    let stack = start_stack(Some("1")).await;
+    let mut c = client(&stack.gateway.url).await;
+    let (good, _) = reference("t2i_64");
+    let long = TextToImageRequest {
+        steps: 1000,
+        ..good.clone()
+    };
+    let mut stream = c.text_to_image(long).await.expect("accepted").into_inner();
+    let mut step_ms = Vec::new();
+    while step_ms.len() < 3 {
+        let ev = stream
+            .message()
+            .await
+            .expect("events")
+            .expect("not finished");
+        if let Some(generate_event::Event::Progress(p)) = ev.event
+            && p.stage == Stage::Denoise as i32
+        {
+            step_ms.push(p.elapsed_ms);
+        }
+    }
+    let per_step = Duration::from_millis((step_ms[2] - step_ms[0]).max(2) / 2);
+    let cancelled_at = Instant::now();
+    drop(stream);
+    // The second request may race the cancellation by a step: honour the server's retry hint.
+    let r = loop {
+        match generate(&mut c, good.clone()).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                let wait = qwen_image_common::status::retry_after(&e)
+                    .unwrap_or(per_step)
+                    .min(per_step * 2);
+                assert!(
+                    cancelled_at.elapsed() < per_step * 200,
+                    "the denoiser is still busy: {e:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            other => break other,
+        }
+    };
+    r.expect("second request served after the cancellation");
+    let remaining_work = per_step * 990;
+    assert!(
+        cancelled_at.elapsed() < remaining_work / 2,
+        "took {:?}; the cancelled request would have needed about {remaining_work:?} more",
+        cancelled_at.elapsed()
+    );
+}

@@ -1,0 +1,164 @@
+//! Command-line flags and the typed configuration `run` takes.
+
+use std::time::Duration;
+
+use qwen_image_common::args::CommonArgs;
+
+/// Default deadline of a request whose caller sent no `grpc-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default period of the stage health checks.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest accepted image side in pixels (latents [1, 16, 1, 256, 256] still fit the message limits,
+/// see `qwen_image_common::limits`).
+pub const MAX_SIDE_PX: u32 = 2048;
+
+/// The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API over the stage services.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "qwen-image-gateway", version, about)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Gateway flags (also flattened into `qwen-image serve --stage gateway`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Text-encoder stage endpoint(s): comma-separated URLs, e.g. `http://te-0:50051,http://te-1:50051`.
+    #[arg(
+        long,
+        env = "QWEN_IMAGE_TEXT_ENCODER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub text_encoder: Vec<String>,
+
+    /// Denoiser stage endpoint(s): comma-separated URLs.
+    #[arg(
+        long,
+        env = "QWEN_IMAGE_DENOISER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub denoiser: Vec<String>,
+
+    /// VAE stage endpoint(s): comma-separated URLs.
+    #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',', required = true)]
+    pub vae: Vec<String>,
+
+    /// Deadline (seconds) of a request whose caller sent none; the caller's shorter deadline wins.
+    #[arg(long, env = "QWEN_IMAGE_REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    pub request_timeout_secs: u64,
+
+    /// Period (milliseconds) of the health checks of every stage replica.
+    #[arg(long, env = "QWEN_IMAGE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL.as_millis() as u64)]
+    pub health_interval_ms: u64,
+
+    /// Largest accepted width and height in pixels (multiple of 16, at most 2048).
+    #[arg(long, env = "QWEN_IMAGE_MAX_SIDE_PX", default_value_t = MAX_SIDE_PX,
+          value_parser = clap::value_parser!(u32).range(16..=MAX_SIDE_PX as i64))]
+    pub max_side_px: u32,
+
+    /// Model name written into the PNG metadata (`model` text chunk); defaults to the text encoder's
+    /// reported model id.
+    #[arg(long, env = "QWEN_IMAGE_MODEL_NAME")]
+    pub model_name: Option<String>,
+}
+
+/// What `run` needs (everything but the listener and the shutdown signal).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Stage endpoints (URLs such as `http://127.0.0.1:50051`), at least one each.
+    pub text_encoder: Vec<String>,
+    pub denoiser: Vec<String>,
+    pub vae: Vec<String>,
+    /// Deadline of a request whose caller sent none.
+    pub request_timeout: Duration,
+    /// Period of the stage health checks.
+    pub health_interval: Duration,
+    /// Largest accepted width / height in pixels.
+    pub max_side_px: u32,
+    /// Model name for the PNG metadata; `None` = the text encoder's `model_id`.
+    pub model_name: Option<String>,
+}
+
+impl GatewayConfig {
+    /// One endpoint per stage, default limits.
+    pub fn new(
+        text_encoder: impl Into<String>,
+        denoiser: impl Into<String>,
+        vae: impl Into<String>,
+    ) -> Self {
+        Self {
+            text_encoder: vec![text_encoder.into()],
+            denoiser: vec![denoiser.into()],
+            vae: vec![vae.into()],
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            max_side_px: MAX_SIDE_PX,
+            model_name: None,
+        }
+    }
+}
+
+impl From<&GatewayArgs> for GatewayConfig {
+    fn from(a: &GatewayArgs) -> Self {
+        let clean = |v: &[String]| {
+            v.iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        Self {
+            text_encoder: clean(&a.text_encoder),
+            denoiser: clean(&a.denoiser),
+            vae: clean(&a.vae),
+            request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
+            health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
+            max_side_px: a.max_side_px - a.max_side_px % 16,
+            model_name: a.model_name.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_endpoint_lists() {
+        let a = Args::try_parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--text-encoder",
+            "http://a:1",
+            "--denoiser",
+            "http://d:1, http://d:2",
+            "--vae",
+            "http://v:1",
+        ])
+        .expect("valid flags");
+        let c = GatewayConfig::from(&a.gateway);
+        assert_eq!(c.denoiser, vec!["http://d:1", "http://d:2"]);
+        assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert!(Args::try_parse_from(["x", "--denoiser", "http://d:1"]).is_err());
+        assert!(
+            Args::try_parse_from([
+                "x",
+                "--text-encoder",
+                "a",
+                "--denoiser",
+                "b",
+                "--vae",
+                "c",
+                "--max-side-px",
+                "4096"
+            ])
+            .is_err()
+        );
+    }
+}

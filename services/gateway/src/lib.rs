@@ -1,0 +1,17 @@
+//! The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API, orchestrating the text-encoder,
+//! denoiser and VAE stage services over gRPC. Never links candle.
+
+pub mod config;
+pub mod error;
+pub mod pngmeta;
+pub mod pool;
+pub mod server;
+pub mod service;
+pub mod stages;
+pub mod t2i;
+pub mod validate;
+
+pub use config::{Args, GatewayArgs, GatewayConfig};
+pub use error::{GatewayError, StageName};
+pub use server::{SERVICE_NAME, run};
+pub use service::REQUEST_ID_KEY;

@@ -1,0 +1,289 @@
+//! Replicas of one stage: least-outstanding balancing, health checks, and retry on another replica.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::error::{GatewayError, StageName};
+
+/// Timeout of one health check.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// TCP connect timeout of a stage channel.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One replica of a stage.
+#[derive(Debug)]
+pub struct Replica {
+    pub uri: String,
+    channel: Channel,
+    outstanding: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+impl Replica {
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            tracing::info!(uri = %self.uri, healthy, "stage replica health changed");
+        }
+    }
+}
+
+/// A call in progress on a replica; counts as outstanding until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    replica: Arc<Replica>,
+}
+
+impl Lease {
+    pub fn channel(&self) -> Channel {
+        self.replica.channel.clone()
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.replica.uri
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.replica.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The replicas of one stage.
+#[derive(Debug)]
+pub struct Pool {
+    pub stage: StageName,
+    replicas: Vec<Arc<Replica>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// Lazily connected channels to `uris` (nothing is dialled until the first call or health check).
+    /// Replicas start unhealthy until their first health check passes.
+    pub fn new(stage: StageName, uris: &[String]) -> Result<Self, GatewayError> {
+        if uris.is_empty() {
+            return Err(GatewayError::Internal(format!(
+                "no endpoint configured for the {stage} stage"
+            )));
+        }
+        let replicas = uris
+            .iter()
+            .map(|uri| {
+                let endpoint = Endpoint::from_shared(uri.clone())
+                    .map_err(|e| {
+                        GatewayError::Internal(format!(
+                            "{stage} endpoint `{uri}` is not a valid URL: {e}"
+                        ))
+                    })?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_adaptive_window(true);
+                Ok(Arc::new(Replica {
+                    uri: uri.clone(),
+                    channel: endpoint.connect_lazy(),
+                    outstanding: AtomicUsize::new(0),
+                    healthy: AtomicBool::new(false),
+                }))
+            })
+            .collect::<Result<Vec<_>, GatewayError>>()?;
+        Ok(Self {
+            stage,
+            replicas,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn replicas(&self) -> &[Arc<Replica>] {
+        &self.replicas
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.replicas.iter().any(|r| r.is_healthy())
+    }
+
+    /// The replica with the fewest outstanding calls among those not in `tried`, healthy ones first
+    /// (health may be stale, so an unhealthy replica is still tried when nothing else is left). Ties go
+    /// round-robin.
+    pub fn pick(&self, tried: &[usize]) -> Option<(usize, Lease)> {
+        let n = self.replicas.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(bool, usize, usize)> = None; // (healthy, outstanding, index)
+        for k in 0..n {
+            let i = (start + k) % n;
+            if tried.contains(&i) {
+                continue;
+            }
+            let r = &self.replicas[i];
+            let key = (r.is_healthy(), r.outstanding(), i);
+            best = match best {
+                None => Some(key),
+                Some(b) if (key.0 && !b.0) || (key.0 == b.0 && key.1 < b.1) => Some(key),
+                keep => keep,
+            };
+        }
+        let (_, _, i) = best?;
+        let replica = self.replicas[i].clone();
+        replica.outstanding.fetch_add(1, Ordering::AcqRel);
+        Some((i, Lease { replica }))
+    }
+
+    /// Runs `call` on a replica; when it fails with UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED
+    /// (replica busy), tries the next replica, each at most once. `call` must not have streamed anything to
+    /// the caller when it fails, so that a retry is invisible. The lease is returned with the result so a
+    /// streaming call keeps counting as outstanding.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<(T, Lease), GatewayError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut tried = Vec::with_capacity(self.replicas.len());
+        let mut last: Option<Status> = None;
+        while let Some((i, lease)) = self.pick(&tried) {
+            tried.push(i);
+            match call(lease.channel()).await {
+                Ok(v) => return Ok((v, lease)),
+                Err(status)
+                    if matches!(status.code(), Code::Unavailable | Code::ResourceExhausted) =>
+                {
+                    if status.code() == Code::Unavailable {
+                        self.replicas[i].set_healthy(false);
+                    }
+                    tracing::warn!(stage = %self.stage, uri = lease.uri(), code = ?status.code(), message = status.message(), "stage replica failed; trying another");
+                    last = Some(status);
+                }
+                Err(status) => return Err(GatewayError::upstream(self.stage, status)),
+            }
+        }
+        Err(GatewayError::upstream(
+            self.stage,
+            last.unwrap_or_else(|| Status::unavailable("no replica configured")),
+        ))
+    }
+
+    /// Checks every replica once, concurrently (grpc.health.v1 `Check` of the whole server, "").
+    pub async fn check_health(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for r in &self.replicas {
+            let r = r.clone();
+            set.spawn(async move {
+                let mut client = HealthClient::new(r.channel.clone());
+                let mut req = tonic::Request::new(HealthCheckRequest {
+                    service: String::new(),
+                });
+                req.set_timeout(HEALTH_CHECK_TIMEOUT);
+                let ok = matches!(
+                    tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.check(req)).await,
+                    Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
+                );
+                r.set_healthy(ok);
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> Pool {
+        let uris: Vec<String> = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
+            .collect();
+        Pool::new(StageName::Denoiser, &uris).expect("valid uris")
+    }
+
+    #[tokio::test]
+    async fn balances_by_outstanding_and_prefers_healthy() {
+        let p = pool(3);
+        for r in p.replicas() {
+            r.set_healthy(true);
+        }
+        let (a, _la) = p.pick(&[]).expect("a replica");
+        let (b, _lb) = p.pick(&[]).expect("a replica");
+        let (c, lc) = p.pick(&[]).expect("a replica");
+        let mut all = vec![a, b, c];
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2], "each replica gets one outstanding call");
+        drop(lc);
+        let (d, _ld) = p.pick(&[]).expect("a replica");
+        assert_eq!(
+            d, c,
+            "the replica whose call ended has the fewest outstanding"
+        );
+        p.replicas()[0].set_healthy(false);
+        for _ in 0..4 {
+            let (i, _l) = p.pick(&[]).expect("a replica");
+            assert_ne!(
+                i, 0,
+                "unhealthy replicas are skipped while healthy ones exist"
+            );
+        }
+        assert!(p.pick(&[0, 1, 2]).is_none());
+    }
+
+    #[tokio::test]
+    async fn retries_unavailable_on_another_replica() {
+        let p = pool(2);
+        let calls = std::sync::Mutex::new(0);
+        let (v, lease) = p
+            .call(|_ch| {
+                let n = {
+                    let mut c = calls.lock().expect("lock");
+                    *c += 1;
+                    *c
+                };
+                async move {
+                    if n == 1 {
+                        Err(Status::unavailable("down"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await
+            .expect("second replica answers");
+        assert_eq!(v, 2);
+        drop(lease);
+        let e = p
+            .call(|_ch| async { Err::<(), _>(Status::unavailable("down")) })
+            .await
+            .expect_err("all down");
+        assert!(
+            matches!(e, GatewayError::Upstream { ref status, .. } if status.code() == Code::Unavailable)
+        );
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let e = p
+            .call(|_ch| {
+                count.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(Status::invalid_argument("bad")) }
+            })
+            .await
+            .expect_err("not retried");
+        assert!(
+            matches!(e, GatewayError::Upstream { ref status, .. } if status.code() == Code::InvalidArgument)
+        );
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            1,
+            "non-retryable errors are not retried"
+        );
+        assert!(p.replicas().iter().all(|r| r.outstanding() == 0));
+    }
+}

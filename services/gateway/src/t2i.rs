@@ -1,0 +1,244 @@
+//! Text-to-image over the stages (diffusers QwenImagePipeline): encode prompt(s) → seeded noise → denoise
+//! (progress streamed to the caller) → decode → PNGs with the parameters in text chunks.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use qwen_image_common::randn::TorchCpuGenerator;
+use qwen_image_common::tensor;
+use qwen_image_proto::v1::{
+    DecodeRequest, DenoiseRequest, EncodeResponse, GenerateEvent, GenerateProgress, GenerateResult,
+    Stage, Tensor, denoise_event, generate_event,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::error::{GatewayError, StageName};
+use crate::pngmeta;
+use crate::stages::Stages;
+use crate::validate::T2iParams;
+
+/// Where events go and what the request is bound by.
+pub struct Ctx<'a> {
+    pub stages: &'a Stages,
+    pub request_id: &'a str,
+    pub accepted: Instant,
+    pub deadline: Instant,
+    /// Model name for the PNG metadata (`None` = the text encoder's model id).
+    pub model_name: Option<&'a str>,
+    pub events: &'a mpsc::Sender<Result<GenerateEvent, Status>>,
+}
+
+impl Ctx<'_> {
+    fn elapsed_ms(&self) -> u64 {
+        self.accepted.elapsed().as_millis() as u64
+    }
+
+    /// Sends a progress event; a caller that went away is noticed by the handler's `closed()` watch.
+    async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
+        let ev = GenerateProgress {
+            stage: stage as i32,
+            step,
+            total_steps,
+            elapsed_ms: self.elapsed_ms(),
+            preview_png: Bytes::new(),
+        };
+        let _ = self
+            .events
+            .send(Ok(GenerateEvent {
+                event: Some(generate_event::Event::Progress(ev)),
+            }))
+            .await;
+    }
+}
+
+/// Conditioning for the denoiser: embeddings repeated to the batch, mask dropped when all ones (diffusers
+/// then passes `None`).
+fn conditioning(
+    resp: EncodeResponse,
+    batch: usize,
+) -> Result<(Tensor, Option<Tensor>), GatewayError> {
+    let bad = |d: String| GatewayError::bad_response(StageName::TextEncoder, d);
+    let embeds = resp
+        .prompt_embeds
+        .ok_or_else(|| bad("no prompt_embeds".into()))?;
+    let embeds = repeat_batch(&embeds, batch).map_err(bad)?;
+    let mask = match (resp.mask_all_ones, resp.prompt_embeds_mask) {
+        (true, _) => None,
+        (false, Some(m)) => Some(repeat_batch(&m, batch).map_err(bad)?),
+        (false, None) => return Err(bad("mask not all ones but no mask sent".into())),
+    };
+    Ok((embeds, mask))
+}
+
+/// `[1, ...]` → `[batch, ...]` by repeating the bytes (num_images_per_prompt in diffusers).
+fn repeat_batch(t: &Tensor, batch: usize) -> Result<Tensor, String> {
+    if t.shape.first() != Some(&1) {
+        return Err(format!("expected a batch of one, got shape {:?}", t.shape));
+    }
+    if batch == 1 {
+        return Ok(t.clone());
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = batch as u64;
+    Ok(Tensor {
+        dtype: t.dtype,
+        shape,
+        data: Bytes::from(t.data.repeat(batch)),
+    })
+}
+
+/// diffusers' initial noise: `randn([B, 1, C, h, w], generator=torch.Generator("cpu").manual_seed(seed))`.
+pub fn seeded_noise(p: &T2iParams) -> Result<Tensor, GatewayError> {
+    let shape = p.noise_shape();
+    let n = shape.iter().product();
+    let data = TorchCpuGenerator::new(p.seed)
+        .randn(n)
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    Ok(tensor::from_f32(&shape, &data))
+}
+
+pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+    let batch = p.num_images as usize;
+    let stages = ctx.stages;
+
+    // 1. Prompts (the negative only when CFG will run, as diffusers does), concurrently.
+    ctx.progress(Stage::EncodePrompt, 0, 0).await;
+    let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
+    let (pos, neg) = tokio::join!(stages.encode(&p.prompt, ctx.deadline), async {
+        match negative {
+            Some(n) => stages.encode(n, ctx.deadline).await.map(Some),
+            None => Ok(None),
+        }
+    });
+    let pos = pos?;
+    let model_id = pos.model_id.clone();
+    let (prompt_embeds, prompt_embeds_mask) = conditioning(pos, batch)?;
+    let (negative_prompt_embeds, negative_prompt_embeds_mask) = match neg? {
+        Some(r) => {
+            let (e, m) = conditioning(r, batch)?;
+            (Some(e), m)
+        }
+        None => (None, None),
+    };
+
+    // 2. Start latents: the caller's, or the seed's noise.
+    let latents = match &p.initial_latents {
+        Some(t) => t.clone(),
+        None => seeded_noise(p)?,
+    };
+
+    // 3. Denoise, streaming progress.
+    let request = DenoiseRequest {
+        prompt_embeds: Some(prompt_embeds),
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        true_cfg_scale: p.true_cfg_scale,
+        latents: Some(latents),
+        steps: p.steps,
+        sigmas: Vec::new(),
+        start_step: 0,
+        preview_every_n_steps: 0,
+        inpaint: None,
+    };
+    let call = stages.denoise(request, ctx.deadline).await?;
+    let (mut rest, _lease) = (call.rest, call.lease);
+    let mut next = Some(call.first);
+    let final_latents = loop {
+        let ev = match next.take() {
+            Some(ev) => ev,
+            None => match rest.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Err(GatewayError::bad_response(
+                        StageName::Denoiser,
+                        "stream ended without a result",
+                    ));
+                }
+                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
+            },
+        };
+        match ev.event {
+            Some(denoise_event::Event::Progress(pr)) => {
+                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
+            }
+            Some(denoise_event::Event::Result(r)) => {
+                break r.latents.ok_or_else(|| {
+                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
+                })?;
+            }
+            None => {
+                return Err(GatewayError::bad_response(
+                    StageName::Denoiser,
+                    "empty event",
+                ));
+            }
+        }
+    };
+    drop(rest);
+
+    // 4. Decode and encode PNGs.
+    ctx.progress(Stage::Decode, 0, 0).await;
+    let decoded = stages
+        .decode(
+            DecodeRequest {
+                latents: Some(final_latents),
+                return_float: false,
+            },
+            ctx.deadline,
+        )
+        .await?;
+    if decoded.images.len() != batch {
+        return Err(GatewayError::bad_response(
+            StageName::Vae,
+            format!("{} images for a batch of {batch}", decoded.images.len()),
+        ));
+    }
+    let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
+    let chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    let mut pngs = Vec::with_capacity(batch);
+    for img in &decoded.images {
+        if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
+            return Err(GatewayError::bad_response(
+                StageName::Vae,
+                format!(
+                    "image is {}x{}, expected {}x{}",
+                    img.width_px, img.height_px, p.width_px, p.height_px
+                ),
+            ));
+        }
+        let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
+            .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
+        pngs.push(Bytes::from(png));
+    }
+    Ok(GenerateResult {
+        png: pngs,
+        width_px: p.width_px,
+        height_px: p.height_px,
+        seed: p.seed,
+        parameters: Some(p.to_request()),
+        request_id: ctx.request_id.to_string(),
+        elapsed_ms: ctx.elapsed_ms(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qwen_image_proto::v1::DataType;
+
+    #[test]
+    fn repeats_batch_and_checks_shape() {
+        let t = tensor::from_f32(&[1, 2], &[1.0, 2.0]);
+        let r = repeat_batch(&t, 3).expect("batch of one");
+        assert_eq!(r.shape, vec![3, 2]);
+        assert_eq!(
+            tensor::to_f32(&r, "x", &[DataType::F32], &[2])
+                .expect("valid")
+                .data,
+            vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0]
+        );
+        assert!(repeat_batch(&tensor::from_f32(&[2, 1], &[1.0, 2.0]), 2).is_err());
+    }
+}

@@ -1,0 +1,543 @@
+//! The gateway against in-process fake stages (real gRPC on 127.0.0.1:0): the wiring, noise, retries,
+//! validation, cancellation and deadlines, without any model.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use qwen_image_common::randn::TorchCpuGenerator;
+use qwen_image_common::tensor;
+use qwen_image_gateway::{GatewayConfig, REQUEST_ID_KEY, pngmeta};
+use qwen_image_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
+use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
+use qwen_image_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
+use qwen_image_proto::v1::vae_server::{Vae, VaeServer};
+use qwen_image_proto::v1::*;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Code, Request, Response, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+/// Upper bound for anything the tests wait on (a failure guard, not synchronisation).
+const GUARD: Duration = Duration::from_secs(20);
+const D: usize = 8;
+
+#[derive(Default)]
+struct Counters {
+    encodes: AtomicUsize,
+    denoises: AtomicUsize,
+    decodes: AtomicUsize,
+    /// Denoise streams that ended because the gateway went away.
+    denoise_cancelled: AtomicUsize,
+    cancelled: Notify,
+    /// The latents of the last denoise request.
+    last_latents: std::sync::Mutex<Option<Tensor>>,
+    last_has_negative: std::sync::Mutex<Option<bool>>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    c: Arc<Counters>,
+    /// Denoise answers UNAVAILABLE without streaming.
+    denoise_unavailable: bool,
+    /// Denoise sends step 1 and then waits for the caller to go away.
+    denoise_hangs: bool,
+}
+
+#[tonic::async_trait]
+impl TextEncoder for Fake {
+    async fn encode(
+        &self,
+        req: Request<EncodeRequest>,
+    ) -> Result<Response<EncodeResponse>, Status> {
+        self.c.encodes.fetch_add(1, Ordering::SeqCst);
+        let prompts = req.into_inner().prompts;
+        let l = prompts[0].chars().count().max(1);
+        Ok(Response::new(EncodeResponse {
+            prompt_embeds: Some(tensor::from_f32(&[1, l, D], &vec![0.25; l * D])),
+            prompt_embeds_mask: Some(tensor::from_u8(&[1, l], vec![1; l])),
+            mask_all_ones: true,
+            token_counts: vec![l as u32],
+            truncated: vec![false],
+            model_id: "fake-model".into(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Denoiser for Fake {
+    type DenoiseStream = ReceiverStream<Result<DenoiseEvent, Status>>;
+    async fn denoise(
+        &self,
+        req: Request<DenoiseRequest>,
+    ) -> Result<Response<Self::DenoiseStream>, Status> {
+        self.c.denoises.fetch_add(1, Ordering::SeqCst);
+        if self.denoise_unavailable {
+            return Err(Status::unavailable("fake replica down"));
+        }
+        let r = req.into_inner();
+        let latents = r
+            .latents
+            .ok_or_else(|| Status::invalid_argument("latents"))?;
+        *self.c.last_latents.lock().expect("lock") = Some(latents.clone());
+        *self.c.last_has_negative.lock().expect("lock") = Some(r.negative_prompt_embeds.is_some());
+        let (tx, rx) = mpsc::channel(4);
+        let (c, hangs, steps) = (self.c.clone(), self.denoise_hangs, r.steps);
+        tokio::spawn(async move {
+            for step in 1..=steps {
+                let ev = DenoiseProgress {
+                    step,
+                    total_steps: steps,
+                    ..Default::default()
+                };
+                let ev = DenoiseEvent {
+                    event: Some(denoise_event::Event::Progress(ev)),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+                if hangs {
+                    tx.closed().await;
+                    c.denoise_cancelled.fetch_add(1, Ordering::SeqCst);
+                    c.cancelled.notify_one();
+                    return;
+                }
+            }
+            let mut out = latents;
+            // [B, 1, C, h, w] -> [B, C, 1, h, w] is the same bytes for a single frame.
+            out.shape = vec![out.shape[0], out.shape[2], 1, out.shape[3], out.shape[4]];
+            let res = DenoiseResult {
+                latents: Some(out),
+                sigmas: vec![],
+                elapsed_ms: 1,
+            };
+            let _ = tx
+                .send(Ok(DenoiseEvent {
+                    event: Some(denoise_event::Event::Result(res)),
+                }))
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl Vae for Fake {
+    async fn decode(
+        &self,
+        req: Request<DecodeRequest>,
+    ) -> Result<Response<DecodeResponse>, Status> {
+        self.c.decodes.fetch_add(1, Ordering::SeqCst);
+        let t = req
+            .into_inner()
+            .latents
+            .ok_or_else(|| Status::invalid_argument("latents"))?;
+        let (b, h, w) = (
+            t.shape[0] as usize,
+            t.shape[3] as u32 * 8,
+            t.shape[4] as u32 * 8,
+        );
+        let images = (0..b)
+            .map(|i| Image {
+                width_px: w,
+                height_px: h,
+                rgb8: Bytes::from(vec![i as u8 * 40; (w * h * 3) as usize]),
+            })
+            .collect();
+        Ok(Response::new(DecodeResponse {
+            images,
+            decoded: None,
+        }))
+    }
+    async fn encode(
+        &self,
+        _req: Request<EncodeImageRequest>,
+    ) -> Result<Response<EncodeImageResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// Serves one fake as all three stages; returns its URL.
+async fn serve_fake(fake: Fake) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(async move {
+        let _keep = reporter;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(TextEncoderServer::new(fake.clone()))
+            .add_service(DenoiserServer::new(fake.clone()))
+            .add_service(VaeServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+    });
+    format!("http://{addr}")
+}
+
+/// A URL where nothing listens (bound, then closed).
+async fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    format!("http://{}", l.local_addr().expect("addr"))
+}
+
+struct Gateway {
+    client: ImageGeneratorClient<tonic::transport::Channel>,
+    health: HealthClient<tonic::transport::Channel>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_gateway(config: GatewayConfig) -> Gateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(qwen_image_gateway::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect_lazy();
+    let mut health = HealthClient::new(channel.clone());
+    // Wait for SERVING through the Watch stream (no polling, no sleeps).
+    let mut watch = tokio::time::timeout(GUARD, async {
+        loop {
+            if let Ok(r) = health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                break r.into_inner();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("gateway reachable");
+    tokio::time::timeout(GUARD, async {
+        while let Some(Ok(m)) = watch.message().await.transpose() {
+            if m.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health watch ended before SERVING");
+    })
+    .await
+    .expect("gateway SERVING");
+    let client = ImageGeneratorClient::new(channel).max_decoding_message_size(64 << 20);
+    Gateway {
+        client,
+        health,
+        _stop: stop,
+    }
+}
+
+fn config(te: &str, dn: &[String], vae: &str) -> GatewayConfig {
+    let mut c = GatewayConfig::new(te, "unused", vae);
+    c.denoiser = dn.to_vec();
+    c.health_interval = Duration::from_millis(50);
+    c
+}
+
+fn fake(c: &Arc<Counters>) -> Fake {
+    Fake {
+        c: c.clone(),
+        denoise_unavailable: false,
+        denoise_hangs: false,
+    }
+}
+
+fn request() -> TextToImageRequest {
+    TextToImageRequest {
+        prompt: "A cat holding a sign that says hello world".into(),
+        negative_prompt: Some(" ".into()),
+        width_px: 64,
+        height_px: 48,
+        steps: 3,
+        true_cfg_scale: Some(4.0),
+        seed: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Collects the events of one call: (progress events, result).
+async fn collect(
+    client: &mut ImageGeneratorClient<tonic::transport::Channel>,
+    req: TextToImageRequest,
+) -> Result<(Vec<GenerateProgress>, GenerateResult, String), Status> {
+    let resp = client.text_to_image(req).await?;
+    let id = resp
+        .metadata()
+        .get(REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut stream = resp.into_inner();
+    let mut progress = Vec::new();
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(generate_event::Event::Progress(p)) => progress.push(p),
+            Some(generate_event::Event::Result(r)) => return Ok((progress, r, id)),
+            None => {}
+        }
+    }
+    Err(Status::internal("no result"))
+}
+
+#[tokio::test]
+async fn text_to_image_end_to_end_over_fakes() {
+    let c = Arc::new(Counters::default());
+    let url = serve_fake(fake(&c)).await;
+    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let (progress, result, id) = collect(&mut gw.client, request()).await.expect("generates");
+
+    // Noise is torch.randn([1, 1, 16, 6, 8]) from manual_seed(0), row-major.
+    let sent = c
+        .last_latents
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("denoise called");
+    assert_eq!(sent.shape, vec![1, 1, 16, 6, 8]);
+    let sent = tensor::to_f32(&sent, "l", &[DataType::F32], &[5])
+        .expect("f32")
+        .data;
+    assert_eq!(
+        sent,
+        TorchCpuGenerator::new(0)
+            .randn(16 * 6 * 8)
+            .expect("n >= 16")
+    );
+    assert_eq!(
+        *c.last_has_negative.lock().expect("lock"),
+        Some(true),
+        "CFG sends negative embeds"
+    );
+    assert_eq!(
+        c.encodes.load(Ordering::SeqCst),
+        2,
+        "prompt and negative prompt"
+    );
+
+    let stages: Vec<i32> = progress.iter().map(|p| p.stage).collect();
+    assert_eq!(stages.first(), Some(&(Stage::EncodePrompt as i32)));
+    assert_eq!(stages.last(), Some(&(Stage::Decode as i32)));
+    let steps: Vec<(u32, u32)> = progress
+        .iter()
+        .filter(|p| p.stage == Stage::Denoise as i32)
+        .map(|p| (p.step, p.total_steps))
+        .collect();
+    assert_eq!(steps, vec![(1, 3), (2, 3), (3, 3)]);
+
+    assert_eq!(
+        (result.width_px, result.height_px, result.seed),
+        (64, 48, 0)
+    );
+    assert_eq!(result.request_id, id);
+    assert_eq!(id.len(), 36);
+    assert_eq!(result.png.len(), 1);
+    let params = result.parameters.expect("echoed parameters");
+    assert_eq!(params.steps, 3);
+    assert!(params.initial_latents.is_none());
+    let chunks = pngmeta::read_text_chunks(&result.png[0]).expect("png");
+    let get = |k: &str| {
+        chunks
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("model").as_deref(), Some("fake-model"));
+    assert_eq!(get("seed").as_deref(), Some("0"));
+    assert_eq!(get("width").as_deref(), Some("64"));
+    assert_eq!(get("request_id").as_deref(), Some(id.as_str()));
+
+    // No negative prompt: no CFG, one encode, and a random seed is reported back.
+    let before = c.encodes.load(Ordering::SeqCst);
+    let req = TextToImageRequest {
+        negative_prompt: None,
+        seed: None,
+        num_images: 2,
+        ..request()
+    };
+    let (_, result, _) = collect(&mut gw.client, req).await.expect("generates");
+    assert_eq!(c.encodes.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(*c.last_has_negative.lock().expect("lock"), Some(false));
+    assert_eq!(result.png.len(), 2);
+    let sent = c
+        .last_latents
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("denoise called");
+    let sent = tensor::to_f32(&sent, "l", &[DataType::F32], &[5])
+        .expect("f32")
+        .data;
+    assert_eq!(
+        sent,
+        TorchCpuGenerator::new(result.seed)
+            .randn(2 * 16 * 6 * 8)
+            .expect("n >= 16")
+    );
+}
+
+#[tokio::test]
+async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
+    let c = Arc::new(Counters::default());
+    let url = serve_fake(fake(&c)).await;
+    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let bad_latents = tensor::from_f32(&[1, 16, 1, 4, 4], &[0.0; 256]);
+    let cases = [
+        TextToImageRequest {
+            prompt: String::new(),
+            ..request()
+        },
+        TextToImageRequest {
+            width_px: 100,
+            ..request()
+        },
+        TextToImageRequest {
+            steps: 1001,
+            ..request()
+        },
+        TextToImageRequest {
+            true_cfg_scale: Some(f32::NAN),
+            ..request()
+        },
+        TextToImageRequest {
+            initial_latents: Some(bad_latents),
+            ..request()
+        },
+    ];
+    for req in cases {
+        let e = gw.client.text_to_image(req).await.expect_err("rejected");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.metadata().get(REQUEST_ID_KEY).is_some());
+    }
+    assert_eq!(
+        c.encodes.load(Ordering::SeqCst),
+        0,
+        "nothing reached the stages"
+    );
+    let h = gw
+        .health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health");
+    assert_eq!(h.into_inner().status, ServingStatus::Serving as i32);
+    collect(&mut gw.client, request())
+        .await
+        .expect("still generates");
+}
+
+#[tokio::test]
+async fn retries_the_denoiser_on_another_replica() {
+    let c = Arc::new(Counters::default());
+    let down = Arc::new(Counters::default());
+    let good = serve_fake(fake(&c)).await;
+    let refusing = serve_fake(Fake {
+        c: down.clone(),
+        denoise_unavailable: true,
+        denoise_hangs: false,
+    })
+    .await;
+    let dead = dead_url().await;
+    let denoisers = vec![refusing.clone(), dead, good.clone()];
+    let mut gw = start_gateway(config(&good, &denoisers, &good)).await;
+    for _ in 0..3 {
+        collect(&mut gw.client, request())
+            .await
+            .expect("served by the good replica");
+    }
+    assert_eq!(c.denoises.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn all_denoisers_down_is_unavailable() {
+    let c = Arc::new(Counters::default());
+    let url = serve_fake(fake(&c)).await;
+    let refusing = serve_fake(Fake {
+        c: c.clone(),
+        denoise_unavailable: true,
+        denoise_hangs: false,
+    })
+    .await;
+    let mut gw = start_gateway(config(&url, &[refusing], &url)).await;
+    let e = collect(&mut gw.client, request())
+        .await
+        .expect_err("no denoiser");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_denoiser() {
+    let c = Arc::new(Counters::default());
+    let url = serve_fake(Fake {
+        c: c.clone(),
+        denoise_unavailable: false,
+        denoise_hangs: true,
+    })
+    .await;
+    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let mut stream = gw
+        .client
+        .text_to_image(request())
+        .await
+        .expect("accepted")
+        .into_inner();
+    // Read until the first denoising step arrives, then hang up.
+    tokio::time::timeout(GUARD, async {
+        while let Some(ev) = stream.message().await.expect("events") {
+            if let Some(generate_event::Event::Progress(p)) = ev.event
+                && p.stage == Stage::Denoise as i32
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a denoise step");
+    let cancelled = c.cancelled.notified();
+    drop(stream);
+    tokio::time::timeout(GUARD, cancelled)
+        .await
+        .expect("the denoiser saw the cancellation");
+    assert_eq!(c.denoise_cancelled.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_deadline_ends_the_request_and_the_denoiser_call() {
+    let c = Arc::new(Counters::default());
+    let url = serve_fake(Fake {
+        c: c.clone(),
+        denoise_unavailable: false,
+        denoise_hangs: true,
+    })
+    .await;
+    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let cancelled = c.cancelled.notified();
+    let mut req = Request::new(request());
+    req.set_timeout(Duration::from_millis(300));
+    let e = tokio::time::timeout(GUARD, async {
+        let mut stream = gw.client.text_to_image(req).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<(), Status>(())
+    })
+    .await
+    .expect("ends")
+    .expect_err("deadline");
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    tokio::time::timeout(GUARD, cancelled)
+        .await
+        .expect("the denoiser saw the cancellation");
+}
