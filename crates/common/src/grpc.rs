@@ -85,8 +85,19 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// Runs `fut` (a request's work, e.g. a spawned orchestration task) with `request_id` as the id that
+/// [`InjectTraceContext`] forwards on outgoing calls.
+pub async fn with_request_id<F: Future>(request_id: String, fut: F) -> F::Output {
+    REQUEST_ID.scope(request_id, fut).await
+}
+
 /// Client interceptor: sends the current span's trace context as `traceparent` (nothing when traces
-/// are not exported). Every stage client of the gateway uses it.
+/// are not exported) and the request id of [`with_request_id`] as `x-request-id`. Every stage client
+/// of the gateway uses it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InjectTraceContext;
 
@@ -95,6 +106,11 @@ impl tonic::service::Interceptor for InjectTraceContext {
         let cx = tracing::Span::current().context();
         global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
+        });
+        let _ = REQUEST_ID.try_with(|id| {
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
+                req.metadata_mut().insert(REQUEST_ID_HEADER, v);
+            }
         });
         Ok(req)
     }

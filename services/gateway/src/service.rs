@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -83,24 +84,38 @@ impl ImageGenerator for GatewayService {
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
             .map_or(default_deadline, |d| d.min(default_deadline));
-        let span = tracing::info_span!("text_to_image", request_id = %id);
+        let span = tracing::info_span!(
+            "text_to_image",
+            request_id = %id,
+            flow = "text_to_image",
+            width = Empty,
+            height = Empty,
+            steps = Empty,
+            true_cfg_scale = Empty,
+            cfg = Empty,
+            seed = Empty,
+            images = Empty,
+            model = Empty,
+        );
         let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
             .map_err(|e| with_request_id(e.into(), &id))?;
-        span.in_scope(|| {
-            tracing::info!(
-                width = params.width_px,
-                height = params.height_px,
-                steps = params.steps,
-                seed = params.seed,
-                cfg = params.uses_cfg(),
-                images = params.num_images,
-                "accepted"
-            )
-        });
+        span.record("width", params.width_px);
+        span.record("height", params.height_px);
+        span.record("steps", params.steps);
+        span.record("true_cfg_scale", f64::from(params.true_cfg_scale));
+        span.record("cfg", params.uses_cfg());
+        span.record("seed", params.seed);
+        span.record("images", params.num_images);
+        if let Some(model) = self.config.model_name.as_deref() {
+            span.record("model", model);
+        }
+        span.in_scope(|| tracing::info!("accepted"));
 
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
-        tokio::spawn(
+        let scoped_id = id.clone();
+        tokio::spawn(qwen_image_common::grpc::with_request_id(
+            scoped_id,
             async move {
                 let ctx = t2i::Ctx {
                     stages: &stages,
@@ -133,7 +148,7 @@ impl ImageGenerator for GatewayService {
                 let _ = tx.send(event).await;
             }
             .instrument(span),
-        );
+        ));
 
         let mut response = Response::new(ReceiverStream::new(rx));
         if let Ok(v) = MetadataValue::try_from(id.as_str()) {

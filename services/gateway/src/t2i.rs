@@ -1,9 +1,11 @@
 //! Text-to-image over the stages (diffusers QwenImagePipeline): encode prompt(s) → seeded noise → denoise
 //! (progress streamed to the caller) → decode → PNGs with the parameters in text chunks.
 
+use std::future::Future;
 use std::time::Instant;
 
 use bytes::Bytes;
+use qwen_image_common::metric_names as m;
 use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_common::tensor;
 use qwen_image_proto::v1::{
@@ -11,7 +13,9 @@ use qwen_image_proto::v1::{
     Stage, Tensor, denoise_event, generate_event,
 };
 use tokio::sync::mpsc;
-use tonic::Status;
+use tonic::{Code, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::error::{GatewayError, StageName};
 use crate::pngmeta;
@@ -105,14 +109,32 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
     // 1. Prompts (the negative only when CFG will run, as diffusers does), concurrently.
     ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
-    let (pos, neg) = tokio::join!(stages.encode(&p.prompt, ctx.deadline), async {
-        match negative {
-            Some(n) => stages.encode(n, ctx.deadline).await.map(Some),
-            None => Ok(None),
+    let (pos, neg) = tokio::join!(
+        phase(
+            "encode_prompt",
+            StageName::TextEncoder,
+            "Encode",
+            stages.encode(&p.prompt, ctx.deadline)
+        ),
+        async {
+            match negative {
+                Some(n) => phase(
+                    "encode_negative_prompt",
+                    StageName::TextEncoder,
+                    "Encode",
+                    stages.encode(n, ctx.deadline),
+                )
+                .await
+                .map(Some),
+                None => Ok(None),
+            }
         }
-    });
+    );
     let pos = pos?;
     let model_id = pos.model_id.clone();
+    if ctx.model_name.is_none() {
+        tracing::Span::current().record("model", model_id.as_str());
+    }
     let (prompt_embeds, prompt_embeds_mask) = conditioning(pos, batch)?;
     let (negative_prompt_embeds, negative_prompt_embeds_mask) = match neg? {
         Some(r) => {
@@ -142,7 +164,66 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         preview_every_n_steps: 0,
         inpaint: None,
     };
-    let call = stages.denoise(request, ctx.deadline).await?;
+    let final_latents = phase(
+        "denoise",
+        StageName::Denoiser,
+        "Denoise",
+        denoise(ctx, request),
+    )
+    .await?;
+
+    // 4. Decode and encode PNGs.
+    ctx.progress(Stage::Decode, 0, 0).await;
+    let decoded = phase(
+        "decode",
+        StageName::Vae,
+        "Decode",
+        stages.decode(
+            DecodeRequest {
+                latents: Some(final_latents),
+                return_float: false,
+            },
+            ctx.deadline,
+        ),
+    )
+    .await?;
+    if decoded.images.len() != batch {
+        return Err(GatewayError::bad_response(
+            StageName::Vae,
+            format!("{} images for a batch of {batch}", decoded.images.len()),
+        ));
+    }
+    let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
+    let chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    let mut pngs = Vec::with_capacity(batch);
+    for img in &decoded.images {
+        if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
+            return Err(GatewayError::bad_response(
+                StageName::Vae,
+                format!(
+                    "image is {}x{}, expected {}x{}",
+                    img.width_px, img.height_px, p.width_px, p.height_px
+                ),
+            ));
+        }
+        let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
+            .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
+        pngs.push(Bytes::from(png));
+    }
+    Ok(GenerateResult {
+        png: pngs,
+        width_px: p.width_px,
+        height_px: p.height_px,
+        seed: p.seed,
+        parameters: Some(p.to_request()),
+        request_id: ctx.request_id.to_string(),
+        elapsed_ms: ctx.elapsed_ms(),
+    })
+}
+
+/// The denoising loop on a replica: forwards every progress event, returns the final latents.
+async fn denoise(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+    let call = ctx.stages.denoise(request, ctx.deadline).await?;
     let (mut rest, _lease) = (call.rest, call.lease);
     let mut next = Some(call.first);
     let final_latents = loop {
@@ -177,50 +258,53 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         }
     };
     drop(rest);
+    Ok(final_latents)
+}
 
-    // 4. Decode and encode PNGs.
-    ctx.progress(Stage::Decode, 0, 0).await;
-    let decoded = stages
-        .decode(
-            DecodeRequest {
-                latents: Some(final_latents),
-                return_float: false,
-            },
-            ctx.deadline,
-        )
-        .await?;
-    if decoded.images.len() != batch {
-        return Err(GatewayError::bad_response(
-            StageName::Vae,
-            format!("{} images for a batch of {batch}", decoded.images.len()),
-        ));
+/// The gRPC status code an error ends a phase with (the `code` label of the stage-call metric).
+fn status_code(e: &GatewayError) -> i32 {
+    let code = match e {
+        GatewayError::Upstream { status, .. } => status.code(),
+        GatewayError::InvalidArgument(_) => Code::InvalidArgument,
+        GatewayError::BadUpstreamResponse { .. } | GatewayError::Internal(_) => Code::Internal,
+        GatewayError::DeadlineExceeded => Code::DeadlineExceeded,
+        GatewayError::Unavailable(_) => Code::Unavailable,
+    };
+    code as i32
+}
+
+/// Runs one stage phase (retries included) in its own span and records its duration as the gateway
+/// saw it in [`m::STAGE_CALL_SECONDS`].
+async fn phase<T>(
+    name: &'static str,
+    stage: StageName,
+    rpc: &'static str,
+    work: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "stage",
+        otel.name = name,
+        stage = stage.as_str(),
+        rpc,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    let result = work.instrument(span.clone()).await;
+    let code = result.as_ref().map_or_else(status_code, |_| 0);
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
     }
-    let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
-    let chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
-    let mut pngs = Vec::with_capacity(batch);
-    for img in &decoded.images {
-        if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
-            return Err(GatewayError::bad_response(
-                StageName::Vae,
-                format!(
-                    "image is {}x{}, expected {}x{}",
-                    img.width_px, img.height_px, p.width_px, p.height_px
-                ),
-            ));
-        }
-        let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
-            .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
-        pngs.push(Bytes::from(png));
-    }
-    Ok(GenerateResult {
-        png: pngs,
-        width_px: p.width_px,
-        height_px: p.height_px,
-        seed: p.seed,
-        parameters: Some(p.to_request()),
-        request_id: ctx.request_id.to_string(),
-        elapsed_ms: ctx.elapsed_ms(),
-    })
+    metrics::histogram!(
+        m::STAGE_CALL_SECONDS,
+        "service" => "gateway",
+        "stage" => stage.as_str(),
+        "rpc" => rpc,
+        "code" => code.to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    result
 }
 
 #[cfg(test)]
