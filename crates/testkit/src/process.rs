@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +19,7 @@ pub struct ServiceProcess {
     child: Child,
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServiceProcess {
@@ -32,11 +34,25 @@ impl ServiceProcess {
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+        // Logs: kept for assertions and echoed to the test's stderr.
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(err) = child.stderr.take() {
+            let keep = stderr_lines.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                    if let Ok(mut v) = keep.lock() {
+                        v.push(line);
+                    }
+                }
+            });
+        }
         let mut lines = BufReader::new(stdout).lines();
         let mut metrics_addr = None;
         let addr = tokio::time::timeout(timeout, async {
@@ -60,7 +76,13 @@ impl ServiceProcess {
             child,
             addr,
             metrics_addr,
+            stderr: stderr_lines,
         })
+    }
+
+    /// The log lines (stderr) printed so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {

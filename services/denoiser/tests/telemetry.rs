@@ -62,8 +62,10 @@ async fn denoise_spans_reach_the_otlp_receiver_and_metrics_move() {
             model.to_str().expect("utf-8"),
             "--otlp-endpoint",
             &sink.endpoint,
+            "--log-format",
+            "json",
         ],
-        &[("RUST_LOG", "warn")],
+        &[("RUST_LOG", "info")],
         GUARD,
     )
     .await
@@ -189,6 +191,22 @@ async fn denoise_spans_reach_the_otlp_receiver_and_metrics_move() {
     // SIGTERM: drain, flush the spans, exit 0.
     let status = denoiser.terminate(GUARD).await.expect("exits");
     assert!(status.success(), "{status:?}");
+
+    // JSON log lines of a request carry its request id and the trace and span ids.
+    let logs = denoiser.log_lines();
+    let admitting: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "admitting")
+        .collect();
+    assert_eq!(admitting.len(), 1, "{logs:#?}");
+    let line = &admitting[0];
+    assert_eq!(line["trace_id"], TRACE_ID, "{line}");
+    assert_eq!(line["span_id"].as_str().map(str::len), Some(16), "{line}");
+    assert!(
+        line.to_string().contains("\"request_id\":\"req-telemetry-ok\""),
+        "{line}"
+    );
     let spans = sink.spans();
 
     let ok_trace: Vec<SpanRecord> = spans
