@@ -7,7 +7,12 @@
 //! - `otlp`: `RUST_LOG=info` and `--otlp-endpoint` to an in-process OTLP receiver: full export.
 //!
 //! Requests alternate between the stacks round by round (so load drift on a shared machine hits all
-//! three alike); the report gives each mode's median latency and its ratio to `off`.
+//! three alike); the report gives each mode's median latency and the median of the per-round ratios
+//! to `off` (the paired figure is the robust one under load).
+//!
+//! Then the per-step cost in isolation: this binary re-runs itself (`--micro MODE`, one process per
+//! mode since the subscriber is global) and times the denoiser's per-step span (`denoise_step` with
+//! `step`, then `timestep` recorded) against the same loop without it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +44,54 @@ struct Args {
     /// Measured rounds (one request per mode each); one more warm-up round is not counted.
     #[arg(long, default_value_t = 30)]
     runs: usize,
+    /// Internal: time the per-step span under this telemetry mode (`none`, `logs`, `otlp`) and exit.
+    #[arg(long, hide = true)]
+    micro: Option<String>,
+    /// Internal: the OTLP endpoint of `--micro otlp`.
+    #[arg(long, hide = true)]
+    micro_endpoint: Option<String>,
+}
+
+/// Spans timed per micro run.
+const MICRO_STEPS: u32 = 200_000;
+
+/// The denoiser's per-step span (services/denoiser/src/job.rs), opened and closed `MICRO_STEPS` times;
+/// returns ns per step with and without it.
+fn micro(mode: &str, endpoint: Option<String>) -> Result<()> {
+    let mut common = qwen_image_common::args::CommonArgs::new(([127, 0, 0, 1], 0).into());
+    common.otlp_endpoint = endpoint;
+    let _guard = match mode {
+        "none" => None,
+        "logs" | "otlp" => Some(qwen_image_common::telemetry::init("bench", &common)?),
+        other => bail!("unknown micro mode {other}"),
+    };
+    // Inside a request-like parent, as in the worker.
+    let parent = tracing::info_span!("job", queue_wait_ms = 0.0).entered();
+    let time = |with_span: bool| {
+        let started = Instant::now();
+        let mut acc = 0u64;
+        for step in 0..MICRO_STEPS {
+            if with_span {
+                let span = tracing::info_span!(
+                    "denoise_step",
+                    step,
+                    timestep = tracing::field::Empty
+                )
+                .entered();
+                acc = std::hint::black_box(acc + u64::from(step));
+                span.record("timestep", f64::from(step));
+            } else {
+                acc = std::hint::black_box(acc + u64::from(step));
+            }
+        }
+        std::hint::black_box(acc);
+        started.elapsed().as_nanos() as f64 / f64::from(MICRO_STEPS)
+    };
+    let _ = (time(false), time(true)); // warm-up
+    let (without, with) = (time(false), time(true));
+    drop(parent);
+    println!("micro {mode} {without:.1} {with:.1}");
+    Ok(())
 }
 
 struct Stack {
@@ -130,6 +183,9 @@ fn median(v: &[Duration]) -> Duration {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(mode) = &a.micro {
+        return micro(mode, a.micro_endpoint.clone());
+    }
     let bin = match &a.qwen_image {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("qwen-image"),
@@ -153,29 +209,70 @@ async fn main() -> Result<()> {
         }
     }
     let base = median(&stacks[0].times).as_secs_f64();
+    let paired = |s: &Stack| {
+        let mut r: Vec<f64> = s
+            .times
+            .iter()
+            .zip(&stacks[0].times)
+            .map(|(t, b)| t.as_secs_f64() / b.as_secs_f64())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        (r[r.len() / 2] - 1.0) * 100.0
+    };
     println!(
-        "{}x{}, {} steps, true CFG 4, {} rounds (medians; spans received by the sink: {})",
+        "{}x{}, {} steps, true CFG 4, {} rounds (spans received by the sink: {})",
         a.width,
         a.height,
         a.steps,
         a.runs,
         sink.spans().len()
     );
-    println!("| mode | median | p10 | p90 | vs off |");
-    println!("|---|---|---|---|---|");
+    println!("| mode | median | p10 | p90 | median vs off | median of paired ratios vs off |");
+    println!("|---|---|---|---|---|---|");
     for s in &stacks {
         let mut v = s.times.clone();
         v.sort();
         let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
         let med = median(&s.times).as_secs_f64();
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:+.2} % |",
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:+.2} % | {:+.2} % |",
             s.mode,
             med * 1e3,
             p(0.1),
             p(0.9),
-            (med / base - 1.0) * 100.0
+            (med / base - 1.0) * 100.0,
+            paired(s)
         );
+    }
+    drop(stacks);
+
+    println!();
+    println!("per-step span, {MICRO_STEPS} steps (ns per step; one process per mode)");
+    println!("| subscriber | loop without span | loop with span | span cost |");
+    println!("|---|---|---|---|");
+    let me = std::env::current_exe()?;
+    for mode in ["none", "logs", "otlp"] {
+        let mut cmd = tokio::process::Command::new(&me);
+        cmd.args(["--micro", mode]).env("RUST_LOG", "info");
+        if mode == "otlp" {
+            cmd.args(["--micro-endpoint", &sink.endpoint]);
+        }
+        let out = cmd.output().await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = text.lines().find_map(|l| l.strip_prefix("micro ")) else {
+            bail!("micro {mode} printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [without, with] = v[..] {
+            println!(
+                "| {mode} | {without:.1} ns | {with:.1} ns | {:.1} ns |",
+                with - without
+            );
+        }
     }
     Ok(())
 }
