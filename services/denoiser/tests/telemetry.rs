@@ -204,7 +204,8 @@ async fn denoise_spans_reach_the_otlp_receiver_and_metrics_move() {
     assert_eq!(line["trace_id"], TRACE_ID, "{line}");
     assert_eq!(line["span_id"].as_str().map(str::len), Some(16), "{line}");
     assert!(
-        line.to_string().contains("\"request_id\":\"req-telemetry-ok\""),
+        line.to_string()
+            .contains("\"request_id\":\"req-telemetry-ok\""),
         "{line}"
     );
     let spans = sink.spans();

@@ -14,7 +14,7 @@
 //! mode since the subscriber is global) and times the denoiser's per-step span (`denoise_step` with
 //! `step`, then `timestep` recorded) against the same loop without it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -72,12 +72,9 @@ fn micro(mode: &str, endpoint: Option<String>) -> Result<()> {
         let mut acc = 0u64;
         for step in 0..MICRO_STEPS {
             if with_span {
-                let span = tracing::info_span!(
-                    "denoise_step",
-                    step,
-                    timestep = tracing::field::Empty
-                )
-                .entered();
+                let span =
+                    tracing::info_span!("denoise_step", step, timestep = tracing::field::Empty)
+                        .entered();
                 acc = std::hint::black_box(acc + u64::from(step));
                 span.record("timestep", f64::from(step));
             } else {
@@ -101,12 +98,7 @@ struct Stack {
     times: Vec<Duration>,
 }
 
-async fn start(
-    bin: &PathBuf,
-    model: &str,
-    mode: &'static str,
-    otlp: Option<&str>,
-) -> Result<Stack> {
+async fn start(bin: &Path, model: &str, mode: &'static str, otlp: Option<&str>) -> Result<Stack> {
     let log = if mode == "off" { "off" } else { "info" };
     let env = [("RUST_LOG", log)];
     let spawn = |stage: &'static str, extra: Vec<String>| {
@@ -260,7 +252,10 @@ async fn main() -> Result<()> {
         let out = cmd.output().await?;
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(line) = text.lines().find_map(|l| l.strip_prefix("micro ")) else {
-            bail!("micro {mode} printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "micro {mode} printed nothing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         let v: Vec<f64> = line
             .split_whitespace()
