@@ -253,12 +253,18 @@ where
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 parts.headers.insert(REQUEST_ID_HEADER, v);
             }
-            // Trailers-only responses (errors before any message) carry the status in the headers.
-            let header_status = grpc_status(&parts.headers);
+            // Trailers-only responses (errors before any message) carry the status in the headers:
+            // recorded now, before the caller can see the answer.
+            let finish = match grpc_status(&parts.headers) {
+                Some((code, message)) => {
+                    finish.done(code, message);
+                    None
+                }
+                None => Some(finish),
+            };
             let body = TrackedBody {
                 inner: body,
-                finish: Some(finish),
-                header_status,
+                finish,
             };
             Ok(http::Response::from_parts(parts, Body::new(body)))
         })
@@ -365,19 +371,17 @@ impl HttpBody for CountingBody {
 }
 
 /// Response body that counts bytes, finds the final status in the trailers and records the RPC when
-/// it ends, fails or is dropped (the caller went away: CANCELLED).
+/// it ends, fails or is dropped (the caller went away: CANCELLED). `finish` is None for trailers-only
+/// responses, recorded before the body.
 struct TrackedBody {
     inner: Body,
     finish: Option<Finish>,
-    header_status: Option<(i32, Option<String>)>,
 }
 
 impl TrackedBody {
     fn end(&mut self, status: Option<(i32, Option<String>)>) {
         if let Some(f) = self.finish.take() {
-            let (code, message) = status
-                .or_else(|| self.header_status.take())
-                .unwrap_or((tonic::Code::Ok as i32, None));
+            let (code, message) = status.unwrap_or((tonic::Code::Ok as i32, None));
             f.done(code, message);
         }
     }
@@ -425,13 +429,8 @@ impl HttpBody for TrackedBody {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        if self.finish.is_some() {
-            let status = self
-                .header_status
-                .take()
-                .unwrap_or((tonic::Code::Cancelled as i32, None));
-            self.end(Some(status));
-        }
+        // Dropped before its end: the caller went away (or the server stopped) mid-stream.
+        self.end(Some((tonic::Code::Cancelled as i32, None)));
     }
 }
 
