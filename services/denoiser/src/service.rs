@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::DenoiserError;
 use crate::job::DenoiseJob;
-use crate::validate::{ModelShape, validate};
+use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
 
 /// Events buffered between the worker and a slow reader before the worker waits (backpressure).
 const EVENT_BUFFER: usize = 8;
@@ -21,6 +21,8 @@ const EVENT_BUFFER: usize = 8;
 pub struct DenoiserService {
     pub(crate) admission: Admission<DenoiseJob>,
     pub(crate) shape: ModelShape,
+    /// The loaded ControlNets requests may name.
+    pub(crate) controlnets: Vec<ControlNetInfo>,
     /// True once the model is loaded and warmed up, false again while draining.
     pub(crate) readiness: Readiness,
 }
@@ -38,7 +40,7 @@ impl Denoiser for DenoiserService {
             return Err(DenoiserError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let inputs = validate(request.get_ref(), self.shape)
+        let inputs = validate_with_controlnets(request.get_ref(), self.shape, &self.controlnets)
             .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
         tracing::info!(
             batch = inputs.latents.shape[0],
@@ -47,6 +49,7 @@ impl Denoiser for DenoiserService {
             steps = inputs.schedule.steps(),
             start_step = inputs.start_step,
             cfg = inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
+            controlnets = inputs.control.len(),
             "admitting"
         );
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
