@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod pngmeta;
 pub mod pool;
+pub mod pose;
 pub mod server;
 pub mod service;
 pub mod stages;
