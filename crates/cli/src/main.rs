@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod generate;
 mod model_dir;
 mod parity;
+mod pose;
 mod serve;
 mod stack;
 
@@ -24,6 +25,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate an image from a prompt through a gateway (or a stack started for the call) and write a PNG.
     Generate(generate::GenerateArgs),
+    /// Pose a character: ControlNet pose from a skeleton picture or OpenPose keypoints JSON, written as PNG.
+    Pose(pose::PoseArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Parity(args) => parity::run(&args),
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Pose(args) => pose::run(args),
     };
     match result {
         Ok(code) => code,
