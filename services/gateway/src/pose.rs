@@ -418,6 +418,21 @@ mod tests {
         assert!(p.control.data.iter().any(|&v| v > 0), "skeleton drawn");
     }
 
+    /// The gateway's skeleton for docs/pose-example.json at 64x96 is controlnet-aux's, pixel for pixel (the
+    /// control picture diffusers got for refs/controlnet_pose_64x96, see tools/make_fixtures.sh).
+    #[test]
+    fn keypoints_render_like_controlnet_aux() {
+        let json = include_str!("../../../docs/pose-example.json");
+        let mut r = req(pose_request::Pose::KeypointsJson(json.into()));
+        (r.width_px, r.height_px) = (64, 96);
+        let ours = validate_pose(r, 2048, 1).expect("valid").control;
+        let png = include_bytes!(
+            "../../../tests/fixtures/tiny/refs/controlnet_pose_64x96/input_control.png"
+        );
+        let theirs = decode_image(png, "reference").expect("png");
+        assert_eq!(ours, theirs);
+    }
+
     #[test]
     fn rejects_bad_poses() {
         assert!(
