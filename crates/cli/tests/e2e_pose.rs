@@ -85,6 +85,23 @@ async fn pose_image_and_keypoints_match_diffusers() {
     assert!(diff <= 1, "controlnet_64: {diff} levels");
     let params = r.parameters.expect("parameters");
     assert_eq!(params.prompt, req.prompt);
+    let info = png::Decoder::new(std::io::Cursor::new(&r.png[0][..]))
+        .read_info()
+        .expect("png");
+    let text = |k: &str| {
+        info.info()
+            .uncompressed_latin1_text
+            .iter()
+            .find(|c| c.keyword == k)
+            .map(|c| c.text.clone())
+    };
+    assert_eq!(text("controlnet").as_deref(), Some("union"));
+    assert_eq!(text("pose_source").as_deref(), Some("pose_image"));
+    assert_eq!(
+        text("controlnet_conditioning_scale").as_deref(),
+        Some("0.8")
+    );
+    assert_eq!(text("seed").as_deref(), Some("4"));
 
     // 2. docs/pose-example.json rendered by the gateway at 64x96; the reference was made by diffusers from
     // controlnet-aux's drawing of the same file (tools/make_fixtures.sh). Empty id = the only ControlNet.
