@@ -206,3 +206,20 @@ async fn bad_pose_inputs_are_rejected_and_the_stack_stays_healthy() {
     assert_eq!(status.into_inner().status, ServingStatus::Serving as i32);
     pose(&mut c, good).await.expect("still poses");
 }
+
+#[tokio::test]
+async fn pose_on_a_denoiser_without_controlnet_is_a_failed_precondition() {
+    let stack = start_stack(None).await;
+    let mut c = client(&stack.gateway.url).await;
+    let (mut req, _, _) = pose_reference("controlnet_pose_64x96");
+    req.pose = Some(pose_request::Pose::KeypointsJson(
+        std::fs::read_to_string(workspace().join("docs/pose-example.json")).expect("json"),
+    ));
+    let e = pose(&mut c, req).await.expect_err("no ControlNet loaded");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("--controlnet"), "{}", e.message());
+    eprintln!("{}", e.message());
+    // Text-to-image still works on that stack.
+    let (t2i, _) = reference("t2i_64");
+    generate(&mut c, t2i).await.expect("t2i still served");
+}

@@ -208,6 +208,17 @@ fn control(
         let v: Vec<&str> = nets.iter().map(|n| n.id.as_str()).collect();
         format!("{v:?}")
     };
+    if nets.is_empty() {
+        let which = if c.controlnet_id.is_empty() {
+            "a ControlNet".to_string()
+        } else {
+            format!("ControlNet `{}`", c.controlnet_id)
+        };
+        return Err(DenoiserError::FailedPrecondition(format!(
+            "`control[{k}]` asks for {which} but the denoiser has none loaded, it has [] (start it with \
+             --controlnet [NAME=]DIR)"
+        )));
+    }
     let net = if c.controlnet_id.is_empty() {
         if nets.len() != 1 {
             return Err(DenoiserError::FailedPrecondition(format!(
