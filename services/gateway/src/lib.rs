@@ -1,6 +1,7 @@
 //! The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API, orchestrating the text-encoder,
 //! denoiser and VAE stage services over gRPC. Never links candle.
 
+pub mod cn_inpaint;
 pub mod config;
 pub mod error;
 pub mod pngmeta;

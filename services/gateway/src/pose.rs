@@ -101,8 +101,38 @@ pub fn decode_image(bytes: &[u8], field: &str) -> Result<Image8, GatewayError> {
     Image8::new(w, h, 3, rgb.into_raw()).map_err(invalid)
 }
 
+/// Conditioning scale and guidance window with defaults (1.0, 0, 1), checked.
+pub fn control_options(
+    scale: Option<f32>,
+    start: Option<f32>,
+    end: Option<f32>,
+) -> Result<(f32, f32, f32), GatewayError> {
+    let conditioning_scale = scale.unwrap_or(DEFAULT_CONDITIONING_SCALE);
+    if !conditioning_scale.is_finite()
+        || !(0.0..=MAX_CONDITIONING_SCALE).contains(&conditioning_scale)
+    {
+        return Err(invalid(format!(
+            "conditioning_scale {conditioning_scale} is not allowed; send 0..={MAX_CONDITIONING_SCALE} (e.g. 0.8-1.0)"
+        )));
+    }
+    let guidance_start = start.unwrap_or(0.0);
+    let guidance_end = end.unwrap_or(1.0);
+    if !(guidance_start.is_finite()
+        && guidance_end.is_finite()
+        && 0.0 <= guidance_start
+        && guidance_start < guidance_end
+        && guidance_end <= 1.0)
+    {
+        return Err(invalid(format!(
+            "control guidance window [{guidance_start}, {guidance_end}] is not allowed; send \
+             0 <= control_guidance_start < control_guidance_end <= 1"
+        )));
+    }
+    Ok((conditioning_scale, guidance_start, guidance_end))
+}
+
 /// The output side: the request's, or the control image's own floored to a multiple of 16.
-fn side(name: &str, requested: u32, own: usize, max: u32) -> Result<u32, GatewayError> {
+pub fn side(name: &str, requested: u32, own: usize, max: u32) -> Result<u32, GatewayError> {
     if requested != 0 {
         return Ok(requested);
     }
@@ -127,27 +157,11 @@ pub fn validate_pose(
     max_side_px: u32,
     fallback_seed: u64,
 ) -> Result<PoseParams, GatewayError> {
-    let conditioning_scale = req.conditioning_scale.unwrap_or(DEFAULT_CONDITIONING_SCALE);
-    if !conditioning_scale.is_finite()
-        || !(0.0..=MAX_CONDITIONING_SCALE).contains(&conditioning_scale)
-    {
-        return Err(invalid(format!(
-            "conditioning_scale {conditioning_scale} is not allowed; send 0..={MAX_CONDITIONING_SCALE} (e.g. 0.8-1.0)"
-        )));
-    }
-    let guidance_start = req.control_guidance_start.unwrap_or(0.0);
-    let guidance_end = req.control_guidance_end.unwrap_or(1.0);
-    if !(guidance_start.is_finite()
-        && guidance_end.is_finite()
-        && 0.0 <= guidance_start
-        && guidance_start < guidance_end
-        && guidance_end <= 1.0)
-    {
-        return Err(invalid(format!(
-            "control guidance window [{guidance_start}, {guidance_end}] is not allowed; send \
-             0 <= control_guidance_start < control_guidance_end <= 1"
-        )));
-    }
+    let (conditioning_scale, guidance_start, guidance_end) = control_options(
+        req.conditioning_scale,
+        req.control_guidance_start,
+        req.control_guidance_end,
+    )?;
     let (control, source, width_px, height_px) = match req.pose {
         None => {
             return Err(invalid(
@@ -279,7 +293,7 @@ pub fn control_latents(
 }
 
 /// Text chunks describing the control, added to the PNGs.
-fn control_chunks(pp: &PoseParams) -> Vec<(String, String)> {
+pub fn control_chunks(pp: &PoseParams) -> Vec<(String, String)> {
     vec![
         (
             "controlnet".into(),
@@ -302,12 +316,35 @@ fn control_chunks(pp: &PoseParams) -> Vec<(String, String)> {
     ]
 }
 
-pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, GatewayError> {
-    let p = &pp.t2i;
+/// What a ControlNet flow sends besides the prompt part.
+pub struct ControlFlow<'a> {
+    /// The control image at the output size, RGB8, as the VAE encodes it.
+    pub image: &'a Image8,
+    pub controlnet_id: &'a str,
+    pub conditioning_scale: f32,
+    pub guidance_start: f32,
+    pub guidance_end: f32,
+    /// Inpainting ControlNet: the mask on the latent grid `[B, 1, h, w]`, 1 = regenerate.
+    pub latent_mask: Option<Tensor>,
+    /// `true`: the posterior sample is the request generator's first draw, the noise its second
+    /// (QwenImageControlNetPipeline). `false`: the sample comes from a second generator seeded with the same
+    /// seed (QwenImageControlNetInpaintPipeline samples with torch's default generator).
+    pub eps_from_request_generator: bool,
+    /// Extra PNG text chunks.
+    pub chunks: Vec<(String, String)>,
+}
+
+/// The ControlNet flow: prompts and the control image's posterior concurrently, seeded sample and noise,
+/// denoise with the ControlInput, decode.
+pub async fn run_control(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    f: &ControlFlow<'_>,
+) -> Result<GenerateResult, GatewayError> {
     let batch = p.num_images as usize;
     let (h, w) = p.latent_hw();
     if (h * VAE_SCALE_FACTOR as usize, w * VAE_SCALE_FACTOR as usize)
-        != (pp.control.height, pp.control.width)
+        != (f.image.height, f.image.width)
     {
         return Err(GatewayError::Internal("control image size mismatch".into()));
     }
@@ -315,9 +352,9 @@ pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, Gatew
     // 1. Prompts and the control image's posterior, concurrently.
     ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let image = Image {
-        width_px: pp.control.width as u32,
-        height_px: pp.control.height as u32,
-        rgb8: pp.control.data.clone().into(),
+        width_px: f.image.width as u32,
+        height_px: f.image.height as u32,
+        rgb8: f.image.data.clone().into(),
     };
     let (prompts, posterior) = tokio::join!(t2i::encode_prompts(ctx, p), async {
         ctx.progress(Stage::EncodeImage, 0, 0).await;
@@ -334,9 +371,18 @@ pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, Gatew
     let posterior = posterior?;
     let model_id = std::mem::take(&mut prompts.model_id);
 
-    // 2. One generator: the posterior sample first, then the initial noise (diffusers' draw order).
+    // 2. The posterior sample, then the initial noise.
     let mut generator = TorchCpuGenerator::new(p.seed);
-    let control = control_latents(&posterior, batch, (h, w), &mut generator)?;
+    let control = if f.eps_from_request_generator {
+        control_latents(&posterior, batch, (h, w), &mut generator)?
+    } else {
+        control_latents(
+            &posterior,
+            batch,
+            (h, w),
+            &mut TorchCpuGenerator::new(p.seed),
+        )?
+    };
     let shape = p.noise_shape();
     let noise = generator
         .randn(shape.iter().product())
@@ -346,15 +392,29 @@ pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, Gatew
     // 3. Denoise with the ControlNet, 4. decode.
     let mut request = t2i::denoise_request(p, prompts, latents);
     request.control = vec![ControlInput {
-        controlnet_id: pp.controlnet_id.clone(),
+        controlnet_id: f.controlnet_id.to_string(),
         control_latents: Some(control),
+        conditioning_scale: f.conditioning_scale,
+        guidance_start: f.guidance_start,
+        guidance_end: f.guidance_end,
+        mask: f.latent_mask.clone(),
+    }];
+    let final_latents = t2i::denoise(ctx, request).await?;
+    t2i::decode_to_result(ctx, p, final_latents, model_id, &f.chunks).await
+}
+
+pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, GatewayError> {
+    let flow = ControlFlow {
+        image: &pp.control,
+        controlnet_id: &pp.controlnet_id,
         conditioning_scale: pp.conditioning_scale,
         guidance_start: pp.guidance_start,
         guidance_end: pp.guidance_end,
-        mask: None,
-    }];
-    let final_latents = t2i::denoise(ctx, request).await?;
-    t2i::decode_to_result(ctx, p, final_latents, model_id, &control_chunks(pp)).await
+        latent_mask: None,
+        eps_from_request_generator: true,
+        chunks: control_chunks(pp),
+    };
+    run_control(ctx, &pp.t2i, &flow).await
 }
 
 #[cfg(test)]

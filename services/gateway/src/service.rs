@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qwen_image_proto::v1::image_generator_server::ImageGenerator;
-use qwen_image_proto::v1::{GenerateEvent, PoseRequest, TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{
+    ControlNetInpaintRequest, GenerateEvent, PoseRequest, TextToImageRequest, generate_event,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::cn_inpaint::{self, CnInpaintParams};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::pose::{self, PoseParams};
@@ -139,12 +142,52 @@ impl ImageGenerator for GatewayService {
         });
         Ok(self.start(id, accepted, deadline, span, Flow::Pose(Box::new(params))))
     }
+
+    type ControlNetInpaintStream = ReceiverStream<Result<GenerateEvent, Status>>;
+
+    async fn control_net_inpaint(
+        &self,
+        request: Request<ControlNetInpaintRequest>,
+    ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
+        let accepted = Instant::now();
+        let id = request_id(&request);
+        let default_deadline = accepted + self.config.request_timeout;
+        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
+            .map_or(default_deadline, |d| d.min(default_deadline));
+        let span = tracing::info_span!("controlnet_inpaint", request_id = %id);
+        let (max_side, seed) = (self.config.max_side_px, random_u64());
+        let params = tokio::task::spawn_blocking(move || {
+            cn_inpaint::validate_cn_inpaint(request.into_inner(), max_side, seed)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("validation task: {e}")))
+        .and_then(|r| r)
+        .map_err(|e| with_request_id(e.into(), &id))?;
+        span.in_scope(|| {
+            tracing::info!(
+                width = params.t2i.width_px,
+                height = params.t2i.height_px,
+                steps = params.t2i.steps,
+                seed = params.t2i.seed,
+                controlnet = %params.controlnet_id,
+                "accepted"
+            )
+        });
+        Ok(self.start(
+            id,
+            accepted,
+            deadline,
+            span,
+            Flow::CnInpaint(Box::new(params)),
+        ))
+    }
 }
 
 /// A validated request of one of the flows.
 enum Flow {
     T2i(T2iParams),
     Pose(Box<PoseParams>),
+    CnInpaint(Box<CnInpaintParams>),
 }
 
 impl GatewayService {
@@ -174,6 +217,7 @@ impl GatewayService {
                     match &flow {
                         Flow::T2i(p) => t2i::run(&ctx, p).await,
                         Flow::Pose(p) => pose::run(&ctx, p).await,
+                        Flow::CnInpaint(p) => cn_inpaint::run(&ctx, p).await,
                     }
                 };
                 // Whichever ends first wins; the loser is dropped, which drops any stage call in flight
