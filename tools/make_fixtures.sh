@@ -77,6 +77,12 @@ POSE_TMP="$(mktemp -d)"
   --image "$POSE_TMP/pose_64x96.png" --height 96 --width 64 --steps 3 --seed 5 --conditioning-scale 1.0 \
   --negative-prompt " " --prompt "a dancer on a stage" --dump-steps first --force
 rm -rf "$POSE_TMP"
+# ControlNet inpaint: a tiny inpainting ControlNet (the tiny ControlNet widened to 68 inputs) and diffusers'
+# QwenImageControlNetInpaintPipeline on the synthetic picture + centred mask (torch.manual_seed(seed) first).
+"$PY" "$H/make_cn_inpaint.py" "$F/tiny/snapshot" --seed 11 > /dev/null
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/controlnet_inpaint_64" \
+  --mode controlnet-inpaint --height 64 --width 64 --steps 3 --seed 6 --conditioning-scale 0.9 --negative-prompt " " \
+  --dump-steps first --force
 # --- END ControlNet pose end-to-end references
 
 du -sh "$F"/*

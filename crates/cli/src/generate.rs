@@ -10,7 +10,8 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    DataType, GenerateResult, PoseRequest, Stage, Tensor, TextToImageRequest, generate_event,
+    ControlNetInpaintRequest, DataType, GenerateResult, PoseRequest, Stage, Tensor,
+    TextToImageRequest, generate_event,
 };
 
 use crate::model_dir::default_model_dir;
@@ -90,6 +91,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
 pub enum Call {
     TextToImage(TextToImageRequest),
     Pose(PoseRequest),
+    ControlNetInpaint(ControlNetInpaintRequest),
 }
 
 /// Sends `call` to `gateway`, or to a local stack on `model` (default: the embedded model) started with
@@ -226,6 +228,11 @@ async fn send(url: &str, call: Call, timeout: Duration, quiet: bool) -> Result<G
             let mut req = tonic::Request::new(r);
             req.set_timeout(timeout);
             client.pose(req).await
+        }
+        Call::ControlNetInpaint(r) => {
+            let mut req = tonic::Request::new(r);
+            req.set_timeout(timeout);
+            client.control_net_inpaint(req).await
         }
     }
     .map_err(status_error)?

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod cn_inpaint;
 mod generate;
 mod model_dir;
 mod parity;
@@ -27,6 +28,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Pose a character: ControlNet pose from a skeleton picture or OpenPose keypoints JSON, written as PNG.
     Pose(pose::PoseArgs),
+    /// Regenerate the white region of a mask with an inpainting ControlNet (InstantX ControlNet-Inpainting).
+    #[command(name = "controlnet-inpaint")]
+    ControlnetInpaint(cn_inpaint::CnInpaintArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Pose(args) => pose::run(args),
+        Command::ControlnetInpaint(args) => cn_inpaint::run(args),
     };
     match result {
         Ok(code) => code,

@@ -116,40 +116,54 @@ fn build_request(args: &PoseArgs, controlnet_id: String) -> Result<PoseRequest> 
     })
 }
 
+/// Where the request goes and which ControlNet it names: with a gateway, the id only; for a local stack,
+/// the model and the ControlNet its denoiser loads (`--controlnet`, default MODEL/`default_folder`).
+pub fn resolve_controlnet(
+    gateway: Option<&str>,
+    model: Option<&PathBuf>,
+    controlnet: Option<&ControlNetSpec>,
+    default_folder: &str,
+) -> Result<(Option<PathBuf>, StageOptions, String)> {
+    if gateway.is_some() {
+        let id = controlnet.map(|c| c.id.clone()).unwrap_or_default();
+        return Ok((None, StageOptions::default(), id));
+    }
+    let model = match model {
+        Some(m) => m.clone(),
+        None => default_model_dir()?,
+    };
+    let spec = match controlnet {
+        Some(c) => c.clone(),
+        None => {
+            let dir = model.join(default_folder);
+            if !dir.join("config.json").is_file() {
+                bail!(
+                    "{} has no {default_folder}/ folder; pass --controlnet DIR (a diffusers ControlNet folder)",
+                    model.display()
+                );
+            }
+            ControlNetSpec {
+                id: default_folder.into(),
+                dir,
+            }
+        }
+    };
+    let id = spec.id.clone();
+    let options = StageOptions {
+        queue_capacity: None,
+        controlnets: vec![spec],
+    };
+    Ok((Some(model), options, id))
+}
+
 async fn pose(args: PoseArgs) -> Result<()> {
     let timeout = Duration::from_secs(args.timeout_secs);
-    let (model, options, id) = if args.gateway.is_some() {
-        let id = args.controlnet.as_ref().map(|c| c.id.clone());
-        (None, StageOptions::default(), id.unwrap_or_default())
-    } else {
-        let model = match &args.model {
-            Some(m) => m.clone(),
-            None => default_model_dir()?,
-        };
-        let spec = match &args.controlnet {
-            Some(c) => c.clone(),
-            None => {
-                let dir = model.join("controlnet");
-                if !dir.join("config.json").is_file() {
-                    bail!(
-                        "{} has no controlnet/ folder; pass --controlnet DIR (a diffusers ControlNet folder, e.g. \
-                         InstantX/Qwen-Image-ControlNet-Union)",
-                        model.display()
-                    );
-                }
-                ControlNetSpec {
-                    id: "controlnet".into(),
-                    dir,
-                }
-            }
-        };
-        let id = spec.id.clone();
-        let options = StageOptions {
-            queue_capacity: None,
-            controlnets: vec![spec],
-        };
-        (Some(model), options, id)
-    };
+    let (model, options, id) = resolve_controlnet(
+        args.gateway.as_deref(),
+        args.model.as_ref(),
+        args.controlnet.as_ref(),
+        "controlnet",
+    )?;
     let request = build_request(&args, id)?;
     let result = execute(
         Call::Pose(request),
