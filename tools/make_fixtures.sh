@@ -69,4 +69,20 @@ mkdir -p "$F/vae_tiled"
   --dump-steps first --force
 # --- END gateway end-to-end references
 
+# --- BEGIN ControlNet pose end-to-end references (crates/cli/tests/e2e_pose.rs; controlnet_64 above is reused)
+# docs/pose-example.json drawn by controlnet-aux's draw_poses at 64x96, then diffusers' ControlNet pipeline on it.
+POSE_TMP="$(mktemp -d)"
+"$PY" "$ROOT/tools/openpose/render_pose_json.py" "$ROOT/docs/pose-example.json" "$POSE_TMP/pose_64x96.png" 64 96
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/controlnet_pose_64x96" --mode controlnet \
+  --image "$POSE_TMP/pose_64x96.png" --height 96 --width 64 --steps 3 --seed 5 --conditioning-scale 1.0 \
+  --negative-prompt " " --prompt "a dancer on a stage" --dump-steps first --force
+rm -rf "$POSE_TMP"
+# ControlNet inpaint: a tiny inpainting ControlNet (the tiny ControlNet widened to 68 inputs) and diffusers'
+# QwenImageControlNetInpaintPipeline on the synthetic picture + centred mask (torch.manual_seed(seed) first).
+"$PY" "$H/make_cn_inpaint.py" "$F/tiny/snapshot" --seed 11 > /dev/null
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/controlnet_inpaint_64" \
+  --mode controlnet-inpaint --height 64 --width 64 --steps 3 --seed 6 --conditioning-scale 0.9 --negative-prompt " " \
+  --dump-steps first --force
+# --- END ControlNet pose end-to-end references
+
 du -sh "$F"/*

@@ -10,11 +10,12 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    DataType, GenerateResult, Stage, Tensor, TextToImageRequest, generate_event,
+    ControlNetInpaintRequest, DataType, GenerateResult, PoseRequest, Stage, Tensor,
+    TextToImageRequest, generate_event,
 };
 
 use crate::model_dir::default_model_dir;
-use crate::stack::LocalStack;
+use crate::stack::{LocalStack, StageOptions};
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -74,28 +75,61 @@ pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
 async fn generate(args: GenerateArgs) -> Result<()> {
     let request = build_request(&args)?;
     let timeout = Duration::from_secs(args.timeout_secs);
-    let result = match &args.gateway {
-        Some(url) => send(url, request, timeout, args.quiet).await?,
+    let result = execute(
+        Call::TextToImage(request),
+        args.gateway.as_deref(),
+        args.model.clone(),
+        StageOptions::default(),
+        timeout,
+        args.quiet,
+    )
+    .await?;
+    write_result(&args.out, &result)
+}
+
+/// One public-API request.
+pub enum Call {
+    TextToImage(TextToImageRequest),
+    Pose(PoseRequest),
+    ControlNetInpaint(ControlNetInpaintRequest),
+}
+
+/// Sends `call` to `gateway`, or to a local stack on `model` (default: the embedded model) started with
+/// `options` for the call.
+pub async fn execute(
+    call: Call,
+    gateway: Option<&str>,
+    model: Option<PathBuf>,
+    options: StageOptions,
+    timeout: Duration,
+    quiet: bool,
+) -> Result<GenerateResult> {
+    match gateway {
+        Some(url) => send(url, call, timeout, quiet).await,
         None => {
-            let model = match &args.model {
-                Some(m) => m.clone(),
+            let model = match model {
+                Some(m) => m,
                 None => default_model_dir()?,
             };
-            if !args.quiet {
+            if !quiet {
                 eprintln!("starting a local stack on {} ...", model.display());
             }
-            let mut stack = LocalStack::start(model, "127.0.0.1:0").await?;
+            let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), request, timeout, args.quiet).await
+                send(&stack.gateway_url(), call, timeout, quiet).await
             }
             .await;
             stack.shutdown().await?;
-            out?
+            out
         }
-    };
+    }
+}
+
+/// Writes the PNG(s) (`out`, `out-1`, ...) and prints a summary line.
+pub fn write_result(out: &Path, result: &GenerateResult) -> Result<()> {
     for (i, png) in result.png.iter().enumerate() {
-        let path = numbered(&args.out, i);
+        let path = numbered(out, i);
         std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
@@ -175,12 +209,7 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
     })
 }
 
-async fn send(
-    url: &str,
-    request: TextToImageRequest,
-    timeout: Duration,
-    quiet: bool,
-) -> Result<GenerateResult> {
+async fn send(url: &str, call: Call, timeout: Duration, quiet: bool) -> Result<GenerateResult> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a gateway URL"))?
         .connect()
@@ -189,13 +218,25 @@ async fn send(
     let mut client = ImageGeneratorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut req = tonic::Request::new(request);
-    req.set_timeout(timeout);
-    let mut stream = client
-        .text_to_image(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = match call {
+        Call::TextToImage(r) => {
+            let mut req = tonic::Request::new(r);
+            req.set_timeout(timeout);
+            client.text_to_image(req).await
+        }
+        Call::Pose(r) => {
+            let mut req = tonic::Request::new(r);
+            req.set_timeout(timeout);
+            client.pose(req).await
+        }
+        Call::ControlNetInpaint(r) => {
+            let mut req = tonic::Request::new(r);
+            req.set_timeout(timeout);
+            client.control_net_inpaint(req).await
+        }
+    }
+    .map_err(status_error)?
+    .into_inner();
     let mut bar = Progress::new(quiet);
     while let Some(ev) = stream.message().await.map_err(status_error)? {
         match ev.event {
@@ -241,6 +282,7 @@ impl Progress {
         }
         let label = match Stage::try_from(stage) {
             Ok(Stage::EncodePrompt) => "encoding prompt",
+            Ok(Stage::EncodeImage) => "encoding image",
             Ok(Stage::Denoise) => "denoising",
             Ok(Stage::Decode) => "decoding",
             Ok(Stage::Queued) => "queued",

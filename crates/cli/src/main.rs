@@ -2,9 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod cn_inpaint;
 mod generate;
 mod model_dir;
 mod parity;
+mod pose;
 mod serve;
 mod stack;
 
@@ -24,6 +26,11 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate an image from a prompt through a gateway (or a stack started for the call) and write a PNG.
     Generate(generate::GenerateArgs),
+    /// Pose a character: ControlNet pose from a skeleton picture or OpenPose keypoints JSON, written as PNG.
+    Pose(pose::PoseArgs),
+    /// Regenerate the white region of a mask with an inpainting ControlNet (InstantX ControlNet-Inpainting).
+    #[command(name = "controlnet-inpaint")]
+    ControlnetInpaint(cn_inpaint::CnInpaintArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +39,8 @@ fn main() -> std::process::ExitCode {
         Command::Parity(args) => parity::run(&args),
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Pose(args) => pose::run(args),
+        Command::ControlnetInpaint(args) => cn_inpaint::run(args),
     };
     match result {
         Ok(code) => code,

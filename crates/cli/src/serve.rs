@@ -44,6 +44,12 @@ pub struct ServeArgs {
     #[arg(long, env = "QWEN_IMAGE_QUEUE_CAPACITY", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
     pub queue_capacity: Option<usize>,
 
+    /// ControlNet for the denoiser to load (diffusers folder, e.g. InstantX/Qwen-Image-ControlNet-Union), as
+    /// `DIR` (requests name it by the folder name) or `NAME=DIR`. Repeatable. Whole stack or `--stage denoiser`.
+    #[arg(long = "controlnet", env = "QWEN_IMAGE_CONTROLNETS", value_delimiter = ',',
+          value_parser = qwen_image_denoiser::config::parse_controlnet)]
+    pub controlnets: Vec<qwen_image_denoiser::config::ControlNetSpec>,
+
     /// How long to wait for the stack to load its models and report SERVING.
     #[arg(long, env = "QWEN_IMAGE_READY_TIMEOUT_SECS", default_value_t = 600)]
     pub ready_timeout_secs: u64,
@@ -110,6 +116,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 qwen_image_common::shutdown::signal(),
                 StageOptions {
                     queue_capacity: args.queue_capacity,
+                    controlnets: args.controlnets,
                 },
             )
             .await?;
@@ -119,7 +126,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 Some(m) => m,
                 None => default_model_dir()?,
             };
-            let mut stack = LocalStack::start(model.clone(), &listen).await?;
+            let options = StageOptions {
+                queue_capacity: None,
+                controlnets: args.controlnets,
+            };
+            let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;
             for (kind, addr) in &stack.stage_addrs {
                 println!("{} listening on {addr}", kind.name());
             }

@@ -12,6 +12,9 @@ pub enum DenoiserError {
     /// The request is malformed; the message says what to change.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request needs something this denoiser was not started with (e.g. a ControlNet it has not loaded).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Every admission slot is taken.
     #[error("queue full ({capacity} admitted)")]
     Overloaded {
@@ -72,6 +75,7 @@ impl From<DenoiserError> for Status {
     fn from(e: DenoiserError) -> Self {
         match e {
             DenoiserError::InvalidArgument(m) => Status::invalid_argument(m),
+            DenoiserError::FailedPrecondition(m) => Status::failed_precondition(m),
             DenoiserError::Overloaded {
                 capacity,
                 retry_after,
@@ -103,6 +107,10 @@ mod tests {
             (
                 DenoiserError::InvalidArgument("x".into()),
                 Code::InvalidArgument,
+            ),
+            (
+                DenoiserError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
             ),
             (
                 DenoiserError::Overloaded {

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use qwen_image_common::metric_names as m;
 use qwen_image_common::queue::Slot;
 use qwen_image_common::tensor::{self, HostTensor};
+use qwen_image_model::controlnet::ControlUnit;
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, InpaintBlend, Outcome};
 use qwen_image_model::latents::{pack, unpack};
 use qwen_image_model::scheduler::Schedule;
@@ -18,7 +19,7 @@ use tonic::Status;
 use crate::error::DenoiserError;
 use crate::model::LoadedModel;
 use crate::stats::Stats;
-use crate::validate::{DenoiseInputs, HostConditioning, ScheduleInput};
+use crate::validate::{DenoiseInputs, HostConditioning, HostControl, ScheduleInput};
 
 const SERVICE: &str = "denoiser";
 
@@ -122,6 +123,33 @@ fn wire_latents(
     Ok(tensor::from_f32(&shape, &data))
 }
 
+/// A checked ControlInput as the model's unit: latents (plus `1 - mask` as the last channel for the
+/// inpainting variant) packed to `[B, S, cond_channels]`.
+fn control_unit<'a>(
+    c: &HostControl,
+    model: &'a LoadedModel,
+) -> candle_core::Result<ControlUnit<'a>> {
+    let (_, net) = model
+        .controlnets
+        .get(c.net)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no ControlNet #{}", c.net)))?;
+    let lat = device_tensor(&c.latents, model)?;
+    let cond = match &c.mask {
+        Some(m) => {
+            let keep = device_tensor(m, model)?.affine(-1.0, 1.0)?;
+            Tensor::cat(&[&lat, &keep], 1)?
+        }
+        None => lat,
+    };
+    Ok(ControlUnit {
+        net,
+        cond: pack(&cond)?,
+        scale: c.scale,
+        start: c.start,
+        end: c.end,
+    })
+}
+
 fn execute(
     model: &LoadedModel,
     job: &DenoiseJob,
@@ -153,6 +181,11 @@ fn execute(
         }),
         None => None,
     };
+    let units = inp
+        .control
+        .iter()
+        .map(|c| control_unit(c, model))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let img_shapes = [(1, lh / 2, lw / 2)];
     let params = DenoiseParams {
         positive: &positive,
@@ -163,8 +196,7 @@ fn execute(
         schedule: &schedule,
         start_step: inp.start_step,
         inpaint: blend.as_ref(),
-        // ControlNet inputs are reserved in the proto (fields 12-19) for a later issue.
-        controlnet: &[],
+        controlnet: &units,
     };
     let every = inp.preview_every_n_steps;
     let mut stopped_for_deadline = false;

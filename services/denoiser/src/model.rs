@@ -1,19 +1,72 @@
 //! The model the worker thread owns: loading from a snapshot and the warm-up pass.
 
 use candle_core::{DType, Device, Tensor};
+use qwen_image_model::controlnet::{ControlNetConfig, QwenImageControlNet};
 use qwen_image_model::denoise::{Conditioning, predict};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::{Snapshot, first_line};
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 
 use crate::config::{DenoiserConfig, DeviceSpec};
-use crate::validate::ModelShape;
+use crate::validate::{ControlNetInfo, ModelShape};
 
 /// Transformer, scheduler config and device, living on the worker thread.
 pub struct LoadedModel {
     pub transformer: QwenImageTransformer,
     pub scheduler: SchedulerConfig,
     pub device: Device,
+    /// The `--controlnet` nets, in flag order, by id.
+    pub controlnets: Vec<(String, QwenImageControlNet)>,
+}
+
+/// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
+/// ControlInputs are validated against.
+pub fn read_controlnets(
+    cfg: &DenoiserConfig,
+    tcfg: &TransformerConfig,
+) -> Result<Vec<ControlNetInfo>, String> {
+    let mut out: Vec<ControlNetInfo> = Vec::new();
+    for spec in &cfg.controlnets {
+        if out.iter().any(|c| c.id == spec.id) {
+            return Err(format!(
+                "two ControlNets are named `{}`; name them apart with --controlnet NAME=DIR",
+                spec.id
+            ));
+        }
+        let path = spec.dir.join("config.json");
+        let c: ControlNetConfig = qwen_image_model::snapshot::read_json(&path)
+            .map_err(|e| format!("ControlNet `{}`: {}", spec.id, first_line(&e)))?;
+        if c.base.joint_attention_dim != tcfg.joint_attention_dim
+            || c.base.in_channels != tcfg.in_channels
+            || c.base.patch_size != tcfg.patch_size
+        {
+            return Err(format!(
+                "ControlNet `{}` ({}) does not fit the transformer: joint_attention_dim {} / in_channels {} / \
+                 patch_size {} vs {} / {} / {}",
+                spec.id,
+                spec.dir.display(),
+                c.base.joint_attention_dim,
+                c.base.in_channels,
+                c.base.patch_size,
+                tcfg.joint_attention_dim,
+                tcfg.in_channels,
+                tcfg.patch_size
+            ));
+        }
+        let extra = c.extra_condition_channels;
+        if extra != 0 && extra != c.base.patch_size * c.base.patch_size {
+            return Err(format!(
+                "ControlNet `{}` has extra_condition_channels {extra}; only 0 (union) and 4 (inpainting) are supported",
+                spec.id
+            ));
+        }
+        out.push(ControlNetInfo {
+            id: spec.id.clone(),
+            cond_channels: c.base.in_channels + extra,
+            takes_mask: extra != 0,
+        });
+    }
+    Ok(out)
 }
 
 /// The configs `run` reads before starting the worker (cheap JSON reads): they fix what requests are
@@ -56,10 +109,20 @@ pub fn load(
     let snapshot = Snapshot::open(&cfg.model_dir)?;
     let vb = snapshot.weights("transformer", dtype, &device)?;
     let transformer = QwenImageTransformer::new(tcfg, vb)?;
+    let controlnets = cfg
+        .controlnets
+        .iter()
+        .map(|c| {
+            let net = QwenImageControlNet::load(&c.dir, dtype, &device)?;
+            tracing::info!(id = %c.id, dir = %c.dir.display(), "ControlNet loaded");
+            Ok((c.id.clone(), net))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let model = LoadedModel {
         transformer,
         scheduler,
         device,
+        controlnets,
     };
     warm_up(&model, tcfg)?;
     Ok(model)

@@ -38,6 +38,7 @@ pub async fn run_with_stats(
     stats: Stats,
 ) -> Result<(), DenoiserError> {
     let (shape, tcfg, scfg) = model::read_shape(&config).map_err(DenoiserError::Config)?;
+    let controlnets = model::read_controlnets(&config, &tcfg).map_err(DenoiserError::Config)?;
     let (health, health_service) = Health::new(SERVICE_NAME).await;
 
     let load_cfg = config.clone();
@@ -53,6 +54,7 @@ pub async fn run_with_stats(
     let service = DenoiserService {
         admission: worker.admission,
         shape,
+        controlnets,
         readiness: readiness.clone(),
     };
     let denoiser = DenoiserServer::new(service)

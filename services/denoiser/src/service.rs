@@ -14,7 +14,7 @@ use tracing::field::Empty;
 
 use crate::error::DenoiserError;
 use crate::job::DenoiseJob;
-use crate::validate::{ModelShape, validate};
+use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
 
 /// Events buffered between the worker and a slow reader before the worker waits (backpressure).
 const EVENT_BUFFER: usize = 8;
@@ -22,6 +22,8 @@ const EVENT_BUFFER: usize = 8;
 pub struct DenoiserService {
     pub(crate) admission: Admission<DenoiseJob>,
     pub(crate) shape: ModelShape,
+    /// The loaded ControlNets requests may name.
+    pub(crate) controlnets: Vec<ControlNetInfo>,
     /// True once the model is loaded and warmed up, false again while draining.
     pub(crate) readiness: Readiness,
 }
@@ -44,7 +46,7 @@ impl Denoiser for DenoiserService {
             return Err(DenoiserError::NotReady.into());
         }
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let inputs = validate(request.get_ref(), self.shape)
+        let inputs = validate_with_controlnets(request.get_ref(), self.shape, &self.controlnets)
             .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
         let span = tracing::Span::current();
         span.record("batch", inputs.latents.shape[0]);
@@ -57,7 +59,7 @@ impl Denoiser for DenoiserService {
             "cfg",
             inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
-        tracing::info!("admitting");
+        tracing::info!(controlnets = inputs.control.len(), "admitting");
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         self.admission
             .try_submit(

@@ -4,7 +4,7 @@
 use qwen_image_common::tensor::{
     self, HostTensor, TensorError, expect_binary, expect_dim, required,
 };
-use qwen_image_proto::v1::{DataType, DenoiseRequest, InpaintInputs, Tensor};
+use qwen_image_proto::v1::{ControlInput, DataType, DenoiseRequest, InpaintInputs, Tensor};
 
 use crate::error::DenoiserError;
 
@@ -57,6 +57,35 @@ pub struct HostInpaint {
     pub mask: HostTensor<f32>,
 }
 
+/// Most ControlInputs in one request.
+pub const MAX_CONTROL_INPUTS: usize = 8;
+/// Largest |conditioning_scale| accepted (diffusers has no cap; beyond this the output is noise).
+pub const MAX_CONDITIONING_SCALE: f32 = 100.0;
+
+/// What a request's ControlInputs are checked against: one loaded ControlNet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlNetInfo {
+    pub id: String,
+    /// Packed condition channels (64, or 68 for the inpainting variant).
+    pub cond_channels: usize,
+    /// extra_condition_channels 4: the condition carries a mask channel.
+    pub takes_mask: bool,
+}
+
+/// One checked ControlInput.
+#[derive(Debug, Clone)]
+pub struct HostControl {
+    /// Index into the loaded ControlNets.
+    pub net: usize,
+    /// Control latents `[B, C, h, w]` like the latents.
+    pub latents: HostTensor<f32>,
+    /// Inpainting variant: mask `[B, 1, h, w]`, 1 = regenerate.
+    pub mask: Option<HostTensor<f32>>,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
 /// A checked request.
 #[derive(Debug, Clone)]
 pub struct DenoiseInputs {
@@ -70,6 +99,8 @@ pub struct DenoiseInputs {
     /// 0 = no previews.
     pub preview_every_n_steps: usize,
     pub inpaint: Option<HostInpaint>,
+    /// ControlNets to run, in request order.
+    pub control: Vec<HostControl>,
 }
 
 const F32: &[DataType] = &[DataType::F32];
@@ -79,8 +110,17 @@ fn invalid(msg: impl Into<String>) -> DenoiserError {
     DenoiserError::InvalidArgument(msg.into())
 }
 
-/// Validates the whole request.
+/// Validates the whole request for a denoiser without ControlNets.
 pub fn validate(req: &DenoiseRequest, model: ModelShape) -> Result<DenoiseInputs, DenoiserError> {
+    validate_with_controlnets(req, model, &[])
+}
+
+/// Validates the whole request; `nets` are the loaded ControlNets (FAILED_PRECONDITION for another id).
+pub fn validate_with_controlnets(
+    req: &DenoiseRequest,
+    model: ModelShape,
+    nets: &[ControlNetInfo],
+) -> Result<DenoiseInputs, DenoiserError> {
     let positive = conditioning(
         req.prompt_embeds.as_ref(),
         req.prompt_embeds_mask.as_ref(),
@@ -131,6 +171,18 @@ pub fn validate(req: &DenoiseRequest, model: ModelShape) -> Result<DenoiseInputs
         .as_ref()
         .map(|i| inpaint(i, &latents.shape, model, batch))
         .transpose()?;
+    if req.control.len() > MAX_CONTROL_INPUTS {
+        return Err(invalid(format!(
+            "`control` has {} entries; send at most {MAX_CONTROL_INPUTS}",
+            req.control.len()
+        )));
+    }
+    let control = req
+        .control
+        .iter()
+        .enumerate()
+        .map(|(k, c)| control(k, c, nets, &latents.shape, model, batch))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(DenoiseInputs {
         positive,
         negative,
@@ -140,6 +192,147 @@ pub fn validate(req: &DenoiseRequest, model: ModelShape) -> Result<DenoiseInputs
         start_step,
         preview_every_n_steps: req.preview_every_n_steps as usize,
         inpaint,
+        control,
+    })
+}
+
+fn control(
+    k: usize,
+    c: &ControlInput,
+    nets: &[ControlNetInfo],
+    shape: &[usize],
+    model: ModelShape,
+    batch: usize,
+) -> Result<HostControl, DenoiserError> {
+    let ids = || {
+        let v: Vec<&str> = nets.iter().map(|n| n.id.as_str()).collect();
+        format!("{v:?}")
+    };
+    if nets.is_empty() {
+        let which = if c.controlnet_id.is_empty() {
+            "a ControlNet".to_string()
+        } else {
+            format!("ControlNet `{}`", c.controlnet_id)
+        };
+        return Err(DenoiserError::FailedPrecondition(format!(
+            "`control[{k}]` asks for {which} but the denoiser has none loaded, it has [] (start it with \
+             --controlnet [NAME=]DIR)"
+        )));
+    }
+    let net = if c.controlnet_id.is_empty() {
+        if nets.len() != 1 {
+            return Err(DenoiserError::FailedPrecondition(format!(
+                "`control[{k}].controlnet_id` is empty but the denoiser has {} ControlNets {}; name one \
+                 (start the denoiser with --controlnet [NAME=]DIR to load one)",
+                nets.len(),
+                ids()
+            )));
+        }
+        0
+    } else {
+        nets.iter()
+            .position(|n| n.id == c.controlnet_id)
+            .ok_or_else(|| {
+                DenoiserError::FailedPrecondition(format!(
+                    "the denoiser has no ControlNet `{}`; it has {} (start it with --controlnet [NAME=]DIR)",
+                    c.controlnet_id,
+                    ids()
+                ))
+            })?
+    };
+    let info = &nets[net];
+    let field = format!("control[{k}].control_latents");
+    let lat = latents(
+        required(c.control_latents.as_ref(), &field)?,
+        &field,
+        model,
+        batch,
+    )?;
+    if lat.shape != shape {
+        return Err(TensorError::new(
+            &field,
+            format!(
+                "shape {:?} must equal the latents' shape {shape:?}",
+                lat.shape
+            ),
+        )
+        .into());
+    }
+    if let Some(i) = lat.data.iter().position(|v| !v.is_finite()) {
+        return Err(TensorError::new(&field, format!("element {i} is not finite")).into());
+    }
+    let mask_field = format!("control[{k}].mask");
+    let mask = match (&c.mask, info.takes_mask) {
+        (None, false) => None,
+        (Some(_), false) => {
+            return Err(invalid(format!(
+                "`{mask_field}` was sent but ControlNet `{}` takes no mask (extra_condition_channels 0); \
+                 leave it out",
+                info.id
+            )));
+        }
+        (None, true) => {
+            return Err(invalid(format!(
+                "ControlNet `{}` is an inpainting ControlNet and needs `{mask_field}` ([B, 1, h, w], 1 = regenerate)",
+                info.id
+            )));
+        }
+        (Some(m), true) => {
+            let mut m = tensor::to_f32(m, &mask_field, F32, &[4, 5])?;
+            if m.rank() == 5 {
+                if m.shape[2] != 1 {
+                    return Err(TensorError::new(
+                        &mask_field,
+                        format!("shape {:?} is not [B, 1, 1, h, w]", m.shape),
+                    )
+                    .into());
+                }
+                m.shape = vec![m.shape[0], m.shape[1], m.shape[3], m.shape[4]];
+            }
+            let want = [shape[0], 1, shape[2], shape[3]];
+            if m.shape != want {
+                return Err(TensorError::new(
+                    &mask_field,
+                    format!(
+                        "shape {:?} must be {want:?} (one channel on the latent grid)",
+                        m.shape
+                    ),
+                )
+                .into());
+            }
+            expect_binary(&mask_field, &m.data)?;
+            Some(m)
+        }
+    };
+    let packed = 4 * (shape[1] + usize::from(mask.is_some()));
+    if packed != info.cond_channels {
+        return Err(DenoiserError::FailedPrecondition(format!(
+            "ControlNet `{}` takes {} packed condition channels but `{field}` packs to {packed}",
+            info.id, info.cond_channels
+        )));
+    }
+    let scale = c.conditioning_scale;
+    if !scale.is_finite() || scale.abs() > MAX_CONDITIONING_SCALE {
+        return Err(invalid(format!(
+            "`control[{k}].conditioning_scale` is {scale}; send a finite value within ±{MAX_CONDITIONING_SCALE}"
+        )));
+    }
+    let (start, end) = match (c.guidance_start, c.guidance_end) {
+        (s, e) if s == 0.0 && e == 0.0 => (0.0, 1.0),
+        (s, e) => (s, e),
+    };
+    if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end && end <= 1.0) {
+        return Err(invalid(format!(
+            "`control[{k}]` guidance window is [{start}, {end}]; send 0 <= guidance_start < guidance_end <= 1"
+        )));
+    }
+    Ok(HostControl {
+        net,
+        latents: lat,
+        mask,
+        scale: f64::from(scale),
+        start: f64::from(start),
+        end: f64::from(end),
     })
 }
 
@@ -391,5 +584,92 @@ mod tests {
         let mut r = good();
         r.latents = None;
         assert!(err(&r).contains("`latents`"));
+    }
+
+    fn nets() -> Vec<ControlNetInfo> {
+        vec![
+            ControlNetInfo {
+                id: "union".into(),
+                cond_channels: 64,
+                takes_mask: false,
+            },
+            ControlNetInfo {
+                id: "inpaint".into(),
+                cond_channels: 68,
+                takes_mask: true,
+            },
+        ]
+    }
+
+    fn with_control(id: &str) -> DenoiseRequest {
+        DenoiseRequest {
+            control: vec![ControlInput {
+                controlnet_id: id.into(),
+                control_latents: Some(from_f32(&[1, 16, 1, 2, 4], &[0.2; 128])),
+                conditioning_scale: 0.8,
+                ..Default::default()
+            }],
+            ..good()
+        }
+    }
+
+    fn control_err(req: &DenoiseRequest, nets: &[ControlNetInfo]) -> DenoiserError {
+        validate_with_controlnets(req, M, nets).expect_err("invalid")
+    }
+
+    #[test]
+    fn checks_control_inputs() {
+        let v = validate_with_controlnets(&with_control("union"), M, &nets()).expect("valid");
+        let c = &v.control[0];
+        assert_eq!((c.net, c.start, c.end), (0, 0.0, 1.0));
+        assert_eq!(c.latents.shape, vec![1, 16, 2, 4]);
+        // Empty id = the only one.
+        assert!(validate_with_controlnets(&with_control(""), M, &nets()[..1]).is_ok());
+        match control_err(&with_control(""), &nets()) {
+            DenoiserError::FailedPrecondition(m) => assert!(m.contains("name one"), "{m}"),
+            e => panic!("{e:?}"),
+        }
+        match control_err(&with_control("depth"), &nets()) {
+            DenoiserError::FailedPrecondition(m) => assert!(
+                m.contains("no ControlNet `depth`; it has [\"union\", \"inpaint\"]"),
+                "{m}"
+            ),
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            validate(&with_control("union"), M),
+            Err(DenoiserError::FailedPrecondition(_))
+        ));
+        let bad = |f: &dyn Fn(&mut ControlInput)| {
+            let mut r = with_control("union");
+            f(&mut r.control[0]);
+            match control_err(&r, &nets()) {
+                DenoiserError::InvalidArgument(m) => m,
+                e => panic!("{e:?}"),
+            }
+        };
+        assert!(bad(&|c| c.conditioning_scale = f32::NAN).contains("conditioning_scale"));
+        assert!(bad(&|c| (c.guidance_start, c.guidance_end) = (0.5, 0.5)).contains("guidance"));
+        assert!(bad(&|c| c.guidance_end = 1.5).contains("guidance"));
+        assert!(
+            bad(&|c| c.control_latents = Some(from_f32(&[1, 16, 1, 2, 2], &[0.0; 64])))
+                .contains("latents' shape")
+        );
+        assert!(bad(&|c| c.control_latents = None).contains("control_latents"));
+        assert!(
+            bad(&|c| c.mask = Some(from_f32(&[1, 1, 2, 4], &[1.0; 8]))).contains("takes no mask")
+        );
+        // The inpainting variant needs the mask.
+        let mut r = with_control("inpaint");
+        assert!(matches!(
+            control_err(&r, &nets()),
+            DenoiserError::InvalidArgument(m) if m.contains("needs")
+        ));
+        r.control[0].mask = Some(from_f32(&[1, 1, 1, 2, 4], &[1.0; 8]));
+        let v = validate_with_controlnets(&r, M, &nets()).expect("valid");
+        assert_eq!(
+            v.control[0].mask.as_ref().map(|m| m.shape.clone()),
+            Some(vec![1, 1, 2, 4])
+        );
     }
 }

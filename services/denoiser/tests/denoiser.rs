@@ -27,12 +27,16 @@ struct Harness {
 
 impl Harness {
     async fn start(queue_capacity: usize) -> Self {
+        let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
+        config.queue_capacity = queue_capacity;
+        Self::start_config(config).await
+    }
+
+    async fn start_config(config: DenoiserConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
-        config.queue_capacity = queue_capacity;
         let stats = Stats::default();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(run_with_stats(
@@ -490,4 +494,176 @@ async fn shutdown_drains_in_flight_streams() {
     assert!(result.latents.is_some());
     eprintln!("drained a job of {} ms", result.elapsed_ms);
     h.shutdown().await;
+}
+
+/// `packed [1, S, 4C]` → `[1, C, 1, h, w]` (diffusers `_unpack_latents` for one frame).
+fn unpack_host(packed: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; c * h * w];
+    for y in 0..h / 2 {
+        for x in 0..w / 2 {
+            for ch in 0..c {
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        out[ch * h * w + (2 * y + dy) * w + 2 * x + dx] =
+                            packed[(y * (w / 2) + x) * 4 * c + ch * 4 + dy * 2 + dx];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The fixture's ControlNet as an inpainting ControlNet (extra_condition_channels 4) whose four mask inputs
+/// have zero weights: it must give exactly what the union net gives, whatever the mask.
+fn zero_mask_inpainting_net(dir: &std::path::Path) {
+    let src = std::fs::read(format!(
+        "{FIXTURES}/snapshot/controlnet/diffusion_pytorch_model.safetensors"
+    ))
+    .expect("fixture weights");
+    let st = safetensors::SafeTensors::deserialize(&src).expect("safetensors");
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let (shape, data) = (view.shape().to_vec(), view.data().to_vec());
+        if name == "controlnet_x_embedder.weight" {
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut wide = Vec::with_capacity(rows * (cols + 4) * 4);
+            for r in 0..rows {
+                wide.extend_from_slice(&data[r * cols * 4..(r + 1) * cols * 4]);
+                wide.extend_from_slice(&[0u8; 16]);
+            }
+            owned.push((name, vec![rows, cols + 4], wide));
+        } else {
+            owned.push((name, shape, data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                .expect("view");
+            (n.clone(), v)
+        })
+        .collect();
+    std::fs::create_dir_all(dir).expect("dir");
+    safetensors::serialize_to_file(
+        views,
+        None,
+        &dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .expect("write weights");
+    let cfg = std::fs::read_to_string(format!("{FIXTURES}/snapshot/controlnet/config.json"))
+        .expect("config")
+        .replace(
+            "\"extra_condition_channels\": 0",
+            "\"extra_condition_channels\": 4",
+        );
+    assert!(cfg.contains("\"extra_condition_channels\": 4"));
+    std::fs::write(dir.join("config.json"), cfg).expect("write config");
+}
+
+/// The denoiser with `--controlnet union=... --controlnet inpaint=...` reproduces diffusers' ControlNet loop
+/// (refs/controlnet_64: its noise, prompt embeddings and unpacked control latents), the inpainting variant
+/// takes the mask as a 17th channel, and ControlInput mistakes are answered with clear statuses.
+#[tokio::test]
+async fn controlnet_inputs_reproduce_diffusers_and_take_the_inpaint_mask() {
+    use qwen_image_denoiser::config::ControlNetSpec;
+    use qwen_image_proto::v1::ControlInput;
+
+    let tmp = std::env::temp_dir().join(format!("qwen-image-cn-inpaint-{}", std::process::id()));
+    zero_mask_inpainting_net(&tmp);
+    let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
+    config.controlnets = vec![
+        ControlNetSpec {
+            id: "union".into(),
+            dir: format!("{FIXTURES}/snapshot/controlnet").into(),
+        },
+        ControlNetSpec {
+            id: "inpaint".into(),
+            dir: tmp.clone(),
+        },
+    ];
+    let h = Harness::start_config(config).await;
+    let r = Reference::load("controlnet_64");
+    let (c, lh, lw) = (16, 8, 8);
+    let cond = unpack_host(
+        &f32s(&r.tensor("step.0.controlnet.0.controlnet_cond")),
+        c,
+        lh,
+        lw,
+    );
+    let control = |id: &str, mask: Option<Vec<f32>>| ControlInput {
+        controlnet_id: id.into(),
+        control_latents: Some(qwen_image_common::tensor::from_f32(
+            &[1, c, 1, lh, lw],
+            &cond,
+        )),
+        conditioning_scale: 0.8,
+        mask: mask.map(|m| qwen_image_common::tensor::from_f32(&[1, 1, lh, lw], &m)),
+        ..Default::default()
+    };
+    let mut req = DenoiseRequest {
+        latents: Some(r.tensor("rng.1")),
+        ..t2i_request(&r, 3)
+    };
+    req.control = vec![control("union", None)];
+    let (_, union) = collect(
+        h.client()
+            .denoise(req.clone())
+            .await
+            .expect("admitted")
+            .into_inner(),
+    )
+    .await
+    .expect("union result");
+    let ours = f32s(union.latents.as_ref().expect("latents"));
+    let theirs = unpack_host(&f32s(&r.tensor("step.2.latents_end")), c, lh, lw);
+    let max = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max < 1e-3, "final latents differ from diffusers by {max}");
+
+    let mask: Vec<f32> = (0..lh * lw).map(|i| ((i / 3) % 2) as f32).collect();
+    let mut inpaint = req.clone();
+    inpaint.control = vec![control("inpaint", Some(mask.clone()))];
+    let (_, masked) = collect(
+        h.client()
+            .denoise(inpaint.clone())
+            .await
+            .expect("admitted")
+            .into_inner(),
+    )
+    .await
+    .expect("inpaint result");
+    let diff = f32s(masked.latents.as_ref().expect("latents"))
+        .iter()
+        .zip(&ours)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "zero-weight mask channels changed the result by {diff}"
+    );
+
+    let code =
+        |req: DenoiseRequest| async { h.client().denoise(req).await.expect_err("rejected").code() };
+    inpaint.control = vec![control("inpaint", None)];
+    assert_eq!(code(inpaint.clone()).await, Code::InvalidArgument);
+    inpaint.control = vec![control("union", Some(mask))];
+    assert_eq!(code(inpaint.clone()).await, Code::InvalidArgument);
+    inpaint.control = vec![control("", None)];
+    assert_eq!(code(inpaint.clone()).await, Code::FailedPrecondition);
+    inpaint.control = vec![control("depth", None)];
+    let e = h.client().denoise(inpaint).await.expect_err("unknown net");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("[\"union\", \"inpaint\"]"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(h.health().await, ServingStatus::Serving as i32);
+    h.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -93,10 +93,14 @@ fn map_upstream(stage: StageName, status: &Status) -> Status {
             "the request deadline passed during the {stage} stage; allow more time"
         )),
         Code::Cancelled => Status::cancelled(format!("the {stage} stage call was cancelled")),
+        // The stage lacks something the request names (e.g. a ControlNet id the denoiser has not loaded):
+        // the caller can fix it, and the stage's message says how.
+        Code::FailedPrecondition => {
+            Status::failed_precondition(format!("{stage}: {}", status.message()))
+        }
         // Our own request was rejected or too large: a gateway bug (validation let it through).
         Code::InvalidArgument
         | Code::OutOfRange
-        | Code::FailedPrecondition
         | Code::Unimplemented
         | Code::NotFound
         | Code::AlreadyExists
@@ -158,6 +162,7 @@ mod tests {
         assert_eq!(up(Code::Cancelled), Code::Cancelled);
         assert_eq!(up(Code::InvalidArgument), Code::Internal);
         assert_eq!(up(Code::OutOfRange), Code::Internal);
+        assert_eq!(up(Code::FailedPrecondition), Code::FailedPrecondition);
         assert_eq!(up(Code::Internal), Code::Internal);
         assert_eq!(
             code(GatewayError::InvalidArgument("w".into())),

@@ -1,10 +1,12 @@
 //! The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API, orchestrating the text-encoder,
 //! denoiser and VAE stage services over gRPC. Never links candle.
 
+pub mod cn_inpaint;
 pub mod config;
 pub mod error;
 pub mod pngmeta;
 pub mod pool;
+pub mod pose;
 pub mod server;
 pub mod service;
 pub mod stages;

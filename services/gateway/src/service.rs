@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qwen_image_proto::v1::image_generator_server::ImageGenerator;
-use qwen_image_proto::v1::{GenerateEvent, TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{
+    ControlNetInpaintRequest, GenerateEvent, PoseRequest, TextToImageRequest, generate_event,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -13,11 +15,13 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::cn_inpaint::{self, CnInpaintParams};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::pose::{self, PoseParams};
 use crate::stages::Stages;
 use crate::t2i;
-use crate::validate::validate;
+use crate::validate::{T2iParams, validate};
 
 /// Metadata key of the request id, in requests (optional, the caller's own id) and responses.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
@@ -111,6 +115,105 @@ impl ImageGenerator for GatewayService {
         }
         span.in_scope(|| tracing::info!("accepted"));
 
+        Ok(self.start(id, accepted, deadline, span, Flow::T2i(params)))
+    }
+
+    type PoseStream = ReceiverStream<Result<GenerateEvent, Status>>;
+
+    async fn pose(
+        &self,
+        request: Request<PoseRequest>,
+    ) -> Result<Response<Self::PoseStream>, Status> {
+        let accepted = Instant::now();
+        let id = request_id(&request);
+        let default_deadline = accepted + self.config.request_timeout;
+        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
+            .map_or(default_deadline, |d| d.min(default_deadline));
+        let span = tracing::info_span!("pose", request_id = %id);
+        // Decoding, resizing and rendering are CPU work: off the async threads.
+        let (max_side, seed) = (self.config.max_side_px, random_u64());
+        let params = tokio::task::spawn_blocking(move || {
+            pose::validate_pose(request.into_inner(), max_side, seed)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("pose validation task: {e}")))
+        .and_then(|r| r)
+        .map_err(|e| with_request_id(e.into(), &id))?;
+        span.in_scope(|| {
+            tracing::info!(
+                width = params.t2i.width_px,
+                height = params.t2i.height_px,
+                steps = params.t2i.steps,
+                seed = params.t2i.seed,
+                cfg = params.t2i.uses_cfg(),
+                images = params.t2i.num_images,
+                source = params.source.as_str(),
+                controlnet = %params.controlnet_id,
+                conditioning_scale = params.conditioning_scale,
+                "accepted"
+            )
+        });
+        Ok(self.start(id, accepted, deadline, span, Flow::Pose(Box::new(params))))
+    }
+
+    type ControlNetInpaintStream = ReceiverStream<Result<GenerateEvent, Status>>;
+
+    async fn control_net_inpaint(
+        &self,
+        request: Request<ControlNetInpaintRequest>,
+    ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
+        let accepted = Instant::now();
+        let id = request_id(&request);
+        let default_deadline = accepted + self.config.request_timeout;
+        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
+            .map_or(default_deadline, |d| d.min(default_deadline));
+        let span = tracing::info_span!("controlnet_inpaint", request_id = %id);
+        let (max_side, seed) = (self.config.max_side_px, random_u64());
+        let params = tokio::task::spawn_blocking(move || {
+            cn_inpaint::validate_cn_inpaint(request.into_inner(), max_side, seed)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("validation task: {e}")))
+        .and_then(|r| r)
+        .map_err(|e| with_request_id(e.into(), &id))?;
+        span.in_scope(|| {
+            tracing::info!(
+                width = params.t2i.width_px,
+                height = params.t2i.height_px,
+                steps = params.t2i.steps,
+                seed = params.t2i.seed,
+                controlnet = %params.controlnet_id,
+                "accepted"
+            )
+        });
+        Ok(self.start(
+            id,
+            accepted,
+            deadline,
+            span,
+            Flow::CnInpaint(Box::new(params)),
+        ))
+    }
+}
+
+/// A validated request of one of the flows.
+enum Flow {
+    T2i(T2iParams),
+    Pose(Box<PoseParams>),
+    CnInpaint(Box<CnInpaintParams>),
+}
+
+impl GatewayService {
+    /// Runs `flow` on its own task, streaming its events; the task stops when the caller goes away or the
+    /// deadline passes.
+    fn start(
+        &self,
+        id: String,
+        accepted: Instant,
+        deadline: Instant,
+        span: tracing::Span,
+        flow: Flow,
+    ) -> Response<ReceiverStream<Result<GenerateEvent, Status>>> {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
         let scoped_id = id.clone();
@@ -125,10 +228,17 @@ impl ImageGenerator for GatewayService {
                     model_name: config.model_name.as_deref(),
                     events: &tx,
                 };
+                let run = async {
+                    match &flow {
+                        Flow::T2i(p) => t2i::run(&ctx, p).await,
+                        Flow::Pose(p) => pose::run(&ctx, p).await,
+                        Flow::CnInpaint(p) => cn_inpaint::run(&ctx, p).await,
+                    }
+                };
                 // Whichever ends first wins; the loser is dropped, which drops any stage call in flight
                 // (the denoiser sees its stream reset and stops within a step).
                 let outcome = tokio::select! {
-                    r = t2i::run(&ctx, &params) => r,
+                    r = run => r,
                     () = tx.closed() => {
                         tracing::info!(elapsed_ms = accepted.elapsed().as_millis() as u64, "caller went away; cancelled");
                         return;
@@ -154,7 +264,7 @@ impl ImageGenerator for GatewayService {
         if let Ok(v) = MetadataValue::try_from(id.as_str()) {
             response.metadata_mut().insert(REQUEST_ID_KEY, v);
         }
-        Ok(response)
+        response
     }
 }
 

@@ -34,12 +34,12 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn elapsed_ms(&self) -> u64 {
+    pub fn elapsed_ms(&self) -> u64 {
         self.accepted.elapsed().as_millis() as u64
     }
 
     /// Sends a progress event; a caller that went away is noticed by the handler's `closed()` watch.
-    async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
+    pub async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
         let ev = GenerateProgress {
             stage: stage as i32,
             step,
@@ -102,12 +102,19 @@ pub fn seeded_noise(p: &T2iParams) -> Result<Tensor, GatewayError> {
     Ok(tensor::from_f32(&shape, &data))
 }
 
-pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+/// The prompt conditioning for the denoiser (negative only when CFG runs) and the text encoder's model id.
+pub struct Prompts {
+    pub prompt_embeds: Tensor,
+    pub prompt_embeds_mask: Option<Tensor>,
+    pub negative_prompt_embeds: Option<Tensor>,
+    pub negative_prompt_embeds_mask: Option<Tensor>,
+    pub model_id: String,
+}
+
+/// Encodes the prompt and (only when CFG will run, as diffusers does) the negative prompt, concurrently.
+pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, GatewayError> {
     let batch = p.num_images as usize;
     let stages = ctx.stages;
-
-    // 1. Prompts (the negative only when CFG will run, as diffusers does), concurrently.
-    ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
     let (pos, neg) = tokio::join!(
         phase(
@@ -143,42 +150,94 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         }
         None => (None, None),
     };
-
-    // 2. Start latents: the caller's, or the seed's noise.
-    let latents = match &p.initial_latents {
-        Some(t) => t.clone(),
-        None => seeded_noise(p)?,
-    };
-
-    // 3. Denoise, streaming progress.
-    let request = DenoiseRequest {
-        prompt_embeds: Some(prompt_embeds),
+    Ok(Prompts {
+        prompt_embeds,
         prompt_embeds_mask,
         negative_prompt_embeds,
         negative_prompt_embeds_mask,
+        model_id,
+    })
+}
+
+/// A text-to-image DenoiseRequest (full schedule, no previews) for `latents`; flows add their inputs.
+pub fn denoise_request(p: &T2iParams, prompts: Prompts, latents: Tensor) -> DenoiseRequest {
+    DenoiseRequest {
+        prompt_embeds: Some(prompts.prompt_embeds),
+        prompt_embeds_mask: prompts.prompt_embeds_mask,
+        negative_prompt_embeds: prompts.negative_prompt_embeds,
+        negative_prompt_embeds_mask: prompts.negative_prompt_embeds_mask,
         true_cfg_scale: p.true_cfg_scale,
         latents: Some(latents),
         steps: p.steps,
-        sigmas: Vec::new(),
-        start_step: 0,
-        preview_every_n_steps: 0,
-        inpaint: None,
-    };
-    let final_latents = phase(
+        ..Default::default()
+    }
+}
+
+/// Runs the denoiser (in a `denoise` stage span, timed in the stage-call metric), streaming its steps as
+/// STAGE_DENOISE progress; returns the final latents.
+pub async fn denoise(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+    phase(
         "denoise",
         StageName::Denoiser,
         "Denoise",
-        denoise(ctx, request),
+        denoise_stream(ctx, request),
     )
-    .await?;
+    .await
+}
 
-    // 4. Decode and encode PNGs.
+async fn denoise_stream(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+    let call = ctx.stages.denoise(request, ctx.deadline).await?;
+    let (mut rest, _lease) = (call.rest, call.lease);
+    let mut next = Some(call.first);
+    loop {
+        let ev = match next.take() {
+            Some(ev) => ev,
+            None => match rest.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Err(GatewayError::bad_response(
+                        StageName::Denoiser,
+                        "stream ended without a result",
+                    ));
+                }
+                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
+            },
+        };
+        match ev.event {
+            Some(denoise_event::Event::Progress(pr)) => {
+                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
+            }
+            Some(denoise_event::Event::Result(r)) => {
+                return r.latents.ok_or_else(|| {
+                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
+                });
+            }
+            None => {
+                return Err(GatewayError::bad_response(
+                    StageName::Denoiser,
+                    "empty event",
+                ));
+            }
+        }
+    }
+}
+
+/// Decodes the final latents and encodes one PNG per image with the parameters (plus `extra_chunks`) in
+/// its text chunks.
+pub async fn decode_to_result(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    final_latents: Tensor,
+    model_id: String,
+    extra_chunks: &[(String, String)],
+) -> Result<GenerateResult, GatewayError> {
+    let batch = p.num_images as usize;
     ctx.progress(Stage::Decode, 0, 0).await;
     let decoded = phase(
         "decode",
         StageName::Vae,
         "Decode",
-        stages.decode(
+        ctx.stages.decode(
             DecodeRequest {
                 latents: Some(final_latents),
                 return_float: false,
@@ -194,7 +253,8 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         ));
     }
     let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
-    let chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    let mut chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    chunks.extend_from_slice(extra_chunks);
     let mut pngs = Vec::with_capacity(batch);
     for img in &decoded.images {
         if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
@@ -219,46 +279,6 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         request_id: ctx.request_id.to_string(),
         elapsed_ms: ctx.elapsed_ms(),
     })
-}
-
-/// The denoising loop on a replica: forwards every progress event, returns the final latents.
-async fn denoise(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
-    let call = ctx.stages.denoise(request, ctx.deadline).await?;
-    let (mut rest, _lease) = (call.rest, call.lease);
-    let mut next = Some(call.first);
-    let final_latents = loop {
-        let ev = match next.take() {
-            Some(ev) => ev,
-            None => match rest.message().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    return Err(GatewayError::bad_response(
-                        StageName::Denoiser,
-                        "stream ended without a result",
-                    ));
-                }
-                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
-            },
-        };
-        match ev.event {
-            Some(denoise_event::Event::Progress(pr)) => {
-                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
-            }
-            Some(denoise_event::Event::Result(r)) => {
-                break r.latents.ok_or_else(|| {
-                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
-                })?;
-            }
-            None => {
-                return Err(GatewayError::bad_response(
-                    StageName::Denoiser,
-                    "empty event",
-                ));
-            }
-        }
-    };
-    drop(rest);
-    Ok(final_latents)
 }
 
 /// The gRPC status code an error ends a phase with (the `code` label of the stage-call metric).
@@ -305,6 +325,25 @@ async fn phase<T>(
     )
     .record(started.elapsed().as_secs_f64());
     result
+}
+
+pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+    // 1. Prompts.
+    ctx.progress(Stage::EncodePrompt, 0, 0).await;
+    let mut prompts = encode_prompts(ctx, p).await?;
+    let model_id = std::mem::take(&mut prompts.model_id);
+
+    // 2. Start latents: the caller's, or the seed's noise.
+    let latents = match &p.initial_latents {
+        Some(t) => t.clone(),
+        None => seeded_noise(p)?,
+    };
+
+    // 3. Denoise, streaming progress.
+    let final_latents = denoise(ctx, denoise_request(p, prompts, latents)).await?;
+
+    // 4. Decode and encode PNGs.
+    decode_to_result(ctx, p, final_latents, model_id, &[]).await
 }
 
 #[cfg(test)]

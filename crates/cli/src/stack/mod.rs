@@ -35,9 +35,11 @@ impl StageKind {
 }
 
 /// Requests each stage admits at once (running + waiting); `None` = the service's default.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StageOptions {
     pub queue_capacity: Option<usize>,
+    /// ControlNets the denoiser loads at startup (`--controlnet [NAME=]DIR`).
+    pub controlnets: Vec<qwen_image_denoiser::config::ControlNetSpec>,
 }
 
 /// Runs one model stage on `listener` until `shutdown`, through the stage library's own `run`.
@@ -61,6 +63,7 @@ pub async fn run_stage(
             if let Some(q) = options.queue_capacity {
                 c.queue_capacity = q;
             }
+            c.controlnets = options.controlnets;
             qwen_image_denoiser::run(c, listener, shutdown).await?;
         }
         StageKind::Vae => {
@@ -102,18 +105,29 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
 
 impl LocalStack {
     /// Starts the three stages on `127.0.0.1:0` and the gateway on `gateway_listen`.
+    #[allow(dead_code)] // the no-options entry point; current callers pass options
     pub async fn start(model: PathBuf, gateway_listen: &str) -> Result<Self> {
+        Self::start_with(model, gateway_listen, StageOptions::default()).await
+    }
+
+    /// [`start`](Self::start) with stage options (queue capacity, the denoiser's ControlNets).
+    pub async fn start_with(
+        model: PathBuf,
+        gateway_listen: &str,
+        options: StageOptions,
+    ) -> Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stage_addrs = Vec::new();
         for kind in [StageKind::TextEncoder, StageKind::Denoiser, StageKind::Vae] {
             let (listener, addr) = bind("127.0.0.1:0").await?;
             let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
+            let options = options.clone();
             tasks.push((
                 kind.name(),
-                tokio::spawn(async move {
-                    run_stage(kind, &model, listener, shutdown, StageOptions::default()).await
-                }),
+                tokio::spawn(
+                    async move { run_stage(kind, &model, listener, shutdown, options).await },
+                ),
             ));
             stage_addrs.push((kind, addr));
         }

@@ -1,0 +1,114 @@
+//! `qwen-image controlnet-inpaint`: regenerate the white region of a mask with an inpainting ControlNet
+//! (diffusers QwenImageControlNetInpaintPipeline), through a gateway or a local stack.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use qwen_image_denoiser::config::{ControlNetSpec, parse_controlnet};
+use qwen_image_proto::v1::ControlNetInpaintRequest;
+
+use crate::generate::{Call, execute, write_result};
+use crate::pose::resolve_controlnet;
+
+#[derive(Args, Debug, Clone)]
+pub struct CnInpaintArgs {
+    /// The image to inpaint (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The mask (PNG or JPEG): white = regenerate.
+    #[arg(long)]
+    pub mask: PathBuf,
+    /// The inpainting ControlNet. Local stack: `DIR` or `NAME=DIR` (default: MODEL/controlnet_inpaint).
+    /// With --gateway: which of the denoiser's ControlNets (default: its only one).
+    #[arg(long, value_parser = parse_controlnet)]
+    pub controlnet: Option<ControlNetSpec>,
+    /// diffusers' controlnet_conditioning_scale (server default 1.0).
+    #[arg(long)]
+    pub conditioning_scale: Option<f32>,
+    /// First fraction of the schedule where the ControlNet runs (default 0).
+    #[arg(long)]
+    pub control_guidance_start: Option<f32>,
+    /// Last fraction of the schedule where the ControlNet runs (default 1).
+    #[arg(long)]
+    pub control_guidance_end: Option<f32>,
+    /// What to draw in the masked region.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Width in pixels, a multiple of 16 (default: the image's width floored to 16).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels, a multiple of 16 (default: the image's height floored to 16).
+    #[arg(long)]
+    pub height: Option<u32>,
+    #[arg(long)]
+    pub steps: Option<u32>,
+    #[arg(long)]
+    pub true_cfg_scale: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub num_images: Option<u32>,
+    /// Where to write the PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A running gateway. Without it, a local stack is started for the call.
+    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
+    pub gateway: Option<String>,
+    /// Model for the local stack. Default: the embedded default model.
+    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: CnInpaintArgs) -> Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(inpaint(args))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn inpaint(args: CnInpaintArgs) -> Result<()> {
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let (model, options, id) = resolve_controlnet(
+        args.gateway.as_deref(),
+        args.model.as_ref(),
+        args.controlnet.as_ref(),
+        "controlnet_inpaint",
+    )?;
+    let request = ControlNetInpaintRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width_px: args.width.unwrap_or(0),
+        height_px: args.height.unwrap_or(0),
+        steps: args.steps.unwrap_or(0),
+        true_cfg_scale: args.true_cfg_scale,
+        seed: args.seed,
+        preview: None,
+        num_images: args.num_images.unwrap_or(0),
+        image: read(&args.image)?.into(),
+        mask: read(&args.mask)?.into(),
+        controlnet_id: id,
+        conditioning_scale: args.conditioning_scale,
+        control_guidance_start: args.control_guidance_start,
+        control_guidance_end: args.control_guidance_end,
+    };
+    let result = execute(
+        Call::ControlNetInpaint(request),
+        args.gateway.as_deref(),
+        model,
+        options,
+        Duration::from_secs(args.timeout_secs),
+        args.quiet,
+    )
+    .await?;
+    write_result(&args.out, &result)
+}
