@@ -2,7 +2,9 @@
 //! denoiser and VAE stage services over gRPC. Never links candle.
 
 pub mod config;
+pub mod edit;
 pub mod error;
+pub mod images;
 pub mod pngmeta;
 pub mod pool;
 pub mod server;

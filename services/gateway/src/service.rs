@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use qwen_image_proto::v1::image_generator_server::ImageGenerator;
-use qwen_image_proto::v1::{GenerateEvent, TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{
+    GenerateEvent, GenerateResult, Img2ImgRequest, InpaintRequest, OutpaintRequest,
+    TextToImageRequest, generate_event,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -13,10 +16,11 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::config::GatewayConfig;
+use crate::edit::{self, EditParams};
 use crate::error::GatewayError;
 use crate::stages::Stages;
 use crate::t2i;
-use crate::validate::validate;
+use crate::validate::{T2iParams, validate};
 
 /// Metadata key of the request id, in requests (optional, the caller's own id) and responses.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
@@ -70,34 +74,86 @@ fn with_request_id(mut status: Status, id: &str) -> Status {
     status
 }
 
-#[tonic::async_trait]
-impl ImageGenerator for GatewayService {
-    type TextToImageStream = ReceiverStream<Result<GenerateEvent, Status>>;
+/// A validated request of any flow.
+enum Flow {
+    TextToImage(T2iParams),
+    Edit(Box<EditParams>),
+}
 
-    async fn text_to_image(
-        &self,
-        request: Request<TextToImageRequest>,
-    ) -> Result<Response<Self::TextToImageStream>, Status> {
+impl Flow {
+    async fn run(&self, ctx: &t2i::Ctx<'_>) -> Result<GenerateResult, GatewayError> {
+        match self {
+            Self::TextToImage(p) => t2i::run(ctx, p).await,
+            Self::Edit(p) => edit::run(ctx, p).await,
+        }
+    }
+
+    fn log_accepted(&self) {
+        let (p, mode, strength) = match self {
+            Self::TextToImage(p) => (p, "text_to_image", None),
+            Self::Edit(e) => (&e.base, e.mode.as_str(), Some(e.strength)),
+        };
+        tracing::info!(
+            mode,
+            width = p.width_px,
+            height = p.height_px,
+            steps = p.steps,
+            seed = p.seed,
+            cfg = p.uses_cfg(),
+            images = p.num_images,
+            strength,
+            "accepted"
+        );
+    }
+}
+
+/// What every request gets on arrival: its id, acceptance time and deadline.
+struct Admission {
+    id: String,
+    accepted: Instant,
+    deadline: Instant,
+}
+
+type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
+
+impl GatewayService {
+    fn admit<T>(&self, request: &Request<T>) -> Admission {
         let accepted = Instant::now();
-        let id = request_id(&request);
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
             .map_or(default_deadline, |d| d.min(default_deadline));
-        let span = tracing::info_span!("text_to_image", request_id = %id);
-        let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
-            .map_err(|e| with_request_id(e.into(), &id))?;
-        span.in_scope(|| {
-            tracing::info!(
-                width = params.width_px,
-                height = params.height_px,
-                steps = params.steps,
-                seed = params.seed,
-                cfg = params.uses_cfg(),
-                images = params.num_images,
-                "accepted"
-            )
-        });
+        Admission {
+            id: request_id(request),
+            accepted,
+            deadline,
+        }
+    }
 
+    /// Validates an image-flow request off the async threads (decoding and resizing pictures is CPU work).
+    async fn validate_edit<R: Send + 'static>(
+        &self,
+        a: &Admission,
+        req: R,
+        check: fn(R, u32, u64) -> Result<EditParams, GatewayError>,
+    ) -> Result<Flow, Status> {
+        let max_side = self.config.max_side_px;
+        tokio::task::spawn_blocking(move || check(req, max_side, random_u64()))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("validation task failed: {e}")))
+            .and_then(|r| r)
+            .map(|p| Flow::Edit(Box::new(p)))
+            .map_err(|e| with_request_id(e.into(), &a.id))
+    }
+
+    /// Runs `flow` in its own task, streaming its events; the caller going away or the deadline passing
+    /// cancels it.
+    fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
+        span.in_scope(|| flow.log_accepted());
+        let Admission {
+            id,
+            accepted,
+            deadline,
+        } = a;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
         tokio::spawn(
@@ -113,7 +169,7 @@ impl ImageGenerator for GatewayService {
                 // Whichever ends first wins; the loser is dropped, which drops any stage call in flight
                 // (the denoiser sees its stream reset and stops within a step).
                 let outcome = tokio::select! {
-                    r = t2i::run(&ctx, &params) => r,
+                    r = flow.run(&ctx) => r,
                     () = tx.closed() => {
                         tracing::info!(elapsed_ms = accepted.elapsed().as_millis() as u64, "caller went away; cancelled");
                         return;
@@ -139,7 +195,62 @@ impl ImageGenerator for GatewayService {
         if let Ok(v) = MetadataValue::try_from(id.as_str()) {
             response.metadata_mut().insert(REQUEST_ID_KEY, v);
         }
-        Ok(response)
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl ImageGenerator for GatewayService {
+    type TextToImageStream = EventStream;
+    type Img2ImgStream = EventStream;
+    type InpaintStream = EventStream;
+    type OutpaintStream = EventStream;
+
+    async fn text_to_image(
+        &self,
+        request: Request<TextToImageRequest>,
+    ) -> Result<Response<Self::TextToImageStream>, Status> {
+        let a = self.admit(&request);
+        let span = tracing::info_span!("text_to_image", request_id = %a.id);
+        let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
+            .map_err(|e| with_request_id(e.into(), &a.id))?;
+        Ok(self.start(a, span, Flow::TextToImage(params)))
+    }
+
+    async fn img2_img(
+        &self,
+        request: Request<Img2ImgRequest>,
+    ) -> Result<Response<Self::Img2ImgStream>, Status> {
+        let a = self.admit(&request);
+        let span = tracing::info_span!("img2img", request_id = %a.id);
+        let flow = self
+            .validate_edit(&a, request.into_inner(), edit::validate_img2img)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn inpaint(
+        &self,
+        request: Request<InpaintRequest>,
+    ) -> Result<Response<Self::InpaintStream>, Status> {
+        let a = self.admit(&request);
+        let span = tracing::info_span!("inpaint", request_id = %a.id);
+        let flow = self
+            .validate_edit(&a, request.into_inner(), edit::validate_inpaint)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn outpaint(
+        &self,
+        request: Request<OutpaintRequest>,
+    ) -> Result<Response<Self::OutpaintStream>, Status> {
+        let a = self.admit(&request);
+        let span = tracing::info_span!("outpaint", request_id = %a.id);
+        let flow = self
+            .validate_edit(&a, request.into_inner(), edit::validate_outpaint)
+            .await?;
+        Ok(self.start(a, span, flow))
     }
 }
 

@@ -7,8 +7,8 @@ use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::text_encoder_client::TextEncoderClient;
 use qwen_image_proto::v1::vae_client::VaeClient;
 use qwen_image_proto::v1::{
-    DecodeRequest, DecodeResponse, DenoiseEvent, DenoiseRequest, EncodeRequest, EncodeResponse,
-    OverlongPromptPolicy,
+    DecodeRequest, DecodeResponse, DenoiseEvent, DenoiseRequest, EncodeImageRequest,
+    EncodeImageResponse, EncodeRequest, EncodeResponse, OverlongPromptPolicy,
 };
 use tonic::{Request, Status, Streaming};
 
@@ -138,6 +138,30 @@ impl Stages {
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     client.decode(req).await.map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        Ok(resp)
+    }
+
+    /// Encodes images to the VAE posterior (img2img / inpaint).
+    pub async fn encode_image(
+        &self,
+        msg: EncodeImageRequest,
+        deadline: Instant,
+    ) -> Result<EncodeImageResponse, GatewayError> {
+        let (resp, _lease) = self
+            .vae
+            .call(|ch| {
+                let req = with_deadline(msg.clone(), deadline);
+                async move {
+                    let req = req.map_err(|_| {
+                        Status::deadline_exceeded("deadline passed before the call")
+                    })?;
+                    let mut client = VaeClient::new(ch)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                    client.encode(req).await.map(tonic::Response::into_inner)
                 }
             })
             .await?;

@@ -8,7 +8,7 @@ use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_common::tensor;
 use qwen_image_proto::v1::{
     DecodeRequest, DenoiseRequest, EncodeResponse, GenerateEvent, GenerateProgress, GenerateResult,
-    Stage, Tensor, denoise_event, generate_event,
+    InpaintInputs, Padding, Stage, Tensor, denoise_event, generate_event,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -30,12 +30,12 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn elapsed_ms(&self) -> u64 {
+    pub fn elapsed_ms(&self) -> u64 {
         self.accepted.elapsed().as_millis() as u64
     }
 
     /// Sends a progress event; a caller that went away is noticed by the handler's `closed()` watch.
-    async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
+    pub async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
         let ev = GenerateProgress {
             stage: stage as i32,
             step,
@@ -98,11 +98,20 @@ pub fn seeded_noise(p: &T2iParams) -> Result<Tensor, GatewayError> {
     Ok(tensor::from_f32(&shape, &data))
 }
 
-pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+/// The denoiser's prompt conditioning for one request.
+pub struct Prompts {
+    pub prompt_embeds: Tensor,
+    pub prompt_embeds_mask: Option<Tensor>,
+    pub negative_prompt_embeds: Option<Tensor>,
+    pub negative_prompt_embeds_mask: Option<Tensor>,
+    /// The text encoder's model id (PNG metadata when the gateway has no model name).
+    pub model_id: String,
+}
+
+/// Encodes the prompt and (only when CFG will run, as diffusers does) the negative prompt, concurrently.
+pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, GatewayError> {
     let batch = p.num_images as usize;
     let stages = ctx.stages;
-
-    // 1. Prompts (the negative only when CFG will run, as diffusers does), concurrently.
     ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
     let (pos, neg) = tokio::join!(stages.encode(&p.prompt, ctx.deadline), async {
@@ -121,31 +130,49 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         }
         None => (None, None),
     };
-
-    // 2. Start latents: the caller's, or the seed's noise.
-    let latents = match &p.initial_latents {
-        Some(t) => t.clone(),
-        None => seeded_noise(p)?,
-    };
-
-    // 3. Denoise, streaming progress.
-    let request = DenoiseRequest {
-        prompt_embeds: Some(prompt_embeds),
+    Ok(Prompts {
+        prompt_embeds,
         prompt_embeds_mask,
         negative_prompt_embeds,
         negative_prompt_embeds_mask,
+        model_id,
+    })
+}
+
+/// How the denoising loop starts.
+pub struct Start {
+    /// Text-to-image: the start latents. Image flows: the clean normalised image latents.
+    pub latents: Tensor,
+    /// Image flows: the noise the denoiser mixes in at `sigma[start_step]`.
+    pub start_noise: Option<Tensor>,
+    pub start_step: u32,
+    pub inpaint: Option<InpaintInputs>,
+}
+
+/// Runs the denoiser, forwarding its progress; returns the final latents.
+pub async fn denoise(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    prompts: Prompts,
+    start: Start,
+) -> Result<Tensor, GatewayError> {
+    let request = DenoiseRequest {
+        prompt_embeds: Some(prompts.prompt_embeds),
+        prompt_embeds_mask: prompts.prompt_embeds_mask,
+        negative_prompt_embeds: prompts.negative_prompt_embeds,
+        negative_prompt_embeds_mask: prompts.negative_prompt_embeds_mask,
         true_cfg_scale: p.true_cfg_scale,
-        latents: Some(latents),
+        latents: Some(start.latents),
         steps: p.steps,
-        sigmas: Vec::new(),
-        start_step: 0,
-        preview_every_n_steps: 0,
-        inpaint: None,
+        start_step: start.start_step,
+        start_noise: start.start_noise,
+        inpaint: start.inpaint,
+        ..Default::default()
     };
-    let call = stages.denoise(request, ctx.deadline).await?;
+    let call = ctx.stages.denoise(request, ctx.deadline).await?;
     let (mut rest, _lease) = (call.rest, call.lease);
     let mut next = Some(call.first);
-    let final_latents = loop {
+    loop {
         let ev = match next.take() {
             Some(ev) => ev,
             None => match rest.message().await {
@@ -164,9 +191,9 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
                 ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
             }
             Some(denoise_event::Event::Result(r)) => {
-                break r.latents.ok_or_else(|| {
+                return r.latents.ok_or_else(|| {
                     GatewayError::bad_response(StageName::Denoiser, "result without latents")
-                })?;
+                });
             }
             None => {
                 return Err(GatewayError::bad_response(
@@ -175,15 +202,36 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
                 ));
             }
         }
-    };
-    drop(rest);
+    }
+}
 
-    // 4. Decode and encode PNGs.
+/// What the image flows add to the result and the PNGs.
+#[derive(Default)]
+pub struct Finish<'a> {
+    /// Extra PNG text chunks (e.g. `mode`, `strength`) and the A1111 settings they add.
+    pub chunks: Vec<(String, String)>,
+    pub a1111_settings: Vec<(String, String)>,
+    pub strength: Option<f64>,
+    pub padding: Option<Padding>,
+    /// Applied to every decoded RGB8 image before PNG encoding (inpaint paste-back).
+    pub post: Option<&'a (dyn Fn(&mut [u8]) -> Result<(), String> + Sync)>,
+}
+
+/// Decodes the final latents and builds the result with PNGs carrying the parameters.
+pub async fn decode(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    model_id: String,
+    latents: Tensor,
+    finish: Finish<'_>,
+) -> Result<GenerateResult, GatewayError> {
+    let batch = p.num_images as usize;
     ctx.progress(Stage::Decode, 0, 0).await;
-    let decoded = stages
+    let decoded = ctx
+        .stages
         .decode(
             DecodeRequest {
-                latents: Some(final_latents),
+                latents: Some(latents),
                 return_float: false,
             },
             ctx.deadline,
@@ -196,9 +244,10 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         ));
     }
     let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
-    let chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    let mut chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    pngmeta::add_extras(&mut chunks, &finish.chunks, &finish.a1111_settings);
     let mut pngs = Vec::with_capacity(batch);
-    for img in &decoded.images {
+    for mut img in decoded.images {
         if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
             return Err(GatewayError::bad_response(
                 StageName::Vae,
@@ -207,6 +256,11 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
                     img.width_px, img.height_px, p.width_px, p.height_px
                 ),
             ));
+        }
+        if let Some(post) = finish.post {
+            let mut rgb8 = img.rgb8.to_vec();
+            post(&mut rgb8).map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
+            img.rgb8 = Bytes::from(rgb8);
         }
         let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
             .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
@@ -220,7 +274,27 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         parameters: Some(p.to_request()),
         request_id: ctx.request_id.to_string(),
         elapsed_ms: ctx.elapsed_ms(),
+        strength: finish.strength,
+        padding: finish.padding,
     })
+}
+
+pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+    let prompts = encode_prompts(ctx, p).await?;
+    let model_id = prompts.model_id.clone();
+    // The caller's start latents, or the seed's noise.
+    let latents = match &p.initial_latents {
+        Some(t) => t.clone(),
+        None => seeded_noise(p)?,
+    };
+    let start = Start {
+        latents,
+        start_noise: None,
+        start_step: 0,
+        inpaint: None,
+    };
+    let latents = denoise(ctx, p, prompts, start).await?;
+    decode(ctx, p, model_id, latents, Finish::default()).await
 }
 
 #[cfg(test)]
