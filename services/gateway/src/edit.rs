@@ -75,7 +75,7 @@ pub fn start_step(steps: u32, strength: f64) -> Result<u32, GatewayError> {
     if t_start >= steps {
         return Err(invalid(format!(
             "strength {strength} with {steps} steps runs no denoising step (diffusers skips int({steps} - {steps} * strength) = {t_start} of them); send a larger strength"
-        ));
+        )));
     }
     Ok(t_start)
 }
