@@ -340,7 +340,7 @@ pub fn validate_outpaint(
 }
 
 /// The VAE posterior of the working-size picture: (mean, logvar, latents_mean, latents_std), checked.
-type Posterior = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+pub type Posterior = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn check_posterior(
     resp: EncodeImageResponse,

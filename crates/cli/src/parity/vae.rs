@@ -160,7 +160,9 @@ pub fn check_t2i_part(args: &ParityArgs, reference: &Reference, report: &mut Rep
     let packed = if reference.has("latents_final_packed") {
         reference.f32("latents_final_packed")?
     } else {
-        let last = (0..10_000).take_while(|i| reference.has(&format!("step.{i}.t"))).last();
+        let last = (0..10_000)
+            .take_while(|i| reference.has(&format!("step.{i}.t")))
+            .last();
         let last = last.context("the dump has no denoising steps")?;
         reference.f32(&format!("step.{last}.latents_end"))?
     };
