@@ -391,25 +391,46 @@ pub fn normalised_sample(posterior: &Posterior, eps: &[f32]) -> Vec<f32> {
 }
 
 /// The generator's draws in diffusers' order: image posterior eps, noise (whole batch), then for inpaint
-/// the masked-image posterior eps, which diffusers computes but never uses (drawn here only to keep the
+/// the masked-image posterior eps, which diffusers computes but never uses (drawn only to keep the
 /// generator in step; the masked-image VAE encode itself is skipped).
 pub struct Draws {
     pub image_eps: Vec<f32>,
     pub noise: Vec<f32>,
+    pub masked_image_eps: Option<Vec<f32>>,
+}
+
+/// `per_image` = C·h·w values of one latent image.
+pub fn draws_for(
+    seed: u64,
+    per_image: usize,
+    batch: usize,
+    inpaint: bool,
+) -> Result<Draws, GatewayError> {
+    let rng_err =
+        |e: qwen_image_common::randn::TooFewElements| GatewayError::Internal(e.to_string());
+    let mut g = TorchCpuGenerator::new(seed);
+    let image_eps = g.randn(per_image).map_err(rng_err)?;
+    let noise = g.randn(per_image * batch).map_err(rng_err)?;
+    let masked_image_eps = if inpaint {
+        Some(g.randn(per_image).map_err(rng_err)?)
+    } else {
+        None
+    };
+    Ok(Draws {
+        image_eps,
+        noise,
+        masked_image_eps,
+    })
 }
 
 pub fn draws(p: &EditParams) -> Result<Draws, GatewayError> {
     let (h, w) = p.base.latent_hw();
-    let one = LATENT_CHANNELS * h * w;
-    let rng_err =
-        |e: qwen_image_common::randn::TooFewElements| GatewayError::Internal(e.to_string());
-    let mut g = TorchCpuGenerator::new(p.base.seed);
-    let image_eps = g.randn(one).map_err(rng_err)?;
-    let noise = g.randn(one * p.base.num_images as usize).map_err(rng_err)?;
-    if p.mask.is_some() {
-        let _masked_image_eps = g.randn(one).map_err(rng_err)?;
-    }
-    Ok(Draws { image_eps, noise })
+    draws_for(
+        p.base.seed,
+        LATENT_CHANNELS * h * w,
+        p.base.num_images as usize,
+        p.mask.is_some(),
+    )
 }
 
 async fn encode_image(ctx: &Ctx<'_>, p: &EditParams) -> Result<Posterior, GatewayError> {

@@ -10,6 +10,7 @@ use clap::Args;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 
 mod controlnet;
+mod image_prep;
 mod inpaint;
 mod t2i;
 mod textenc;
@@ -226,7 +227,7 @@ pub fn run(args: &ParityArgs) -> Result<ExitCode> {
         "t2i" => t2i::check(args, &reference, &mut report)?,
         "textenc" => textenc::check(args, &reference, &mut report)?,
         "vae" => vae::check(args, &reference, &mut report)?,
-        "inpaint" => inpaint::check(args, &reference, &mut report)?,
+        "inpaint" | "img2img" => inpaint::check(args, &reference, &mut report)?,
         "controlnet" => controlnet::check(args, &reference, &mut report)?,
         other => bail!("unknown reference mode `{other}`"),
     }
