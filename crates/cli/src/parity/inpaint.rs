@@ -112,6 +112,20 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         &reference.f32(&format!("step.{last}.latents_end"))?,
         args.loop_tol,
     )?;
+    if let Some(b) = &blend {
+        // Where the mask is 0 the last blend puts the clean image latents back: exactly, so the kept area
+        // of an inpaint is the VAE round trip of the input, up to the decoder's mixing near the mask edge.
+        let kept = ((&final_latents - &b.image_latents)? * (1.0 - &b.mask)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        report.check(
+            "unmasked final latents == image latents",
+            kept == 0.0,
+            format!("max |final - image latents| where the mask is 0: {kept:e}"),
+        );
+    }
 
     textenc::check_t2i_part(args, reference, report)?;
     vae::check_t2i_part(args, reference, report)?;
