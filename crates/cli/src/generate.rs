@@ -10,7 +10,8 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    DataType, GenerateResult, Stage, Tensor, TextToImageRequest, generate_event,
+    DataType, GenerateResult, Img2ImgRequest, InpaintRequest, OutpaintRequest, Stage, Tensor,
+    TextToImageRequest, generate_event,
 };
 
 use crate::model_dir::default_model_dir;
@@ -72,22 +73,51 @@ pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let request = build_request(&args)?;
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let result = match &args.gateway {
-        Some(url) => send(url, request, timeout, args.quiet).await?,
+    let request = ApiRequest::TextToImage(build_request(&args)?);
+    let target = Target {
+        gateway: args.gateway.clone(),
+        model: args.model.clone(),
+        timeout: Duration::from_secs(args.timeout_secs),
+        quiet: args.quiet,
+    };
+    execute(request, &target, &args.out).await?;
+    Ok(())
+}
+
+/// A request to one of the gateway's flows.
+pub enum ApiRequest {
+    TextToImage(TextToImageRequest),
+    Img2Img(Img2ImgRequest),
+    Inpaint(InpaintRequest),
+    Outpaint(OutpaintRequest),
+}
+
+/// Where a command sends its request: a running gateway, or a local stack on `model` (default model when
+/// absent) started for the call.
+pub struct Target {
+    pub gateway: Option<String>,
+    pub model: Option<PathBuf>,
+    pub timeout: Duration,
+    pub quiet: bool,
+}
+
+/// Sends `request`, writes the PNG(s) to `out` (numbered after the first) and prints a summary.
+pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result<GenerateResult> {
+    let (timeout, quiet) = (target.timeout, target.quiet);
+    let result = match &target.gateway {
+        Some(url) => send(url, request, timeout, quiet).await?,
         None => {
-            let model = match &args.model {
+            let model = match &target.model {
                 Some(m) => m.clone(),
                 None => default_model_dir()?,
             };
-            if !args.quiet {
+            if !quiet {
                 eprintln!("starting a local stack on {} ...", model.display());
             }
             let mut stack = LocalStack::start(model, "127.0.0.1:0").await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), request, timeout, args.quiet).await
+                send(&stack.gateway_url(), request, timeout, quiet).await
             }
             .await;
             stack.shutdown().await?;
@@ -95,7 +125,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         }
     };
     for (i, png) in result.png.iter().enumerate() {
-        let path = numbered(&args.out, i);
+        let path = numbered(out, i);
         std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
@@ -107,7 +137,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         result.request_id,
         result.elapsed_ms as f64 / 1000.0
     );
-    Ok(())
+    Ok(result)
 }
 
 /// `out.png`, `out-1.png`, `out-2.png`, ...
@@ -177,7 +207,7 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
 
 async fn send(
     url: &str,
-    request: TextToImageRequest,
+    request: ApiRequest,
     timeout: Duration,
     quiet: bool,
 ) -> Result<GenerateResult> {
@@ -189,13 +219,18 @@ async fn send(
     let mut client = ImageGeneratorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut req = tonic::Request::new(request);
-    req.set_timeout(timeout);
-    let mut stream = client
-        .text_to_image(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        req
+    }
+    let stream = match request {
+        ApiRequest::TextToImage(r) => client.text_to_image(with_timeout(r, timeout)).await,
+        ApiRequest::Img2Img(r) => client.img2_img(with_timeout(r, timeout)).await,
+        ApiRequest::Inpaint(r) => client.inpaint(with_timeout(r, timeout)).await,
+        ApiRequest::Outpaint(r) => client.outpaint(with_timeout(r, timeout)).await,
+    };
+    let mut stream = stream.map_err(status_error)?.into_inner();
     let mut bar = Progress::new(quiet);
     while let Some(ev) = stream.message().await.map_err(status_error)? {
         match ev.event {
@@ -241,6 +276,7 @@ impl Progress {
         }
         let label = match Stage::try_from(stage) {
             Ok(Stage::EncodePrompt) => "encoding prompt",
+            Ok(Stage::EncodeImage) => "encoding image",
             Ok(Stage::Denoise) => "denoising",
             Ok(Stage::Decode) => "decoding",
             Ok(Stage::Queued) => "queued",

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod edit;
 mod generate;
 mod model_dir;
 mod parity;
@@ -24,6 +25,12 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Generate an image from a prompt through a gateway (or a stack started for the call) and write a PNG.
     Generate(generate::GenerateArgs),
+    /// Restyle a picture from a prompt (image to image) and write a PNG.
+    Img2img(edit::Img2ImgArgs),
+    /// Repaint the white part of a mask from a prompt and write a PNG.
+    Inpaint(edit::InpaintArgs),
+    /// Extend a picture past its borders from a prompt and write a PNG.
+    Outpaint(edit::OutpaintArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +39,9 @@ fn main() -> std::process::ExitCode {
         Command::Parity(args) => parity::run(&args),
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Img2img(args) => edit::img2img(args),
+        Command::Inpaint(args) => edit::inpaint(args),
+        Command::Outpaint(args) => edit::outpaint(args),
     };
     match result {
         Ok(code) => code,
