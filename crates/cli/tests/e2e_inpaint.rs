@@ -457,3 +457,116 @@ async fn bad_image_requests_are_invalid_argument() {
     // still serving
     inpaint(&mut c, good).await.expect("still works");
 }
+
+/// The commands as a user runs them, with a local stack on the fixture snapshot (`--model`).
+#[test]
+fn cli_commands_write_pngs_matching_diffusers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap = common::snapshot();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-image"))
+            .args(args)
+            .args(["--model", snap.to_str().expect("utf-8"), "--quiet"])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("qwen-image runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let path = |p: PathBuf| p.to_str().expect("utf-8").to_string();
+    let inp = refs("inpaint_64");
+    let out = path(dir.path().join("inpaint.png"));
+    run(&[
+        "inpaint",
+        "--image",
+        &path(inp.join("input_image.png")),
+        "--mask",
+        &path(inp.join("input_mask.png")),
+        "--prompt",
+        "a red lantern in the middle",
+        "--negative-prompt",
+        " ",
+        "--strength",
+        "0.6",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--out",
+        &out,
+    ]);
+    let d = max_level_diff(
+        &read(out.into()),
+        &reference("inpaint_64").expected,
+        "cli inpaint",
+    );
+    assert!(d <= 1, "cli inpaint: {d} levels");
+
+    let out = path(dir.path().join("outpaint.png"));
+    let stdout = run(&[
+        "outpaint",
+        "--image",
+        &path(inp.join("input_image.png")),
+        "--left",
+        "16",
+        "--top",
+        "8",
+        "--bottom",
+        "24",
+        "--prompt",
+        "a wide landscape",
+        "--negative-prompt",
+        " ",
+        "--steps",
+        "3",
+        "--seed",
+        "21",
+        "--out",
+        &out,
+    ]);
+    assert!(stdout.contains("size 80x96"), "{stdout}");
+    assert!(
+        stdout.contains("padding left 16 right 0 top 8 bottom 24"),
+        "{stdout}"
+    );
+    let d = max_level_diff(
+        &read(out.into()),
+        &reference("outpaint_80x96").expected,
+        "cli outpaint",
+    );
+    assert!(d <= 1, "cli outpaint: {d} levels");
+
+    let out = path(dir.path().join("img2img.png"));
+    run(&[
+        "img2img",
+        "--image",
+        &path(inp.join("input_image.png")),
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--strength",
+        "0.7",
+        "--prompt",
+        "a watercolour painting of a harbour",
+        "--negative-prompt",
+        " ",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--out",
+        &out,
+    ]);
+    let d = max_level_diff(
+        &read(out.into()),
+        &reference("img2img_64x48").expected,
+        "cli img2img",
+    );
+    assert!(d <= 1, "cli img2img: {d} levels");
+}

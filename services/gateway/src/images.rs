@@ -211,6 +211,24 @@ mod tests {
     }
 
     #[test]
+    fn decodes_jpeg() {
+        let img = image::RgbImage::from_fn(16, 8, |x, _| image::Rgb([x as u8 * 16, 100, 200]));
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, ImageFormat::Jpeg)
+            .expect("encode");
+        let d = decode("image", out.get_ref()).expect("jpeg");
+        let rgb = to_rgb(&d).expect("rgb");
+        assert_eq!((rgb.width, rgb.height), (16, 8));
+        // lossy, but close
+        assert!(
+            rgb.pixel(0, 0)[2].abs_diff(200) < 8,
+            "{:?}",
+            rgb.pixel(0, 0)
+        );
+    }
+
+    #[test]
     fn rejects_unreadable_pictures() {
         let msg = |r: Result<DynamicImage, GatewayError>| match r {
             Err(GatewayError::InvalidArgument(m)) => m,
