@@ -205,6 +205,9 @@ pub async fn denoise(
     }
 }
 
+/// A step on each decoded RGB8 image before PNG encoding.
+pub type PostProcess<'a> = dyn Fn(&mut [u8]) -> Result<(), String> + Sync + 'a;
+
 /// What the image flows add to the result and the PNGs.
 #[derive(Default)]
 pub struct Finish<'a> {
@@ -214,7 +217,7 @@ pub struct Finish<'a> {
     pub strength: Option<f64>,
     pub padding: Option<Padding>,
     /// Applied to every decoded RGB8 image before PNG encoding (inpaint paste-back).
-    pub post: Option<&'a (dyn Fn(&mut [u8]) -> Result<(), String> + Sync)>,
+    pub post: Option<&'a PostProcess<'a>>,
 }
 
 /// Decodes the final latents and builds the result with PNGs carrying the parameters.
