@@ -49,8 +49,21 @@ pub struct ServeArgs {
     pub ready_timeout_secs: u64,
 }
 
+/// `service.name` of the traces: the binary name of the one service, or `qwen-image` for the whole stack
+/// in one process.
+fn service_name(stage: Option<StageKind>) -> &'static str {
+    match stage {
+        Some(StageKind::Gateway) => "qwen-image-gateway",
+        Some(StageKind::TextEncoder) => "qwen-image-text-encoder",
+        Some(StageKind::Denoiser) => "qwen-image-denoiser",
+        Some(StageKind::Vae) => "qwen-image-vae",
+        None => "qwen-image",
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
-    let _telemetry = qwen_image_common::telemetry::init("qwen-image", &args.common)?;
+    // Declared before the runtime, so dropped after it: the guard flushes spans on its own thread.
+    let _telemetry = qwen_image_common::telemetry::init(service_name(args.stage), &args.common)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -60,7 +73,9 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(addr) = args.common.metrics_listen {
-        qwen_image_common::telemetry::serve_metrics(addr)?;
+        let bound = qwen_image_common::telemetry::serve_metrics(addr).await?;
+        // Machine-readable line for scripts and tests (logs go to stderr).
+        println!("metrics listening on {bound}");
     }
     let listen = args.common.listen.to_string();
     match args.stage {

@@ -27,10 +27,37 @@ pub struct CommonArgs {
     #[arg(long, value_enum, env = "QWEN_IMAGE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// OTLP/gRPC endpoint for traces (e.g. http://otel-collector:4317). Trace export is not implemented
-    /// yet: the flag is accepted and logged.
+    /// OTLP/gRPC endpoint traces are exported to (e.g. http://otel-collector:4317). Without it (and
+    /// without OTEL_EXPORTER_OTLP_ENDPOINT) no span is exported.
     #[arg(long, env = "QWEN_IMAGE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+
+    /// The OpenTelemetry SDK's standard variable, used when `--otlp-endpoint` is not given.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", hide = true)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+}
+
+impl CommonArgs {
+    /// Shared flags with defaults: listen on `listen`, no metrics, text logs, no trace export.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otel_exporter_otlp_endpoint: None,
+        }
+    }
+
+    /// Where traces go: `--otlp-endpoint` / QWEN_IMAGE_OTLP_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Empty values count as unset.
+    pub fn trace_endpoint(&self) -> Option<&str> {
+        [&self.otlp_endpoint, &self.otel_exporter_otlp_endpoint]
+            .into_iter()
+            .flatten()
+            .map(|s| s.trim())
+            .find(|s| !s.is_empty())
+    }
 }
 
 /// Where a stage runs its model: `cpu`, or `cuda:N` (`cuda` = `cuda:0`).
@@ -96,5 +123,17 @@ mod tests {
         assert_eq!(p.common.log_format, LogFormat::Json);
         assert_eq!(p.common.metrics_listen.map(|a| a.port()), Some(9));
         assert!(Probe::try_parse_from(["x", "--log-format", "xml"]).is_err());
+        let p = Probe::try_parse_from(["x", "--otel-exporter-otlp-endpoint", "http://b:4317"])
+            .expect("valid");
+        assert_eq!(p.common.trace_endpoint(), Some("http://b:4317"));
+        let p = Probe::try_parse_from([
+            "x",
+            "--otlp-endpoint",
+            "http://a:4317",
+            "--otel-exporter-otlp-endpoint",
+            "http://b:4317",
+        ])
+        .expect("valid");
+        assert_eq!(p.common.trace_endpoint(), Some("http://a:4317"));
     }
 }

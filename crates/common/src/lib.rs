@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod deadline;
+pub mod grpc;
 pub mod health;
 pub mod limits;
 pub mod metric_names;

@@ -31,6 +31,13 @@ struct Job<P> {
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    service: &'static str,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!(m::IN_FLIGHT, "service" => self.service).decrement(1);
+    }
 }
 
 impl Slot {
@@ -83,16 +90,20 @@ impl<P: Send + 'static> Admission<P> {
                 retry_after: last.max(MIN_RETRY_AFTER),
             });
         };
+        metrics::gauge!(m::IN_FLIGHT, "service" => self.service).increment(1);
         let job = Job {
             payload,
             span,
             enqueued_at: Instant::now(),
-            slot: Slot { _permit: permit },
+            slot: Slot {
+                _permit: permit,
+                service: self.service,
+            },
         };
         // Never full: the channel holds `capacity` jobs and each job holds one of `capacity` permits.
         self.tx.try_send(job).map_err(|_| AdmitError::WorkerGone)?;
         metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_ADMITTED).increment(1);
-        metrics::gauge!(m::IN_FLIGHT, "service" => self.service).set(self.in_flight() as f64);
+        metrics::gauge!(m::QUEUE_DEPTH, "service" => self.service).increment(1);
         Ok(())
     }
 
@@ -115,7 +126,8 @@ pub struct Worker<P> {
 }
 
 /// Starts the worker thread `name`: it calls `load` (model + warm-up), reports on `ready`, then runs
-/// `handle(&mut model, payload, slot)` for each admitted job inside the job's span, in order.
+/// `handle(&mut model, payload, slot)` for each admitted job, in order, inside a `job` span (child of
+/// the span given at admission) that records the queue wait.
 pub fn spawn_worker<P, M, L, H>(
     service: &'static str,
     capacity: usize,
@@ -135,7 +147,11 @@ where
     let thread = std::thread::Builder::new()
         .name(format!("{service}-worker"))
         .spawn(move || {
-            let mut model = match load() {
+            let load_started = Instant::now();
+            let loaded = load();
+            metrics::gauge!(m::MODEL_LOAD_SECONDS, "service" => service)
+                .set(load_started.elapsed().as_secs_f64());
+            let mut model = match loaded {
                 Ok(model) => {
                     let _ = ready_tx.send(Ok(()));
                     model
@@ -146,9 +162,16 @@ where
                 }
             };
             while let Some(job) = rx.blocking_recv() {
-                let _entered = job.span.enter();
+                let wait = job.enqueued_at.elapsed();
+                metrics::gauge!(m::QUEUE_DEPTH, "service" => service).decrement(1);
                 metrics::histogram!(m::QUEUE_WAIT_SECONDS, "service" => service)
-                    .record(job.enqueued_at.elapsed().as_secs_f64());
+                    .record(wait.as_secs_f64());
+                let _entered = tracing::info_span!(
+                    parent: &job.span,
+                    "job",
+                    queue_wait_ms = wait.as_secs_f64() * 1e3,
+                )
+                .entered();
                 let started = Instant::now();
                 handle(&mut model, job.payload, job.slot);
                 last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
+use crate::grpc::ServerTelemetryLayer;
 use crate::health::Health;
 
 /// Whether the stage accepts work: false while loading and while draining. Handlers answer UNAVAILABLE
@@ -110,6 +111,7 @@ pub async fn serve(
         health.not_serving().await;
     };
     tonic::transport::Server::builder()
+        .layer(ServerTelemetryLayer::new(name))
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await

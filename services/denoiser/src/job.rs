@@ -186,14 +186,24 @@ fn execute(
     let every = inp.preview_every_n_steps;
     let mut stopped_for_deadline = false;
     // One span per step: entered before the step's compute, closed in the callback that ends it (the
-    // callback runs on this thread right after the step).
-    let step_span = |step: usize| tracing::info_span!("denoise_step", step).entered();
+    // callback runs on this thread right after the step) once it has recorded the step's timestep.
+    let step_span = |step: usize| {
+        (
+            tracing::info_span!("denoise_step", step, timestep = tracing::field::Empty).entered(),
+            Instant::now(),
+        )
+    };
+    let step_seconds = metrics::histogram!(m::DENOISE_STEP_SECONDS, "service" => SERVICE);
+    let steps_total = metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE);
     let mut current_step = Some(step_span(inp.start_step));
     let outcome = denoise::denoise(&model.transformer, &params, |s| {
-        drop(current_step.take());
+        if let Some((span, step_started)) = current_step.take() {
+            step_seconds.record(step_started.elapsed().as_secs_f64());
+            span.record("timestep", f64::from(s.timestep));
+        }
         let done = s.done + 1;
         stats.update(|st| st.steps_run += 1);
-        metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE).increment(1);
+        steps_total.increment(1);
         let preview_latents = if every > 0 && (done % every == 0 || done == s.total) {
             match wire_latents(s.latents, lh, lw) {
                 Ok(t) => Some(t),

@@ -10,6 +10,7 @@ use qwen_image_proto::v1::{DenoiseEvent, DenoiseRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 
 use crate::error::DenoiserError;
 use crate::job::DenoiseJob;
@@ -29,7 +30,12 @@ pub struct DenoiserService {
 impl Denoiser for DenoiserService {
     type DenoiseStream = ReceiverStream<Result<DenoiseEvent, Status>>;
 
-    #[tracing::instrument(name = "Denoise", skip_all)]
+    #[tracing::instrument(
+        name = "Denoise",
+        skip_all,
+        fields(batch = Empty, latent_height = Empty, latent_width = Empty, steps = Empty,
+               start_step = Empty, true_cfg_scale = Empty, cfg = Empty)
+    )]
     async fn denoise(
         &self,
         request: Request<DenoiseRequest>,
@@ -40,15 +46,18 @@ impl Denoiser for DenoiserService {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let inputs = validate(request.get_ref(), self.shape)
             .inspect_err(|e| tracing::info!(error = %e, "rejected"))?;
-        tracing::info!(
-            batch = inputs.latents.shape[0],
-            latent_h = inputs.latents.shape[2],
-            latent_w = inputs.latents.shape[3],
-            steps = inputs.schedule.steps(),
-            start_step = inputs.start_step,
-            cfg = inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
-            "admitting"
+        let span = tracing::Span::current();
+        span.record("batch", inputs.latents.shape[0]);
+        span.record("latent_height", inputs.latents.shape[2]);
+        span.record("latent_width", inputs.latents.shape[3]);
+        span.record("steps", inputs.schedule.steps());
+        span.record("start_step", inputs.start_step);
+        span.record("true_cfg_scale", f64::from(inputs.true_cfg_scale));
+        span.record(
+            "cfg",
+            inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
+        tracing::info!("admitting");
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         self.admission
             .try_submit(

@@ -436,9 +436,11 @@ pub fn draws(p: &EditParams) -> Result<Draws, GatewayError> {
 async fn encode_image(ctx: &Ctx<'_>, p: &EditParams) -> Result<Posterior, GatewayError> {
     ctx.progress(Stage::EncodeImage, 0, 0).await;
     let (h, w) = p.base.latent_hw();
-    let resp = ctx
-        .stages
-        .encode_image(
+    let resp = t2i::phase(
+        "encode_image",
+        StageName::Vae,
+        "Encode",
+        ctx.stages.encode_image(
             EncodeImageRequest {
                 images: vec![Image {
                     width_px: p.base.width_px,
@@ -447,8 +449,9 @@ async fn encode_image(ctx: &Ctx<'_>, p: &EditParams) -> Result<Posterior, Gatewa
                 }],
             },
             ctx.deadline,
-        )
-        .await?;
+        ),
+    )
+    .await?;
     check_posterior(resp, h, w)
 }
 

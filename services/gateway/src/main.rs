@@ -9,7 +9,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = qwen_image_common::telemetry::init("qwen-image-gateway", &args.common)?;
     if let Some(addr) = args.common.metrics_listen {
-        qwen_image_common::telemetry::serve_metrics(addr)?;
+        let bound = qwen_image_common::telemetry::serve_metrics(addr).await?;
+        // Machine-readable line for scripts and tests (logs go to stderr).
+        println!("metrics listening on {bound}");
     }
     let config = GatewayConfig::from(&args.gateway);
     tracing::info!(?config, "starting");

@@ -10,6 +10,8 @@ use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::error::{GatewayError, StageName};
 
@@ -147,7 +149,14 @@ impl Pool {
     /// (replica busy), tries the next replica, each at most once. `call` must not have streamed anything to
     /// the caller when it fails, so that a retry is invisible. The lease is returned with the result so a
     /// streaming call keeps counting as outstanding.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<(T, Lease), GatewayError>
+    ///
+    /// Each attempt runs in a client span `stage.attempt` (stage, rpc, replica address, gRPC status) that
+    /// is current when `call` builds its request, so the trace context goes out with it.
+    pub async fn call<T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        mut call: F,
+    ) -> Result<(T, Lease), GatewayError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -156,7 +165,25 @@ impl Pool {
         let mut last: Option<Status> = None;
         while let Some((i, lease)) = self.pick(&tried) {
             tried.push(i);
-            match call(lease.channel()).await {
+            let span = tracing::info_span!(
+                "stage.attempt",
+                otel.name = %format_args!("{} {rpc}", self.stage),
+                otel.kind = "client",
+                stage = self.stage.as_str(),
+                rpc,
+                replica = lease.uri(),
+                attempt = tried.len(),
+                rpc.grpc.status_code = Empty,
+                otel.status_code = Empty,
+            );
+            let result = call(lease.channel()).instrument(span.clone()).await;
+            let code = result.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
+            span.record("rpc.grpc.status_code", code);
+            if code != 0 {
+                span.record("otel.status_code", "ERROR");
+            }
+            drop(span);
+            match result {
                 Ok(v) => return Ok((v, lease)),
                 Err(status)
                     if matches!(status.code(), Code::Unavailable | Code::ResourceExhausted) =>
@@ -243,7 +270,7 @@ mod tests {
         let p = pool(2);
         let calls = std::sync::Mutex::new(0);
         let (v, lease) = p
-            .call(|_ch| {
+            .call("Test", |_ch| {
                 let n = {
                     let mut c = calls.lock().expect("lock");
                     *c += 1;
@@ -262,7 +289,9 @@ mod tests {
         assert_eq!(v, 2);
         drop(lease);
         let e = p
-            .call(|_ch| async { Err::<(), _>(Status::unavailable("down")) })
+            .call("Test", |_ch| async {
+                Err::<(), _>(Status::unavailable("down"))
+            })
             .await
             .expect_err("all down");
         assert!(
@@ -270,7 +299,7 @@ mod tests {
         );
         let count = std::sync::atomic::AtomicUsize::new(0);
         let e = p
-            .call(|_ch| {
+            .call("Test", |_ch| {
                 count.fetch_add(1, Ordering::Relaxed);
                 async { Err::<(), _>(Status::invalid_argument("bad")) }
             })

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use qwen_image_common::grpc::ServerTelemetryLayer;
 use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::FILE_DESCRIPTOR_SET;
@@ -98,6 +99,7 @@ pub async fn run(
         drain_health.not_serving().await;
     };
     let served = tonic::transport::Server::builder()
+        .layer(ServerTelemetryLayer::new("gateway"))
         .add_service(health_service)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

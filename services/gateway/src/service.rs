@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::config::GatewayConfig;
 use crate::edit::{self, EditParams};
@@ -88,23 +89,48 @@ impl Flow {
         }
     }
 
-    fn log_accepted(&self) {
-        let (p, mode, strength) = match self {
-            Self::TextToImage(p) => (p, "text_to_image", None),
-            Self::Edit(e) => (&e.base, e.mode.as_str(), Some(e.strength)),
+    /// Records the validated parameters on the request span and logs the acceptance.
+    fn record(&self, span: &tracing::Span, model_name: Option<&str>) {
+        let p = match self {
+            Self::TextToImage(p) => p,
+            Self::Edit(e) => {
+                span.record("strength", e.strength);
+                &e.base
+            }
         };
-        tracing::info!(
-            mode,
-            width = p.width_px,
-            height = p.height_px,
-            steps = p.steps,
-            seed = p.seed,
-            cfg = p.uses_cfg(),
-            images = p.num_images,
-            strength,
-            "accepted"
-        );
+        span.record("width", p.width_px);
+        span.record("height", p.height_px);
+        span.record("steps", p.steps);
+        span.record("true_cfg_scale", f64::from(p.true_cfg_scale));
+        span.record("cfg", p.uses_cfg());
+        span.record("seed", p.seed);
+        span.record("images", p.num_images);
+        if let Some(model) = model_name {
+            span.record("model", model);
+        }
+        span.in_scope(|| tracing::info!("accepted"));
     }
+}
+
+/// The request span of a flow (static name per flow, as tracing requires); parameters are recorded
+/// once validated.
+macro_rules! flow_span {
+    ($name:literal, $id:expr) => {
+        tracing::info_span!(
+            $name,
+            request_id = %$id,
+            flow = $name,
+            width = Empty,
+            height = Empty,
+            steps = Empty,
+            true_cfg_scale = Empty,
+            cfg = Empty,
+            seed = Empty,
+            images = Empty,
+            strength = Empty,
+            model = Empty,
+        )
+    };
 }
 
 /// What every request gets on arrival: its id, acceptance time and deadline.
@@ -148,7 +174,7 @@ impl GatewayService {
     /// Runs `flow` in its own task, streaming its events; the caller going away or the deadline passing
     /// cancels it.
     fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
-        span.in_scope(|| flow.log_accepted());
+        flow.record(&span, self.config.model_name.as_deref());
         let Admission {
             id,
             accepted,
@@ -156,7 +182,9 @@ impl GatewayService {
         } = a;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
-        tokio::spawn(
+        let scoped_id = id.clone();
+        tokio::spawn(qwen_image_common::grpc::with_request_id(
+            scoped_id,
             async move {
                 let ctx = t2i::Ctx {
                     stages: &stages,
@@ -189,7 +217,7 @@ impl GatewayService {
                 let _ = tx.send(event).await;
             }
             .instrument(span),
-        );
+        ));
 
         let mut response = Response::new(ReceiverStream::new(rx));
         if let Ok(v) = MetadataValue::try_from(id.as_str()) {
@@ -211,7 +239,7 @@ impl ImageGenerator for GatewayService {
         request: Request<TextToImageRequest>,
     ) -> Result<Response<Self::TextToImageStream>, Status> {
         let a = self.admit(&request);
-        let span = tracing::info_span!("text_to_image", request_id = %a.id);
+        let span = flow_span!("text_to_image", a.id);
         let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
             .map_err(|e| with_request_id(e.into(), &a.id))?;
         Ok(self.start(a, span, Flow::TextToImage(params)))
@@ -222,7 +250,7 @@ impl ImageGenerator for GatewayService {
         request: Request<Img2ImgRequest>,
     ) -> Result<Response<Self::Img2ImgStream>, Status> {
         let a = self.admit(&request);
-        let span = tracing::info_span!("img2img", request_id = %a.id);
+        let span = flow_span!("img2img", a.id);
         let flow = self
             .validate_edit(&a, request.into_inner(), edit::validate_img2img)
             .await?;
@@ -234,7 +262,7 @@ impl ImageGenerator for GatewayService {
         request: Request<InpaintRequest>,
     ) -> Result<Response<Self::InpaintStream>, Status> {
         let a = self.admit(&request);
-        let span = tracing::info_span!("inpaint", request_id = %a.id);
+        let span = flow_span!("inpaint", a.id);
         let flow = self
             .validate_edit(&a, request.into_inner(), edit::validate_inpaint)
             .await?;
@@ -246,7 +274,7 @@ impl ImageGenerator for GatewayService {
         request: Request<OutpaintRequest>,
     ) -> Result<Response<Self::OutpaintStream>, Status> {
         let a = self.admit(&request);
-        let span = tracing::info_span!("outpaint", request_id = %a.id);
+        let span = flow_span!("outpaint", a.id);
         let flow = self
             .validate_edit(&a, request.into_inner(), edit::validate_outpaint)
             .await?;

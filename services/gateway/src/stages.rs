@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use qwen_image_common::grpc::InjectTraceContext;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::text_encoder_client::TextEncoderClient;
@@ -74,13 +75,13 @@ impl Stages {
         };
         let (resp, _lease) = self
             .text_encoder
-            .call(|ch| {
+            .call("Encode", |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
                         Status::deadline_exceeded("deadline passed before the call")
                     })?;
-                    let mut client = TextEncoderClient::new(ch)
+                    let mut client = TextEncoderClient::with_interceptor(ch, InjectTraceContext)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     client.encode(req).await.map(tonic::Response::into_inner)
@@ -99,13 +100,13 @@ impl Stages {
     ) -> Result<DenoiseCall, GatewayError> {
         let ((first, rest), lease) = self
             .denoiser
-            .call(|ch| {
+            .call("Denoise", |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
                         Status::deadline_exceeded("deadline passed before the call")
                     })?;
-                    let mut client = DenoiserClient::new(ch)
+                    let mut client = DenoiserClient::with_interceptor(ch, InjectTraceContext)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     let mut stream = client.denoise(req).await?.into_inner();
@@ -128,13 +129,13 @@ impl Stages {
     ) -> Result<DecodeResponse, GatewayError> {
         let (resp, _lease) = self
             .vae
-            .call(|ch| {
+            .call("Decode", |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
                         Status::deadline_exceeded("deadline passed before the call")
                     })?;
-                    let mut client = VaeClient::new(ch)
+                    let mut client = VaeClient::with_interceptor(ch, InjectTraceContext)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     client.decode(req).await.map(tonic::Response::into_inner)
@@ -152,13 +153,13 @@ impl Stages {
     ) -> Result<EncodeImageResponse, GatewayError> {
         let (resp, _lease) = self
             .vae
-            .call(|ch| {
+            .call("Encode", |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
                         Status::deadline_exceeded("deadline passed before the call")
                     })?;
-                    let mut client = VaeClient::new(ch)
+                    let mut client = VaeClient::with_interceptor(ch, InjectTraceContext)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     client.encode(req).await.map(tonic::Response::into_inner)

@@ -1,9 +1,11 @@
 //! Text-to-image over the stages (diffusers QwenImagePipeline): encode prompt(s) → seeded noise → denoise
 //! (progress streamed to the caller) → decode → PNGs with the parameters in text chunks.
 
+use std::future::Future;
 use std::time::Instant;
 
 use bytes::Bytes;
+use qwen_image_common::metric_names as m;
 use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_common::tensor;
 use qwen_image_proto::v1::{
@@ -11,7 +13,9 @@ use qwen_image_proto::v1::{
     InpaintInputs, Padding, Stage, Tensor, denoise_event, generate_event,
 };
 use tokio::sync::mpsc;
-use tonic::Status;
+use tonic::{Code, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::error::{GatewayError, StageName};
 use crate::pngmeta;
@@ -114,14 +118,32 @@ pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, Gat
     let stages = ctx.stages;
     ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
-    let (pos, neg) = tokio::join!(stages.encode(&p.prompt, ctx.deadline), async {
-        match negative {
-            Some(n) => stages.encode(n, ctx.deadline).await.map(Some),
-            None => Ok(None),
+    let (pos, neg) = tokio::join!(
+        phase(
+            "encode_prompt",
+            StageName::TextEncoder,
+            "Encode",
+            stages.encode(&p.prompt, ctx.deadline)
+        ),
+        async {
+            match negative {
+                Some(n) => phase(
+                    "encode_negative_prompt",
+                    StageName::TextEncoder,
+                    "Encode",
+                    stages.encode(n, ctx.deadline),
+                )
+                .await
+                .map(Some),
+                None => Ok(None),
+            }
         }
-    });
+    );
     let pos = pos?;
     let model_id = pos.model_id.clone();
+    if ctx.model_name.is_none() {
+        tracing::Span::current().record("model", model_id.as_str());
+    }
     let (prompt_embeds, prompt_embeds_mask) = conditioning(pos, batch)?;
     let (negative_prompt_embeds, negative_prompt_embeds_mask) = match neg? {
         Some(r) => {
@@ -149,7 +171,7 @@ pub struct Start {
     pub inpaint: Option<InpaintInputs>,
 }
 
-/// Runs the denoiser, forwarding its progress; returns the final latents.
+/// Runs the denoiser, streaming its progress; returns the final latents.
 pub async fn denoise(
     ctx: &Ctx<'_>,
     p: &T2iParams,
@@ -169,40 +191,13 @@ pub async fn denoise(
         inpaint: start.inpaint,
         ..Default::default()
     };
-    let call = ctx.stages.denoise(request, ctx.deadline).await?;
-    let (mut rest, _lease) = (call.rest, call.lease);
-    let mut next = Some(call.first);
-    loop {
-        let ev = match next.take() {
-            Some(ev) => ev,
-            None => match rest.message().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    return Err(GatewayError::bad_response(
-                        StageName::Denoiser,
-                        "stream ended without a result",
-                    ));
-                }
-                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
-            },
-        };
-        match ev.event {
-            Some(denoise_event::Event::Progress(pr)) => {
-                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
-            }
-            Some(denoise_event::Event::Result(r)) => {
-                return r.latents.ok_or_else(|| {
-                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
-                });
-            }
-            None => {
-                return Err(GatewayError::bad_response(
-                    StageName::Denoiser,
-                    "empty event",
-                ));
-            }
-        }
-    }
+    phase(
+        "denoise",
+        StageName::Denoiser,
+        "Denoise",
+        denoise_events(ctx, request),
+    )
+    .await
 }
 
 /// A step on each decoded RGB8 image before PNG encoding.
@@ -230,16 +225,19 @@ pub async fn decode(
 ) -> Result<GenerateResult, GatewayError> {
     let batch = p.num_images as usize;
     ctx.progress(Stage::Decode, 0, 0).await;
-    let decoded = ctx
-        .stages
-        .decode(
+    let decoded = phase(
+        "decode",
+        StageName::Vae,
+        "Decode",
+        ctx.stages.decode(
             DecodeRequest {
                 latents: Some(latents),
                 return_float: false,
             },
             ctx.deadline,
-        )
-        .await?;
+        ),
+    )
+    .await?;
     if decoded.images.len() != batch {
         return Err(GatewayError::bad_response(
             StageName::Vae,
@@ -298,6 +296,92 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
     };
     let latents = denoise(ctx, p, prompts, start).await?;
     decode(ctx, p, model_id, latents, Finish::default()).await
+}
+
+/// The denoising loop on a replica: forwards every progress event, returns the final latents.
+async fn denoise_events(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+    let call = ctx.stages.denoise(request, ctx.deadline).await?;
+    let (mut rest, _lease) = (call.rest, call.lease);
+    let mut next = Some(call.first);
+    let final_latents = loop {
+        let ev = match next.take() {
+            Some(ev) => ev,
+            None => match rest.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Err(GatewayError::bad_response(
+                        StageName::Denoiser,
+                        "stream ended without a result",
+                    ));
+                }
+                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
+            },
+        };
+        match ev.event {
+            Some(denoise_event::Event::Progress(pr)) => {
+                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
+            }
+            Some(denoise_event::Event::Result(r)) => {
+                break r.latents.ok_or_else(|| {
+                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
+                })?;
+            }
+            None => {
+                return Err(GatewayError::bad_response(
+                    StageName::Denoiser,
+                    "empty event",
+                ));
+            }
+        }
+    };
+    drop(rest);
+    Ok(final_latents)
+}
+
+/// The gRPC status code an error ends a phase with (the `code` label of the stage-call metric).
+fn status_code(e: &GatewayError) -> i32 {
+    let code = match e {
+        GatewayError::Upstream { status, .. } => status.code(),
+        GatewayError::InvalidArgument(_) => Code::InvalidArgument,
+        GatewayError::BadUpstreamResponse { .. } | GatewayError::Internal(_) => Code::Internal,
+        GatewayError::DeadlineExceeded => Code::DeadlineExceeded,
+        GatewayError::Unavailable(_) => Code::Unavailable,
+    };
+    code as i32
+}
+
+/// Runs one stage phase (retries included) in its own span and records its duration as the gateway
+/// saw it in [`m::STAGE_CALL_SECONDS`].
+pub(crate) async fn phase<T>(
+    name: &'static str,
+    stage: StageName,
+    rpc: &'static str,
+    work: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "stage",
+        otel.name = name,
+        stage = stage.as_str(),
+        rpc,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    let result = work.instrument(span.clone()).await;
+    let code = result.as_ref().map_or_else(status_code, |_| 0);
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+    metrics::histogram!(
+        m::STAGE_CALL_SECONDS,
+        "service" => "gateway",
+        "stage" => stage.as_str(),
+        "rpc" => rpc,
+        "code" => code.to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    result
 }
 
 #[cfg(test)]

@@ -9,13 +9,17 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = qwen_image_common::telemetry::init("qwen-image-text-encoder", &args.common)?;
     if let Some(addr) = args.common.metrics_listen {
-        qwen_image_common::telemetry::serve_metrics(addr)?;
+        let bound = qwen_image_common::telemetry::serve_metrics(addr).await?;
+        // Machine-readable line for scripts and tests (logs go to stderr).
+        println!("metrics listening on {bound}");
     }
     let config = TextEncoderConfig::from(&args);
     tracing::info!(?config, "starting");
     let listener = tokio::net::TcpListener::bind(args.common.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.common.listen))?;
+    let addr = listener.local_addr().context("listener address")?;
+    println!("listening on {addr}");
     run(config, listener, qwen_image_common::shutdown::signal()).await?;
     Ok(())
 }

@@ -1,0 +1,170 @@
+//! Service binaries as child processes: the addresses they print, health, SIGTERM, `/metrics`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A service process (killed if dropped while running) and the addresses it printed on stdout:
+/// `metrics listening on ADDR` (with `--metrics-listen`) and `listening on ADDR`.
+pub struct ServiceProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServiceProcess {
+    /// Starts `program args...` with `env` and waits (at most `timeout`) for its `listening on` line.
+    pub async fn spawn(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut child = Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+        // Logs: kept for assertions and echoed to the test's stderr.
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(err) = child.stderr.take() {
+            let keep = stderr_lines.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                    if let Ok(mut v) = keep.lock() {
+                        v.push(line);
+                    }
+                }
+            });
+        }
+        let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_addr = None;
+        let addr = tokio::time::timeout(timeout, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(a) = line.strip_prefix("metrics listening on ") {
+                    metrics_addr = a.trim().parse().ok();
+                } else if let Some(a) = line.strip_prefix("listening on ") {
+                    return a.trim().parse::<SocketAddr>().map_err(|e| e.to_string());
+                }
+            }
+            Err(format!(
+                "{} exited without printing its address",
+                program.display()
+            ))
+        })
+        .await
+        .map_err(|_| format!("{} printed no address in {timeout:?}", program.display()))??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            addr,
+            metrics_addr,
+            stderr: stderr_lines,
+        })
+    }
+
+    /// The log lines (stderr) printed so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends SIGTERM (graceful drain, telemetry flush) and waits for the exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let pid = self.child.id().ok_or("already exited")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .map_err(|e| format!("kill: {e}"))?;
+        if !status.success() {
+            return Err(format!("kill -TERM {pid} failed"));
+        }
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| format!("pid {pid} still running after {timeout:?}"))?
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Waits (grpc.health.v1 `Watch`, whole server) until `url` reports SERVING.
+pub async fn wait_serving(url: &str, timeout: Duration) -> Result<(), String> {
+    let channel = Channel::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    tokio::time::timeout(timeout, async {
+        let mut stream = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        while let Some(m) = stream.message().await.map_err(|e| e.to_string())? {
+            if m.status == ServingStatus::Serving as i32 {
+                return Ok(());
+            }
+        }
+        Err("health stream ended before SERVING".to_string())
+    })
+    .await
+    .map_err(|_| format!("{url} not SERVING after {timeout:?}"))?
+}
+
+/// GET `/metrics` (HTTP/1.1, one connection) and return the body.
+pub async fn scrape(addr: SocketAddr) -> Result<String, String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("scrape failed: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+/// The value of the first sample line of `metric` whose labels contain every `labels` pair
+/// (`name{..} value`), e.g. `sample(&text, "qwen_image_grpc_server_requests_total", &[("code", "0")])`.
+pub fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric).then_some((rest, value))
+        })
+        .find(|(rest, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, v)| v.parse().ok())
+}
