@@ -84,5 +84,36 @@ rm -rf "$POSE_TMP"
   --mode controlnet-inpaint --height 64 --width 64 --steps 3 --seed 6 --conditioning-scale 0.9 --negative-prompt " " \
   --dump-steps first --force
 # --- END ControlNet pose end-to-end references
+# --- BEGIN inpaint / img2img / outpaint end-to-end references (crates/cli/tests/e2e_inpaint.rs)
+# img2img: the 64x64 inpaint input picture resized (LANCZOS) to 64 wide x 48 high, strength 0.7 of 4 steps.
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/img2img_64x48" --mode img2img \
+  --image "$F/tiny/refs/inpaint_64/input_image.png" --height 48 --width 64 --steps 4 --strength 0.7 --seed 5 \
+  --prompt 'a watercolour painting of a harbour' --negative-prompt " " --dump-steps first --force
+# inpaint at a non-square size: synthetic picture (image seed 4) and centred-rectangle mask, 96 wide x 64 high.
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/inpaint_96x64" --mode inpaint \
+  --height 64 --width 96 --image-seed 4 --steps 4 --strength 0.7 --seed 11 --prompt 'a boat on a lake' \
+  --negative-prompt " " --dump-steps first --force
+# outpaint-shaped inpaint: the 64x64 inpaint input on an 80x96 canvas (left 16, top 8, right 0, bottom 24),
+# the new area filled with RGB (128,128,128) as the gateway does, mask white over the new area, strength 1.
+TMP="$(mktemp -d)"
+"$PY" - "$F/tiny/refs/inpaint_64/input_image.png" "$TMP" <<'PYEOF'
+import sys
+from PIL import Image
+src, tmp = sys.argv[1], sys.argv[2]
+img = Image.open(src).convert("RGB")
+left, top, right, bottom = 16, 8, 0, 24
+W, H = img.width + left + right, img.height + top + bottom
+canvas = Image.new("RGB", (W, H), (128, 128, 128))
+canvas.paste(img, (left, top))
+mask = Image.new("L", (W, H), 255)
+mask.paste(Image.new("L", img.size, 0), (left, top))
+canvas.save(f"{tmp}/canvas.png")
+mask.save(f"{tmp}/mask.png")
+PYEOF
+"$PY" "$ROOT/tools/refharness/reference.py" "$F/tiny/snapshot" "$F/tiny/refs/outpaint_80x96" --mode inpaint \
+  --image "$TMP/canvas.png" --mask "$TMP/mask.png" --height 96 --width 80 --steps 3 --strength 1.0 --seed 21 \
+  --prompt 'a wide landscape' --negative-prompt " " --dump-steps first --force
+rm -rf "$TMP"
+# --- END inpaint / img2img / outpaint end-to-end references
 
 du -sh "$F"/*

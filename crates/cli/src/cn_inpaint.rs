@@ -9,7 +9,7 @@ use clap::Args;
 use qwen_image_denoiser::config::{ControlNetSpec, parse_controlnet};
 use qwen_image_proto::v1::ControlNetInpaintRequest;
 
-use crate::generate::{Call, execute, write_result};
+use crate::generate::{ApiRequest, Target, execute};
 use crate::pose::resolve_controlnet;
 
 #[derive(Args, Debug, Clone)]
@@ -101,14 +101,13 @@ async fn inpaint(args: CnInpaintArgs) -> Result<()> {
         control_guidance_start: args.control_guidance_start,
         control_guidance_end: args.control_guidance_end,
     };
-    let result = execute(
-        Call::ControlNetInpaint(request),
-        args.gateway.as_deref(),
+    let target = Target {
+        gateway: args.gateway.clone(),
         model,
+        timeout: Duration::from_secs(args.timeout_secs),
+        quiet: args.quiet,
         options,
-        Duration::from_secs(args.timeout_secs),
-        args.quiet,
-    )
-    .await?;
-    write_result(&args.out, &result)
+    };
+    execute(ApiRequest::ControlNetInpaint(request), &target, &args.out).await?;
+    Ok(())
 }

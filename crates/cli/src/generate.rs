@@ -10,8 +10,8 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, DataType, GenerateResult, PoseRequest, Stage, Tensor,
-    TextToImageRequest, generate_event,
+    ControlNetInpaintRequest, DataType, GenerateResult, Img2ImgRequest, InpaintRequest,
+    OutpaintRequest, PoseRequest, Stage, Tensor, TextToImageRequest, generate_event,
 };
 
 use crate::model_dir::default_model_dir;
@@ -73,61 +73,63 @@ pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let request = build_request(&args)?;
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let result = execute(
-        Call::TextToImage(request),
-        args.gateway.as_deref(),
-        args.model.clone(),
-        StageOptions::default(),
-        timeout,
-        args.quiet,
-    )
-    .await?;
-    write_result(&args.out, &result)
+    let request = ApiRequest::TextToImage(build_request(&args)?);
+    let target = Target {
+        gateway: args.gateway.clone(),
+        model: args.model.clone(),
+        timeout: Duration::from_secs(args.timeout_secs),
+        quiet: args.quiet,
+        options: StageOptions::default(),
+    };
+    execute(request, &target, &args.out).await?;
+    Ok(())
 }
 
-/// One public-API request.
-pub enum Call {
+/// A request to one of the gateway's flows.
+pub enum ApiRequest {
     TextToImage(TextToImageRequest),
+    Img2Img(Img2ImgRequest),
+    Inpaint(InpaintRequest),
+    Outpaint(OutpaintRequest),
     Pose(PoseRequest),
     ControlNetInpaint(ControlNetInpaintRequest),
 }
 
-/// Sends `call` to `gateway`, or to a local stack on `model` (default: the embedded model) started with
-/// `options` for the call.
-pub async fn execute(
-    call: Call,
-    gateway: Option<&str>,
-    model: Option<PathBuf>,
-    options: StageOptions,
-    timeout: Duration,
-    quiet: bool,
-) -> Result<GenerateResult> {
-    match gateway {
-        Some(url) => send(url, call, timeout, quiet).await,
+/// Where a command sends its request: a running gateway, or a local stack on `model` (default model when
+/// absent) started for the call.
+pub struct Target {
+    pub gateway: Option<String>,
+    pub model: Option<PathBuf>,
+    pub timeout: Duration,
+    pub quiet: bool,
+    /// Options of the local stack's stages (e.g. the ControlNets its denoiser loads).
+    pub options: StageOptions,
+}
+
+/// Sends `request`, writes the PNG(s) to `out` (numbered after the first) and prints a summary.
+pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result<GenerateResult> {
+    let (timeout, quiet) = (target.timeout, target.quiet);
+    let result = match &target.gateway {
+        Some(url) => send(url, request, timeout, quiet).await?,
         None => {
-            let model = match model {
-                Some(m) => m,
+            let model = match &target.model {
+                Some(m) => m.clone(),
                 None => default_model_dir()?,
             };
             if !quiet {
                 eprintln!("starting a local stack on {} ...", model.display());
             }
-            let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
+            let mut stack =
+                LocalStack::start_with(model, "127.0.0.1:0", target.options.clone()).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), call, timeout, quiet).await
+                send(&stack.gateway_url(), request, timeout, quiet).await
             }
             .await;
             stack.shutdown().await?;
-            out
+            out?
         }
-    }
-}
-
-/// Writes the PNG(s) (`out`, `out-1`, ...) and prints a summary line.
-pub fn write_result(out: &Path, result: &GenerateResult) -> Result<()> {
+    };
     for (i, png) in result.png.iter().enumerate() {
         let path = numbered(out, i);
         std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
@@ -141,7 +143,7 @@ pub fn write_result(out: &Path, result: &GenerateResult) -> Result<()> {
         result.request_id,
         result.elapsed_ms as f64 / 1000.0
     );
-    Ok(())
+    Ok(result)
 }
 
 /// `out.png`, `out-1.png`, `out-2.png`, ...
@@ -209,7 +211,12 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
     })
 }
 
-async fn send(url: &str, call: Call, timeout: Duration, quiet: bool) -> Result<GenerateResult> {
+async fn send(
+    url: &str,
+    request: ApiRequest,
+    timeout: Duration,
+    quiet: bool,
+) -> Result<GenerateResult> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a gateway URL"))?
         .connect()
@@ -218,25 +225,22 @@ async fn send(url: &str, call: Call, timeout: Duration, quiet: bool) -> Result<G
     let mut client = ImageGeneratorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut stream = match call {
-        Call::TextToImage(r) => {
-            let mut req = tonic::Request::new(r);
-            req.set_timeout(timeout);
-            client.text_to_image(req).await
-        }
-        Call::Pose(r) => {
-            let mut req = tonic::Request::new(r);
-            req.set_timeout(timeout);
-            client.pose(req).await
-        }
-        Call::ControlNetInpaint(r) => {
-            let mut req = tonic::Request::new(r);
-            req.set_timeout(timeout);
-            client.control_net_inpaint(req).await
-        }
+    fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        req
     }
-    .map_err(status_error)?
-    .into_inner();
+    let stream = match request {
+        ApiRequest::TextToImage(r) => client.text_to_image(with_timeout(r, timeout)).await,
+        ApiRequest::Img2Img(r) => client.img2_img(with_timeout(r, timeout)).await,
+        ApiRequest::Inpaint(r) => client.inpaint(with_timeout(r, timeout)).await,
+        ApiRequest::Outpaint(r) => client.outpaint(with_timeout(r, timeout)).await,
+        ApiRequest::Pose(r) => client.pose(with_timeout(r, timeout)).await,
+        ApiRequest::ControlNetInpaint(r) => {
+            client.control_net_inpaint(with_timeout(r, timeout)).await
+        }
+    };
+    let mut stream = stream.map_err(status_error)?.into_inner();
     let mut bar = Progress::new(quiet);
     while let Some(ev) = stream.message().await.map_err(status_error)? {
         match ev.event {

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cn_inpaint;
+mod edit;
 mod generate;
 mod model_dir;
 mod parity;
@@ -31,6 +32,12 @@ enum Command {
     /// Regenerate the white region of a mask with an inpainting ControlNet (InstantX ControlNet-Inpainting).
     #[command(name = "controlnet-inpaint")]
     ControlnetInpaint(cn_inpaint::CnInpaintArgs),
+    /// Restyle a picture from a prompt (image to image) and write a PNG.
+    Img2img(edit::Img2ImgArgs),
+    /// Repaint the white part of a mask from a prompt and write a PNG.
+    Inpaint(edit::InpaintArgs),
+    /// Extend a picture past its borders from a prompt and write a PNG.
+    Outpaint(edit::OutpaintArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +48,9 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Pose(args) => pose::run(args),
         Command::ControlnetInpaint(args) => cn_inpaint::run(args),
+        Command::Img2img(args) => edit::img2img(args),
+        Command::Inpaint(args) => edit::inpaint(args),
+        Command::Outpaint(args) => edit::outpaint(args),
     };
     match result {
         Ok(code) => code,

@@ -9,7 +9,7 @@ use clap::Args;
 use qwen_image_denoiser::config::{ControlNetSpec, parse_controlnet};
 use qwen_image_proto::v1::{PoseRequest, pose_request};
 
-use crate::generate::{Call, execute, write_result};
+use crate::generate::{ApiRequest, Target, execute};
 use crate::model_dir::default_model_dir;
 use crate::stack::StageOptions;
 
@@ -165,14 +165,13 @@ async fn pose(args: PoseArgs) -> Result<()> {
         "controlnet",
     )?;
     let request = build_request(&args, id)?;
-    let result = execute(
-        Call::Pose(request),
-        args.gateway.as_deref(),
+    let target = Target {
+        gateway: args.gateway.clone(),
         model,
-        options,
         timeout,
-        args.quiet,
-    )
-    .await?;
-    write_result(&args.out, &result)
+        quiet: args.quiet,
+        options,
+    };
+    execute(ApiRequest::Pose(request), &target, &args.out).await?;
+    Ok(())
 }

@@ -30,7 +30,19 @@ fn assert_passes(suite: &str, reference: &str) {
     // the transformer and the loop were really compared
     let needles: &[&str] = match reference.split('_').next().unwrap_or_default() {
         "t2i" => &["step.0.transformer.cond.out", "latents_final_packed"],
-        "inpaint" => &["latents_init_packed", "final latents"],
+        "inpaint" | "outpaint" => &[
+            "gateway: mask_packed",
+            "gateway: rng.2",
+            "gateway: image_latents_packed",
+            "unmasked final latents == image latents",
+            "latents_init_packed",
+            "final latents",
+        ],
+        "img2img" => &[
+            "gateway: init_image",
+            "latents_init_packed",
+            "final latents",
+        ],
         "controlnet" => &[
             "step.0.controlnet.0.block_samples.0",
             "step.0.transformer.uncond.out",
@@ -64,6 +76,17 @@ fn t2i_without_cfg_at_256_matches_diffusers() {
 #[test]
 fn inpaint_loop_matches_diffusers() {
     assert_passes("tiny", "inpaint_64");
+}
+
+#[test]
+fn inpaint_non_square_and_outpaint_canvas_match_diffusers() {
+    assert_passes("tiny", "inpaint_96x64");
+    assert_passes("tiny", "outpaint_80x96");
+}
+
+#[test]
+fn img2img_matches_diffusers() {
+    assert_passes("tiny", "img2img_64x48");
 }
 
 #[test]

@@ -173,6 +173,23 @@ fn execute(
         }
     }
     .map_err(candle_core::Error::Msg)?;
+    // img2img / inpaint: start from the image latents noised to sigma[start_step], in the model's dtype
+    // (diffusers' prepare_latents: scheduler.scale_noise with begin_index = start_step).
+    let latents = match &inp.start_noise {
+        Some(n) => {
+            let dtype = model.transformer.dtype();
+            let noise = pack(&device_tensor(n, model)?)?.to_dtype(dtype)?;
+            let sigma = schedule
+                .sigmas
+                .get(inp.start_step)
+                .copied()
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no sigma for start step {}", inp.start_step))
+                })?;
+            denoise::scale_noise(&latents.to_dtype(dtype)?, &noise, sigma)?
+        }
+        None => latents,
+    };
     let blend = match &inp.inpaint {
         Some(i) => Some(InpaintBlend {
             image_latents: pack(&device_tensor(&i.image_latents, model)?)?,

@@ -96,6 +96,8 @@ pub struct DenoiseInputs {
     pub latents: HostTensor<f32>,
     pub schedule: ScheduleInput,
     pub start_step: usize,
+    /// img2img / inpaint: noise to mix into the (clean image) `latents` at `sigma[start_step]`.
+    pub start_noise: Option<HostTensor<f32>>,
     /// 0 = no previews.
     pub preview_every_n_steps: usize,
     pub inpaint: Option<HostInpaint>,
@@ -166,6 +168,11 @@ pub fn validate_with_controlnets(
             schedule.steps()
         )));
     }
+    let start_noise = req
+        .start_noise
+        .as_ref()
+        .map(|t| same_shape(t, "start_noise", &latents.shape, model, batch))
+        .transpose()?;
     let inpaint = req
         .inpaint
         .as_ref()
@@ -190,6 +197,7 @@ pub fn validate_with_controlnets(
         latents,
         schedule,
         start_step,
+        start_noise,
         preview_every_n_steps: req.preview_every_n_steps as usize,
         inpaint,
         control,
@@ -480,6 +488,28 @@ fn schedule(req: &DenoiseRequest) -> Result<ScheduleInput, DenoiserError> {
     ))
 }
 
+/// A latents-like tensor that must have the (normalised) shape of `latents`.
+fn same_shape(
+    t: &Tensor,
+    field: &str,
+    shape: &[usize],
+    model: ModelShape,
+    batch: usize,
+) -> Result<HostTensor<f32>, DenoiserError> {
+    let h = latents(t, field, model, batch)?;
+    if h.shape != shape {
+        return Err(TensorError::new(
+            field,
+            format!(
+                "shape {:?} must equal the latents' shape {shape:?}",
+                h.shape
+            ),
+        )
+        .into());
+    }
+    Ok(h)
+}
+
 fn inpaint(
     i: &InpaintInputs,
     shape: &[usize],
@@ -487,18 +517,7 @@ fn inpaint(
     batch: usize,
 ) -> Result<HostInpaint, DenoiserError> {
     let one = |t: Option<&Tensor>, field: &str| -> Result<HostTensor<f32>, DenoiserError> {
-        let h = latents(required(t, field)?, field, model, batch)?;
-        if h.shape != shape {
-            return Err(TensorError::new(
-                field,
-                format!(
-                    "shape {:?} must equal the latents' shape {shape:?}",
-                    h.shape
-                ),
-            )
-            .into());
-        }
-        Ok(h)
+        same_shape(required(t, field)?, field, shape, model, batch)
     };
     let mask = one(i.mask.as_ref(), "inpaint.mask")?;
     if let Some(k) = mask.data.iter().position(|v| !(0.0..=1.0).contains(v)) {
@@ -584,6 +603,11 @@ mod tests {
         let mut r = good();
         r.latents = None;
         assert!(err(&r).contains("`latents`"));
+        let mut r = good();
+        r.start_noise = Some(from_f32(&[1, 16, 2, 2], &[0.1; 64]));
+        assert!(err(&r).contains("start_noise"));
+        r.start_noise = Some(from_f32(&[1, 16, 2, 4], &[0.1; 128]));
+        assert!(validate(&r, M).expect("valid").start_noise.is_some());
     }
 
     fn nets() -> Vec<ControlNetInfo> {

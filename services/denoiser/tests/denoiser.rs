@@ -278,7 +278,7 @@ async fn inpaint_blending_matches_diffusers() {
     let h = Harness::start(1).await;
     let reference = Reference::load("inpaint_64");
     // The dump numbers the steps that ran 0..=2. Strength 0.6 of 4 steps: t_start = int(4 - 2.4) = 1 (QwenImageInpaintPipeline.get_timesteps)
-    let req = DenoiseRequest {
+    let given = DenoiseRequest {
         prompt_embeds: Some(reference.tensor("prompt_embeds")),
         negative_prompt_embeds: Some(reference.tensor("negative_prompt_embeds")),
         true_cfg_scale: 4.0,
@@ -292,29 +292,38 @@ async fn inpaint_blending_matches_diffusers() {
         }),
         ..Default::default()
     };
-    let stream = h
-        .client()
-        .denoise(req)
-        .await
-        .expect("admitted")
-        .into_inner();
-    let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
-        .await
-        .expect("in time")
-        .expect("ok");
-    assert_eq!(progress, vec![(1, 3), (2, 3), (3, 3)]);
-    let ours = f32s(&result.latents.expect("latents"));
-    let expected = f32s(&unpack_8x8(&reference.tensor("step.2.latents_end")));
-    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = ours
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 1e-3 * scale,
-        "max abs diff {worst} vs max abs {scale}"
-    );
+    // The same run with the start latents computed by the service from the clean image latents and
+    // `start_noise` (what the gateway sends).
+    let from_image = DenoiseRequest {
+        latents: Some(unpack_8x8(&reference.tensor("image_latents_packed"))),
+        start_noise: Some(unpack_8x8(&reference.tensor("noise_packed"))),
+        ..given.clone()
+    };
+    for (name, req) in [("given start latents", given), ("start_noise", from_image)] {
+        let stream = h
+            .client()
+            .denoise(req)
+            .await
+            .expect("admitted")
+            .into_inner();
+        let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
+            .await
+            .expect("in time")
+            .expect("ok");
+        assert_eq!(progress, vec![(1, 3), (2, 3), (3, 3)], "{name}");
+        let ours = f32s(&result.latents.expect("latents"));
+        let expected = f32s(&unpack_8x8(&reference.tensor("step.2.latents_end")));
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-3 * scale,
+            "{name}: max abs diff {worst} vs max abs {scale}"
+        );
+    }
     h.shutdown().await;
 }
 

@@ -3,7 +3,9 @@
 
 pub mod cn_inpaint;
 pub mod config;
+pub mod edit;
 pub mod error;
+pub mod images;
 pub mod pngmeta;
 pub mod pool;
 pub mod pose;

@@ -40,6 +40,27 @@ pub fn a1111(p: &T2iParams, model: &str) -> String {
     s
 }
 
+/// Adds the image flows' chunks (e.g. `mode`, `strength`) before `parameters`, and their settings
+/// (e.g. `Denoising strength: 0.6`) to the end of its A1111 settings line.
+pub fn add_extras(
+    chunks: &mut Vec<(String, String)>,
+    extra: &[(String, String)],
+    a1111_settings: &[(String, String)],
+) {
+    let at = chunks
+        .iter()
+        .position(|(k, _)| k == "parameters")
+        .unwrap_or(chunks.len());
+    for (k, v) in a1111_settings {
+        if let Some((_, params)) = chunks.get_mut(at) {
+            params.push_str(&format!(", {k}: {v}"));
+        }
+    }
+    for (i, kv) in extra.iter().enumerate() {
+        chunks.insert(at + i, kv.clone());
+    }
+}
+
 fn is_latin1(s: &str) -> bool {
     s.chars().all(|c| (c as u32) < 256)
 }

@@ -350,7 +350,6 @@ pub async fn run_control(
     }
 
     // 1. Prompts and the control image's posterior, concurrently.
-    ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let image = Image {
         width_px: f.image.width as u32,
         height_px: f.image.height as u32,
@@ -390,17 +389,26 @@ pub async fn run_control(
     let latents = tensor::from_f32(&shape, &noise);
 
     // 3. Denoise with the ControlNet, 4. decode.
-    let mut request = t2i::denoise_request(p, prompts, latents);
-    request.control = vec![ControlInput {
-        controlnet_id: f.controlnet_id.to_string(),
-        control_latents: Some(control),
-        conditioning_scale: f.conditioning_scale,
-        guidance_start: f.guidance_start,
-        guidance_end: f.guidance_end,
-        mask: f.latent_mask.clone(),
-    }];
-    let final_latents = t2i::denoise(ctx, request).await?;
-    t2i::decode_to_result(ctx, p, final_latents, model_id, &f.chunks).await
+    let start = t2i::Start {
+        latents,
+        start_noise: None,
+        start_step: 0,
+        inpaint: None,
+        control: vec![ControlInput {
+            controlnet_id: f.controlnet_id.to_string(),
+            control_latents: Some(control),
+            conditioning_scale: f.conditioning_scale,
+            guidance_start: f.guidance_start,
+            guidance_end: f.guidance_end,
+            mask: f.latent_mask.clone(),
+        }],
+    };
+    let final_latents = t2i::denoise(ctx, p, prompts, start).await?;
+    let finish = t2i::Finish {
+        chunks: f.chunks.to_vec(),
+        ..Default::default()
+    };
+    t2i::decode(ctx, p, model_id, final_latents, finish).await
 }
 
 pub async fn run(ctx: &Ctx<'_>, pp: &PoseParams) -> Result<GenerateResult, GatewayError> {

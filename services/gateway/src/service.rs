@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use qwen_image_proto::v1::image_generator_server::ImageGenerator;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, GenerateEvent, PoseRequest, TextToImageRequest, generate_event,
+    ControlNetInpaintRequest, GenerateEvent, GenerateResult, Img2ImgRequest, InpaintRequest,
+    OutpaintRequest, PoseRequest, TextToImageRequest, generate_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,6 +18,7 @@ use tracing::field::Empty;
 
 use crate::cn_inpaint::{self, CnInpaintParams};
 use crate::config::GatewayConfig;
+use crate::edit::{self, EditParams};
 use crate::error::GatewayError;
 use crate::pose::{self, PoseParams};
 use crate::stages::Stages;
@@ -75,23 +77,57 @@ fn with_request_id(mut status: Status, id: &str) -> Status {
     status
 }
 
-#[tonic::async_trait]
-impl ImageGenerator for GatewayService {
-    type TextToImageStream = ReceiverStream<Result<GenerateEvent, Status>>;
+/// A validated request of any flow.
+enum Flow {
+    TextToImage(T2iParams),
+    Edit(Box<EditParams>),
+    Pose(Box<PoseParams>),
+    CnInpaint(Box<CnInpaintParams>),
+}
 
-    async fn text_to_image(
-        &self,
-        request: Request<TextToImageRequest>,
-    ) -> Result<Response<Self::TextToImageStream>, Status> {
-        let accepted = Instant::now();
-        let id = request_id(&request);
-        let default_deadline = accepted + self.config.request_timeout;
-        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
-            .map_or(default_deadline, |d| d.min(default_deadline));
-        let span = tracing::info_span!(
-            "text_to_image",
-            request_id = %id,
-            flow = "text_to_image",
+impl Flow {
+    async fn run(&self, ctx: &t2i::Ctx<'_>) -> Result<GenerateResult, GatewayError> {
+        match self {
+            Self::TextToImage(p) => t2i::run(ctx, p).await,
+            Self::Edit(p) => edit::run(ctx, p).await,
+            Self::Pose(p) => pose::run(ctx, p).await,
+            Self::CnInpaint(p) => cn_inpaint::run(ctx, p).await,
+        }
+    }
+
+    /// Records the validated parameters on the request span and logs the acceptance.
+    fn record(&self, span: &tracing::Span, model_name: Option<&str>) {
+        let p = match self {
+            Self::TextToImage(p) => p,
+            Self::Edit(e) => {
+                span.record("strength", e.strength);
+                &e.base
+            }
+            Self::Pose(p) => &p.t2i,
+            Self::CnInpaint(p) => &p.t2i,
+        };
+        span.record("width", p.width_px);
+        span.record("height", p.height_px);
+        span.record("steps", p.steps);
+        span.record("true_cfg_scale", f64::from(p.true_cfg_scale));
+        span.record("cfg", p.uses_cfg());
+        span.record("seed", p.seed);
+        span.record("images", p.num_images);
+        if let Some(model) = model_name {
+            span.record("model", model);
+        }
+        span.in_scope(|| tracing::info!("accepted"));
+    }
+}
+
+/// The request span of a flow (static name per flow, as tracing requires); parameters are recorded
+/// once validated.
+macro_rules! flow_span {
+    ($name:literal, $id:expr) => {
+        tracing::info_span!(
+            $name,
+            request_id = %$id,
+            flow = $name,
             width = Empty,
             height = Empty,
             steps = Empty,
@@ -99,121 +135,61 @@ impl ImageGenerator for GatewayService {
             cfg = Empty,
             seed = Empty,
             images = Empty,
+            strength = Empty,
             model = Empty,
-        );
-        let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
-            .map_err(|e| with_request_id(e.into(), &id))?;
-        span.record("width", params.width_px);
-        span.record("height", params.height_px);
-        span.record("steps", params.steps);
-        span.record("true_cfg_scale", f64::from(params.true_cfg_scale));
-        span.record("cfg", params.uses_cfg());
-        span.record("seed", params.seed);
-        span.record("images", params.num_images);
-        if let Some(model) = self.config.model_name.as_deref() {
-            span.record("model", model);
+        )
+    };
+}
+
+/// What every request gets on arrival: its id, acceptance time and deadline.
+struct Admission {
+    id: String,
+    accepted: Instant,
+    deadline: Instant,
+}
+
+type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
+
+impl GatewayService {
+    fn admit<T>(&self, request: &Request<T>) -> Admission {
+        let accepted = Instant::now();
+        let default_deadline = accepted + self.config.request_timeout;
+        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
+            .map_or(default_deadline, |d| d.min(default_deadline));
+        Admission {
+            id: request_id(request),
+            accepted,
+            deadline,
         }
-        span.in_scope(|| tracing::info!("accepted"));
-
-        Ok(self.start(id, accepted, deadline, span, Flow::T2i(params)))
     }
 
-    type PoseStream = ReceiverStream<Result<GenerateEvent, Status>>;
-
-    async fn pose(
+    /// Validates an image-flow request off the async threads (decoding, resizing and rendering pictures is
+    /// CPU work) and wraps it in its `Flow`.
+    async fn validate_off_thread<R: Send + 'static, P: Send + 'static>(
         &self,
-        request: Request<PoseRequest>,
-    ) -> Result<Response<Self::PoseStream>, Status> {
-        let accepted = Instant::now();
-        let id = request_id(&request);
-        let default_deadline = accepted + self.config.request_timeout;
-        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
-            .map_or(default_deadline, |d| d.min(default_deadline));
-        let span = tracing::info_span!("pose", request_id = %id);
-        // Decoding, resizing and rendering are CPU work: off the async threads.
-        let (max_side, seed) = (self.config.max_side_px, random_u64());
-        let params = tokio::task::spawn_blocking(move || {
-            pose::validate_pose(request.into_inner(), max_side, seed)
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("pose validation task: {e}")))
-        .and_then(|r| r)
-        .map_err(|e| with_request_id(e.into(), &id))?;
-        span.in_scope(|| {
-            tracing::info!(
-                width = params.t2i.width_px,
-                height = params.t2i.height_px,
-                steps = params.t2i.steps,
-                seed = params.t2i.seed,
-                cfg = params.t2i.uses_cfg(),
-                images = params.t2i.num_images,
-                source = params.source.as_str(),
-                controlnet = %params.controlnet_id,
-                conditioning_scale = params.conditioning_scale,
-                "accepted"
-            )
-        });
-        Ok(self.start(id, accepted, deadline, span, Flow::Pose(Box::new(params))))
+        a: &Admission,
+        req: R,
+        check: fn(R, u32, u64) -> Result<P, GatewayError>,
+        wrap: fn(P) -> Flow,
+    ) -> Result<Flow, Status> {
+        let max_side = self.config.max_side_px;
+        tokio::task::spawn_blocking(move || check(req, max_side, random_u64()))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("validation task failed: {e}")))
+            .and_then(|r| r)
+            .map(wrap)
+            .map_err(|e| with_request_id(e.into(), &a.id))
     }
 
-    type ControlNetInpaintStream = ReceiverStream<Result<GenerateEvent, Status>>;
-
-    async fn control_net_inpaint(
-        &self,
-        request: Request<ControlNetInpaintRequest>,
-    ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
-        let accepted = Instant::now();
-        let id = request_id(&request);
-        let default_deadline = accepted + self.config.request_timeout;
-        let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
-            .map_or(default_deadline, |d| d.min(default_deadline));
-        let span = tracing::info_span!("controlnet_inpaint", request_id = %id);
-        let (max_side, seed) = (self.config.max_side_px, random_u64());
-        let params = tokio::task::spawn_blocking(move || {
-            cn_inpaint::validate_cn_inpaint(request.into_inner(), max_side, seed)
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("validation task: {e}")))
-        .and_then(|r| r)
-        .map_err(|e| with_request_id(e.into(), &id))?;
-        span.in_scope(|| {
-            tracing::info!(
-                width = params.t2i.width_px,
-                height = params.t2i.height_px,
-                steps = params.t2i.steps,
-                seed = params.t2i.seed,
-                controlnet = %params.controlnet_id,
-                "accepted"
-            )
-        });
-        Ok(self.start(
+    /// Runs `flow` in its own task, streaming its events; the caller going away or the deadline passing
+    /// cancels it.
+    fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
+        flow.record(&span, self.config.model_name.as_deref());
+        let Admission {
             id,
             accepted,
             deadline,
-            span,
-            Flow::CnInpaint(Box::new(params)),
-        ))
-    }
-}
-
-/// A validated request of one of the flows.
-enum Flow {
-    T2i(T2iParams),
-    Pose(Box<PoseParams>),
-    CnInpaint(Box<CnInpaintParams>),
-}
-
-impl GatewayService {
-    /// Runs `flow` on its own task, streaming its events; the task stops when the caller goes away or the
-    /// deadline passes.
-    fn start(
-        &self,
-        id: String,
-        accepted: Instant,
-        deadline: Instant,
-        span: tracing::Span,
-        flow: Flow,
-    ) -> Response<ReceiverStream<Result<GenerateEvent, Status>>> {
+        } = a;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
         let scoped_id = id.clone();
@@ -228,17 +204,10 @@ impl GatewayService {
                     model_name: config.model_name.as_deref(),
                     events: &tx,
                 };
-                let run = async {
-                    match &flow {
-                        Flow::T2i(p) => t2i::run(&ctx, p).await,
-                        Flow::Pose(p) => pose::run(&ctx, p).await,
-                        Flow::CnInpaint(p) => cn_inpaint::run(&ctx, p).await,
-                    }
-                };
                 // Whichever ends first wins; the loser is dropped, which drops any stage call in flight
                 // (the denoiser sees its stream reset and stops within a step).
                 let outcome = tokio::select! {
-                    r = run => r,
+                    r = flow.run(&ctx) => r,
                     () = tx.closed() => {
                         tracing::info!(elapsed_ms = accepted.elapsed().as_millis() as u64, "caller went away; cancelled");
                         return;
@@ -266,6 +235,104 @@ impl GatewayService {
         }
         response
     }
+}
+
+#[tonic::async_trait]
+impl ImageGenerator for GatewayService {
+    type TextToImageStream = EventStream;
+    type Img2ImgStream = EventStream;
+    type InpaintStream = EventStream;
+    type OutpaintStream = EventStream;
+    type PoseStream = EventStream;
+    type ControlNetInpaintStream = EventStream;
+
+    async fn text_to_image(
+        &self,
+        request: Request<TextToImageRequest>,
+    ) -> Result<Response<Self::TextToImageStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("text_to_image", a.id);
+        let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
+            .map_err(|e| with_request_id(e.into(), &a.id))?;
+        Ok(self.start(a, span, Flow::TextToImage(params)))
+    }
+
+    async fn img2_img(
+        &self,
+        request: Request<Img2ImgRequest>,
+    ) -> Result<Response<Self::Img2ImgStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("img2img", a.id);
+        let flow = self
+            .validate_off_thread(&a, request.into_inner(), edit::validate_img2img, edit_flow)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn inpaint(
+        &self,
+        request: Request<InpaintRequest>,
+    ) -> Result<Response<Self::InpaintStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("inpaint", a.id);
+        let flow = self
+            .validate_off_thread(&a, request.into_inner(), edit::validate_inpaint, edit_flow)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn outpaint(
+        &self,
+        request: Request<OutpaintRequest>,
+    ) -> Result<Response<Self::OutpaintStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("outpaint", a.id);
+        let flow = self
+            .validate_off_thread(&a, request.into_inner(), edit::validate_outpaint, edit_flow)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn pose(
+        &self,
+        request: Request<PoseRequest>,
+    ) -> Result<Response<Self::PoseStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("pose", a.id);
+        let flow = self
+            .validate_off_thread(&a, request.into_inner(), pose::validate_pose, pose_flow)
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn control_net_inpaint(
+        &self,
+        request: Request<ControlNetInpaintRequest>,
+    ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
+        let a = self.admit(&request);
+        let span = flow_span!("controlnet_inpaint", a.id);
+        let flow = self
+            .validate_off_thread(
+                &a,
+                request.into_inner(),
+                cn_inpaint::validate_cn_inpaint,
+                cn_inpaint_flow,
+            )
+            .await?;
+        Ok(self.start(a, span, flow))
+    }
+}
+
+fn edit_flow(p: EditParams) -> Flow {
+    Flow::Edit(Box::new(p))
+}
+
+fn pose_flow(p: PoseParams) -> Flow {
+    Flow::Pose(Box::new(p))
+}
+
+fn cn_inpaint_flow(p: CnInpaintParams) -> Flow {
+    Flow::CnInpaint(Box::new(p))
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use qwen_image_common::metric_names as m;
 use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_common::tensor;
 use qwen_image_proto::v1::{
-    DecodeRequest, DenoiseRequest, EncodeResponse, GenerateEvent, GenerateProgress, GenerateResult,
-    Stage, Tensor, denoise_event, generate_event,
+    ControlInput, DecodeRequest, DenoiseRequest, EncodeResponse, GenerateEvent, GenerateProgress,
+    GenerateResult, InpaintInputs, Padding, Stage, Tensor, denoise_event, generate_event,
 };
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -102,12 +102,13 @@ pub fn seeded_noise(p: &T2iParams) -> Result<Tensor, GatewayError> {
     Ok(tensor::from_f32(&shape, &data))
 }
 
-/// The prompt conditioning for the denoiser (negative only when CFG runs) and the text encoder's model id.
+/// The denoiser's prompt conditioning for one request.
 pub struct Prompts {
     pub prompt_embeds: Tensor,
     pub prompt_embeds_mask: Option<Tensor>,
     pub negative_prompt_embeds: Option<Tensor>,
     pub negative_prompt_embeds_mask: Option<Tensor>,
+    /// The text encoder's model id (PNG metadata when the gateway has no model name).
     pub model_id: String,
 }
 
@@ -115,6 +116,7 @@ pub struct Prompts {
 pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, GatewayError> {
     let batch = p.num_images as usize;
     let stages = ctx.stages;
+    ctx.progress(Stage::EncodePrompt, 0, 0).await;
     let negative = p.negative_prompt.as_deref().filter(|_| p.uses_cfg());
     let (pos, neg) = tokio::join!(
         phase(
@@ -159,37 +161,153 @@ pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, Gat
     })
 }
 
-/// A text-to-image DenoiseRequest (full schedule, no previews) for `latents`; flows add their inputs.
-pub fn denoise_request(p: &T2iParams, prompts: Prompts, latents: Tensor) -> DenoiseRequest {
-    DenoiseRequest {
+/// How the denoising loop starts.
+pub struct Start {
+    /// Text-to-image: the start latents. Image flows: the clean normalised image latents.
+    pub latents: Tensor,
+    /// Image flows: the noise the denoiser mixes in at `sigma[start_step]`.
+    pub start_noise: Option<Tensor>,
+    pub start_step: u32,
+    pub inpaint: Option<InpaintInputs>,
+    /// ControlNet flows: the control inputs the denoiser runs every step.
+    pub control: Vec<ControlInput>,
+}
+
+/// Runs the denoiser, streaming its progress; returns the final latents.
+pub async fn denoise(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    prompts: Prompts,
+    start: Start,
+) -> Result<Tensor, GatewayError> {
+    let request = DenoiseRequest {
         prompt_embeds: Some(prompts.prompt_embeds),
         prompt_embeds_mask: prompts.prompt_embeds_mask,
         negative_prompt_embeds: prompts.negative_prompt_embeds,
         negative_prompt_embeds_mask: prompts.negative_prompt_embeds_mask,
         true_cfg_scale: p.true_cfg_scale,
-        latents: Some(latents),
+        latents: Some(start.latents),
         steps: p.steps,
+        start_step: start.start_step,
+        start_noise: start.start_noise,
+        inpaint: start.inpaint,
+        control: start.control,
         ..Default::default()
-    }
-}
-
-/// Runs the denoiser (in a `denoise` stage span, timed in the stage-call metric), streaming its steps as
-/// STAGE_DENOISE progress; returns the final latents.
-pub async fn denoise(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+    };
     phase(
         "denoise",
         StageName::Denoiser,
         "Denoise",
-        denoise_stream(ctx, request),
+        denoise_events(ctx, request),
     )
     .await
 }
 
-async fn denoise_stream(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+/// A step on each decoded RGB8 image before PNG encoding.
+pub type PostProcess<'a> = dyn Fn(&mut [u8]) -> Result<(), String> + Sync + 'a;
+
+/// What the image flows add to the result and the PNGs.
+#[derive(Default)]
+pub struct Finish<'a> {
+    /// Extra PNG text chunks (e.g. `mode`, `strength`) and the A1111 settings they add.
+    pub chunks: Vec<(String, String)>,
+    pub a1111_settings: Vec<(String, String)>,
+    pub strength: Option<f64>,
+    pub padding: Option<Padding>,
+    /// Applied to every decoded RGB8 image before PNG encoding (inpaint paste-back).
+    pub post: Option<&'a PostProcess<'a>>,
+}
+
+/// Decodes the final latents and builds the result with PNGs carrying the parameters.
+pub async fn decode(
+    ctx: &Ctx<'_>,
+    p: &T2iParams,
+    model_id: String,
+    latents: Tensor,
+    finish: Finish<'_>,
+) -> Result<GenerateResult, GatewayError> {
+    let batch = p.num_images as usize;
+    ctx.progress(Stage::Decode, 0, 0).await;
+    let decoded = phase(
+        "decode",
+        StageName::Vae,
+        "Decode",
+        ctx.stages.decode(
+            DecodeRequest {
+                latents: Some(latents),
+                return_float: false,
+            },
+            ctx.deadline,
+        ),
+    )
+    .await?;
+    if decoded.images.len() != batch {
+        return Err(GatewayError::bad_response(
+            StageName::Vae,
+            format!("{} images for a batch of {batch}", decoded.images.len()),
+        ));
+    }
+    let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
+    let mut chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
+    pngmeta::add_extras(&mut chunks, &finish.chunks, &finish.a1111_settings);
+    let mut pngs = Vec::with_capacity(batch);
+    for mut img in decoded.images {
+        if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
+            return Err(GatewayError::bad_response(
+                StageName::Vae,
+                format!(
+                    "image is {}x{}, expected {}x{}",
+                    img.width_px, img.height_px, p.width_px, p.height_px
+                ),
+            ));
+        }
+        if let Some(post) = finish.post {
+            let mut rgb8 = img.rgb8.to_vec();
+            post(&mut rgb8).map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
+            img.rgb8 = Bytes::from(rgb8);
+        }
+        let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
+            .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
+        pngs.push(Bytes::from(png));
+    }
+    Ok(GenerateResult {
+        png: pngs,
+        width_px: p.width_px,
+        height_px: p.height_px,
+        seed: p.seed,
+        parameters: Some(p.to_request()),
+        request_id: ctx.request_id.to_string(),
+        elapsed_ms: ctx.elapsed_ms(),
+        strength: finish.strength,
+        padding: finish.padding,
+    })
+}
+
+pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
+    let prompts = encode_prompts(ctx, p).await?;
+    let model_id = prompts.model_id.clone();
+    // The caller's start latents, or the seed's noise.
+    let latents = match &p.initial_latents {
+        Some(t) => t.clone(),
+        None => seeded_noise(p)?,
+    };
+    let start = Start {
+        latents,
+        start_noise: None,
+        start_step: 0,
+        inpaint: None,
+        control: Vec::new(),
+    };
+    let latents = denoise(ctx, p, prompts, start).await?;
+    decode(ctx, p, model_id, latents, Finish::default()).await
+}
+
+/// The denoising loop on a replica: forwards every progress event, returns the final latents.
+async fn denoise_events(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
     let call = ctx.stages.denoise(request, ctx.deadline).await?;
     let (mut rest, _lease) = (call.rest, call.lease);
     let mut next = Some(call.first);
-    loop {
+    let final_latents = loop {
         let ev = match next.take() {
             Some(ev) => ev,
             None => match rest.message().await {
@@ -208,9 +326,9 @@ async fn denoise_stream(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor
                 ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
             }
             Some(denoise_event::Event::Result(r)) => {
-                return r.latents.ok_or_else(|| {
+                break r.latents.ok_or_else(|| {
                     GatewayError::bad_response(StageName::Denoiser, "result without latents")
-                });
+                })?;
             }
             None => {
                 return Err(GatewayError::bad_response(
@@ -219,66 +337,9 @@ async fn denoise_stream(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor
                 ));
             }
         }
-    }
-}
-
-/// Decodes the final latents and encodes one PNG per image with the parameters (plus `extra_chunks`) in
-/// its text chunks.
-pub async fn decode_to_result(
-    ctx: &Ctx<'_>,
-    p: &T2iParams,
-    final_latents: Tensor,
-    model_id: String,
-    extra_chunks: &[(String, String)],
-) -> Result<GenerateResult, GatewayError> {
-    let batch = p.num_images as usize;
-    ctx.progress(Stage::Decode, 0, 0).await;
-    let decoded = phase(
-        "decode",
-        StageName::Vae,
-        "Decode",
-        ctx.stages.decode(
-            DecodeRequest {
-                latents: Some(final_latents),
-                return_float: false,
-            },
-            ctx.deadline,
-        ),
-    )
-    .await?;
-    if decoded.images.len() != batch {
-        return Err(GatewayError::bad_response(
-            StageName::Vae,
-            format!("{} images for a batch of {batch}", decoded.images.len()),
-        ));
-    }
-    let model = ctx.model_name.map(str::to_string).unwrap_or(model_id);
-    let mut chunks = pngmeta::text_chunks(p, &model, ctx.request_id);
-    chunks.extend_from_slice(extra_chunks);
-    let mut pngs = Vec::with_capacity(batch);
-    for img in &decoded.images {
-        if (img.width_px, img.height_px) != (p.width_px, p.height_px) {
-            return Err(GatewayError::bad_response(
-                StageName::Vae,
-                format!(
-                    "image is {}x{}, expected {}x{}",
-                    img.width_px, img.height_px, p.width_px, p.height_px
-                ),
-            ));
-        }
-        let png = pngmeta::encode_png(img.width_px, img.height_px, &img.rgb8, &chunks)
-            .map_err(|e| GatewayError::bad_response(StageName::Vae, e))?;
-        pngs.push(Bytes::from(png));
-    }
-    Ok(GenerateResult {
-        png: pngs,
-        width_px: p.width_px,
-        height_px: p.height_px,
-        seed: p.seed,
-        parameters: Some(p.to_request()),
-        request_id: ctx.request_id.to_string(),
-        elapsed_ms: ctx.elapsed_ms(),
-    })
+    };
+    drop(rest);
+    Ok(final_latents)
 }
 
 /// The gRPC status code an error ends a phase with (the `code` label of the stage-call metric).
@@ -295,7 +356,7 @@ fn status_code(e: &GatewayError) -> i32 {
 
 /// Runs one stage phase (retries included) in its own span and records its duration as the gateway
 /// saw it in [`m::STAGE_CALL_SECONDS`].
-async fn phase<T>(
+pub(crate) async fn phase<T>(
     name: &'static str,
     stage: StageName,
     rpc: &'static str,
@@ -325,25 +386,6 @@ async fn phase<T>(
     )
     .record(started.elapsed().as_secs_f64());
     result
-}
-
-pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
-    // 1. Prompts.
-    ctx.progress(Stage::EncodePrompt, 0, 0).await;
-    let mut prompts = encode_prompts(ctx, p).await?;
-    let model_id = std::mem::take(&mut prompts.model_id);
-
-    // 2. Start latents: the caller's, or the seed's noise.
-    let latents = match &p.initial_latents {
-        Some(t) => t.clone(),
-        None => seeded_noise(p)?,
-    };
-
-    // 3. Denoise, streaming progress.
-    let final_latents = denoise(ctx, denoise_request(p, prompts, latents)).await?;
-
-    // 4. Decode and encode PNGs.
-    decode_to_result(ctx, p, final_latents, model_id, &[]).await
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Inpaint parity (`inpaint` mode): start latents from strength, the loop with per-step blending of the
 //! re-noised original into the unmasked region, from the dump's own image latents, noise and mask.
+//! `img2img` mode: the same loop without blending, from the image latents and noise the gateway computes.
+//! Both first check the gateway-side preprocessing (`image_prep`).
 
 use anyhow::{Context, Result};
 use qwen_image_model::denoise::{self, DenoiseParams, Flow, InpaintBlend, Outcome, scale_noise};
@@ -7,7 +9,7 @@ use qwen_image_model::scheduler::{Schedule, SchedulerConfig, strength_start};
 use qwen_image_model::snapshot::Snapshot;
 
 use super::t2i::{conditioning, img_shapes, load_transformer};
-use super::{ParityArgs, Reference, Report, textenc, vae};
+use super::{ParityArgs, Reference, Report, image_prep, textenc, vae};
 
 pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> Result<()> {
     let snapshot = Snapshot::open(&args.snapshot)?;
@@ -21,9 +23,17 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         .arg("strength")
         .as_f64()
         .context("manifest args.strength")?;
-    let image_latents = reference.f32("image_latents_packed")?;
-    let noise = reference.f32("noise_packed")?;
-    let mask = reference.f32("mask_packed")?;
+    let is_inpaint = reference.mode() == "inpaint";
+    let prepared = image_prep::check(args, reference, report, is_inpaint)?;
+    let (image_latents, noise, mask) = if is_inpaint {
+        (
+            reference.f32("image_latents_packed")?,
+            reference.f32("noise_packed")?,
+            Some(reference.f32("mask_packed")?),
+        )
+    } else {
+        (prepared.image_latents, prepared.noise, None)
+    };
     let schedule = Schedule::for_pipeline(&sched_cfg, steps, image_latents.dim(1)?)
         .map_err(anyhow::Error::msg)?;
     let start = strength_start(steps, strength);
@@ -55,11 +65,11 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     } else {
         None
     };
-    let blend = InpaintBlend {
+    let blend = mask.map(|mask| InpaintBlend {
         image_latents,
         noise,
         mask,
-    };
+    });
     let params = DenoiseParams {
         positive: &positive,
         negative: negative.as_ref(),
@@ -68,7 +78,7 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         img_shapes: &shapes,
         schedule: &schedule,
         start_step: start,
-        inpaint: Some(&blend),
+        inpaint: blend.as_ref(),
         controlnet: &[],
     };
     let mut per_step = Vec::new();
@@ -102,6 +112,20 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         &reference.f32(&format!("step.{last}.latents_end"))?,
         args.loop_tol,
     )?;
+    if let Some(b) = &blend {
+        // Where the mask is 0 the last blend puts the clean image latents back: exactly, so the kept area
+        // of an inpaint is the VAE round trip of the input, up to the decoder's mixing near the mask edge.
+        let kept = ((&final_latents - &b.image_latents)? * (1.0 - &b.mask)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        report.check(
+            "unmasked final latents == image latents",
+            kept == 0.0,
+            format!("max |final - image latents| where the mask is 0: {kept:e}"),
+        );
+    }
 
     textenc::check_t2i_part(args, reference, report)?;
     vae::check_t2i_part(args, reference, report)?;

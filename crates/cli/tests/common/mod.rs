@@ -64,7 +64,8 @@ pub async fn spawn(args: &[&str]) -> Service {
 }
 
 pub struct Stack {
-    _stages: Vec<Service>,
+    /// text-encoder, denoiser, vae
+    pub stages: Vec<Service>,
     pub gateway: Service,
 }
 
@@ -126,7 +127,7 @@ pub async fn start_stack_with(denoiser_args: &[&str]) -> Stack {
     .await;
     wait_serving(&gateway.url).await;
     Stack {
-        _stages: vec![te, dn, vae],
+        stages: vec![te, dn, vae],
         gateway,
     }
 }

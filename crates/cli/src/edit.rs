@@ -1,0 +1,235 @@
+//! `qwen-image img2img | inpaint | outpaint`: one image-flow request, sent like `generate` (to a running
+//! gateway, or to a stack started in this process); writes the PNG(s).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use qwen_image_proto::v1::{Anchor, Img2ImgRequest, InpaintRequest, OutpaintRequest};
+
+use crate::generate::{ApiRequest, Target, execute};
+use crate::stack::StageOptions;
+
+/// Options shared by the three commands (their meaning is `generate`'s unless said otherwise).
+#[derive(Args, Debug, Clone)]
+pub struct EditArgs {
+    /// What the result should show.
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// The input picture (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// How much to change, in (0, 1] (server default 0.6; 1.0 for outpaint).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Working (output) width, a multiple of 16; default: the picture's, rounded down to 16.
+    /// outpaint: the target canvas width (with --anchor) instead of --left/--right.
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Working (output) height, as --width.
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Steps of the full schedule (server default 50); about steps x strength of them run.
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// True CFG scale (server default 4.0).
+    #[arg(long)]
+    pub true_cfg_scale: Option<f32>,
+    /// Seed (torch.Generator("cpu").manual_seed compatible); random when absent, printed either way.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images (1..=4).
+    #[arg(long)]
+    pub num_images: Option<u32>,
+    /// Where to write the PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
+    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
+    pub gateway: Option<String>,
+    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model.
+    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
+    pub model: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub common: EditArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub common: EditArgs,
+    /// The mask (PNG or JPEG, the picture's size): white = repaint, black = keep.
+    #[arg(long)]
+    pub mask: PathBuf,
+    /// Paste the kept pixels of the input back over the result (off = diffusers' behaviour).
+    #[arg(long)]
+    pub paste_back: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum AnchorArg {
+    Center,
+    TopLeft,
+    Top,
+    TopRight,
+    Left,
+    Right,
+    BottomLeft,
+    Bottom,
+    BottomRight,
+}
+
+impl From<AnchorArg> for Anchor {
+    fn from(a: AnchorArg) -> Self {
+        match a {
+            AnchorArg::Center => Anchor::Center,
+            AnchorArg::TopLeft => Anchor::TopLeft,
+            AnchorArg::Top => Anchor::Top,
+            AnchorArg::TopRight => Anchor::TopRight,
+            AnchorArg::Left => Anchor::Left,
+            AnchorArg::Right => Anchor::Right,
+            AnchorArg::BottomLeft => Anchor::BottomLeft,
+            AnchorArg::Bottom => Anchor::Bottom,
+            AnchorArg::BottomRight => Anchor::BottomRight,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutpaintArgs {
+    #[command(flatten)]
+    pub common: EditArgs,
+    /// Pixels to add on the left.
+    #[arg(long, default_value_t = 0)]
+    pub left: u32,
+    /// Pixels to add on the right.
+    #[arg(long, default_value_t = 0)]
+    pub right: u32,
+    /// Pixels to add at the top.
+    #[arg(long, default_value_t = 0)]
+    pub top: u32,
+    /// Pixels to add at the bottom.
+    #[arg(long, default_value_t = 0)]
+    pub bottom: u32,
+    /// With --width/--height: where the picture sits on the canvas (default center).
+    #[arg(long, value_enum)]
+    pub anchor: Option<AnchorArg>,
+    /// Paste the original pixels back over the result.
+    #[arg(long)]
+    pub paste_back: bool,
+}
+
+fn read(path: &PathBuf) -> Result<bytes::Bytes> {
+    Ok(std::fs::read(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .into())
+}
+
+fn target(a: &EditArgs) -> Target {
+    Target {
+        gateway: a.gateway.clone(),
+        model: a.model.clone(),
+        timeout: Duration::from_secs(a.timeout_secs),
+        quiet: a.quiet,
+        options: StageOptions::default(),
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = Result<()>>) -> Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(fut)?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub fn img2img(args: Img2ImgArgs) -> Result<std::process::ExitCode> {
+    let a = args.common;
+    let req = Img2ImgRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width_px: a.width.unwrap_or(0),
+        height_px: a.height.unwrap_or(0),
+        steps: a.steps.unwrap_or(0),
+        true_cfg_scale: a.true_cfg_scale,
+        seed: a.seed,
+        num_images: a.num_images.unwrap_or(0),
+        image: read(&a.image)?,
+        strength: a.strength,
+        ..Default::default()
+    };
+    block_on(async move {
+        execute(ApiRequest::Img2Img(req), &target(&a), &a.out).await?;
+        Ok(())
+    })
+}
+
+pub fn inpaint(args: InpaintArgs) -> Result<std::process::ExitCode> {
+    let a = args.common;
+    let req = InpaintRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width_px: a.width.unwrap_or(0),
+        height_px: a.height.unwrap_or(0),
+        steps: a.steps.unwrap_or(0),
+        true_cfg_scale: a.true_cfg_scale,
+        seed: a.seed,
+        num_images: a.num_images.unwrap_or(0),
+        image: read(&a.image)?,
+        strength: a.strength,
+        mask: read(&args.mask)?,
+        paste_back: args.paste_back,
+        ..Default::default()
+    };
+    block_on(async move {
+        execute(ApiRequest::Inpaint(req), &target(&a), &a.out).await?;
+        Ok(())
+    })
+}
+
+pub fn outpaint(args: OutpaintArgs) -> Result<std::process::ExitCode> {
+    let a = args.common;
+    let req = OutpaintRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width_px: a.width.unwrap_or(0),
+        height_px: a.height.unwrap_or(0),
+        steps: a.steps.unwrap_or(0),
+        true_cfg_scale: a.true_cfg_scale,
+        seed: a.seed,
+        num_images: a.num_images.unwrap_or(0),
+        image: read(&a.image)?,
+        strength: a.strength,
+        left_px: args.left,
+        right_px: args.right,
+        top_px: args.top,
+        bottom_px: args.bottom,
+        anchor: args.anchor.map(Anchor::from).unwrap_or(Anchor::Unspecified) as i32,
+        paste_back: args.paste_back,
+        ..Default::default()
+    };
+    block_on(async move {
+        let r = execute(ApiRequest::Outpaint(req), &target(&a), &a.out).await?;
+        if let Some(p) = r.padding {
+            println!(
+                "padding left {} right {} top {} bottom {}",
+                p.left_px, p.right_px, p.top_px, p.bottom_px
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,281 @@
+//! Input pictures of the image flows: PNG/JPEG decoding into Pillow's modes, and diffusers' preprocessing
+//! (`VaeImageProcessor`): LANCZOS resize to the working size, mask binarisation and latent-grid downsampling,
+//! the outpaint canvas, and the optional paste-back of the kept pixels.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use qwen_image_imaging::{Image8, convert, mask, resize};
+
+use crate::error::GatewayError;
+use crate::validate::VAE_SCALE_FACTOR;
+
+/// Largest accepted input side in pixels.
+pub const MAX_INPUT_SIDE_PX: u32 = 4096;
+/// Fill of the new outpaint area before VAE encoding: mid grey (0.0039 after `2x - 1`).
+pub const OUTPAINT_FILL: u8 = 128;
+
+fn invalid(msg: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidArgument(msg.into())
+}
+
+/// Decodes PNG or JPEG bytes; `field` names the request field in errors.
+pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
+    if bytes.is_empty() {
+        return Err(invalid(format!(
+            "`{field}` is empty; send the picture as PNG or JPEG bytes"
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| invalid(format!("`{field}` cannot be read: {e}")))?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Jpeg) => {}
+        Some(f) => {
+            return Err(invalid(format!(
+                "`{field}` is {f:?}; send PNG or JPEG bytes"
+            )));
+        }
+        None => {
+            return Err(invalid(format!(
+                "`{field}` is not a PNG or JPEG picture; send PNG or JPEG bytes"
+            )));
+        }
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE_PX);
+    limits.max_image_height = Some(MAX_INPUT_SIDE_PX);
+    let mut reader = reader;
+    reader.limits(limits);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => invalid(format!(
+            "`{field}` is larger than {MAX_INPUT_SIDE_PX}x{MAX_INPUT_SIDE_PX} px; send a smaller picture"
+        )),
+        e => invalid(format!("`{field}` cannot be decoded: {e}")),
+    })
+}
+
+/// 16-bit samples to 8 bits by keeping the high byte (Pillow's `;16B` unpackers).
+fn high_bytes(v: &[u16]) -> Vec<u8> {
+    v.iter().map(|s| (s >> 8) as u8).collect()
+}
+
+/// `PIL.Image.convert("RGB")`: alpha dropped (not composited), grey replicated.
+pub fn to_rgb(img: &DynamicImage) -> Result<Image8, GatewayError> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data = match img {
+        DynamicImage::ImageRgb16(b) => high_bytes(b.as_raw()),
+        DynamicImage::ImageRgba16(b) => high_bytes(b.as_raw())
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        DynamicImage::ImageLuma16(b) => high_bytes(b.as_raw())
+            .into_iter()
+            .flat_map(|v| [v, v, v])
+            .collect(),
+        DynamicImage::ImageLumaA16(b) => high_bytes(b.as_raw())
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        // 8-bit RGB(A)/L(A) and anything else: the image crate drops alpha and replicates grey.
+        other => other.to_rgb8().into_raw(),
+    };
+    Image8::new(w, h, 3, data).map_err(GatewayError::Internal)
+}
+
+/// `PIL.Image.convert("L")`: grey as is, colour by Pillow's fixed-point ITU-R 601-2 luma.
+pub fn to_l(img: &DynamicImage) -> Result<Image8, GatewayError> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    match img {
+        DynamicImage::ImageLuma8(b) => {
+            Image8::new(w, h, 1, b.as_raw().clone()).map_err(GatewayError::Internal)
+        }
+        DynamicImage::ImageLumaA8(b) => {
+            let data = b.as_raw().chunks_exact(2).map(|p| p[0]).collect();
+            Image8::new(w, h, 1, data).map_err(GatewayError::Internal)
+        }
+        other => convert::rgb_to_l(&to_rgb(other)?).map_err(GatewayError::Internal),
+    }
+}
+
+/// The picture resized (LANCZOS, as Pillow) to the working size.
+pub fn resize_to(img: &Image8, width: u32, height: u32) -> Result<Image8, GatewayError> {
+    resize::lanczos_resize(img, width as usize, height as usize).map_err(GatewayError::Internal)
+}
+
+/// A mask prepared as QwenImageInpaintPipeline does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedMask {
+    /// {0, 1} per pixel of the working size (1 = repaint).
+    pub pixels: Vec<u8>,
+    /// {0, 1} per latent cell, `(height / 8) x (width / 8)`.
+    pub latent: Vec<u8>,
+}
+
+/// Grey mask → LANCZOS to the working size → binarised at 0.5 → nearest to the latent grid.
+pub fn prepare_mask(l: &Image8, width: u32, height: u32) -> Result<PreparedMask, GatewayError> {
+    let resized = resize_to(l, width, height)?;
+    let pixels = mask::binarize(&resized).map_err(GatewayError::Internal)?;
+    if pixels.iter().all(|&v| v == 0) {
+        return Err(invalid(
+            "`mask` is all black at the working size: nothing to repaint; paint the area to change white",
+        ));
+    }
+    let (lw, lh) = (
+        (width / VAE_SCALE_FACTOR) as usize,
+        (height / VAE_SCALE_FACTOR) as usize,
+    );
+    let latent = mask::to_latent_grid(&pixels, width as usize, height as usize, lw, lh)
+        .map_err(GatewayError::Internal)?;
+    if latent.iter().all(|&v| v == 0) {
+        return Err(invalid(format!(
+            "`mask` has no white pixel at the top-left corner of any {VAE_SCALE_FACTOR}x{VAE_SCALE_FACTOR} cell, so the model would change nothing; make the white area larger"
+        )));
+    }
+    Ok(PreparedMask { pixels, latent })
+}
+
+/// Per-side padding in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pad {
+    pub left: u32,
+    pub right: u32,
+    pub top: u32,
+    pub bottom: u32,
+}
+
+/// The outpaint canvas: the image unscaled at (`left`, `top`), the rest `OUTPAINT_FILL`; the L mask is
+/// 255 over the new area and 0 over the image.
+pub fn outpaint_canvas(img: &Image8, pad: Pad) -> Result<(Image8, Image8), GatewayError> {
+    let (iw, ih) = (img.width, img.height);
+    let w = iw + (pad.left + pad.right) as usize;
+    let h = ih + (pad.top + pad.bottom) as usize;
+    let mut rgb = vec![OUTPAINT_FILL; w * h * 3];
+    let mut m = vec![255u8; w * h];
+    let (l, t) = (pad.left as usize, pad.top as usize);
+    for y in 0..ih {
+        let src = &img.data[y * iw * 3..(y + 1) * iw * 3];
+        let row = (y + t) * w;
+        rgb[(row + l) * 3..(row + l + iw) * 3].copy_from_slice(src);
+        m[row + l..row + l + iw].fill(0);
+    }
+    Ok((
+        Image8::new(w, h, 3, rgb).map_err(GatewayError::Internal)?,
+        Image8::new(w, h, 1, m).map_err(GatewayError::Internal)?,
+    ))
+}
+
+/// Keeps `original` where the mask is 0 (diffusers' `apply_overlay` at the working size).
+pub fn paste_back(out: &mut [u8], original: &Image8, mask_px: &[u8]) -> Result<(), String> {
+    if out.len() != original.data.len() || mask_px.len() * 3 != out.len() {
+        return Err(format!(
+            "paste-back sizes differ: {} output bytes, {} original bytes, {} mask pixels",
+            out.len(),
+            original.data.len(),
+            mask_px.len()
+        ));
+    }
+    for (i, &m) in mask_px.iter().enumerate() {
+        if m == 0 {
+            out[i * 3..i * 3 + 3].copy_from_slice(&original.data[i * 3..i * 3 + 3]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(img: DynamicImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).expect("encode");
+        out.into_inner()
+    }
+
+    #[test]
+    fn decodes_pngs_into_pillow_modes() {
+        let rgba = image::RgbaImage::from_fn(3, 2, |x, y| image::Rgba([x as u8, y as u8, 7, 0]));
+        let d = decode("image", &png(DynamicImage::ImageRgba8(rgba))).expect("png");
+        let rgb = to_rgb(&d).expect("rgb");
+        assert_eq!((rgb.width, rgb.height, rgb.channels), (3, 2, 3));
+        assert_eq!(rgb.pixel(2, 1), &[2, 1, 7]); // alpha 0 dropped, not composited
+        let l16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(1, 1, vec![0x80ffu16])
+            .expect("buffer");
+        let d = decode("mask", &png(DynamicImage::ImageLuma16(l16))).expect("png");
+        assert_eq!(to_rgb(&d).expect("rgb").data, vec![0x80; 3]);
+        assert_eq!(to_l(&d).expect("l").data, vec![0x80]);
+        let c = image::RgbImage::from_raw(1, 1, vec![255, 0, 0]).expect("buffer");
+        let d = decode("mask", &png(DynamicImage::ImageRgb8(c))).expect("png");
+        assert_eq!(to_l(&d).expect("l").data, vec![76]); // Pillow: (255*19595 + 0x8000) >> 16
+    }
+
+    #[test]
+    fn decodes_jpeg() {
+        let img = image::RgbImage::from_fn(16, 8, |x, _| image::Rgb([x as u8 * 16, 100, 200]));
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, ImageFormat::Jpeg)
+            .expect("encode");
+        let d = decode("image", out.get_ref()).expect("jpeg");
+        let rgb = to_rgb(&d).expect("rgb");
+        assert_eq!((rgb.width, rgb.height), (16, 8));
+        // lossy, but close
+        assert!(
+            rgb.pixel(0, 0)[2].abs_diff(200) < 8,
+            "{:?}",
+            rgb.pixel(0, 0)
+        );
+    }
+
+    #[test]
+    fn rejects_unreadable_pictures() {
+        let msg = |r: Result<DynamicImage, GatewayError>| match r {
+            Err(GatewayError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        assert!(msg(decode("image", b"")).contains("empty"));
+        assert!(msg(decode("image", b"hello")).contains("PNG or JPEG"));
+        let mut truncated = png(DynamicImage::ImageRgb8(image::RgbImage::new(8, 8)));
+        truncated.truncate(40);
+        assert!(msg(decode("mask", &truncated)).contains("`mask` cannot be decoded"));
+    }
+
+    #[test]
+    fn masks_are_binarised_and_downsampled() {
+        let mut l = Image8::new(16, 16, 1, vec![0; 256]).expect("image");
+        let err = |r: Result<PreparedMask, GatewayError>| match r {
+            Err(GatewayError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        assert!(err(prepare_mask(&l, 16, 16)).contains("all black"));
+        l.data[1] = 255; // white, but not the top-left pixel of a cell
+        assert!(err(prepare_mask(&l, 16, 16)).contains("top-left"));
+        l.data[8 * 16 + 8] = 255;
+        let m = prepare_mask(&l, 16, 16).expect("mask");
+        assert_eq!(m.latent, vec![0, 0, 0, 1]);
+        assert_eq!(m.pixels.iter().map(|&v| v as usize).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn builds_the_outpaint_canvas_and_pastes_back() {
+        let img = Image8::new(2, 1, 3, vec![1, 2, 3, 4, 5, 6]).expect("image");
+        let pad = Pad {
+            left: 1,
+            right: 0,
+            top: 0,
+            bottom: 1,
+        };
+        let (c, m) = outpaint_canvas(&img, pad).expect("canvas");
+        assert_eq!((c.width, c.height), (3, 2));
+        assert_eq!(c.pixel(0, 0), &[128; 3]);
+        assert_eq!(c.pixel(1, 0), &[1, 2, 3]);
+        assert_eq!(c.pixel(2, 0), &[4, 5, 6]);
+        assert_eq!(m.data, vec![255, 0, 0, 255, 255, 255]);
+        let mut out = vec![9u8; 18];
+        let bin: Vec<u8> = m.data.iter().map(|&v| u8::from(v > 0)).collect();
+        paste_back(&mut out, &c, &bin).expect("same sizes");
+        assert_eq!(&out[..9], &[9, 9, 9, 1, 2, 3, 4, 5, 6]);
+        assert!(paste_back(&mut out, &c, &bin[..2]).is_err());
+    }
+}
