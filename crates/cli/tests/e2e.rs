@@ -28,6 +28,10 @@ async fn text_to_image_matches_diffusers() {
         assert_close(&r.png[0], &reference_png, name);
         let params = r.parameters.expect("parameters");
         assert_eq!(params.prompt, req.prompt);
+        assert!(
+            !r.prompt_truncated && !r.negative_prompt_truncated,
+            "{name}: nothing was cut"
+        );
     }
 }
 

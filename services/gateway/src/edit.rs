@@ -461,6 +461,7 @@ pub async fn run(ctx: &Ctx<'_>, p: &EditParams) -> Result<GenerateResult, Gatewa
     let (prompts, posterior) = tokio::join!(t2i::encode_prompts(ctx, base), encode_image(ctx, p));
     let (prompts, posterior) = (prompts?, posterior?);
     let model_id = prompts.model_id.clone();
+    let truncation = prompts.truncation;
 
     let d = draws(p)?;
     let image_latents = normalised_sample(&posterior, &d.image_eps).repeat(batch);
@@ -516,6 +517,7 @@ pub async fn run(ctx: &Ctx<'_>, p: &EditParams) -> Result<GenerateResult, Gatewa
         chunks.push(("paste_back".into(), "true".into()));
     }
     let finish = Finish {
+        truncation,
         chunks,
         a1111_settings: vec![("Denoising strength".into(), p.strength.to_string())],
         strength: Some(p.strength),

@@ -146,3 +146,18 @@ mod tests {
         assert!(encode_png(2, 2, &[0; 5], &[]).is_err());
     }
 }
+
+#[cfg(test)]
+mod long_text_tests {
+    /// Prompts of thousands of characters (cut by the text encoder at 512 tokens) still go into the PNG.
+    #[test]
+    fn long_text_values_encode() {
+        let long = "a very long prompt about a red lantern, ".repeat(200);
+        let chunks = vec![
+            ("prompt".to_string(), long.clone()),
+            ("parameters".to_string(), long),
+        ];
+        let r = super::encode_png(2, 2, &[0u8; 12], &chunks);
+        assert!(r.is_ok(), "{r:?}");
+    }
+}

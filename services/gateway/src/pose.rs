@@ -369,6 +369,7 @@ pub async fn run_control(
     let mut prompts = prompts?;
     let posterior = posterior?;
     let model_id = std::mem::take(&mut prompts.model_id);
+    let truncation = prompts.truncation;
 
     // 2. The posterior sample, then the initial noise.
     let mut generator = TorchCpuGenerator::new(p.seed);
@@ -406,6 +407,7 @@ pub async fn run_control(
     let final_latents = t2i::denoise(ctx, p, prompts, start).await?;
     let finish = t2i::Finish {
         chunks: f.chunks.to_vec(),
+        truncation,
         ..Default::default()
     };
     t2i::decode(ctx, p, model_id, final_latents, finish).await

@@ -110,6 +110,15 @@ pub struct Prompts {
     pub negative_prompt_embeds_mask: Option<Tensor>,
     /// The text encoder's model id (PNG metadata when the gateway has no model name).
     pub model_id: String,
+    /// Whether the prompts were cut at max_sequence_length (reported to the caller in the result).
+    pub truncation: Truncation,
+}
+
+/// Which prompts the text encoder cut at diffusers' max_sequence_length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Truncation {
+    pub prompt: bool,
+    pub negative_prompt: bool,
 }
 
 /// Encodes the prompt and (only when CFG will run, as diffusers does) the negative prompt, concurrently.
@@ -140,12 +149,23 @@ pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, Gat
         }
     );
     let pos = pos?;
+    let neg = neg?;
+    let truncation = Truncation {
+        prompt: pos.truncated.iter().any(|t| *t),
+        negative_prompt: neg.as_ref().is_some_and(|r| r.truncated.iter().any(|t| *t)),
+    };
+    if truncation.prompt || truncation.negative_prompt {
+        tracing::warn!(
+            ?truncation,
+            "prompt longer than 512 tokens: cut as diffusers does (reported in the result)"
+        );
+    }
     let model_id = pos.model_id.clone();
     if ctx.model_name.is_none() {
         tracing::Span::current().record("model", model_id.as_str());
     }
     let (prompt_embeds, prompt_embeds_mask) = conditioning(pos, batch)?;
-    let (negative_prompt_embeds, negative_prompt_embeds_mask) = match neg? {
+    let (negative_prompt_embeds, negative_prompt_embeds_mask) = match neg {
         Some(r) => {
             let (e, m) = conditioning(r, batch)?;
             (Some(e), m)
@@ -158,6 +178,7 @@ pub async fn encode_prompts(ctx: &Ctx<'_>, p: &T2iParams) -> Result<Prompts, Gat
         negative_prompt_embeds,
         negative_prompt_embeds_mask,
         model_id,
+        truncation,
     })
 }
 
@@ -216,6 +237,8 @@ pub struct Finish<'a> {
     pub padding: Option<Padding>,
     /// Applied to every decoded RGB8 image before PNG encoding (inpaint paste-back).
     pub post: Option<&'a PostProcess<'a>>,
+    /// Prompts cut at max_sequence_length (from [`Prompts::truncation`]).
+    pub truncation: Truncation,
 }
 
 /// Decodes the final latents and builds the result with PNGs carrying the parameters.
@@ -280,12 +303,15 @@ pub async fn decode(
         elapsed_ms: ctx.elapsed_ms(),
         strength: finish.strength,
         padding: finish.padding,
+        prompt_truncated: finish.truncation.prompt,
+        negative_prompt_truncated: finish.truncation.negative_prompt,
     })
 }
 
 pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, GatewayError> {
     let prompts = encode_prompts(ctx, p).await?;
     let model_id = prompts.model_id.clone();
+    let truncation = prompts.truncation;
     // The caller's start latents, or the seed's noise.
     let latents = match &p.initial_latents {
         Some(t) => t.clone(),
@@ -299,7 +325,11 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
         control: Vec::new(),
     };
     let latents = denoise(ctx, p, prompts, start).await?;
-    decode(ctx, p, model_id, latents, Finish::default()).await
+    let finish = Finish {
+        truncation,
+        ..Finish::default()
+    };
+    decode(ctx, p, model_id, latents, finish).await
 }
 
 /// The denoising loop on a replica: forwards every progress event, returns the final latents.
