@@ -36,6 +36,34 @@ async fn text_to_image_matches_diffusers() {
 }
 
 #[tokio::test]
+async fn over_long_prompts_are_cut_as_diffusers_does_and_reported() {
+    let stack = start_stack(None).await;
+    let mut c = client(&stack.gateway.url).await;
+    let (good, _) = reference("t2i_64");
+    // far more than 512 tokens with any vocabulary
+    let long = "a very long prompt about a red lantern on an old street, ".repeat(120);
+    let r = generate(
+        &mut c,
+        TextToImageRequest {
+            prompt: long,
+            steps: 2,
+            ..good.clone()
+        },
+    )
+    .await
+    .expect("an over-long prompt still generates (diffusers truncates)");
+    assert!(r.prompt_truncated, "the cut must be reported");
+    assert!(!r.negative_prompt_truncated);
+    assert_eq!(r.png.len(), 1);
+    // one step cannot be stretched to shift_terminal (diffusers gives NaN): a clear error instead
+    let err = generate(&mut c, TextToImageRequest { steps: 1, ..good })
+        .await
+        .expect_err("one step is rejected");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("2 steps"), "{}", err.message());
+}
+
+#[tokio::test]
 async fn bad_inputs_are_rejected_and_the_gateway_stays_healthy() {
     let stack = start_stack(None).await;
     let mut c = client(&stack.gateway.url).await;

@@ -176,6 +176,14 @@ impl Schedule {
             Some(term) if term != 0.0 => {
                 // stretch_shift_to_terminal
                 let last = 1.0f32 - shifted[shifted.len() - 1];
+                if last <= 0.0 {
+                    // diffusers divides 0 by 0 here (a one-step schedule gives NaN sigmas)
+                    return Err(format!(
+                        "a schedule of {} step(s) ending at sigma 1 cannot be stretched to shift_terminal {term}; \
+                         use at least 2 steps",
+                        shifted.len()
+                    ));
+                }
                 let scale = last / (1.0f32 - term as f32);
                 shifted
                     .iter()
@@ -321,6 +329,20 @@ mod tests {
         let s = Schedule::for_pipeline(&cfg, 2, 16).unwrap();
         assert_eq!(s.sigmas, vec![1.0, 0.5, 0.0]);
         assert_eq!(s.timesteps, vec![1000.0, 500.0]);
+    }
+
+    #[test]
+    fn one_step_with_terminal_stretch_is_an_error_not_nan() {
+        let cfg = SchedulerConfig::qwen_image();
+        let err = Schedule::for_pipeline(&cfg, 1, 4096).unwrap_err();
+        assert!(err.contains("at least 2 steps"), "{err}");
+        // without the terminal stretch one step is fine: [1, 0]
+        let mut plain = cfg.clone();
+        plain.shift_terminal = None;
+        assert_eq!(
+            Schedule::for_pipeline(&plain, 1, 4096).unwrap().sigmas,
+            vec![1.0, 0.0]
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const DEFAULT_SIDE_PX: u32 = 1024;
 /// Steps used when the request leaves `steps` at 0 (diffusers' `num_inference_steps=50`).
 pub const DEFAULT_STEPS: u32 = 50;
 pub const MAX_STEPS: u32 = 1000;
+/// Fewest steps accepted: Qwen-Image's scheduler stretches the schedule to `shift_terminal` (0.02), which
+/// divides by zero for a one-step schedule (diffusers then produces NaN latents).
+pub const MIN_STEPS: u32 = 2;
 /// diffusers' QwenImagePipeline default `true_cfg_scale`.
 pub const DEFAULT_TRUE_CFG_SCALE: f32 = 4.0;
 /// Images per request (one batch).
@@ -141,7 +144,13 @@ pub fn validate(
         0 => DEFAULT_STEPS,
         s if s > MAX_STEPS => {
             return Err(invalid(format!(
-                "steps {s} is too many; send 1..={MAX_STEPS} (0 = {DEFAULT_STEPS})"
+                "steps {s} is too many; send {MIN_STEPS}..={MAX_STEPS} (0 = {DEFAULT_STEPS})"
+            )));
+        }
+        s if s < MIN_STEPS => {
+            return Err(invalid(format!(
+                "steps {s} is too few: Qwen-Image's schedule needs at least {MIN_STEPS} steps (send \
+                 {MIN_STEPS}..={MAX_STEPS}; 0 = {DEFAULT_STEPS})"
             )));
         }
         s => s,
