@@ -306,8 +306,9 @@ mod tests {
                 steps: 1001,
                 ..req()
             })
-            .contains("1..=1000")
+            .contains("2..=1000")
         );
+        assert!(err(TextToImageRequest { steps: 1, ..req() }).contains("at least 2 steps"));
         assert!(
             err(TextToImageRequest {
                 true_cfg_scale: Some(f32::NAN),
