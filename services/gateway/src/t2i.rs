@@ -368,7 +368,18 @@ async fn denoise_events(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor
             }
         }
     };
-    drop(rest);
+    // Read the stream to its end (the trailers) so the denoiser sees the call complete with OK rather
+    // than a reset stream (recorded as CANCELLED) and so an error status after the result is not lost.
+    match rest.message().await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Err(GatewayError::bad_response(
+                StageName::Denoiser,
+                "an event came after the result",
+            ));
+        }
+        Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
+    }
     Ok(final_latents)
 }
 
