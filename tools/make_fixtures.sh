@@ -3,12 +3,30 @@
 # snapshots + reference dumps). Needs the reference venv: tools/refharness/install.sh (about 3 min, 6 GB).
 # Outputs are deterministic for the pinned versions on the same CPU type (see tools/refharness/README.md).
 #   tools/make_fixtures.sh            # all fixtures
+#   tools/make_fixtures.sh demo       # only the default (demo) model's references
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$HOME/.venvs/qwen-image-ref/bin/python}"
 H="$ROOT/tools/refharness"
 F="$ROOT/tests/fixtures"
 ref() { local snap="$1" out="$2"; shift 2; "$PY" "$H/reference.py" "$snap" "$out" --force "$@" > /dev/null; echo "ok $out"; }
+
+# --- the default model (models/qwen-image-demo, made by tools/demo-model/train.sh): diffusers references
+demo_refs() {
+  local D="$ROOT/models/qwen-image-demo" R="$F/demo/refs"
+  rm -rf "$R" && mkdir -p "$R"
+  ref "$D" "$R/t2i_64_en" --mode t2i --height 64 --width 64 --steps 20 --seed 1 --negative-prompt " " \
+    --prompt "a purple stick figure jumping on a gray background, with the moon" --dump-steps first
+  ref "$D" "$R/t2i_64_zh" --mode t2i --height 64 --width 64 --steps 20 --seed 2 --negative-prompt " " \
+    --prompt "天蓝色背景上一个踢腿的黄色小人" --dump-steps first
+  local T; T="$(mktemp -d)"
+  "$PY" "$ROOT/tools/openpose/render_pose_json.py" "$ROOT/docs/demo/pose-kicking.json" "$T/pose.png" 64 64
+  ref "$D" "$R/controlnet_pose_64" --mode controlnet --image "$T/pose.png" --height 64 --width 64 --steps 20 \
+    --seed 3 --conditioning-scale 1.0 --negative-prompt " " --prompt "a blue stick figure on a white background" \
+    --dump-steps first
+  rm -rf "$T" "$R"/*/*.log
+}
+if [ "${1:-}" = demo ]; then demo_refs; exit 0; fi
 
 # --- tiny: the standard suite (snapshot with ControlNet; t2i, inpaint, controlnet, vae, textenc refs)
 PY="$PY" bash "$H/make_suite.sh" "$F/tiny" tiny 0
@@ -115,5 +133,7 @@ PYEOF
   --prompt 'a wide landscape' --negative-prompt " " --dump-steps first --force
 rm -rf "$TMP"
 # --- END inpaint / img2img / outpaint end-to-end references
+
+demo_refs
 
 du -sh "$F"/*

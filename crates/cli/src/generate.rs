@@ -11,10 +11,11 @@ use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
     ControlNetInpaintRequest, DataType, GenerateResult, Img2ImgRequest, InpaintRequest,
-    OutpaintRequest, PoseRequest, Stage, Tensor, TextToImageRequest, generate_event,
+    OutpaintRequest, PoseRequest, PreviewSettings, Stage, Tensor, TextToImageRequest,
+    generate_event,
 };
 
-use crate::model_dir::default_model_dir;
+use crate::model_dir::{default_model_dir, model_default_size};
 use crate::stack::{LocalStack, StageOptions};
 
 #[derive(Args, Debug, Clone)]
@@ -25,10 +26,11 @@ pub struct GenerateArgs {
     /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Width in pixels, a multiple of 16 (server default 1024).
+    /// Width in pixels, a multiple of 16 (default: the model's declared size, 64 for the demo model;
+    /// otherwise the server's, 1024).
     #[arg(long)]
     pub width: Option<u32>,
-    /// Height in pixels, a multiple of 16 (server default 1024).
+    /// Height in pixels, a multiple of 16 (default like --width).
     #[arg(long)]
     pub height: Option<u32>,
     /// Denoising steps (server default 50).
@@ -50,6 +52,13 @@ pub struct GenerateArgs {
     /// Where to write the PNG.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write a preview every N denoising steps (and of the last step), decoded by the VAE stage, as
+    /// OUT_STEM.stepNNN.png next to --out.
+    #[arg(long)]
+    pub preview_every: Option<u32>,
+    /// Longest side of the previews in pixels (default 256; never enlarged).
+    #[arg(long, requires = "preview_every")]
+    pub preview_max_side: Option<u32>,
     /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
     #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
     pub gateway: Option<String>,
@@ -106,11 +115,30 @@ pub struct Target {
     pub options: StageOptions,
 }
 
+/// Fills a text-to-image or pose request's unset size with the size the model declares (the demo model
+/// draws at 64x64; the gateway's own default is 1024x1024).
+fn with_model_default_size(request: ApiRequest, model: &Path) -> ApiRequest {
+    let Some((w, h)) = model_default_size(model) else {
+        return request;
+    };
+    match request {
+        ApiRequest::TextToImage(mut r) if r.width_px == 0 && r.height_px == 0 => {
+            (r.width_px, r.height_px) = (w, h);
+            ApiRequest::TextToImage(r)
+        }
+        ApiRequest::Pose(mut r) if r.width_px == 0 && r.height_px == 0 => {
+            (r.width_px, r.height_px) = (w, h);
+            ApiRequest::Pose(r)
+        }
+        other => other,
+    }
+}
+
 /// Sends `request`, writes the PNG(s) to `out` (numbered after the first) and prints a summary.
 pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result<GenerateResult> {
     let (timeout, quiet) = (target.timeout, target.quiet);
     let result = match &target.gateway {
-        Some(url) => send(url, request, timeout, quiet).await?,
+        Some(url) => send(url, request, timeout, quiet, out).await?,
         None => {
             let model = match &target.model {
                 Some(m) => m.clone(),
@@ -119,11 +147,12 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
             if !quiet {
                 eprintln!("starting a local stack on {} ...", model.display());
             }
+            let request = with_model_default_size(request, &model);
             let mut stack =
                 LocalStack::start_with(model, "127.0.0.1:0", target.options.clone()).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), request, timeout, quiet).await
+                send(&stack.gateway_url(), request, timeout, quiet, out).await
             }
             .await;
             stack.shutdown().await?;
@@ -176,7 +205,10 @@ fn build_request(args: &GenerateArgs) -> Result<TextToImageRequest> {
         true_cfg_scale: args.true_cfg_scale,
         seed: args.seed,
         initial_latents,
-        preview: None,
+        preview: args.preview_every.map(|n| PreviewSettings {
+            every_n_steps: n,
+            max_side_px: args.preview_max_side.unwrap_or(0),
+        }),
         num_images: args.num_images.unwrap_or(0),
     })
 }
@@ -211,11 +243,14 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
     })
 }
 
+/// Sends the request and follows its stream; preview PNGs (requested with `--preview-every`) are written
+/// next to `out` as `STEM.stepNNN.png`.
 async fn send(
     url: &str,
     request: ApiRequest,
     timeout: Duration,
     quiet: bool,
+    out: &Path,
 ) -> Result<GenerateResult> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a gateway URL"))?
@@ -245,6 +280,11 @@ async fn send(
     while let Some(ev) = stream.message().await.map_err(status_error)? {
         match ev.event {
             Some(generate_event::Event::Progress(p)) => {
+                if !p.preview_png.is_empty() {
+                    let path = preview_path(out, p.step);
+                    std::fs::write(&path, &p.preview_png)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
                 bar.update(p.stage, p.step, p.total_steps, p.elapsed_ms)
             }
             Some(generate_event::Event::Result(r)) => {
@@ -256,6 +296,14 @@ async fn send(
     }
     bar.finish();
     bail!("the gateway ended the stream without a result")
+}
+
+/// `dir/name.png` → `dir/name.step007.png`.
+fn preview_path(out: &Path, step: u32) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map_or_else(|| "out".into(), |s| s.to_string_lossy());
+    out.with_file_name(format!("{stem}.step{step:03}.png"))
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
 use crate::stack::{LocalStack, StageKind, StageOptions, run_stage};
+use qwen_image_denoiser::config::ControlNetSpec;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -53,6 +54,27 @@ pub struct ServeArgs {
     /// How long to wait for the stack to load its models and report SERVING.
     #[arg(long, env = "QWEN_IMAGE_READY_TIMEOUT_SECS", default_value_t = 600)]
     pub ready_timeout_secs: u64,
+}
+
+/// The model to serve and the ControlNets to load: without `--model`, the embedded default model, with its
+/// pose ControlNet (`controlnet/`, requests name it `controlnet`) unless `--controlnet` names others.
+fn model_and_controlnets(
+    model: Option<PathBuf>,
+    controlnets: Vec<ControlNetSpec>,
+) -> Result<(PathBuf, Vec<ControlNetSpec>)> {
+    if let Some(m) = model {
+        return Ok((m, controlnets));
+    }
+    let model = default_model_dir()?;
+    let dir = model.join("controlnet");
+    if controlnets.is_empty() && dir.join("config.json").is_file() {
+        let spec = ControlNetSpec {
+            id: "controlnet".into(),
+            dir,
+        };
+        return Ok((model, vec![spec]));
+    }
+    Ok((model, controlnets))
 }
 
 /// `service.name` of the traces: the binary name of the one service, or `qwen-image` for the whole stack
@@ -101,10 +123,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await?;
         }
         Some(kind) => {
-            let model = match args.model {
-                Some(m) => m,
-                None => default_model_dir()?,
-            };
+            let (model, controlnets) = model_and_controlnets(args.model, args.controlnets)?;
             let listener = TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
@@ -116,19 +135,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 qwen_image_common::shutdown::signal(),
                 StageOptions {
                     queue_capacity: args.queue_capacity,
-                    controlnets: args.controlnets,
+                    controlnets,
                 },
             )
             .await?;
         }
         None => {
-            let model = match args.model {
-                Some(m) => m,
-                None => default_model_dir()?,
-            };
+            let (model, controlnets) = model_and_controlnets(args.model, args.controlnets)?;
             let options = StageOptions {
                 queue_capacity: None,
-                controlnets: args.controlnets,
+                controlnets,
             };
             let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;
             for (kind, addr) in &stack.stage_addrs {

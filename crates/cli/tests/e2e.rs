@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use qwen_image_proto::v1::{DataType, Stage, Tensor, TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{
+    DataType, PreviewSettings, Stage, Tensor, TextToImageRequest, generate_event,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -33,6 +35,79 @@ async fn text_to_image_matches_diffusers() {
             "{name}: nothing was cut"
         );
     }
+}
+
+#[tokio::test]
+async fn previews_are_decoded_every_n_steps_and_the_last_is_the_picture() {
+    let stack = start_stack(None).await;
+    let mut c = client(&stack.gateway.url).await;
+    let (mut req, reference_png) = reference("t2i_64");
+    assert_eq!(req.steps, 4);
+    for (every, max_side, want_side) in [(2u32, 0u32, 64u32), (3, 32, 32)] {
+        req.preview = Some(PreviewSettings {
+            every_n_steps: every,
+            max_side_px: max_side,
+        });
+        let mut stream = c
+            .text_to_image(req.clone())
+            .await
+            .expect("accepted")
+            .into_inner();
+        let (mut previews, mut result) = (Vec::new(), None);
+        while let Some(ev) = stream.message().await.expect("stream") {
+            match ev.event {
+                Some(generate_event::Event::Progress(p)) if !p.preview_png.is_empty() => {
+                    assert_eq!(p.stage, Stage::Denoise as i32);
+                    previews.push((p.step, p.preview_png));
+                }
+                Some(generate_event::Event::Result(r)) => result = Some(r),
+                _ => {}
+            }
+        }
+        let result = result.expect("a result");
+        // every N steps and on the last one
+        let steps: Vec<u32> = previews.iter().map(|p| p.0).collect();
+        let want: Vec<u32> = if every == 2 { vec![2, 4] } else { vec![3, 4] };
+        assert_eq!(steps, want, "preview steps for every_n_steps {every}");
+        for (_, png) in &previews {
+            let (w, h, _) = decode_rgb(png);
+            assert_eq!((w, h), (want_side, want_side));
+        }
+        if want_side == 64 {
+            // full size: the last preview is the decode of the final latents, i.e. the picture itself
+            let (_, _, last) = decode_rgb(&previews.last().expect("previews").1);
+            let (_, _, picture) = decode_rgb(&result.png[0]);
+            assert_eq!(last, picture);
+            assert_close(&result.png[0], &reference_png, "t2i_64 with previews");
+            let (_, _, first) = decode_rgb(&previews[0].1);
+            assert_ne!(first, picture, "the step-2 preview should still be noisy");
+        }
+    }
+    // The CLI writes them next to --out.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fox.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-image"))
+        .args([
+            "generate",
+            "--quiet",
+            "--gateway",
+            &stack.gateway.url,
+            "--prompt",
+            "a fox",
+        ])
+        .args([
+            "--width", "64", "--height", "64", "--steps", "4", "--seed", "1",
+        ])
+        .args(["--preview-every", "2", "--preview-max-side", "16", "--out"])
+        .arg(&out)
+        .status()
+        .expect("qwen-image runs");
+    assert!(status.success());
+    for step in ["002", "004"] {
+        let png = std::fs::read(dir.path().join(format!("fox.step{step}.png"))).expect("preview");
+        assert_eq!(decode_rgb(&png).0, 16);
+    }
+    assert!(out.is_file());
 }
 
 #[tokio::test]

@@ -28,13 +28,7 @@ async fn pose(
     c: &mut ImageGeneratorClient<Channel>,
     req: PoseRequest,
 ) -> Result<GenerateResult, tonic::Status> {
-    let mut stream = c.pose(req).await?.into_inner();
-    while let Some(ev) = stream.message().await? {
-        if let Some(generate_event::Event::Result(r)) = ev.event {
-            return Ok(r);
-        }
-    }
-    Err(tonic::Status::internal("no result"))
+    result_of(c.pose(req).await?.into_inner()).await
 }
 
 /// The reference dump's parameters as a PoseRequest (without the pose) and its image.

@@ -160,3 +160,38 @@ fn a_corrupted_reference_fails() {
     assert!(!ok, "a perturbed reference must fail:\n{text}");
     assert!(text.contains("FAIL  step.0.transformer.cond.out"), "{text}");
 }
+
+/// The default model (models/qwen-image-demo: trained weights, bf16, trained tokenizer, legacy text-encoder
+/// config, its pose ControlNet) against diffusers' pipelines on it (tools/make_fixtures.sh demo).
+#[test]
+fn default_model_matches_diffusers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let snapshot = root.join("models/qwen-image-demo");
+    for (reference, needles) in [
+        (
+            "t2i_64_en",
+            &["step.0.transformer.cond.out", "latents_final_packed"][..],
+        ),
+        (
+            "t2i_64_zh",
+            &["step.0.transformer.cond.out", "latents_final_packed"][..],
+        ),
+        (
+            "controlnet_pose_64",
+            &["step.0.controlnet.0.block_samples.0", "final latents"][..],
+        ),
+    ] {
+        let (ok, text) = parity(&snapshot, &fixtures().join("demo/refs").join(reference));
+        assert!(
+            ok,
+            "parity failed for the default model, {reference}:\n{text}"
+        );
+        assert!(!text.contains("FAIL "), "{text}");
+        for needle in needles {
+            assert!(
+                text.contains(&format!("PASS  {needle}")),
+                "{reference}: {needle} not compared:\n{text}"
+            );
+        }
+    }
+}

@@ -40,12 +40,24 @@ impl Ctx<'_> {
 
     /// Sends a progress event; a caller that went away is noticed by the handler's `closed()` watch.
     pub async fn progress(&self, stage: Stage, step: u32, total_steps: u32) {
+        self.progress_with_preview(stage, step, total_steps, Bytes::new())
+            .await
+    }
+
+    /// [`Ctx::progress`] carrying a preview PNG (empty = none).
+    pub async fn progress_with_preview(
+        &self,
+        stage: Stage,
+        step: u32,
+        total_steps: u32,
+        preview_png: Bytes,
+    ) {
         let ev = GenerateProgress {
             stage: stage as i32,
             step,
             total_steps,
             elapsed_ms: self.elapsed_ms(),
-            preview_png: Bytes::new(),
+            preview_png,
         };
         let _ = self
             .events
@@ -213,13 +225,21 @@ pub async fn denoise(
         start_noise: start.start_noise,
         inpaint: start.inpaint,
         control: start.control,
+        preview_every_n_steps: p.preview.map_or(0, |s| s.every_n_steps),
         ..Default::default()
     };
+    let preview_side = p.preview.map_or(DEFAULT_PREVIEW_SIDE_PX, |s| {
+        if s.max_side_px == 0 {
+            DEFAULT_PREVIEW_SIDE_PX
+        } else {
+            s.max_side_px
+        }
+    });
     phase(
         "denoise",
         StageName::Denoiser,
         "Denoise",
-        denoise_events(ctx, request),
+        denoise_events(ctx, request, preview_side),
     )
     .await
 }
@@ -332,8 +352,78 @@ pub async fn run(ctx: &Ctx<'_>, p: &T2iParams) -> Result<GenerateResult, Gateway
     decode(ctx, p, model_id, latents, finish).await
 }
 
-/// The denoising loop on a replica: forwards every progress event, returns the final latents.
-async fn denoise_events(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor, GatewayError> {
+/// Longest side of a preview PNG when the caller sets none (`PreviewSettings.max_side_px` 0).
+pub const DEFAULT_PREVIEW_SIDE_PX: u32 = 256;
+
+/// A preview of the first image of the batch: the step's latents decoded by the VAE stage (a full decode),
+/// shrunk (LANCZOS) so that the longest side is at most `max_side` (never enlarged), as PNG. A failure only
+/// loses the preview.
+async fn preview_png(ctx: &Ctx<'_>, latents: Tensor, max_side: u32) -> Option<Bytes> {
+    let first = first_of_batch(&latents)
+        .map_err(|e| tracing::warn!(error = %e, "preview skipped"))
+        .ok()?;
+    let decoded = ctx
+        .stages
+        .decode(
+            DecodeRequest {
+                latents: Some(first),
+                return_float: false,
+            },
+            ctx.deadline,
+        )
+        .instrument(tracing::info_span!("preview"))
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "preview skipped"))
+        .ok()?;
+    let img = decoded.images.into_iter().next()?;
+    let (w, h) = (img.width_px, img.height_px);
+    let scale = f64::from(max_side.max(1)) / f64::from(w.max(h).max(1));
+    let (pw, ph) = if scale < 1.0 {
+        (
+            ((f64::from(w) * scale).round() as u32).max(1),
+            ((f64::from(h) * scale).round() as u32).max(1),
+        )
+    } else {
+        (w, h)
+    };
+    let rgb = qwen_image_imaging::Image8::new(w as usize, h as usize, 3, img.rgb8.to_vec()).ok()?;
+    let small = if (pw, ph) == (w, h) {
+        rgb
+    } else {
+        crate::images::resize_to(&rgb, pw, ph).ok()?
+    };
+    pngmeta::encode_png(pw, ph, &small.data, &[])
+        .map(Bytes::from)
+        .map_err(|e| tracing::warn!(error = %e, "preview skipped"))
+        .ok()
+}
+
+/// `[B, ...]` → `[1, ...]`: the first element's bytes.
+fn first_of_batch(t: &Tensor) -> Result<Tensor, String> {
+    let b = *t.shape.first().ok_or("a scalar preview tensor")?;
+    if b == 0 || t.data.len() % b as usize != 0 {
+        return Err(format!(
+            "preview tensor shape {:?} does not fit its {} bytes",
+            t.shape,
+            t.data.len()
+        ));
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = 1;
+    Ok(Tensor {
+        dtype: t.dtype,
+        shape,
+        data: t.data.slice(..t.data.len() / b as usize),
+    })
+}
+
+/// The denoising loop on a replica: forwards every progress event (with a preview PNG when the denoiser
+/// sent latents for one), returns the final latents.
+async fn denoise_events(
+    ctx: &Ctx<'_>,
+    request: DenoiseRequest,
+    preview_side: u32,
+) -> Result<Tensor, GatewayError> {
     let call = ctx.stages.denoise(request, ctx.deadline).await?;
     let (mut rest, _lease) = (call.rest, call.lease);
     let mut next = Some(call.first);
@@ -353,7 +443,12 @@ async fn denoise_events(ctx: &Ctx<'_>, request: DenoiseRequest) -> Result<Tensor
         };
         match ev.event {
             Some(denoise_event::Event::Progress(pr)) => {
-                ctx.progress(Stage::Denoise, pr.step, pr.total_steps).await
+                let png = match pr.preview_latents {
+                    Some(l) => preview_png(ctx, l, preview_side).await.unwrap_or_default(),
+                    None => Bytes::new(),
+                };
+                ctx.progress_with_preview(Stage::Denoise, pr.step, pr.total_steps, png)
+                    .await
             }
             Some(denoise_event::Event::Result(r)) => {
                 break r.latents.ok_or_else(|| {

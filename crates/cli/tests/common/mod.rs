@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{GenerateResult, TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{GenerateEvent, GenerateResult, TextToImageRequest, generate_event};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -79,38 +79,26 @@ pub async fn start_stack(denoiser_queue_capacity: Option<&str>) -> Stack {
 /// The four services, the denoiser started with `denoiser_args` added (e.g. `--controlnet DIR`).
 pub async fn start_stack_with(denoiser_args: &[&str]) -> Stack {
     let model = snapshot();
-    let model = model.to_str().expect("utf-8 path");
-    let te = spawn(&[
-        "serve",
-        "--stage",
-        "text-encoder",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model,
-    ])
-    .await;
-    let mut dn_args = vec![
-        "serve",
-        "--stage",
-        "denoiser",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model,
-    ];
-    dn_args.extend_from_slice(denoiser_args);
-    let dn = spawn(&dn_args).await;
-    let vae = spawn(&[
-        "serve",
-        "--stage",
-        "vae",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model,
-    ])
-    .await;
+    start_stack_on(Some(model.to_str().expect("utf-8 path")), denoiser_args).await
+}
+
+/// The four services as separate processes on `model` (`None`: no `--model`, the default model).
+pub async fn start_stack_on(model: Option<&str>, denoiser_args: &[&str]) -> Stack {
+    let stage = |name: &'static str, extra: &[&str]| {
+        let mut args = vec!["serve", "--stage", name, "--listen", "127.0.0.1:0"];
+        if let Some(m) = model {
+            args.extend(["--model", m]);
+        }
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let spawn_owned = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn(&refs).await
+    };
+    let te = spawn_owned(stage("text-encoder", &[])).await;
+    let dn = spawn_owned(stage("denoiser", denoiser_args)).await;
+    let vae = spawn_owned(stage("vae", &[])).await;
     let gateway = spawn(&[
         "serve",
         "--stage",
@@ -170,7 +158,13 @@ pub async fn generate(
     c: &mut ImageGeneratorClient<Channel>,
     req: TextToImageRequest,
 ) -> Result<GenerateResult, tonic::Status> {
-    let mut stream = c.text_to_image(req).await?.into_inner();
+    result_of(c.text_to_image(req).await?.into_inner()).await
+}
+
+/// The result event of a gateway flow's stream (progress events skipped).
+pub async fn result_of(
+    mut stream: tonic::Streaming<GenerateEvent>,
+) -> Result<GenerateResult, tonic::Status> {
     while let Some(ev) = stream.message().await? {
         if let Some(generate_event::Event::Result(r)) = ev.event {
             return Ok(r);
@@ -192,7 +186,11 @@ pub fn decode_rgb(png_bytes: &[u8]) -> (u32, u32, Vec<u8>) {
 
 /// The reference dump's request parameters and image.
 pub fn reference(name: &str) -> (TextToImageRequest, Vec<u8>) {
-    let dir = workspace().join("tests/fixtures/tiny/refs").join(name);
+    reference_at(&workspace().join("tests/fixtures/tiny/refs").join(name))
+}
+
+/// [`reference`] for a dump directory anywhere.
+pub fn reference_at(dir: &std::path::Path) -> (TextToImageRequest, Vec<u8>) {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
             .expect("json");
