@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--judge", type=Path, required=True)
     ap.add_argument("--per-lang", type=int, default=56)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0, help="true CFG scale")
+    ap.add_argument("--modes", default="t2i,pose_with_skeleton,skeleton_only")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -86,12 +88,13 @@ def main(argv=None) -> int:
                                         tokenizer=pipe.tokenizer, transformer=pipe.transformer, controlnet=cn)
     cpipe.set_progress_bar_config(disable=True)
     cases = prompts(a.per_lang, a.seed)
-    common = dict(height=S.SIZE, width=S.SIZE, num_inference_steps=a.steps, true_cfg_scale=4.0, negative_prompt=" ",
-                  output_type="np")
-    report = {"steps": a.steps, "true_cfg_scale": 4.0, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
+    common = dict(height=S.SIZE, width=S.SIZE, num_inference_steps=a.steps, true_cfg_scale=a.cfg,
+                  negative_prompt=" ", output_type="np")
+    modes = a.modes.split(",")
+    report = {"steps": a.steps, "true_cfg_scale": a.cfg, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
     t0 = time.time()
     sheets = {}
-    for mode in ("t2i", "pose_with_skeleton", "skeleton_only"):
+    for mode in modes:
         report[mode] = {}
         for lang in LANGS:
             sub = [c for c in cases if c[0] == lang]
@@ -111,11 +114,11 @@ def main(argv=None) -> int:
             report[mode][lang] = summarise(pred, want)
             sheets[(mode, lang)] = imgs
             print(f"{mode:20s} {lang:5s} {report[mode][lang]} ({time.time() - t0:.0f}s)", flush=True)
-    for mode in ("t2i", "pose_with_skeleton", "skeleton_only"):
+    for mode in modes:
         allp = [report[mode][lang] for lang in LANGS]
         report[mode]["total"] = {k: float(np.mean([x[k] for x in allp])) for k in allp[0] if k != "n"}
         report[mode]["total"]["n"] = sum(x["n"] for x in allp)
-    print(json.dumps({m: report[m]["total"] for m in ("t2i", "pose_with_skeleton", "skeleton_only")}, indent=1))
+    print(json.dumps({m: report[m]["total"] for m in modes}, indent=1))
     if a.out:
         a.out.write_text(json.dumps(report, indent=1))
     if a.images:
