@@ -2,14 +2,12 @@
 //! (diffusers QwenImageControlNetInpaintPipeline), through a gateway or a local stack.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use qwen_image_denoiser::config::{ControlNetSpec, parse_controlnet};
 use qwen_image_proto::v1::ControlNetInpaintRequest;
 
-use crate::generate::{ApiRequest, Target, execute};
+use crate::generate::{ApiRequest, ControlArgs, TargetArgs, execute};
 use crate::pose::resolve_controlnet;
 
 #[derive(Args, Debug, Clone)]
@@ -20,19 +18,8 @@ pub struct CnInpaintArgs {
     /// The mask (PNG or JPEG): white = regenerate.
     #[arg(long)]
     pub mask: PathBuf,
-    /// The inpainting ControlNet. Local stack: `DIR` or `NAME=DIR` (default: MODEL/controlnet_inpaint).
-    /// With --gateway: which of the denoiser's ControlNets (default: its only one).
-    #[arg(long, value_parser = parse_controlnet)]
-    pub controlnet: Option<ControlNetSpec>,
-    /// diffusers' controlnet_conditioning_scale (server default 1.0).
-    #[arg(long)]
-    pub conditioning_scale: Option<f32>,
-    /// First fraction of the schedule where the ControlNet runs (default 0).
-    #[arg(long)]
-    pub control_guidance_start: Option<f32>,
-    /// Last fraction of the schedule where the ControlNet runs (default 1).
-    #[arg(long)]
-    pub control_guidance_end: Option<f32>,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// What to draw in the masked region.
     #[arg(long)]
     pub prompt: String,
@@ -52,19 +39,8 @@ pub struct CnInpaintArgs {
     pub seed: Option<u64>,
     #[arg(long)]
     pub num_images: Option<u32>,
-    /// Where to write the PNG.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// A running gateway. Without it, a local stack is started for the call.
-    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
-    pub gateway: Option<String>,
-    /// Model for the local stack. Default: the embedded default model.
-    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
-    pub model: Option<PathBuf>,
-    #[arg(long, default_value_t = 3600)]
-    pub timeout_secs: u64,
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 pub fn run(args: CnInpaintArgs) -> Result<std::process::ExitCode> {
@@ -79,9 +55,9 @@ async fn inpaint(args: CnInpaintArgs) -> Result<()> {
     let read =
         |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let (model, options, id) = resolve_controlnet(
-        args.gateway.as_deref(),
-        args.model.as_ref(),
-        args.controlnet.as_ref(),
+        args.target.gateway.as_deref(),
+        args.target.model.as_ref(),
+        args.control.controlnet.as_ref(),
         "controlnet_inpaint",
     )?;
     let request = ControlNetInpaintRequest {
@@ -97,17 +73,16 @@ async fn inpaint(args: CnInpaintArgs) -> Result<()> {
         image: read(&args.image)?.into(),
         mask: read(&args.mask)?.into(),
         controlnet_id: id,
-        conditioning_scale: args.conditioning_scale,
-        control_guidance_start: args.control_guidance_start,
-        control_guidance_end: args.control_guidance_end,
+        conditioning_scale: args.control.conditioning_scale,
+        control_guidance_start: args.control.control_guidance_start,
+        control_guidance_end: args.control.control_guidance_end,
     };
-    let target = Target {
-        gateway: args.gateway.clone(),
-        model,
-        timeout: Duration::from_secs(args.timeout_secs),
-        quiet: args.quiet,
-        options,
-    };
-    execute(ApiRequest::ControlNetInpaint(request), &target, &args.out).await?;
+    let target = args.target.to_target(model, options);
+    execute(
+        ApiRequest::ControlNetInpaint(request),
+        &target,
+        &args.target.out,
+    )
+    .await?;
     Ok(())
 }

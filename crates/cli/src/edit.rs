@@ -2,13 +2,12 @@
 //! gateway, or to a stack started in this process); writes the PNG(s).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use qwen_image_proto::v1::{Anchor, Img2ImgRequest, InpaintRequest, OutpaintRequest};
 
-use crate::generate::{ApiRequest, Target, execute};
+use crate::generate::{ApiRequest, Target, TargetArgs, execute};
 use crate::stack::StageOptions;
 
 /// Options shared by the three commands (their meaning is `generate`'s unless said otherwise).
@@ -45,21 +44,8 @@ pub struct EditArgs {
     /// Number of images (1..=4).
     #[arg(long)]
     pub num_images: Option<u32>,
-    /// Where to write the PNG.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
-    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
-    pub gateway: Option<String>,
-    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model.
-    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
-    pub model: Option<PathBuf>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub timeout_secs: u64,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,13 +126,8 @@ fn read(path: &PathBuf) -> Result<bytes::Bytes> {
 }
 
 fn target(a: &EditArgs) -> Target {
-    Target {
-        gateway: a.gateway.clone(),
-        model: a.model.clone(),
-        timeout: Duration::from_secs(a.timeout_secs),
-        quiet: a.quiet,
-        options: StageOptions::default(),
-    }
+    a.target
+        .to_target(a.target.model.clone(), StageOptions::default())
 }
 
 fn block_on(fut: impl std::future::Future<Output = Result<()>>) -> Result<std::process::ExitCode> {
@@ -173,7 +154,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<std::process::ExitCode> {
         ..Default::default()
     };
     block_on(async move {
-        execute(ApiRequest::Img2Img(req), &target(&a), &a.out).await?;
+        execute(ApiRequest::Img2Img(req), &target(&a), &a.target.out).await?;
         Ok(())
     })
 }
@@ -196,7 +177,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<std::process::ExitCode> {
         ..Default::default()
     };
     block_on(async move {
-        execute(ApiRequest::Inpaint(req), &target(&a), &a.out).await?;
+        execute(ApiRequest::Inpaint(req), &target(&a), &a.target.out).await?;
         Ok(())
     })
 }
@@ -223,7 +204,7 @@ pub fn outpaint(args: OutpaintArgs) -> Result<std::process::ExitCode> {
         ..Default::default()
     };
     block_on(async move {
-        let r = execute(ApiRequest::Outpaint(req), &target(&a), &a.out).await?;
+        let r = execute(ApiRequest::Outpaint(req), &target(&a), &a.target.out).await?;
         if let Some(p) = r.padding {
             println!(
                 "padding left {} right {} top {} bottom {}",

@@ -49,9 +49,6 @@ pub struct GenerateArgs {
     /// `latents`) of shape [N, 1, 16, H/8, W/8] or [N, 16, 1, H/8, W/8].
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    /// Where to write the PNG.
-    #[arg(long)]
-    pub out: PathBuf,
     /// Also write a preview every N denoising steps (and of the last step), decoded by the VAE stage, as
     /// OUT_STEM.stepNNN.png next to --out.
     #[arg(long)]
@@ -59,6 +56,36 @@ pub struct GenerateArgs {
     /// Longest side of the previews in pixels (default 256; never enlarged).
     #[arg(long, requires = "preview_every")]
     pub preview_max_side: Option<u32>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(generate(args))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn generate(args: GenerateArgs) -> Result<()> {
+    let request = ApiRequest::TextToImage(build_request(&args)?);
+    let t = &args.target;
+    execute(
+        request,
+        &t.to_target(t.model.clone(), StageOptions::default()),
+        &t.out,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Where a command's request goes and where its PNG is written (every request command flattens it).
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Where to write the PNG.
+    #[arg(long)]
+    pub out: PathBuf,
     /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
     #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
     pub gateway: Option<String>,
@@ -73,25 +100,36 @@ pub struct GenerateArgs {
     pub quiet: bool,
 }
 
-pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(generate(args))?;
-    Ok(std::process::ExitCode::SUCCESS)
+impl TargetArgs {
+    /// The target for a local stack on `model` with `options`, or the gateway when one is named.
+    pub fn to_target(&self, model: Option<PathBuf>, options: StageOptions) -> Target {
+        Target {
+            gateway: self.gateway.clone(),
+            model,
+            timeout: Duration::from_secs(self.timeout_secs),
+            quiet: self.quiet,
+            options,
+        }
+    }
 }
 
-async fn generate(args: GenerateArgs) -> Result<()> {
-    let request = ApiRequest::TextToImage(build_request(&args)?);
-    let target = Target {
-        gateway: args.gateway.clone(),
-        model: args.model.clone(),
-        timeout: Duration::from_secs(args.timeout_secs),
-        quiet: args.quiet,
-        options: StageOptions::default(),
-    };
-    execute(request, &target, &args.out).await?;
-    Ok(())
+/// The ControlNet flags of `pose` and `controlnet-inpaint`.
+#[derive(Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// The ControlNet. Local stack: `DIR` or `NAME=DIR` for the denoiser to load (default: MODEL/controlnet
+    /// for `pose`, MODEL/controlnet_inpaint for `controlnet-inpaint`). With --gateway: which of the
+    /// denoiser's ControlNets to use (NAME, or the folder name of DIR; default: its only one).
+    #[arg(long, value_parser = qwen_image_denoiser::config::parse_controlnet)]
+    pub controlnet: Option<qwen_image_denoiser::config::ControlNetSpec>,
+    /// diffusers' controlnet_conditioning_scale (server default 1.0; the InstantX cards suggest 0.8-1.0).
+    #[arg(long)]
+    pub conditioning_scale: Option<f32>,
+    /// First fraction of the schedule where the ControlNet runs (default 0).
+    #[arg(long)]
+    pub control_guidance_start: Option<f32>,
+    /// Last fraction of the schedule where the ControlNet runs (default 1).
+    #[arg(long)]
+    pub control_guidance_end: Option<f32>,
 }
 
 /// A request to one of the gateway's flows.

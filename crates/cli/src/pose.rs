@@ -2,14 +2,13 @@
 //! running gateway or to a stack started in this process whose denoiser loads the ControlNet.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use qwen_image_denoiser::config::{ControlNetSpec, parse_controlnet};
+use qwen_image_denoiser::config::ControlNetSpec;
 use qwen_image_proto::v1::{PoseRequest, pose_request};
 
-use crate::generate::{ApiRequest, Target, execute};
+use crate::generate::{ApiRequest, ControlArgs, TargetArgs, execute};
 use crate::model_dir::default_model_dir;
 use crate::stack::StageOptions;
 
@@ -22,20 +21,8 @@ pub struct PoseArgs {
     /// The pose as OpenPose keypoints JSON (COCO-18 or BODY_25, optional hands / face; see docs/pose-example.json).
     #[arg(long)]
     pub keypoints: Option<PathBuf>,
-    /// The ControlNet. Local stack: `DIR` or `NAME=DIR` for the denoiser to load (default: MODEL/controlnet).
-    /// With --gateway: which of the denoiser's ControlNets to use (NAME, or the folder name of DIR; default:
-    /// its only one).
-    #[arg(long, value_parser = parse_controlnet)]
-    pub controlnet: Option<ControlNetSpec>,
-    /// diffusers' controlnet_conditioning_scale (server default 1.0; the InstantX card suggests 0.8-1.0).
-    #[arg(long)]
-    pub conditioning_scale: Option<f32>,
-    /// First fraction of the schedule where the ControlNet runs (default 0).
-    #[arg(long)]
-    pub control_guidance_start: Option<f32>,
-    /// Last fraction of the schedule where the ControlNet runs (default 1).
-    #[arg(long)]
-    pub control_guidance_end: Option<f32>,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -60,21 +47,8 @@ pub struct PoseArgs {
     /// Number of images (1..=4); files after the first get `-1`, `-2`, ... before the extension.
     #[arg(long)]
     pub num_images: Option<u32>,
-    /// Where to write the PNG.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
-    #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
-    pub gateway: Option<String>,
-    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model.
-    #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
-    pub model: Option<PathBuf>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub timeout_secs: u64,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 pub fn run(args: PoseArgs) -> Result<std::process::ExitCode> {
@@ -110,9 +84,9 @@ fn build_request(args: &PoseArgs, controlnet_id: String) -> Result<PoseRequest> 
         num_images: args.num_images.unwrap_or(0),
         pose: Some(pose),
         controlnet_id,
-        conditioning_scale: args.conditioning_scale,
-        control_guidance_start: args.control_guidance_start,
-        control_guidance_end: args.control_guidance_end,
+        conditioning_scale: args.control.conditioning_scale,
+        control_guidance_start: args.control.control_guidance_start,
+        control_guidance_end: args.control.control_guidance_end,
     })
 }
 
@@ -157,21 +131,14 @@ pub fn resolve_controlnet(
 }
 
 async fn pose(args: PoseArgs) -> Result<()> {
-    let timeout = Duration::from_secs(args.timeout_secs);
     let (model, options, id) = resolve_controlnet(
-        args.gateway.as_deref(),
-        args.model.as_ref(),
-        args.controlnet.as_ref(),
+        args.target.gateway.as_deref(),
+        args.target.model.as_ref(),
+        args.control.controlnet.as_ref(),
         "controlnet",
     )?;
     let request = build_request(&args, id)?;
-    let target = Target {
-        gateway: args.gateway.clone(),
-        model,
-        timeout,
-        quiet: args.quiet,
-        options,
-    };
-    execute(ApiRequest::Pose(request), &target, &args.out).await?;
+    let target = args.target.to_target(model, options);
+    execute(ApiRequest::Pose(request), &target, &args.target.out).await?;
     Ok(())
 }
