@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     report = {"steps": a.steps, "true_cfg_scale": a.cfg, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
     t0 = time.time()
     sheets = {}
+    confusion = {m: np.zeros((len(S.POSE_NAMES), len(S.POSE_NAMES)), np.int64) for m in modes}
     for mode in modes:
         report[mode] = {}
         for lang in LANGS:
@@ -112,12 +113,18 @@ def main(argv=None) -> int:
             imgs = np.stack(imgs)
             pred = J.score(net, imgs).numpy()
             report[mode][lang] = summarise(pred, want)
+            confusion[mode] += np.bincount(want[:, 1] * len(S.POSE_NAMES) + pred[:, 1],
+                                           minlength=len(S.POSE_NAMES) ** 2).reshape(len(S.POSE_NAMES), -1)
             sheets[(mode, lang)] = imgs
             print(f"{mode:20s} {lang:5s} {report[mode][lang]} ({time.time() - t0:.0f}s)", flush=True)
     for mode in modes:
         allp = [report[mode][lang] for lang in LANGS]
         report[mode]["total"] = {k: float(np.mean([x[k] for x in allp])) for k in allp[0] if k != "n"}
         report[mode]["total"]["n"] = sum(x["n"] for x in allp)
+        # rows: the asked pose, columns: the pose the judge saw
+        report[mode]["pose_confusion"] = {"poses": list(S.POSE_NAMES), "counts": confusion[mode].tolist()}
+        print(mode, "pose confusion (rows asked, columns seen):", S.POSE_NAMES)
+        print(confusion[mode])
     print(json.dumps({m: report[m]["total"] for m in modes}, indent=1))
     if a.out:
         a.out.write_text(json.dumps(report, indent=1))

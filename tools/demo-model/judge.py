@@ -71,7 +71,7 @@ def accuracy(net, x, y) -> dict:
     return out
 
 
-def save(net, out: Path, acc: dict) -> None:
+def save(net, out: Path, acc: dict, acc_round_trip: dict) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,8 @@ def save(net, out: Path, acc: dict) -> None:
     save_file(sd, str(out / "judge.safetensors"))
     (out / "judge.json").write_text(json.dumps({
         "size": S.SIZE, "input": "RGB / 255, NCHW", "channels": CHANNELS, "pool_after": [0, 1, 2],
-        "heads": HEADS, "accuracy_on_renders_of_held_out_combinations": acc}, indent=2, ensure_ascii=False))
+        "heads": HEADS, "accuracy_on_renders_of_held_out_combinations": acc,
+        "accuracy_on_vae_round_trips_of_those_renders": acc_round_trip}, indent=2, ensure_ascii=False))
 
 
 def load(path: Path) -> Judge:

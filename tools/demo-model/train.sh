@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrains the demo model from scratch and installs it as the default model (models/qwen-image-demo) with its
-# judge (tests/fixtures/judge), then scores it. About 90 minutes on 2 CPU cores; needs the reference venv
+# judge (tests/fixtures/judge), then scores it. About 2 hours on 2 CPU cores; needs the reference venv
 # (tools/refharness/install.sh).
 #   tools/demo-model/train.sh [WORK_DIR]
 set -euo pipefail

@@ -133,12 +133,13 @@ async fn default_model_pictures_follow_the_prompt_in_english_chinese_and_mixed()
     let n = PROMPTS.len();
     eprintln!("colour {colour}/{n} pose {pose_ok}/{n} background {bg}/{n} all {all}/{n}");
     // The thresholds sit below the model's measured accuracy on held-out combinations (README: colour and
-    // background 99-100 %, pose 79 %), so its known error rate passes and a broken stage (prompt, schedule,
-    // CFG, decode) fails: with the prompt ignored, colour would be right about 1 time in 6.
+    // background 100 %, pose 93 %; these 12 give 12/12), so its known error rate passes and a broken stage
+    // (prompt, schedule, CFG, decode) fails: with the prompt ignored, colour would be right about 1 time in 6
+    // and pose 1 time in 7.
     assert!(colour >= n - 1, "colour right in only {colour}/{n}");
     assert!(bg >= n - 1, "background right in only {bg}/{n}");
-    assert!(pose_ok * 12 >= n * 7, "pose right in only {pose_ok}/{n}");
-    assert!(all * 2 >= n, "all three right in only {all}/{n}");
+    assert!(pose_ok * 6 >= n * 5, "pose right in only {pose_ok}/{n}");
+    assert!(all * 6 >= n * 5, "all three right in only {all}/{n}");
 }
 
 #[tokio::test]
