@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="true CFG scale")
     ap.add_argument("--modes", default="t2i,pose_with_skeleton,skeleton_only")
+    ap.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet conditioning scale")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     common = dict(height=S.SIZE, width=S.SIZE, num_inference_steps=a.steps, true_cfg_scale=a.cfg,
                   negative_prompt=" ", output_type="np")
     modes = a.modes.split(",")
-    report = {"steps": a.steps, "true_cfg_scale": a.cfg, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
+    report = {"steps": a.steps, "true_cfg_scale": a.cfg, "conditioning_scale": a.conditioning_scale, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
     t0 = time.time()
     sheets = {}
     confusion = {m: np.zeros((len(S.POSE_NAMES), len(S.POSE_NAMES)), np.int64) for m in modes}
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
                 else:
                     sk = Image.fromarray(skeleton_for(attrs[1], a.seed * 7 + k))
                     out = cpipe(prompt=cap if mode == "pose_with_skeleton" else cap_nopose, control_image=sk,
-                                controlnet_conditioning_scale=1.0, generator=g, **common).images
+                                controlnet_conditioning_scale=a.conditioning_scale, generator=g, **common).images
                 imgs.append((np.clip(out[0], 0, 1) * 255).round().astype(np.uint8))
             imgs = np.stack(imgs)
             pred = J.score(net, imgs).numpy()
