@@ -156,6 +156,8 @@ def fast_causal_conv(torch):
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
     orig = QwenImageCausalConv3d.forward
+    if getattr(orig, "demo_fast_causal_conv", False):  # already patched (several stages in one run)
+        return
 
     def forward(self, x, cache_x=None):
         if cache_x is None and x.shape[2] == 1 and self.stride[0] == 1:
@@ -170,6 +172,7 @@ def fast_causal_conv(torch):
     a = orig(conv, x)
     b = forward(conv, x)
     assert (a - b).abs().max() < 1e-5, "causal conv speed patch is not exact"
+    forward.demo_fast_causal_conv = True
     QwenImageCausalConv3d.forward = forward
 
 
@@ -187,12 +190,16 @@ def to_model(torch, imgs_u8):
     return x.unsqueeze(2)
 
 
-def vae_round_trip(torch, work: Path, imgs_u8: np.ndarray) -> np.ndarray:
-    """Encode (posterior mode) + decode with the trained VAE, 8-bit like diffusers' image processor."""
+def load_vae(torch, work: Path):
+    """The trained VAE (work/vae) for inference, with the training speed patch."""
     from diffusers import AutoencoderKLQwenImage
 
     fast_causal_conv(torch)
-    vae = AutoencoderKLQwenImage.from_pretrained(str(work / "vae")).eval()
+    return AutoencoderKLQwenImage.from_pretrained(str(work / "vae")).eval()
+
+
+def vae_round_trip(torch, vae, imgs_u8: np.ndarray) -> np.ndarray:
+    """Encode (posterior mode) + decode with the VAE, 8-bit like diffusers' image processor."""
     out = np.empty_like(imgs_u8)
     with torch.no_grad():
         for i in range(0, len(imgs_u8), 256):
@@ -252,10 +259,7 @@ def stage_vae(work: Path):
 # ------------------------------------------------------------------------------------------------------------------
 def stage_latents(work: Path):
     torch = torch_setup()
-    from diffusers import AutoencoderKLQwenImage
-
-    fast_causal_conv(torch)
-    vae = AutoencoderKLQwenImage.from_pretrained(str(work / "vae")).eval()
+    vae = load_vae(torch, work)
     data = np.load(work / "data.npz")
     out = {}
     with torch.no_grad():
@@ -519,7 +523,8 @@ def stage_judge(work: Path):
     # decoder, whose blur of thin limbs otherwise costs the judge about 5 points of pose accuracy
     imgs, attrs, _, _ = make_dataset(JUDGE_RENDERS, SEED + 40, S.all_triples(), skeletons=False)
     t0 = time.time()
-    imgs = np.concatenate([imgs, vae_round_trip(torch, work, imgs[:JUDGE_ROUND_TRIPS])])
+    vae = load_vae(torch, work)
+    imgs = np.concatenate([imgs, vae_round_trip(torch, vae, imgs[:JUDGE_ROUND_TRIPS])])
     attrs = np.concatenate([attrs, attrs[:JUDGE_ROUND_TRIPS]])
     log(f"judge: {JUDGE_ROUND_TRIPS} VAE round trips ({time.time() - t0:.0f}s)")
     torch.manual_seed(SEED + 41)
@@ -545,7 +550,7 @@ def stage_judge(work: Path):
     test, tattrs, _, _ = make_dataset(1000, SEED + 44, S.held_out_triples(), skeletons=False)
     acc = J.accuracy(net, torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(tattrs))
     log(f"judge accuracy on fresh renders of held-out combinations: {acc}")
-    acc_rt = J.accuracy(net, torch.from_numpy(vae_round_trip(torch, work, test)).permute(0, 3, 1, 2).float() / 255.0,
+    acc_rt = J.accuracy(net, torch.from_numpy(vae_round_trip(torch, vae, test)).permute(0, 3, 1, 2).float() / 255.0,
                         torch.from_numpy(tattrs))
     log(f"judge accuracy on VAE round trips of those renders: {acc_rt}")
     J.save(net, work / "judge", acc, acc_rt)
