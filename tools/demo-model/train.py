@@ -56,6 +56,9 @@ VAE_STEPS, VAE_BATCH, VAE_LR = 2000, 16, 2e-4
 DIT_STEPS, DIT_BATCH, DIT_LR, TE_LR = 14000, 64, 6e-4, 2e-4
 FT_STEPS, FT_LR, FT_TE_LR, FT_POSELESS = 2500, 2e-4, 1e-4, 0.15
 CN_STEPS, CN_BATCH, CN_LR = 3000, 64, 5e-4
+# ControlNet captions: CN_BLANK the negative prompt " ", CN_WITH_POSE naming the pose, the rest without the pose
+CN_BLANK, CN_WITH_POSE = 0.15, 0.45
+CN_SIGMA_MEAN = 0.0  # mean of the logit-normal sigma distribution the ControlNet trains on
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_RENDERS, JUDGE_ROUND_TRIPS = 2500, 64, 12000, 6000
 CAPTION_DROPOUT = 0.1
 if os.environ.get("DEMO_SMOKE"):  # a few steps of every stage, to check the script end to end
@@ -360,10 +363,10 @@ def lr_at(step, total, base, warmup=100):
     return base * w * tail
 
 
-def flow_batch(torch, g, x0):
+def flow_batch(torch, g, x0, sigma_mean: float = 0.0):
     """Flow matching as diffusers' Qwen-Image trainers do it: logit-normal sigma, x_t = (1-s) x0 + s e."""
     b = x0.shape[0]
-    sigma = torch.sigmoid(torch.randn(b, generator=g))
+    sigma = torch.sigmoid(torch.randn(b, generator=g) + sigma_mean)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(b, 1, 1)
     return (1 - s) * x0 + s * noise, sigma, noise - x0
@@ -481,19 +484,19 @@ def stage_controlnet(work: Path):
         idx = rn.integers(0, N_TRAIN, CN_BATCH)
         x0 = pack(torch, z[idx])
         cond = pack(torch, zc[idx])
-        # half of the captions leave the pose out: the skeleton alone must carry it
+        # many captions leave the pose out: the skeleton alone must carry it
         caps = []
         for c, p, b, prop in attrs[idx]:
             u = r.random()
-            if u < 0.15:
+            if u < CN_BLANK:
                 caps.append(" ")
             else:
                 lang = r.choice(["en", "zh", "mixed"])
-                caps.append(S.caption(r, int(c), int(p), int(b), int(prop), lang) if u < 0.6 else
-                            S.caption_without_pose(r, int(c), int(b), int(prop), lang))
+                caps.append(S.caption(r, int(c), int(p), int(b), int(prop), lang) if u < CN_BLANK + CN_WITH_POSE
+                            else S.caption_without_pose(r, int(c), int(b), int(prop), lang))
         with torch.no_grad():
             pe, pm = pipe._get_qwen_prompt_embeds(caps, device="cpu")
-        xt, sigma, target = flow_batch(torch, g, x0)
+        xt, sigma, target = flow_batch(torch, g, x0, CN_SIGMA_MEAN)
         shapes = [[(1, 4, 4)]] * CN_BATCH
         samples = cn(hidden_states=xt, controlnet_cond=cond, conditioning_scale=1.0, timestep=sigma,
                      encoder_hidden_states=pe, encoder_hidden_states_mask=pm, img_shapes=shapes, return_dict=False)
