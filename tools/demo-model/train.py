@@ -49,7 +49,7 @@ VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1, at
                temperal_downsample=[False, True, True], dropout=0.0)
 TEXT = dict(num_attention_heads=4, head_dim=16, num_key_value_heads=2, intermediate_mult=2, num_hidden_layers=2)
 DIT = dict(num_layers=6, num_attention_heads=4, attention_head_dim=32)
-CONTROLNET_LAYERS = 3
+CONTROLNET_LAYERS = 6
 BPE_VOCAB = 2048
 
 VAE_STEPS, VAE_BATCH, VAE_LR = 2000, 16, 2e-4
@@ -57,8 +57,8 @@ DIT_STEPS, DIT_BATCH, DIT_LR, TE_LR = 14000, 64, 6e-4, 2e-4
 FT_STEPS, FT_LR, FT_TE_LR, FT_POSELESS = 2500, 2e-4, 1e-4, 0.15
 CN_STEPS, CN_BATCH, CN_LR = 3000, 64, 5e-4
 # ControlNet captions: CN_BLANK the negative prompt " ", CN_WITH_POSE naming the pose, the rest without the pose
-CN_BLANK, CN_WITH_POSE = 0.15, 0.45
-CN_SIGMA_MEAN = 0.0  # mean of the logit-normal sigma distribution the ControlNet trains on
+CN_BLANK, CN_WITH_POSE = 0.15, 0.25
+CN_SIGMA_MEAN = 0.5  # mean of the logit-normal sigma distribution the ControlNet trains on
 JUDGE_STEPS, JUDGE_BATCH, JUDGE_RENDERS, JUDGE_ROUND_TRIPS = 2500, 64, 12000, 6000
 CAPTION_DROPOUT = 0.1
 if os.environ.get("DEMO_SMOKE"):  # a few steps of every stage, to check the script end to end
