@@ -2,6 +2,7 @@
 
 const PROTOS: &[&str] = &[
     "../../proto/qwen_image/v1/tensor.proto",
+    "../../proto/qwen_image/v1/stage.proto",
     "../../proto/qwen_image/v1/text_encoder.proto",
     "../../proto/qwen_image/v1/denoiser.proto",
     "../../proto/qwen_image/v1/vae.proto",

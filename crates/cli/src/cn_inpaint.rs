@@ -9,36 +9,20 @@ use qwen_image_proto::v1::ControlNetInpaintRequest;
 
 use crate::generate::{ApiRequest, ControlArgs, TargetArgs, execute};
 use crate::pose::resolve_controlnet;
+use crate::settings::SettingsArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct CnInpaintArgs {
     /// The image to inpaint (PNG or JPEG).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_IMAGE")]
     pub image: PathBuf,
     /// The mask (PNG or JPEG): white = regenerate.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_MASK")]
     pub mask: PathBuf,
     #[command(flatten)]
     pub control: ControlArgs,
-    /// What to draw in the masked region.
-    #[arg(long)]
-    pub prompt: String,
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    /// Width in pixels, a multiple of 16 (default: the image's width floored to 16).
-    #[arg(long)]
-    pub width: Option<u32>,
-    /// Height in pixels, a multiple of 16 (default: the image's height floored to 16).
-    #[arg(long)]
-    pub height: Option<u32>,
-    #[arg(long)]
-    pub steps: Option<u32>,
-    #[arg(long)]
-    pub true_cfg_scale: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    #[arg(long)]
-    pub num_images: Option<u32>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -61,21 +45,10 @@ async fn inpaint(args: CnInpaintArgs) -> Result<()> {
         "controlnet_inpaint",
     )?;
     let request = ControlNetInpaintRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width_px: args.width.unwrap_or(0),
-        height_px: args.height.unwrap_or(0),
-        steps: args.steps.unwrap_or(0),
-        true_cfg_scale: args.true_cfg_scale,
-        seed: args.seed,
-        preview: None,
-        num_images: args.num_images.unwrap_or(0),
+        settings: Some(args.settings.to_proto(None)),
         image: read(&args.image)?.into(),
         mask: read(&args.mask)?.into(),
-        controlnet_id: id,
-        conditioning_scale: args.control.conditioning_scale,
-        control_guidance_start: args.control.control_guidance_start,
-        control_guidance_end: args.control.control_guidance_end,
+        control: Some(args.control.to_proto(id)),
     };
     let target = args.target.to_target(model, options);
     execute(

@@ -8,42 +8,20 @@ use clap::{Args, ValueEnum};
 use qwen_image_proto::v1::{Anchor, Img2ImgRequest, InpaintRequest, OutpaintRequest};
 
 use crate::generate::{ApiRequest, Target, TargetArgs, execute};
+use crate::settings::SettingsArgs;
 use crate::stack::StageOptions;
 
 /// Options shared by the three commands (their meaning is `generate`'s unless said otherwise).
 #[derive(Args, Debug, Clone)]
 pub struct EditArgs {
-    /// What the result should show.
-    #[arg(long)]
-    pub prompt: String,
-    /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     /// The input picture (PNG or JPEG).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_IMAGE")]
     pub image: PathBuf,
     /// How much to change, in (0, 1] (server default 0.6; 1.0 for outpaint).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_STRENGTH")]
     pub strength: Option<f64>,
-    /// Working (output) width, a multiple of 16; default: the picture's, rounded down to 16.
-    /// outpaint: the target canvas width (with --anchor) instead of --left/--right.
-    #[arg(long)]
-    pub width: Option<u32>,
-    /// Working (output) height, as --width.
-    #[arg(long)]
-    pub height: Option<u32>,
-    /// Steps of the full schedule (server default 50); about steps x strength of them run.
-    #[arg(long)]
-    pub steps: Option<u32>,
-    /// True CFG scale (server default 4.0).
-    #[arg(long)]
-    pub true_cfg_scale: Option<f32>,
-    /// Seed (torch.Generator("cpu").manual_seed compatible); random when absent, printed either way.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Number of images (1..=4).
-    #[arg(long)]
-    pub num_images: Option<u32>,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -59,10 +37,10 @@ pub struct InpaintArgs {
     #[command(flatten)]
     pub common: EditArgs,
     /// The mask (PNG or JPEG, the picture's size): white = repaint, black = keep.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_MASK")]
     pub mask: PathBuf,
     /// Paste the kept pixels of the input back over the result (off = diffusers' behaviour).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_PASTE_BACK")]
     pub paste_back: bool,
 }
 
@@ -100,22 +78,22 @@ pub struct OutpaintArgs {
     #[command(flatten)]
     pub common: EditArgs,
     /// Pixels to add on the left.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "QWEN_IMAGE_LEFT", default_value_t = 0)]
     pub left: u32,
     /// Pixels to add on the right.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "QWEN_IMAGE_RIGHT", default_value_t = 0)]
     pub right: u32,
     /// Pixels to add at the top.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "QWEN_IMAGE_TOP", default_value_t = 0)]
     pub top: u32,
     /// Pixels to add at the bottom.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "QWEN_IMAGE_BOTTOM", default_value_t = 0)]
     pub bottom: u32,
     /// With --width/--height: where the picture sits on the canvas (default center).
-    #[arg(long, value_enum)]
+    #[arg(long, env = "QWEN_IMAGE_ANCHOR", value_enum)]
     pub anchor: Option<AnchorArg>,
     /// Paste the original pixels back over the result.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_PASTE_BACK")]
     pub paste_back: bool,
 }
 
@@ -141,17 +119,9 @@ fn block_on(fut: impl std::future::Future<Output = Result<()>>) -> Result<std::p
 pub fn img2img(args: Img2ImgArgs) -> Result<std::process::ExitCode> {
     let a = args.common;
     let req = Img2ImgRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        width_px: a.width.unwrap_or(0),
-        height_px: a.height.unwrap_or(0),
-        steps: a.steps.unwrap_or(0),
-        true_cfg_scale: a.true_cfg_scale,
-        seed: a.seed,
-        num_images: a.num_images.unwrap_or(0),
+        settings: Some(a.settings.to_proto(None)),
         image: read(&a.image)?,
         strength: a.strength,
-        ..Default::default()
     };
     block_on(async move {
         execute(ApiRequest::Img2Img(req), &target(&a), &a.target.out).await?;
@@ -162,19 +132,11 @@ pub fn img2img(args: Img2ImgArgs) -> Result<std::process::ExitCode> {
 pub fn inpaint(args: InpaintArgs) -> Result<std::process::ExitCode> {
     let a = args.common;
     let req = InpaintRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        width_px: a.width.unwrap_or(0),
-        height_px: a.height.unwrap_or(0),
-        steps: a.steps.unwrap_or(0),
-        true_cfg_scale: a.true_cfg_scale,
-        seed: a.seed,
-        num_images: a.num_images.unwrap_or(0),
+        settings: Some(a.settings.to_proto(None)),
         image: read(&a.image)?,
         strength: a.strength,
         mask: read(&args.mask)?,
         paste_back: args.paste_back,
-        ..Default::default()
     };
     block_on(async move {
         execute(ApiRequest::Inpaint(req), &target(&a), &a.target.out).await?;
@@ -185,14 +147,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<std::process::ExitCode> {
 pub fn outpaint(args: OutpaintArgs) -> Result<std::process::ExitCode> {
     let a = args.common;
     let req = OutpaintRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        width_px: a.width.unwrap_or(0),
-        height_px: a.height.unwrap_or(0),
-        steps: a.steps.unwrap_or(0),
-        true_cfg_scale: a.true_cfg_scale,
-        seed: a.seed,
-        num_images: a.num_images.unwrap_or(0),
+        settings: Some(a.settings.to_proto(None)),
         image: read(&a.image)?,
         strength: a.strength,
         left_px: args.left,
@@ -201,7 +156,6 @@ pub fn outpaint(args: OutpaintArgs) -> Result<std::process::ExitCode> {
         bottom_px: args.bottom,
         anchor: args.anchor.map(Anchor::from).unwrap_or(Anchor::Unspecified) as i32,
         paste_back: args.paste_back,
-        ..Default::default()
     };
     block_on(async move {
         let r = execute(ApiRequest::Outpaint(req), &target(&a), &a.target.out).await?;

@@ -16,45 +16,24 @@ use qwen_image_proto::v1::{
 };
 
 use crate::model_dir::{default_model_dir, model_default_size};
+use crate::settings::SettingsArgs;
 use crate::stack::{LocalStack, StageOptions};
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// What to draw (Chinese, English or mixed).
-    #[arg(long)]
-    pub prompt: String,
-    /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    /// Width in pixels, a multiple of 16 (default: the model's declared size, 64 for the demo model;
-    /// otherwise the server's, 1024).
-    #[arg(long)]
-    pub width: Option<u32>,
-    /// Height in pixels, a multiple of 16 (default like --width).
-    #[arg(long)]
-    pub height: Option<u32>,
-    /// Denoising steps (server default 50).
-    #[arg(long)]
-    pub steps: Option<u32>,
-    /// True CFG scale (server default 4.0).
-    #[arg(long)]
-    pub true_cfg_scale: Option<f32>,
-    /// Seed (torch.Generator("cpu").manual_seed compatible); random when absent, printed either way.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Number of images (1..=4); files after the first get `-1`, `-2`, ... before the extension.
-    #[arg(long)]
-    pub num_images: Option<u32>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     /// Initial latents instead of seeded noise: a safetensors file with one F32 tensor (or one named
-    /// `latents`) of shape [N, 1, 16, H/8, W/8] or [N, 16, 1, H/8, W/8].
-    #[arg(long)]
+    /// `latents`) of shape [N, 1, C, H/f, W/f] or [N, C, 1, H/f, W/f] (C latent channels, f the VAE scale
+    /// factor: 16 and 8 for Qwen-Image).
+    #[arg(long, env = "QWEN_IMAGE_LATENTS")]
     pub latents: Option<PathBuf>,
     /// Also write a preview every N denoising steps (and of the last step), decoded by the VAE stage, as
     /// OUT_STEM.stepNNN.png next to --out.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_PREVIEW_EVERY")]
     pub preview_every: Option<u32>,
     /// Longest side of the previews in pixels (default 256; never enlarged).
-    #[arg(long, requires = "preview_every")]
+    #[arg(long, env = "QWEN_IMAGE_PREVIEW_MAX_SIDE", requires = "preview_every")]
     pub preview_max_side: Option<u32>,
     #[command(flatten)]
     pub target: TargetArgs,
@@ -84,7 +63,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
 #[derive(Args, Debug, Clone)]
 pub struct TargetArgs {
     /// Where to write the PNG.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_OUT")]
     pub out: PathBuf,
     /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
     #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
@@ -93,10 +72,10 @@ pub struct TargetArgs {
     #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
     pub model: Option<PathBuf>,
     /// Give up after this many seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, env = "QWEN_IMAGE_TIMEOUT_SECS", default_value_t = 3600)]
     pub timeout_secs: u64,
     /// No progress bar.
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_QUIET")]
     pub quiet: bool,
 }
 
@@ -119,17 +98,29 @@ pub struct ControlArgs {
     /// The ControlNet. Local stack: `DIR` or `NAME=DIR` for the denoiser to load (default: MODEL/controlnet
     /// for `pose`, MODEL/controlnet_inpaint for `controlnet-inpaint`). With --gateway: which of the
     /// denoiser's ControlNets to use (NAME, or the folder name of DIR; default: its only one).
-    #[arg(long, value_parser = qwen_image_denoiser::config::parse_controlnet)]
-    pub controlnet: Option<qwen_image_denoiser::config::ControlNetSpec>,
+    #[arg(long, env = "QWEN_IMAGE_CONTROLNET", value_parser = qwen_image_denoiser::args::parse_controlnet)]
+    pub controlnet: Option<qwen_image_denoiser::ControlNetSpec>,
     /// diffusers' controlnet_conditioning_scale (server default 1.0; the InstantX cards suggest 0.8-1.0).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_CONDITIONING_SCALE")]
     pub conditioning_scale: Option<f32>,
     /// First fraction of the schedule where the ControlNet runs (default 0).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_CONTROL_GUIDANCE_START")]
     pub control_guidance_start: Option<f32>,
     /// Last fraction of the schedule where the ControlNet runs (default 1).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_CONTROL_GUIDANCE_END")]
     pub control_guidance_end: Option<f32>,
+}
+
+impl ControlArgs {
+    /// The request's ControlNet settings, naming the ControlNet `controlnet_id`.
+    pub fn to_proto(&self, controlnet_id: String) -> qwen_image_proto::v1::ControlNetSettings {
+        qwen_image_proto::v1::ControlNetSettings {
+            controlnet_id,
+            conditioning_scale: self.conditioning_scale,
+            guidance_start: self.control_guidance_start,
+            guidance_end: self.control_guidance_end,
+        }
+    }
 }
 
 /// A request to one of the gateway's flows.
@@ -159,13 +150,21 @@ fn with_model_default_size(request: ApiRequest, model: &Path) -> ApiRequest {
     let Some((w, h)) = model_default_size(model) else {
         return request;
     };
+    let fill = |s: &mut Option<qwen_image_proto::v1::GenerationSettings>| {
+        if let Some(s) = s.as_mut()
+            && s.width_px == 0
+            && s.height_px == 0
+        {
+            (s.width_px, s.height_px) = (w, h);
+        }
+    };
     match request {
-        ApiRequest::TextToImage(mut r) if r.width_px == 0 && r.height_px == 0 => {
-            (r.width_px, r.height_px) = (w, h);
+        ApiRequest::TextToImage(mut r) => {
+            fill(&mut r.settings);
             ApiRequest::TextToImage(r)
         }
-        ApiRequest::Pose(mut r) if r.width_px == 0 && r.height_px == 0 => {
-            (r.width_px, r.height_px) = (w, h);
+        ApiRequest::Pose(mut r) => {
+            fill(&mut r.settings);
             ApiRequest::Pose(r)
         }
         other => other,
@@ -234,20 +233,13 @@ fn build_request(args: &GenerateArgs) -> Result<TextToImageRequest> {
         Some(p) => Some(read_latents(p)?),
         None => None,
     };
+    let preview = args.preview_every.map(|n| PreviewSettings {
+        every_n_steps: n,
+        max_side_px: args.preview_max_side.unwrap_or(0),
+    });
     Ok(TextToImageRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width_px: args.width.unwrap_or(0),
-        height_px: args.height.unwrap_or(0),
-        steps: args.steps.unwrap_or(0),
-        true_cfg_scale: args.true_cfg_scale,
-        seed: args.seed,
+        settings: Some(args.settings.to_proto(preview)),
         initial_latents,
-        preview: args.preview_every.map(|n| PreviewSettings {
-            every_n_steps: n,
-            max_side_px: args.preview_max_side.unwrap_or(0),
-        }),
-        num_images: args.num_images.unwrap_or(0),
     })
 }
 

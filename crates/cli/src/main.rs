@@ -9,6 +9,7 @@ mod model_dir;
 mod parity;
 mod pose;
 mod serve;
+mod settings;
 mod stack;
 
 /// Qwen-Image serving system command line.

@@ -5,48 +5,27 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use qwen_image_denoiser::config::ControlNetSpec;
+use qwen_image_denoiser::ControlNetSpec;
 use qwen_image_proto::v1::{PoseRequest, pose_request};
 
 use crate::generate::{ApiRequest, ControlArgs, TargetArgs, execute};
 use crate::model_dir::default_model_dir;
+use crate::settings::SettingsArgs;
 use crate::stack::StageOptions;
 
 #[derive(Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("pose").required(true).args(["pose_image", "keypoints"])))]
 pub struct PoseArgs {
     /// The pose as a skeleton picture (PNG or JPEG, OpenPose / DWPose colours on black).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_POSE_IMAGE")]
     pub pose_image: Option<PathBuf>,
     /// The pose as OpenPose keypoints JSON (COCO-18 or BODY_25, optional hands / face; see docs/pose-example.json).
-    #[arg(long)]
+    #[arg(long, env = "QWEN_IMAGE_KEYPOINTS")]
     pub keypoints: Option<PathBuf>,
     #[command(flatten)]
     pub control: ControlArgs,
-    /// What to draw.
-    #[arg(long)]
-    pub prompt: String,
-    /// Negative prompt; enables true CFG when --true-cfg-scale > 1 (e.g. " ").
-    #[arg(long)]
-    pub negative_prompt: Option<String>,
-    /// Width in pixels, a multiple of 16 (default: the pose picture's / keypoints canvas width).
-    #[arg(long)]
-    pub width: Option<u32>,
-    /// Height in pixels, a multiple of 16 (default: the pose picture's / keypoints canvas height).
-    #[arg(long)]
-    pub height: Option<u32>,
-    /// Denoising steps (server default 50; the InstantX card suggests 30).
-    #[arg(long)]
-    pub steps: Option<u32>,
-    /// True CFG scale (server default 4.0).
-    #[arg(long)]
-    pub true_cfg_scale: Option<f32>,
-    /// Seed (torch.Generator("cpu").manual_seed compatible); random when absent, printed either way.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Number of images (1..=4); files after the first get `-1`, `-2`, ... before the extension.
-    #[arg(long)]
-    pub num_images: Option<u32>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -73,20 +52,9 @@ fn build_request(args: &PoseArgs, controlnet_id: String) -> Result<PoseRequest> 
         _ => bail!("give exactly one of --pose-image and --keypoints"),
     };
     Ok(PoseRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width_px: args.width.unwrap_or(0),
-        height_px: args.height.unwrap_or(0),
-        steps: args.steps.unwrap_or(0),
-        true_cfg_scale: args.true_cfg_scale,
-        seed: args.seed,
-        preview: None,
-        num_images: args.num_images.unwrap_or(0),
+        settings: Some(args.settings.to_proto(None)),
         pose: Some(pose),
-        controlnet_id,
-        conditioning_scale: args.control.conditioning_scale,
-        control_guidance_start: args.control.control_guidance_start,
-        control_guidance_end: args.control.control_guidance_end,
+        control: Some(args.control.to_proto(controlnet_id)),
     })
 }
 
@@ -124,8 +92,10 @@ pub fn resolve_controlnet(
     };
     let id = spec.id.clone();
     let options = StageOptions {
-        queue_capacity: None,
-        controlnets: vec![spec],
+        denoiser: qwen_image_denoiser::DenoiserArgs {
+            controlnets: vec![spec],
+        },
+        ..StageOptions::default()
     };
     Ok((Some(model), options, id))
 }

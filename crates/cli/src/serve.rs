@@ -6,50 +6,38 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use clap::builder::TypedValueParser as _;
 use qwen_image_common::args::CommonArgs;
+use qwen_image_common::stage::StageArgs;
+use qwen_image_denoiser::{ControlNetSpec, DenoiserArgs};
+use qwen_image_gateway::GatewayArgs;
 use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
 use crate::stack::{LocalStack, StageKind, StageOptions, run_stage};
-use qwen_image_denoiser::config::ControlNetSpec;
 
+/// `qwen-image serve`: the flags of every service, flattened from the services' own flag structs (so they
+/// are the same flags as the stage binaries' and cannot drift).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// `--listen` is the gateway's address (or the one stage's with `--stage`).
+    /// `--listen` is the gateway's address (or the one service's with `--stage`).
     #[command(flatten)]
     pub common: CommonArgs,
-
-    /// Diffusers snapshot directory. Default: the embedded default model.
-    #[arg(long, env = "QWEN_IMAGE_MODEL")]
-    pub model: Option<PathBuf>,
 
     /// Run only this service (for deployments and tests that want separate processes).
     #[arg(long, value_enum, env = "QWEN_IMAGE_STAGE")]
     pub stage: Option<StageKind>,
 
-    /// With `--stage gateway`: text-encoder endpoint(s), comma-separated URLs.
-    #[arg(long, env = "QWEN_IMAGE_TEXT_ENCODER", value_delimiter = ',')]
-    pub text_encoder: Vec<String>,
+    /// The stages' flags (`--model`, default: the embedded default model; `--queue-capacity`; `--device`).
+    #[command(flatten)]
+    pub stage_args: StageArgs,
 
-    /// With `--stage gateway`: denoiser endpoint(s), comma-separated URLs.
-    #[arg(long, env = "QWEN_IMAGE_DENOISER", value_delimiter = ',')]
-    pub denoiser: Vec<String>,
+    /// The denoiser's flags (`--controlnet`): whole stack or `--stage denoiser`.
+    #[command(flatten)]
+    pub denoiser: DenoiserArgs,
 
-    /// With `--stage gateway`: VAE endpoint(s), comma-separated URLs.
-    #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',')]
-    pub vae: Vec<String>,
-
-    /// With `--stage text-encoder|denoiser|vae`: requests admitted at once (running + waiting); more get
-    /// RESOURCE_EXHAUSTED. Default: the service's own.
-    #[arg(long, env = "QWEN_IMAGE_QUEUE_CAPACITY", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
-    pub queue_capacity: Option<usize>,
-
-    /// ControlNet for the denoiser to load (diffusers folder, e.g. InstantX/Qwen-Image-ControlNet-Union), as
-    /// `DIR` (requests name it by the folder name) or `NAME=DIR`. Repeatable. Whole stack or `--stage denoiser`.
-    #[arg(long = "controlnet", env = "QWEN_IMAGE_CONTROLNETS", value_delimiter = ',',
-          value_parser = qwen_image_denoiser::config::parse_controlnet)]
-    pub controlnets: Vec<qwen_image_denoiser::config::ControlNetSpec>,
+    /// The gateway's flags: its stage endpoints with `--stage gateway`; its limits in both modes.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 
     /// How long to wait for the stack to load its models and report SERVING.
     #[arg(long, env = "QWEN_IMAGE_READY_TIMEOUT_SECS", default_value_t = 600)]
@@ -77,6 +65,27 @@ fn model_and_controlnets(
     Ok((model, controlnets))
 }
 
+/// Flags that only one service takes are refused for the others (rather than ignored).
+fn check_flags(args: &ServeArgs) -> Result<()> {
+    let g = &args.gateway;
+    let endpoints = !(g.text_encoder.is_empty() && g.denoiser.is_empty() && g.vae.is_empty());
+    match args.stage {
+        Some(StageKind::Gateway) => {}
+        Some(_) | None if endpoints => bail!(
+            "--text-encoder, --denoiser and --vae are for `--stage gateway`; the whole stack uses its own stages"
+        ),
+        _ => {}
+    }
+    if !args.denoiser.controlnets.is_empty()
+        && !matches!(args.stage, None | Some(StageKind::Denoiser))
+    {
+        bail!(
+            "--controlnet is a denoiser flag: use it with `--stage denoiser` or for the whole stack"
+        );
+    }
+    Ok(())
+}
+
 /// `service.name` of the traces: the binary name of the one service, or `qwen-image` for the whole stack
 /// in one process.
 fn service_name(stage: Option<StageKind>) -> &'static str {
@@ -100,51 +109,52 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    check_flags(&args)?;
     if let Some(addr) = args.common.metrics_listen {
         let bound = qwen_image_common::telemetry::serve_metrics(addr).await?;
         // Machine-readable line for scripts and tests (logs go to stderr).
         println!("metrics listening on {bound}");
     }
     let listen = args.common.listen.to_string();
+    let bind = || async {
+        let listener = TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        println!("listening on {}", listener.local_addr()?);
+        anyhow::Ok(listener)
+    };
     match args.stage {
         Some(StageKind::Gateway) => {
-            if args.text_encoder.is_empty() || args.denoiser.is_empty() || args.vae.is_empty() {
-                bail!("--stage gateway needs --text-encoder, --denoiser and --vae endpoint URLs");
-            }
-            let mut config = qwen_image_gateway::GatewayConfig::new("", "", "");
-            config.text_encoder = args.text_encoder;
-            config.denoiser = args.denoiser;
-            config.vae = args.vae;
-            let listener = TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            println!("listening on {}", listener.local_addr()?);
-            qwen_image_gateway::run(config, listener, qwen_image_common::shutdown::signal())
+            let config = qwen_image_gateway::GatewayConfig::try_from(&args.gateway)
+                .map_err(anyhow::Error::msg)?;
+            qwen_image_gateway::run(config, bind().await?, qwen_image_common::shutdown::signal())
                 .await?;
         }
         Some(kind) => {
-            let (model, controlnets) = model_and_controlnets(args.model, args.controlnets)?;
-            let listener = TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            println!("listening on {}", listener.local_addr()?);
+            let (model, controlnets) =
+                model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
+            let options = StageOptions {
+                stage: args.stage_args,
+                denoiser: DenoiserArgs { controlnets },
+                gateway: None,
+            };
+            let listener = bind().await?;
             run_stage(
                 kind,
                 &model,
                 listener,
                 qwen_image_common::shutdown::signal(),
-                StageOptions {
-                    queue_capacity: args.queue_capacity,
-                    controlnets,
-                },
+                options,
             )
             .await?;
         }
         None => {
-            let (model, controlnets) = model_and_controlnets(args.model, args.controlnets)?;
+            let (model, controlnets) =
+                model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
             let options = StageOptions {
-                queue_capacity: None,
-                controlnets,
+                stage: args.stage_args,
+                denoiser: DenoiserArgs { controlnets },
+                gateway: Some(args.gateway),
             };
             let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;
             for (kind, addr) in &stack.stage_addrs {

@@ -60,46 +60,10 @@ impl CommonArgs {
     }
 }
 
-/// Where a stage runs its model: `cpu`, or `cuda:N` (`cuda` = `cuda:0`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-}
-
-impl DeviceSpec {
-    /// Parses a `--device` value; `cuda_built` says whether the binary has the `cuda` feature, so a
-    /// CPU-only binary refuses `cuda:N` at startup with a clear message.
-    pub fn parse(s: &str, cuda_built: bool) -> Result<Self, String> {
-        let spec = match s {
-            "cpu" => Self::Cpu,
-            "cuda" => Self::Cuda(0),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Self::Cuda(n),
-                _ => return Err(format!("`{s}` is not a device; use `cpu` or `cuda:N`")),
-            },
-        };
-        if matches!(spec, Self::Cuda(_)) && !cuda_built {
-            return Err("this binary was built without CUDA support; rebuild with `--features cuda` or use `--device cpu`".into());
-        }
-        Ok(spec)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
-
-    #[test]
-    fn parses_devices() {
-        assert_eq!(DeviceSpec::parse("cpu", false), Ok(DeviceSpec::Cpu));
-        assert_eq!(DeviceSpec::parse("cuda", true), Ok(DeviceSpec::Cuda(0)));
-        assert_eq!(DeviceSpec::parse("cuda:3", true), Ok(DeviceSpec::Cuda(3)));
-        assert!(DeviceSpec::parse("cuda:1", false).is_err());
-        assert!(DeviceSpec::parse("gpu", true).is_err());
-        assert!(DeviceSpec::parse("cuda:x", true).is_err());
-    }
 
     #[derive(Parser)]
     struct Probe {

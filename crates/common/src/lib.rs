@@ -1,9 +1,11 @@
-//! Plumbing shared by the qwen-image stage services and the gateway. Never links candle.
+//! Plumbing shared by the qwen-image stage services and the gateway, and the stage skeleton ([`stage`]).
+//! Never links candle.
 
 pub mod args;
 pub mod deadline;
 pub mod grpc;
 pub mod health;
+pub mod launch;
 pub mod limits;
 pub mod metric_names;
 pub mod queue;
@@ -13,3 +15,4 @@ pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod tensor;
+pub mod transport;

@@ -49,6 +49,10 @@ pub const DENOISE_STEP_SECONDS: &str = "qwen_image_denoise_step_duration_seconds
 /// Histogram: one stage call as the gateway sees it (network + queue + work), per attempt.
 /// Labels: service (`gateway`), stage, rpc, code.
 pub const STAGE_CALL_SECONDS: &str = "qwen_image_gateway_stage_call_duration_seconds";
+/// Counter: stage replicas refused because their model does not fit the other stages (counted when a
+/// replica becomes refused). Labels: service (`gateway`), stage, field (`kind`, `hidden_size`, `z_dim`,
+/// `max_sequence_length`, `digest`).
+pub const GATEWAY_REPLICA_REFUSALS_TOTAL: &str = "qwen_image_gateway_replica_refusals_total";
 
 /// Outcome label values.
 pub const OUTCOME_ADMITTED: &str = "admitted";
@@ -125,6 +129,10 @@ pub fn describe() {
         Unit::Seconds,
         "Duration of one denoising step"
     );
+    describe_counter!(
+        GATEWAY_REPLICA_REFUSALS_TOTAL,
+        "Stage replicas refused because their model does not fit the other stages"
+    );
     describe_histogram!(
         STAGE_CALL_SECONDS,
         Unit::Seconds,
@@ -149,6 +157,7 @@ mod tests {
             ADMISSIONS_TOTAL,
             JOBS_STOPPED_TOTAL,
             DENOISE_STEPS_TOTAL,
+            GATEWAY_REPLICA_REFUSALS_TOTAL,
         ] {
             assert!(name.starts_with("qwen_image_") && name.ends_with("_total"));
         }

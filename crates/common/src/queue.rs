@@ -1,4 +1,4 @@
-//! Bounded admission in front of a model worker thread.
+//! Bounded admission in front of a model worker thread ([`crate::stage::worker`]).
 //!
 //! The model lives on its own OS thread (it is loaded there, so it need not be `Send`), fed by a bounded
 //! `tokio::sync::mpsc` channel of jobs. `capacity` bounds the requests admitted and not finished, waiting
@@ -10,21 +10,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::metric_names as m;
 
 /// Smallest retry hint given to a rejected caller.
 pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(100);
 
-struct Job<P> {
-    payload: P,
-    span: tracing::Span,
-    enqueued_at: Instant,
-    slot: Slot,
+/// An admitted job as the worker receives it.
+pub struct Queued<P> {
+    pub payload: P,
+    /// The handler's span; the worker's `job` span is its child.
+    pub span: tracing::Span,
+    pub enqueued_at: Instant,
+    pub slot: Slot,
 }
 
 /// One admission slot. Dropping it (or [`Slot::release`]) lets the next request in.
@@ -48,8 +49,9 @@ impl Slot {
 /// Why a job was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmitError {
-    #[error("all {capacity} queue slots are taken")]
+    #[error("all {capacity} queue slots of the {service} are taken")]
     Overloaded {
+        service: &'static str,
         capacity: usize,
         retry_after: Duration,
     },
@@ -59,7 +61,7 @@ pub enum AdmitError {
 
 /// The sending side of the queue; cheap to clone. The worker exits once every clone is dropped.
 pub struct Admission<P> {
-    tx: mpsc::Sender<Job<P>>,
+    tx: mpsc::Sender<Queued<P>>,
     permits: Arc<Semaphore>,
     capacity: usize,
     service: &'static str,
@@ -86,12 +88,13 @@ impl<P: Send + 'static> Admission<P> {
                 .increment(1);
             let last = Duration::from_millis(self.last_job_ms.load(Ordering::Relaxed));
             return Err(AdmitError::Overloaded {
+                service: self.service,
                 capacity: self.capacity,
                 retry_after: last.max(MIN_RETRY_AFTER),
             });
         };
         metrics::gauge!(m::IN_FLIGHT, "service" => self.service).increment(1);
-        let job = Job {
+        let job = Queued {
             payload,
             span,
             enqueued_at: Instant::now(),
@@ -117,130 +120,60 @@ impl<P: Send + 'static> Admission<P> {
     }
 }
 
-/// A started worker: the queue, the load result, and the thread.
-pub struct Worker<P> {
-    pub admission: Admission<P>,
-    /// Resolves once the model is loaded (and warmed up by `load`), or with the load error.
-    pub ready: oneshot::Receiver<Result<(), String>>,
-    pub thread: JoinHandle<()>,
-}
-
-/// Starts the worker thread `name`: it calls `load` (model + warm-up), reports on `ready`, then runs
-/// `handle(&mut model, payload, slot)` for each admitted job, in order, inside a `job` span (child of
-/// the span given at admission) that records the queue wait.
-pub fn spawn_worker<P, M, L, H>(
+/// A bounded queue of `capacity` jobs for a worker (`service` is the metrics label); the worker reads
+/// the receiver, and records `last_job` (milliseconds) for the retry hint of rejected callers.
+pub fn channel<P>(
     service: &'static str,
     capacity: usize,
-    load: L,
-    mut handle: H,
-) -> std::io::Result<Worker<P>>
-where
-    P: Send + 'static,
-    L: FnOnce() -> Result<M, String> + Send + 'static,
-    H: FnMut(&mut M, P, Slot) + Send + 'static,
-{
+) -> (Admission<P>, mpsc::Receiver<Queued<P>>, Arc<AtomicU64>) {
     let capacity = capacity.max(1);
-    let (tx, mut rx) = mpsc::channel::<Job<P>>(capacity);
-    let (ready_tx, ready) = oneshot::channel();
+    let (tx, rx) = mpsc::channel::<Queued<P>>(capacity);
     let last_job_ms = Arc::new(AtomicU64::new(0));
-    let last = last_job_ms.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("{service}-worker"))
-        .spawn(move || {
-            let load_started = Instant::now();
-            let loaded = load();
-            metrics::gauge!(m::MODEL_LOAD_SECONDS, "service" => service)
-                .set(load_started.elapsed().as_secs_f64());
-            let mut model = match loaded {
-                Ok(model) => {
-                    let _ = ready_tx.send(Ok(()));
-                    model
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            while let Some(job) = rx.blocking_recv() {
-                let wait = job.enqueued_at.elapsed();
-                metrics::gauge!(m::QUEUE_DEPTH, "service" => service).decrement(1);
-                metrics::histogram!(m::QUEUE_WAIT_SECONDS, "service" => service)
-                    .record(wait.as_secs_f64());
-                let _entered = tracing::info_span!(
-                    parent: &job.span,
-                    "job",
-                    queue_wait_ms = wait.as_secs_f64() * 1e3,
-                )
-                .entered();
-                let started = Instant::now();
-                handle(&mut model, job.payload, job.slot);
-                last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            }
-        })?;
     let admission = Admission {
         tx,
         permits: Arc::new(Semaphore::new(capacity)),
         capacity,
         service,
-        last_job_ms,
+        last_job_ms: last_job_ms.clone(),
     };
-    Ok(Worker {
-        admission,
-        ready,
-        thread,
-    })
+    (admission, rx, last_job_ms)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn full_queue_is_overloaded_and_slots_free_up() {
-        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-        let gate_rx = std::sync::Mutex::new(gate_rx);
-        let w = spawn_worker::<oneshot::Sender<u32>, u32, _, _>(
-            "test",
-            1,
-            || Ok(7),
-            move |model, reply, slot| {
-                let _ = gate_rx.lock().map(|rx| rx.recv());
-                slot.release();
-                let _ = reply.send(*model);
-            },
-        )
-        .expect("thread");
-        w.ready.await.expect("sent").expect("loaded");
-        let (a_tx, a_rx) = oneshot::channel();
-        w.admission
-            .try_submit(a_tx, tracing::Span::none())
+    #[test]
+    fn full_queue_is_overloaded_and_slots_free_up() {
+        let (admission, mut rx, _) = channel::<u32>("test", 1);
+        admission
+            .try_submit(1, tracing::Span::none())
             .expect("first fits");
-        let (b_tx, _b_rx) = oneshot::channel();
-        let err = w
-            .admission
-            .try_submit(b_tx, tracing::Span::none())
+        let err = admission
+            .try_submit(2, tracing::Span::none())
             .expect_err("full");
-        assert!(matches!(err, AdmitError::Overloaded { capacity: 1, .. }));
-        gate_tx.send(()).expect("worker waiting");
-        assert_eq!(a_rx.await.expect("reply"), 7);
-        // the slot was released before the reply: the next request is admitted at once
-        let (c_tx, c_rx) = oneshot::channel();
-        w.admission
-            .try_submit(c_tx, tracing::Span::none())
-            .expect("slot free after the reply");
-        gate_tx.send(()).expect("worker waiting");
-        assert_eq!(c_rx.await.expect("reply"), 7);
-    }
-
-    #[tokio::test]
-    async fn load_error_is_reported() {
-        let w =
-            spawn_worker::<(), (), _, _>("test", 1, || Err("no weights".to_string()), |_, _, _| {})
-                .expect("thread");
-        assert_eq!(w.ready.await.expect("sent"), Err("no weights".to_string()));
-        w.thread.join().expect("no panic");
+        assert!(matches!(
+            err,
+            AdmitError::Overloaded {
+                capacity: 1,
+                service: "test",
+                ..
+            }
+        ));
+        let job = rx.try_recv().expect("queued");
+        assert_eq!(job.payload, 1);
+        assert_eq!(admission.in_flight(), 1);
+        job.slot.release();
+        assert_eq!(admission.in_flight(), 0);
+        admission
+            .try_submit(3, tracing::Span::none())
+            .expect("slot free after release");
+        drop(rx);
+        // the worker is gone once its receiver is
+        let (admission, rx, _) = channel::<u32>("test", 1);
+        drop(rx);
         assert_eq!(
-            w.admission.try_submit((), tracing::Span::none()),
+            admission.try_submit(1, tracing::Span::none()),
             Err(AdmitError::WorkerGone)
         );
     }

@@ -7,6 +7,7 @@
 pub mod controlnet;
 pub mod cpu_kernels;
 pub mod denoise;
+pub mod device;
 pub mod latents;
 pub mod nn;
 pub mod prompt;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use qwen_image_common::metric_names as m;
-use qwen_image_common::queue::Slot;
+use qwen_image_common::stage::{JobCtx, StageError};
 use qwen_image_common::tensor::{self, HostTensor};
 use qwen_image_model::controlnet::ControlUnit;
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, InpaintBlend, Outcome};
@@ -16,20 +16,13 @@ use qwen_image_proto::v1::{DenoiseEvent, DenoiseProgress, DenoiseResult, denoise
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::error::DenoiserError;
 use crate::model::LoadedModel;
-use crate::stats::Stats;
 use crate::validate::{DenoiseInputs, HostConditioning, HostControl, ScheduleInput};
 
 const SERVICE: &str = "denoiser";
 
-/// What the gRPC handler hands the worker.
-pub struct DenoiseJob {
-    pub inputs: DenoiseInputs,
-    /// The response stream; closed when the caller goes away.
-    pub events: mpsc::Sender<Result<DenoiseEvent, Status>>,
-    pub deadline: Option<Instant>,
-}
+/// The response stream of a job; a failed send means the caller went away.
+pub type Events = mpsc::Sender<Result<DenoiseEvent, Status>>;
 
 enum Ended {
     Finished(DenoiseResult),
@@ -37,64 +30,33 @@ enum Ended {
     DeadlineExceeded { steps_done: usize },
 }
 
-/// Runs the job and answers on its stream. Releases `slot` before the last message and before the
-/// stats change, so whoever observes the end of a job can be admitted at once.
-pub fn run(model: &LoadedModel, job: DenoiseJob, slot: Slot, stats: &Stats) {
-    let started = Instant::now();
-    let past_deadline = |now: Instant| job.deadline.is_some_and(|d| now >= d);
-    let ended = if job.events.is_closed() {
-        Ok(Ended::Cancelled)
-    } else if past_deadline(started) {
-        Ok(Ended::DeadlineExceeded { steps_done: 0 })
-    } else {
-        stats.update(|s| s.jobs_started += 1);
-        execute(model, &job, started, stats)
-    };
-    let outcome = match ended {
-        Ok(Ended::Finished(result)) => {
-            slot.release();
-            let event = DenoiseEvent {
-                event: Some(Event::Result(result)),
-            };
-            if job.events.blocking_send(Ok(event)).is_ok() {
-                stats.update(|s| s.jobs_finished += 1);
-                m::OUTCOME_OK
-            } else {
-                stats.update(|s| s.jobs_cancelled += 1);
-                m::OUTCOME_CANCELLED
-            }
-        }
+/// Runs the loop, streaming a Progress event per step; returns the Result event (sent by the skeleton).
+pub fn run(
+    model: &LoadedModel,
+    inputs: &DenoiseInputs,
+    ctx: &JobCtx<'_>,
+    events: &Events,
+) -> Result<DenoiseEvent, StageError> {
+    match execute(model, inputs, ctx, events) {
+        Ok(Ended::Finished(result)) => Ok(DenoiseEvent {
+            event: Some(Event::Result(result)),
+        }),
         Ok(Ended::Cancelled) => {
             tracing::info!("caller went away; job stopped");
-            slot.release();
-            stats.update(|s| s.jobs_cancelled += 1);
-            m::OUTCOME_CANCELLED
+            Err(StageError::Cancelled)
         }
         Ok(Ended::DeadlineExceeded { steps_done }) => {
             tracing::info!(steps_done, "deadline passed; job stopped");
-            slot.release();
-            stats.update(|s| s.jobs_deadline_exceeded += 1);
-            let _ = job
-                .events
-                .blocking_send(Err(DenoiserError::DeadlineExceeded { steps_done }.into()));
-            m::OUTCOME_DEADLINE_EXCEEDED
+            Err(StageError::DeadlineExceeded(format!(
+                "after {steps_done} steps; allow more time (grpc-timeout) or request fewer steps"
+            )))
         }
         Err(e) => {
-            tracing::error!(error = %first_line(&e), "denoising failed");
-            slot.release();
-            stats.update(|s| s.jobs_failed += 1);
-            let _ = job
-                .events
-                .blocking_send(Err(DenoiserError::Model(first_line(&e)).into()));
-            m::OUTCOME_ERROR
+            let msg = first_line(&e);
+            tracing::error!(error = %msg, "denoising failed");
+            Err(StageError::Model(msg))
         }
-    };
-    if outcome == m::OUTCOME_CANCELLED || outcome == m::OUTCOME_DEADLINE_EXCEEDED {
-        metrics::counter!(m::JOBS_STOPPED_TOTAL, "service" => SERVICE, "outcome" => outcome)
-            .increment(1);
     }
-    metrics::histogram!(m::JOB_SECONDS, "service" => SERVICE, "rpc" => "Denoise", "outcome" => outcome)
-        .record(started.elapsed().as_secs_f64());
 }
 
 fn device_tensor(h: &HostTensor<f32>, model: &LoadedModel) -> candle_core::Result<Tensor> {
@@ -152,11 +114,11 @@ fn control_unit<'a>(
 
 fn execute(
     model: &LoadedModel,
-    job: &DenoiseJob,
-    started: Instant,
-    stats: &Stats,
+    inp: &DenoiseInputs,
+    ctx: &JobCtx<'_>,
+    events: &Events,
 ) -> candle_core::Result<Ended> {
-    let inp = &job.inputs;
+    let started = ctx.started;
     let (lh, lw) = (inp.latents.shape[2], inp.latents.shape[3]);
     let positive = conditioning(&inp.positive, model)?;
     let negative = inp
@@ -234,7 +196,7 @@ fn execute(
             span.record("timestep", f64::from(s.timestep));
         }
         let done = s.done + 1;
-        stats.update(|st| st.steps_run += 1);
+        ctx.step_done();
         steps_total.increment(1);
         let preview_latents = if every > 0 && (done % every == 0 || done == s.total) {
             match wire_latents(s.latents, lh, lw) {
@@ -255,8 +217,7 @@ fn execute(
             preview_latents,
         };
         tracing::debug!(step = done, total = s.total, "denoise step");
-        if job
-            .events
+        if events
             .blocking_send(Ok(DenoiseEvent {
                 event: Some(Event::Progress(progress)),
             }))
@@ -264,7 +225,7 @@ fn execute(
         {
             return Flow::Stop;
         }
-        if job.deadline.is_some_and(|d| Instant::now() >= d) {
+        if ctx.past_deadline() {
             stopped_for_deadline = true;
             return Flow::Stop;
         }

@@ -1,16 +1,142 @@
-//! The qwen-image denoiser stage: a gRPC service running the Qwen-Image transformer's denoising loop on
-//! a worker thread behind a bounded admission queue. `main.rs` parses flags and calls [`run`].
+//! The qwen-image denoiser stage: the Qwen-Image transformer's denoising loop (flow-match Euler, true CFG,
+//! inpaint blending, ControlNets), streamed step by step, on the stage skeleton of
+//! `qwen_image_common::stage`. This crate holds only the model call ([`model`], [`job`]), the request
+//! checks ([`validate`]), its flags ([`args`]) and the handler ([`service`]); `main.rs` is the skeleton's
+//! `main`.
 
-pub mod config;
-pub mod error;
+pub mod args;
 pub mod job;
 pub mod model;
-pub mod server;
 pub mod service;
-pub mod stats;
 pub mod validate;
 
-pub use config::{Args, DenoiserConfig, DeviceSpec};
-pub use error::DenoiserError;
-pub use server::{SERVICE_NAME, run, run_with_stats};
-pub use stats::{Stats, StatsSnapshot};
+use qwen_image_common::stage::describe::digest;
+use qwen_image_common::stage::{Preparation, StageConfig, StageDef, StageError, StageHandle};
+use qwen_image_model::scheduler::SchedulerConfig;
+use qwen_image_model::snapshot::first_line;
+use qwen_image_model::transformer::TransformerConfig;
+use qwen_image_proto::v1::denoiser_server::DenoiserServer;
+use qwen_image_proto::v1::{
+    ControlNetDescription, StageDescription, StageKind, StageLimits, TransformerDescription,
+};
+use tonic::service::Routes;
+
+pub use args::{ControlNetSpec, DenoiserArgs};
+pub use qwen_image_common::stage::{Stats, StatsSnapshot};
+
+use crate::validate::{ControlNetInfo, ModelShape};
+
+/// Full proto name of the service, as health checks name it.
+pub const SERVICE_NAME: &str = "qwen_image.v1.Denoiser";
+
+/// The denoiser stage.
+pub struct Denoiser;
+
+/// What `run` takes.
+pub type DenoiserConfig = StageConfig<DenoiserArgs>;
+
+/// What the denoiser reads before loading: the facts requests are checked against and the configs the
+/// worker loads with.
+#[derive(Debug, Clone)]
+pub struct DenoiserState {
+    pub shape: ModelShape,
+    pub controlnets: Vec<ControlNetInfo>,
+    pub transformer: TransformerConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl StageDef for Denoiser {
+    type Args = DenoiserArgs;
+    type Model = model::LoadedModel;
+    type State = DenoiserState;
+
+    const NAME: &'static str = "denoiser";
+    const BINARY: &'static str = "qwen-image-denoiser";
+    const SERVICE_NAME: &'static str = SERVICE_NAME;
+    const KIND: StageKind = StageKind::Denoiser;
+    const DEFAULT_QUEUE_CAPACITY: usize = 4;
+    const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+    fn prepare(config: &DenoiserConfig) -> Result<Preparation<DenoiserState>, String> {
+        let (shape, transformer, scheduler) = model::read_shape(config)?;
+        let controlnets = model::read_controlnets(config, &transformer)?;
+        let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
+        let transformer_digest = digest(&config.model_dir, &["transformer", "scheduler"], false)
+            .map_err(|e| io("transformer", e))?;
+        let nets = config
+            .own
+            .controlnets
+            .iter()
+            .zip(&controlnets)
+            .map(|(spec, info)| {
+                Ok(ControlNetDescription {
+                    id: info.id.clone(),
+                    digest: digest(&spec.dir, &["."], false)
+                        .map_err(|e| io(&format!("ControlNet `{}`", spec.id), e))?,
+                    cond_channels: info.cond_channels as u32,
+                    takes_mask: info.takes_mask,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let description = StageDescription {
+            transformer: Some(TransformerDescription {
+                digest: transformer_digest,
+                latent_channels: shape.latent_channels as u32,
+                in_channels: transformer.in_channels as u32,
+                patch_size: transformer.patch_size as u32,
+                joint_attention_dim: shape.joint_attention_dim as u32,
+                max_prompt_tokens: validate::MAX_PROMPT_TOKENS as u32,
+                max_steps: validate::MAX_STEPS as u32,
+            }),
+            controlnets: nets,
+            limits: Some(StageLimits {
+                max_batch: validate::MAX_BATCH as u32,
+                // Bounded in latent cells (validate::MAX_LATENT_SIDE); pixels depend on the VAE.
+                max_side_px: 0,
+            }),
+            ..Default::default()
+        };
+        Ok(Preparation {
+            state: DenoiserState {
+                shape,
+                controlnets,
+                transformer,
+                scheduler,
+            },
+            description,
+        })
+    }
+
+    fn load(config: &DenoiserConfig, state: &DenoiserState) -> Result<model::LoadedModel, String> {
+        model::load(config, &state.transformer, state.scheduler.clone()).map_err(|e| first_line(&e))
+    }
+
+    fn probe(model: &mut model::LoadedModel) -> Result<(), String> {
+        model::warm_up(model).map_err(|e| first_line(&e))
+    }
+
+    fn routes(
+        routes: Routes,
+        handle: StageHandle<model::LoadedModel>,
+        state: DenoiserState,
+    ) -> Routes {
+        routes.add_service(
+            DenoiserServer::new(service::DenoiserService {
+                stage: handle,
+                shape: state.shape,
+                controlnets: state.controlnets,
+            })
+            .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
+        )
+    }
+}
+
+/// Serves the denoiser on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    config: DenoiserConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StageError> {
+    qwen_image_common::stage::run::<Denoiser>(config, listener, shutdown).await
+}

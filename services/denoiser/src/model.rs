@@ -1,13 +1,14 @@
 //! The model the worker thread owns: loading from a snapshot and the warm-up pass.
 
 use candle_core::{DType, Device, Tensor};
+use qwen_image_common::stage::ComputeDtype;
 use qwen_image_model::controlnet::{ControlNetConfig, QwenImageControlNet};
 use qwen_image_model::denoise::{Conditioning, predict};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::{Snapshot, first_line};
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 
-use crate::config::{DenoiserConfig, DeviceSpec};
+use crate::DenoiserConfig;
 use crate::validate::{ControlNetInfo, ModelShape};
 
 /// Transformer, scheduler config and device, living on the worker thread.
@@ -17,6 +18,7 @@ pub struct LoadedModel {
     pub device: Device,
     /// The `--controlnet` nets, in flag order, by id.
     pub controlnets: Vec<(String, QwenImageControlNet)>,
+    pub shape: ModelShape,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -26,7 +28,7 @@ pub fn read_controlnets(
     tcfg: &TransformerConfig,
 ) -> Result<Vec<ControlNetInfo>, String> {
     let mut out: Vec<ControlNetInfo> = Vec::new();
-    for spec in &cfg.controlnets {
+    for spec in &cfg.own.controlnets {
         if out.iter().any(|c| c.id == spec.id) {
             return Err(format!(
                 "two ControlNets are named `{}`; name them apart with --controlnet NAME=DIR",
@@ -90,26 +92,21 @@ pub fn read_shape(
     Ok((shape, tcfg, scfg))
 }
 
-fn device(spec: DeviceSpec) -> candle_core::Result<(Device, DType)> {
-    match spec {
-        // f32 on CPU: the reference precision, and bf16 matmuls are slow there.
-        DeviceSpec::Cpu => Ok((Device::Cpu, DType::F32)),
-        // bf16 on GPU: the published weights' dtype.
-        DeviceSpec::Cuda(n) => Ok((Device::new_cuda(n)?, DType::BF16)),
-    }
-}
-
 /// Loads the transformer on the configured device and runs one warm-up prediction. Runs on the worker.
 pub fn load(
     cfg: &DenoiserConfig,
     tcfg: &TransformerConfig,
     scheduler: SchedulerConfig,
 ) -> candle_core::Result<LoadedModel> {
-    let (device, dtype) = device(cfg.device)?;
+    let (device, dtype) = qwen_image_model::device::open(
+        cfg.device.cuda_ordinal(),
+        cfg.device.compute_dtype() == ComputeDtype::Bf16,
+    )?;
     let snapshot = Snapshot::open(&cfg.model_dir)?;
     let vb = snapshot.weights("transformer", dtype, &device)?;
     let transformer = QwenImageTransformer::new(tcfg, vb)?;
     let controlnets = cfg
+        .own
         .controlnets
         .iter()
         .map(|c| {
@@ -123,16 +120,20 @@ pub fn load(
         scheduler,
         device,
         controlnets,
+        shape: ModelShape {
+            joint_attention_dim: tcfg.joint_attention_dim,
+            latent_channels: tcfg.latent_channels(),
+        },
     };
-    warm_up(&model, tcfg)?;
+    warm_up(&model)?;
     Ok(model)
 }
 
 /// One transformer pass on a 2x2 latent (one token) and one zero prompt token: touches every weight.
-fn warm_up(m: &LoadedModel, tcfg: &TransformerConfig) -> candle_core::Result<()> {
-    let latents = Tensor::zeros((1, 1, 4 * tcfg.latent_channels()), DType::F32, &m.device)?;
+pub fn warm_up(m: &LoadedModel) -> candle_core::Result<()> {
+    let latents = Tensor::zeros((1, 1, 4 * m.shape.latent_channels), DType::F32, &m.device)?;
     let cond = Conditioning {
-        embeds: Tensor::zeros((1, 1, tcfg.joint_attention_dim), DType::F32, &m.device)?,
+        embeds: Tensor::zeros((1, 1, m.shape.joint_attention_dim), DType::F32, &m.device)?,
         mask: None,
     };
     let out = predict(

@@ -6,7 +6,7 @@ use qwen_image_common::tensor::{
 };
 use qwen_image_proto::v1::{ControlInput, DataType, DenoiseRequest, InpaintInputs, Tensor};
 
-use crate::error::DenoiserError;
+use qwen_image_common::stage::StageError;
 
 /// Most steps a request may ask for (diffusers has no cap; 1000 = the scheduler's training timesteps).
 pub const MAX_STEPS: usize = 1000;
@@ -108,12 +108,12 @@ pub struct DenoiseInputs {
 const F32: &[DataType] = &[DataType::F32];
 const MASK_DTYPES: &[DataType] = &[DataType::U8, DataType::I64, DataType::F32];
 
-fn invalid(msg: impl Into<String>) -> DenoiserError {
-    DenoiserError::InvalidArgument(msg.into())
+fn invalid(msg: impl Into<String>) -> StageError {
+    StageError::InvalidArgument(msg.into())
 }
 
 /// Validates the whole request for a denoiser without ControlNets.
-pub fn validate(req: &DenoiseRequest, model: ModelShape) -> Result<DenoiseInputs, DenoiserError> {
+pub fn validate(req: &DenoiseRequest, model: ModelShape) -> Result<DenoiseInputs, StageError> {
     validate_with_controlnets(req, model, &[])
 }
 
@@ -122,7 +122,7 @@ pub fn validate_with_controlnets(
     req: &DenoiseRequest,
     model: ModelShape,
     nets: &[ControlNetInfo],
-) -> Result<DenoiseInputs, DenoiserError> {
+) -> Result<DenoiseInputs, StageError> {
     let positive = conditioning(
         req.prompt_embeds.as_ref(),
         req.prompt_embeds_mask.as_ref(),
@@ -211,7 +211,7 @@ fn control(
     shape: &[usize],
     model: ModelShape,
     batch: usize,
-) -> Result<HostControl, DenoiserError> {
+) -> Result<HostControl, StageError> {
     let ids = || {
         let v: Vec<&str> = nets.iter().map(|n| n.id.as_str()).collect();
         format!("{v:?}")
@@ -222,14 +222,14 @@ fn control(
         } else {
             format!("ControlNet `{}`", c.controlnet_id)
         };
-        return Err(DenoiserError::FailedPrecondition(format!(
+        return Err(StageError::FailedPrecondition(format!(
             "`control[{k}]` asks for {which} but the denoiser has none loaded, it has [] (start it with \
              --controlnet [NAME=]DIR)"
         )));
     }
     let net = if c.controlnet_id.is_empty() {
         if nets.len() != 1 {
-            return Err(DenoiserError::FailedPrecondition(format!(
+            return Err(StageError::FailedPrecondition(format!(
                 "`control[{k}].controlnet_id` is empty but the denoiser has {} ControlNets {}; name one \
                  (start the denoiser with --controlnet [NAME=]DIR to load one)",
                 nets.len(),
@@ -241,7 +241,7 @@ fn control(
         nets.iter()
             .position(|n| n.id == c.controlnet_id)
             .ok_or_else(|| {
-                DenoiserError::FailedPrecondition(format!(
+                StageError::FailedPrecondition(format!(
                     "the denoiser has no ControlNet `{}`; it has {} (start it with --controlnet [NAME=]DIR)",
                     c.controlnet_id,
                     ids()
@@ -314,7 +314,7 @@ fn control(
     };
     let packed = 4 * (shape[1] + usize::from(mask.is_some()));
     if packed != info.cond_channels {
-        return Err(DenoiserError::FailedPrecondition(format!(
+        return Err(StageError::FailedPrecondition(format!(
             "ControlNet `{}` takes {} packed condition channels but `{field}` packs to {packed}",
             info.id, info.cond_channels
         )));
@@ -351,7 +351,7 @@ fn conditioning(
     mask_field: &str,
     model: ModelShape,
     batch: Option<usize>,
-) -> Result<HostConditioning, DenoiserError> {
+) -> Result<HostConditioning, StageError> {
     let embeds = tensor::to_f32(required(embeds, field)?, field, F32, &[3])?;
     let (b, l) = (embeds.shape[0], embeds.shape[1]);
     if b == 0 || b > MAX_BATCH {
@@ -411,7 +411,7 @@ fn latents(
     field: &str,
     model: ModelShape,
     batch: usize,
-) -> Result<HostTensor<f32>, DenoiserError> {
+) -> Result<HostTensor<f32>, StageError> {
     let mut h = tensor::to_f32(t, field, F32, &[4, 5])?;
     let c = model.latent_channels;
     if h.rank() == 5 {
@@ -451,7 +451,7 @@ fn latents(
     Ok(h)
 }
 
-fn schedule(req: &DenoiseRequest) -> Result<ScheduleInput, DenoiserError> {
+fn schedule(req: &DenoiseRequest) -> Result<ScheduleInput, StageError> {
     if req.sigmas.is_empty() {
         let n = req.steps as usize;
         if n == 0 || n > MAX_STEPS {
@@ -495,7 +495,7 @@ fn same_shape(
     shape: &[usize],
     model: ModelShape,
     batch: usize,
-) -> Result<HostTensor<f32>, DenoiserError> {
+) -> Result<HostTensor<f32>, StageError> {
     let h = latents(t, field, model, batch)?;
     if h.shape != shape {
         return Err(TensorError::new(
@@ -515,8 +515,8 @@ fn inpaint(
     shape: &[usize],
     model: ModelShape,
     batch: usize,
-) -> Result<HostInpaint, DenoiserError> {
-    let one = |t: Option<&Tensor>, field: &str| -> Result<HostTensor<f32>, DenoiserError> {
+) -> Result<HostInpaint, StageError> {
+    let one = |t: Option<&Tensor>, field: &str| -> Result<HostTensor<f32>, StageError> {
         same_shape(required(t, field)?, field, shape, model, batch)
     };
     let mask = one(i.mask.as_ref(), "inpaint.mask")?;
@@ -555,7 +555,7 @@ mod tests {
 
     fn err(req: &DenoiseRequest) -> String {
         match validate(req, M) {
-            Err(DenoiserError::InvalidArgument(m)) => m,
+            Err(StageError::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
     }
@@ -637,7 +637,7 @@ mod tests {
         }
     }
 
-    fn control_err(req: &DenoiseRequest, nets: &[ControlNetInfo]) -> DenoiserError {
+    fn control_err(req: &DenoiseRequest, nets: &[ControlNetInfo]) -> StageError {
         validate_with_controlnets(req, M, nets).expect_err("invalid")
     }
 
@@ -650,11 +650,11 @@ mod tests {
         // Empty id = the only one.
         assert!(validate_with_controlnets(&with_control(""), M, &nets()[..1]).is_ok());
         match control_err(&with_control(""), &nets()) {
-            DenoiserError::FailedPrecondition(m) => assert!(m.contains("name one"), "{m}"),
+            StageError::FailedPrecondition(m) => assert!(m.contains("name one"), "{m}"),
             e => panic!("{e:?}"),
         }
         match control_err(&with_control("depth"), &nets()) {
-            DenoiserError::FailedPrecondition(m) => assert!(
+            StageError::FailedPrecondition(m) => assert!(
                 m.contains("no ControlNet `depth`; it has [\"union\", \"inpaint\"]"),
                 "{m}"
             ),
@@ -662,13 +662,13 @@ mod tests {
         }
         assert!(matches!(
             validate(&with_control("union"), M),
-            Err(DenoiserError::FailedPrecondition(_))
+            Err(StageError::FailedPrecondition(_))
         ));
         let bad = |f: &dyn Fn(&mut ControlInput)| {
             let mut r = with_control("union");
             f(&mut r.control[0]);
             match control_err(&r, &nets()) {
-                DenoiserError::InvalidArgument(m) => m,
+                StageError::InvalidArgument(m) => m,
                 e => panic!("{e:?}"),
             }
         };
@@ -687,7 +687,7 @@ mod tests {
         let mut r = with_control("inpaint");
         assert!(matches!(
             control_err(&r, &nets()),
-            DenoiserError::InvalidArgument(m) if m.contains("needs")
+            StageError::InvalidArgument(m) if m.contains("needs")
         ));
         r.control[0].mask = Some(from_f32(&[1, 1, 1, 2, 4], &[1.0; 8]));
         let v = validate_with_controlnets(&r, M, &nets()).expect("valid");

@@ -8,9 +8,7 @@ use qwen_image_common::args::CommonArgs;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default period of the stage health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-/// Largest accepted image side in pixels (latents [1, 16, 1, 256, 256] still fit the message limits,
-/// see `qwen_image_common::limits`).
-pub const MAX_SIDE_PX: u32 = 2048;
+pub use crate::request::settings::MAX_SIDE_PX;
 
 /// The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API over the stage services.
 #[derive(Debug, Clone, clap::Parser)]
@@ -23,29 +21,21 @@ pub struct Args {
     pub gateway: GatewayArgs,
 }
 
-/// Gateway flags (also flattened into `qwen-image serve --stage gateway`).
+/// Gateway flags (also flattened into `qwen-image serve`, where the stage endpoints are those of the stages
+/// it starts unless given).
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
     /// Text-encoder stage endpoint(s): comma-separated URLs, e.g. `http://te-0:50051,http://te-1:50051`.
-    #[arg(
-        long,
-        env = "QWEN_IMAGE_TEXT_ENCODER",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Required.
+    #[arg(long, env = "QWEN_IMAGE_TEXT_ENCODER", value_delimiter = ',')]
     pub text_encoder: Vec<String>,
 
-    /// Denoiser stage endpoint(s): comma-separated URLs.
-    #[arg(
-        long,
-        env = "QWEN_IMAGE_DENOISER",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Denoiser stage endpoint(s): comma-separated URLs. Required.
+    #[arg(long, env = "QWEN_IMAGE_DENOISER", value_delimiter = ',')]
     pub denoiser: Vec<String>,
 
-    /// VAE stage endpoint(s): comma-separated URLs.
-    #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',', required = true)]
+    /// VAE stage endpoint(s): comma-separated URLs. Required.
+    #[arg(long, env = "QWEN_IMAGE_VAE", value_delimiter = ',')]
     pub vae: Vec<String>,
 
     /// Deadline (seconds) of a request whose caller sent none; the caller's shorter deadline wins.
@@ -56,7 +46,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "QWEN_IMAGE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL.as_millis() as u64)]
     pub health_interval_ms: u64,
 
-    /// Largest accepted width and height in pixels (multiple of 16, at most 2048).
+    /// Largest accepted width and height in pixels (at most 2048; sizes are multiples of the model's size
+    /// multiple below it).
     #[arg(long, env = "QWEN_IMAGE_MAX_SIDE_PX", default_value_t = MAX_SIDE_PX,
           value_parser = clap::value_parser!(u32).range(16..=MAX_SIDE_PX as i64))]
     pub max_side_px: u32,
@@ -103,23 +94,33 @@ impl GatewayConfig {
     }
 }
 
-impl From<&GatewayArgs> for GatewayConfig {
-    fn from(a: &GatewayArgs) -> Self {
-        let clean = |v: &[String]| {
-            v.iter()
+impl TryFrom<&GatewayArgs> for GatewayConfig {
+    type Error = String;
+
+    /// Every stage needs at least one endpoint.
+    fn try_from(a: &GatewayArgs) -> Result<Self, String> {
+        let clean = |flag: &str, v: &[String]| -> Result<Vec<String>, String> {
+            let v: Vec<String> = v
+                .iter()
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
-                .collect()
+                .collect();
+            if v.is_empty() {
+                return Err(format!(
+                    "--{flag} is required: the stage's endpoint URL(s), e.g. http://127.0.0.1:50052"
+                ));
+            }
+            Ok(v)
         };
-        Self {
-            text_encoder: clean(&a.text_encoder),
-            denoiser: clean(&a.denoiser),
-            vae: clean(&a.vae),
+        Ok(Self {
+            text_encoder: clean("text-encoder", &a.text_encoder)?,
+            denoiser: clean("denoiser", &a.denoiser)?,
+            vae: clean("vae", &a.vae)?,
             request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
             health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
-            max_side_px: a.max_side_px - a.max_side_px % 16,
+            max_side_px: a.max_side_px,
             model_name: a.model_name.clone(),
-        }
+        })
     }
 }
 
@@ -142,10 +143,12 @@ mod tests {
             "http://v:1",
         ])
         .expect("valid flags");
-        let c = GatewayConfig::from(&a.gateway);
+        let c = GatewayConfig::try_from(&a.gateway).expect("complete");
         assert_eq!(c.denoiser, vec!["http://d:1", "http://d:2"]);
         assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
-        assert!(Args::try_parse_from(["x", "--denoiser", "http://d:1"]).is_err());
+        let partial = Args::try_parse_from(["x", "--denoiser", "http://d:1"]).expect("parses");
+        let e = GatewayConfig::try_from(&partial.gateway).expect_err("incomplete");
+        assert!(e.contains("--text-encoder is required"), "{e}");
         assert!(
             Args::try_parse_from([
                 "x",

@@ -31,6 +31,10 @@ pub enum GatewayError {
     /// The caller's request is invalid; the message says what to change.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The stages cannot serve the request as configured (e.g. they do not serve one model); the message
+    /// names what differs.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A stage answered with an error status (after retries on other replicas where that made sense).
     #[error("{stage} stage answered {}: {}", .status.code(), .status.message())]
     Upstream { stage: StageName, status: Status },
@@ -118,6 +122,7 @@ impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
         match &e {
             GatewayError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+            GatewayError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
             GatewayError::Upstream { stage, status } => {
                 tracing::warn!(%stage, code = ?status.code(), message = status.message(), "stage call failed");
                 map_upstream(*stage, status)
@@ -169,6 +174,10 @@ mod tests {
             Code::InvalidArgument
         );
         assert_eq!(code(GatewayError::DeadlineExceeded), Code::DeadlineExceeded);
+        assert_eq!(
+            code(GatewayError::FailedPrecondition("x".into())),
+            Code::FailedPrecondition
+        );
         assert_eq!(
             code(GatewayError::bad_response(StageName::Vae, "x")),
             Code::Internal

@@ -1,6 +1,6 @@
-//! Input pictures of the image flows: PNG/JPEG decoding into Pillow's modes, and diffusers' preprocessing
-//! (`VaeImageProcessor`): LANCZOS resize to the working size, mask binarisation and latent-grid downsampling,
-//! the outpaint canvas, and the optional paste-back of the kept pixels.
+//! Input pictures of every flow: the one PNG/JPEG decoder (one set of limits) into Pillow's modes, and
+//! diffusers' preprocessing (`VaeImageProcessor`): LANCZOS resize to the working size, mask binarisation
+//! and latent-grid downsampling, the outpaint canvas, and the optional paste-back of the kept pixels.
 
 use std::io::Cursor;
 
@@ -8,10 +8,12 @@ use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 use qwen_image_imaging::{Image8, convert, mask, resize};
 
 use crate::error::GatewayError;
-use crate::validate::VAE_SCALE_FACTOR;
+use crate::geometry::Geometry;
 
-/// Largest accepted input side in pixels.
+/// Largest accepted input side in pixels, for every picture of every flow.
 pub const MAX_INPUT_SIDE_PX: u32 = 4096;
+/// Largest allocation the decoder may make for one picture (a 4096x4096 RGBA16 picture needs 128 MiB).
+pub const MAX_DECODE_ALLOC_BYTES: u64 = 256 << 20;
 /// Fill of the new outpaint area before VAE encoding: mid grey (0.0039 after `2x - 1`).
 pub const OUTPAINT_FILL: u8 = 128;
 
@@ -45,6 +47,7 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE_PX);
     limits.max_image_height = Some(MAX_INPUT_SIDE_PX);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC_BYTES);
     let mut reader = reader;
     reader.limits(limits);
     reader.decode().map_err(|e| match e {
@@ -53,6 +56,11 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
         )),
         e => invalid(format!("`{field}` cannot be decoded: {e}")),
     })
+}
+
+/// PNG or JPEG bytes as RGB8 ([`decode`] then [`to_rgb`]).
+pub fn decode_rgb(field: &str, bytes: &[u8]) -> Result<Image8, GatewayError> {
+    to_rgb(&decode(field, bytes)?)
 }
 
 /// 16-bit samples to 8 bits by keeping the high byte (Pillow's `;16B` unpackers).
@@ -113,7 +121,12 @@ pub struct PreparedMask {
 }
 
 /// Grey mask → LANCZOS to the working size → binarised at 0.5 → nearest to the latent grid.
-pub fn prepare_mask(l: &Image8, width: u32, height: u32) -> Result<PreparedMask, GatewayError> {
+pub fn prepare_mask(
+    l: &Image8,
+    width: u32,
+    height: u32,
+    geometry: &Geometry,
+) -> Result<PreparedMask, GatewayError> {
     let resized = resize_to(l, width, height)?;
     let pixels = mask::binarize(&resized).map_err(GatewayError::Internal)?;
     if pixels.iter().all(|&v| v == 0) {
@@ -121,15 +134,13 @@ pub fn prepare_mask(l: &Image8, width: u32, height: u32) -> Result<PreparedMask,
             "`mask` is all black at the working size: nothing to repaint; paint the area to change white",
         ));
     }
-    let (lw, lh) = (
-        (width / VAE_SCALE_FACTOR) as usize,
-        (height / VAE_SCALE_FACTOR) as usize,
-    );
+    let (lh, lw) = geometry.latent_hw(width, height);
+    let f = geometry.vae_scale_factor;
     let latent = mask::to_latent_grid(&pixels, width as usize, height as usize, lw, lh)
         .map_err(GatewayError::Internal)?;
     if latent.iter().all(|&v| v == 0) {
         return Err(invalid(format!(
-            "`mask` has no white pixel at the top-left corner of any {VAE_SCALE_FACTOR}x{VAE_SCALE_FACTOR} cell, so the model would change nothing; make the white area larger"
+            "`mask` has no white pixel at the top-left corner of any {f}x{f} cell, so the model would change nothing; make the white area larger"
         )));
     }
     Ok(PreparedMask { pixels, latent })
@@ -241,6 +252,12 @@ mod tests {
         assert!(msg(decode("mask", &truncated)).contains("`mask` cannot be decoded"));
     }
 
+    const G: Geometry = Geometry {
+        latent_channels: 16,
+        vae_scale_factor: 8,
+        patch_size: 2,
+    };
+
     #[test]
     fn masks_are_binarised_and_downsampled() {
         let mut l = Image8::new(16, 16, 1, vec![0; 256]).expect("image");
@@ -248,11 +265,11 @@ mod tests {
             Err(GatewayError::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
-        assert!(err(prepare_mask(&l, 16, 16)).contains("all black"));
+        assert!(err(prepare_mask(&l, 16, 16, &G)).contains("all black"));
         l.data[1] = 255; // white, but not the top-left pixel of a cell
-        assert!(err(prepare_mask(&l, 16, 16)).contains("top-left"));
+        assert!(err(prepare_mask(&l, 16, 16, &G)).contains("top-left"));
         l.data[8 * 16 + 8] = 255;
-        let m = prepare_mask(&l, 16, 16).expect("mask");
+        let m = prepare_mask(&l, 16, 16, &G).expect("mask");
         assert_eq!(m.latent, vec![0, 0, 0, 1]);
         assert_eq!(m.pixels.iter().map(|&v| v as usize).sum::<usize>(), 2);
     }

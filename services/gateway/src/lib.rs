@@ -1,19 +1,22 @@
 //! The qwen-image gateway: the public `qwen_image.v1.ImageGenerator` API, orchestrating the text-encoder,
 //! denoiser and VAE stage services over gRPC. Never links candle.
+//!
+//! Layers, top to bottom: the gRPC front end ([`service`]) validates requests through the request API
+//! ([`request`], public: typed parameters for every flow) and runs a flow ([`flows`], siblings); the flows
+//! are sequences of the shared steps of [`pipeline`]; the pipeline calls the stage clients ([`stages`]:
+//! replicas, balancing, retries, and the model the stages describe, checked by [`geometry`]).
 
-pub mod cn_inpaint;
 pub mod config;
-pub mod edit;
 pub mod error;
-pub mod images;
-pub mod pngmeta;
-pub mod pool;
-pub mod pose;
-pub mod server;
-pub mod service;
-pub mod stages;
-pub mod t2i;
-pub mod validate;
+mod flows;
+pub mod geometry;
+mod images;
+mod pipeline;
+mod pngmeta;
+pub mod request;
+mod server;
+mod service;
+mod stages;
 
 pub use config::{Args, GatewayArgs, GatewayConfig};
 pub use error::{GatewayError, StageName};

@@ -5,10 +5,10 @@
 //! one settings line) that image viewers and tools already parse. Values that are Latin-1 go in `tEXt`
 //! chunks; others (e.g. Chinese prompts) in uncompressed UTF-8 `iTXt` chunks, as the PNG spec requires.
 
-use crate::validate::T2iParams;
+use crate::request::Settings;
 
 /// Text chunks for one image.
-pub fn text_chunks(p: &T2iParams, model: &str, request_id: &str) -> Vec<(String, String)> {
+pub fn text_chunks(p: &Settings, model: &str, request_id: &str) -> Vec<(String, String)> {
     let mut v = vec![("prompt".to_string(), p.prompt.clone())];
     if let Some(n) = &p.negative_prompt {
         v.push(("negative_prompt".into(), n.clone()));
@@ -27,7 +27,7 @@ pub fn text_chunks(p: &T2iParams, model: &str, request_id: &str) -> Vec<(String,
 }
 
 /// `prompt\nNegative prompt: ...\nSteps: 20, Sampler: ..., CFG scale: 4, Seed: 1, Size: WxH, Model: m`.
-pub fn a1111(p: &T2iParams, model: &str) -> String {
+pub fn a1111(p: &Settings, model: &str) -> String {
     let mut s = p.prompt.replace('\n', " ");
     if let Some(n) = &p.negative_prompt {
         s.push_str("\nNegative prompt: ");
@@ -93,8 +93,9 @@ pub fn encode_png(
     Ok(out)
 }
 
-/// Reads back the text chunks (tEXt and iTXt) of a PNG; for tests and tools.
-pub fn read_text_chunks(png_bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// Reads back the text chunks (tEXt and iTXt) of a PNG.
+#[cfg(test)]
+fn read_text_chunks(png_bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
     let reader = decoder.read_info().map_err(|e| e.to_string())?;
     let info = reader.info();
@@ -112,21 +113,21 @@ pub fn read_text_chunks(png_bytes: &[u8]) -> Result<Vec<(String, String)>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::validate;
-    use qwen_image_proto::v1::TextToImageRequest;
 
     #[test]
     fn round_trips_text_chunks() {
-        let req = TextToImageRequest {
+        let p = Settings {
             prompt: "一只猫 holding a sign".into(),
             negative_prompt: Some(" ".into()),
             width_px: 16,
             height_px: 16,
             steps: 4,
-            seed: Some(9),
-            ..Default::default()
+            true_cfg_scale: 4.0,
+            seed: 9,
+            seed_was_random: false,
+            num_images: 1,
+            preview: None,
         };
-        let p = validate(req, 2048, 0).expect("valid");
         let chunks = text_chunks(&p, "tiny", "rid");
         let png = encode_png(16, 16, &[7u8; 16 * 16 * 3], &chunks).expect("encodes");
         let back = read_text_chunks(&png).expect("decodes");

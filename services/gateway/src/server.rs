@@ -3,10 +3,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use qwen_image_common::grpc::ServerTelemetryLayer;
 use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
-use qwen_image_proto::v1::FILE_DESCRIPTOR_SET;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -21,8 +19,9 @@ pub const SERVICE_NAME: &str = "qwen_image.v1.ImageGenerator";
 
 /// Serves until `shutdown` resolves, then drains: NOT_SERVING, stop accepting, finish in-flight streams.
 ///
-/// Health is SERVING while every stage has at least one replica whose own health check says SERVING,
-/// NOT_SERVING otherwise (checked every `config.health_interval`).
+/// Health is SERVING while every stage has at least one replica whose own health check says SERVING and
+/// whose model fits the other stages' (checked every `config.health_interval`; a replica's `Describe` is
+/// read when it is first seen healthy and whenever it comes back), NOT_SERVING otherwise.
 pub async fn run(
     config: GatewayConfig,
     listener: TcpListener,
@@ -44,22 +43,38 @@ pub async fn run(
                     _ = stop_checks_rx.changed() => return,
                 }
                 let pools = stages.pools();
-                tokio::join!(
+                let (te, dn, vae) = tokio::join!(
                     pools[0].check_health(),
                     pools[1].check_health(),
                     pools[2].check_health()
                 );
-                let now = pools.iter().all(|p| p.any_healthy());
+                let back: Vec<_> = [
+                    (pools[0].stage, te),
+                    (pools[1].stage, dn),
+                    (pools[2].stage, vae),
+                ]
+                .into_iter()
+                .flat_map(|(stage, rs)| rs.into_iter().map(move |r| (stage, r)))
+                .collect();
+                if back.is_empty() {
+                    stages.review();
+                } else {
+                    stages.describe(back).await;
+                }
+                let now = pools.iter().all(|p| p.any_usable());
                 if serving != Some(now) {
                     if now {
                         health.serving().await;
                     } else {
-                        let down: Vec<&str> = pools
+                        let down: Vec<String> = pools
                             .iter()
-                            .filter(|p| !p.any_healthy())
-                            .map(|p| p.stage.as_str())
+                            .filter(|p| !p.any_usable())
+                            .map(|p| match p.refusals() {
+                                Some(why) => format!("{}: {why}", p.stage),
+                                None => format!("{}: no healthy replica", p.stage),
+                            })
                             .collect();
-                        tracing::warn!(?down, "no healthy replica for some stages: NOT_SERVING");
+                        tracing::warn!(?down, "some stages have no usable replica: NOT_SERVING");
                         health.not_serving().await;
                     }
                     serving = Some(now);
@@ -68,16 +83,8 @@ pub async fn run(
         })
     };
 
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let refl_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let refl_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let (refl_v1, refl_v1alpha) =
+        qwen_image_common::transport::reflection().map_err(GatewayError::Internal)?;
 
     let addr = listener
         .local_addr()
@@ -98,8 +105,7 @@ pub async fn run(
         let _ = stop_checks_tx.send(true);
         drain_health.not_serving().await;
     };
-    let served = tonic::transport::Server::builder()
-        .layer(ServerTelemetryLayer::new("gateway"))
+    let served = qwen_image_common::transport::server("gateway")
         .add_service(health_service)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

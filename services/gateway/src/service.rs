@@ -16,14 +16,17 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::cn_inpaint::{self, CnInpaintParams};
 use crate::config::GatewayConfig;
-use crate::edit::{self, EditParams};
 use crate::error::GatewayError;
-use crate::pose::{self, PoseParams};
+use crate::flows;
+use crate::geometry::Geometry;
+use crate::pipeline::Ctx;
+use crate::request::cn_inpaint::{CnInpaintParams, validate_cn_inpaint};
+use crate::request::edit::{EditParams, validate_img2img, validate_inpaint, validate_outpaint};
+use crate::request::pose::{PoseParams, validate_pose};
+use crate::request::t2i::{self, T2iParams};
+use crate::request::{Limits, Settings};
 use crate::stages::Stages;
-use crate::t2i;
-use crate::validate::{T2iParams, validate};
 
 /// Metadata key of the request id, in requests (optional, the caller's own id) and responses.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
@@ -86,25 +89,25 @@ enum Flow {
 }
 
 impl Flow {
-    async fn run(&self, ctx: &t2i::Ctx<'_>) -> Result<GenerateResult, GatewayError> {
+    async fn run(&self, ctx: &Ctx<'_>) -> Result<GenerateResult, GatewayError> {
         match self {
-            Self::TextToImage(p) => t2i::run(ctx, p).await,
-            Self::Edit(p) => edit::run(ctx, p).await,
-            Self::Pose(p) => pose::run(ctx, p).await,
-            Self::CnInpaint(p) => cn_inpaint::run(ctx, p).await,
+            Self::TextToImage(p) => flows::t2i::run(ctx, p).await,
+            Self::Edit(p) => flows::edit::run(ctx, p).await,
+            Self::Pose(p) => flows::pose::run(ctx, p).await,
+            Self::CnInpaint(p) => flows::cn_inpaint::run(ctx, p).await,
         }
     }
 
     /// Records the validated parameters on the request span and logs the acceptance.
     fn record(&self, span: &tracing::Span, model_name: Option<&str>) {
-        let p = match self {
-            Self::TextToImage(p) => p,
+        let p: &Settings = match self {
+            Self::TextToImage(p) => &p.settings,
             Self::Edit(e) => {
                 span.record("strength", e.strength);
-                &e.base
+                &e.settings
             }
-            Self::Pose(p) => &p.t2i,
-            Self::CnInpaint(p) => &p.t2i,
+            Self::Pose(p) => &p.settings,
+            Self::CnInpaint(p) => &p.settings,
         };
         span.record("width", p.width_px);
         span.record("height", p.height_px);
@@ -141,39 +144,54 @@ macro_rules! flow_span {
     };
 }
 
-/// What every request gets on arrival: its id, acceptance time and deadline.
+/// What every request gets on arrival: its id, acceptance time, deadline, and the model's geometry.
 struct Admission {
     id: String,
     accepted: Instant,
     deadline: Instant,
+    geometry: Geometry,
 }
 
 type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
 impl GatewayService {
-    fn admit<T>(&self, request: &Request<T>) -> Admission {
+    /// The request's id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the
+    /// stages do not serve one model, UNAVAILABLE before they have described it).
+    fn admit<T>(&self, request: &Request<T>) -> Result<Admission, Status> {
         let accepted = Instant::now();
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
             .map_or(default_deadline, |d| d.min(default_deadline));
-        Admission {
-            id: request_id(request),
+        let id = request_id(request);
+        let geometry = self
+            .stages
+            .geometry()
+            .map_err(|e| with_request_id(e.into(), &id))?;
+        Ok(Admission {
+            id,
             accepted,
             deadline,
+            geometry,
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_side_px: self.config.max_side_px,
         }
     }
 
-    /// Validates an image-flow request off the async threads (decoding, resizing and rendering pictures is
-    /// CPU work) and wraps it in its `Flow`.
+    /// Validates a request off the async threads (decoding, resizing and rendering pictures is CPU work)
+    /// and wraps it in its `Flow`.
     async fn validate_off_thread<R: Send + 'static, P: Send + 'static>(
         &self,
         a: &Admission,
         req: R,
-        check: fn(R, u32, u64) -> Result<P, GatewayError>,
+        check: fn(R, &Geometry, &Limits, u64) -> Result<P, GatewayError>,
         wrap: fn(P) -> Flow,
     ) -> Result<Flow, Status> {
-        let max_side = self.config.max_side_px;
-        tokio::task::spawn_blocking(move || check(req, max_side, random_u64()))
+        let (g, limits) = (a.geometry, self.limits());
+        tokio::task::spawn_blocking(move || check(req, &g, &limits, random_u64()))
             .await
             .map_err(|e| GatewayError::Internal(format!("validation task failed: {e}")))
             .and_then(|r| r)
@@ -189,6 +207,7 @@ impl GatewayService {
             id,
             accepted,
             deadline,
+            geometry,
         } = a;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
@@ -196,12 +215,13 @@ impl GatewayService {
         tokio::spawn(qwen_image_common::grpc::with_request_id(
             scoped_id,
             async move {
-                let ctx = t2i::Ctx {
+                let ctx = Ctx {
                     stages: &stages,
                     request_id: &task_id,
                     accepted,
                     deadline,
                     model_name: config.model_name.as_deref(),
+                    geometry,
                     events: &tx,
                 };
                 // Whichever ends first wins; the loser is dropped, which drops any stage call in flight
@@ -250,21 +270,22 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<TextToImageRequest>,
     ) -> Result<Response<Self::TextToImageStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("text_to_image", a.id);
-        let params = validate(request.into_inner(), self.config.max_side_px, random_u64())
-            .map_err(|e| with_request_id(e.into(), &a.id))?;
-        Ok(self.start(a, span, Flow::TextToImage(params)))
+        let flow = self
+            .validate_off_thread(&a, request.into_inner(), t2i::validate, t2i_flow)
+            .await?;
+        Ok(self.start(a, span, flow))
     }
 
     async fn img2_img(
         &self,
         request: Request<Img2ImgRequest>,
     ) -> Result<Response<Self::Img2ImgStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("img2img", a.id);
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), edit::validate_img2img, edit_flow)
+            .validate_off_thread(&a, request.into_inner(), validate_img2img, edit_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }
@@ -273,10 +294,10 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<InpaintRequest>,
     ) -> Result<Response<Self::InpaintStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("inpaint", a.id);
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), edit::validate_inpaint, edit_flow)
+            .validate_off_thread(&a, request.into_inner(), validate_inpaint, edit_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }
@@ -285,10 +306,10 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<OutpaintRequest>,
     ) -> Result<Response<Self::OutpaintStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("outpaint", a.id);
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), edit::validate_outpaint, edit_flow)
+            .validate_off_thread(&a, request.into_inner(), validate_outpaint, edit_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }
@@ -297,10 +318,10 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<PoseRequest>,
     ) -> Result<Response<Self::PoseStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("pose", a.id);
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), pose::validate_pose, pose_flow)
+            .validate_off_thread(&a, request.into_inner(), validate_pose, pose_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }
@@ -309,18 +330,22 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<ControlNetInpaintRequest>,
     ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
-        let a = self.admit(&request);
+        let a = self.admit(&request)?;
         let span = flow_span!("controlnet_inpaint", a.id);
         let flow = self
             .validate_off_thread(
                 &a,
                 request.into_inner(),
-                cn_inpaint::validate_cn_inpaint,
+                validate_cn_inpaint,
                 cn_inpaint_flow,
             )
             .await?;
         Ok(self.start(a, span, flow))
     }
+}
+
+fn t2i_flow(p: T2iParams) -> Flow {
+    Flow::TextToImage(p)
 }
 
 fn edit_flow(p: EditParams) -> Flow {

@@ -1,34 +1,41 @@
 //! The prompt encoder the worker thread owns: loading and warm-up. The only file that touches the
 //! model crate's text-encoder API.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use qwen_image_common::stage::ComputeDtype;
 use qwen_image_model::prompt::{EncodedPrompts, PromptEncoder};
 use qwen_image_model::snapshot::Snapshot;
 
-use crate::config::{DeviceSpec, TextEncoderConfig};
+use crate::TextEncoderConfig;
 
-/// Encoder and device, living on the worker thread.
+/// Encoder living on the worker thread.
 pub struct LoadedModel {
     pub encoder: PromptEncoder,
     /// Identifier reported in responses (the snapshot directory's name).
     pub model_id: String,
 }
 
-fn device(spec: DeviceSpec) -> candle_core::Result<(Device, DType)> {
-    match spec {
-        // f32 on CPU: the reference precision.
-        DeviceSpec::Cpu => Ok((Device::Cpu, DType::F32)),
-        // bf16 on GPU: the published weights' dtype.
-        DeviceSpec::Cuda(n) => Ok((Device::new_cuda(n)?, DType::BF16)),
-    }
-}
-
 /// Loads tokenizer and text encoder and encodes one short prompt (warm-up). Runs on the worker.
 pub fn load(cfg: &TextEncoderConfig) -> candle_core::Result<LoadedModel> {
-    let (device, dtype) = device(cfg.device)?;
+    let (device, dtype) = qwen_image_model::device::open(
+        cfg.device.cuda_ordinal(),
+        cfg.device.compute_dtype() == ComputeDtype::Bf16,
+    )?;
     let snapshot = Snapshot::open(&cfg.model_dir)?;
     let encoder = PromptEncoder::load(&snapshot, dtype, &device)?;
-    let warm = encoder.encode(&["warm-up"], 16)?;
+    let model_id = cfg
+        .model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| cfg.model_dir.display().to_string());
+    let model = LoadedModel { encoder, model_id };
+    warm_up(&model)?;
+    Ok(model)
+}
+
+/// Encodes one short prompt and checks the embeddings are finite.
+pub fn warm_up(m: &LoadedModel) -> candle_core::Result<()> {
+    let warm = m.encoder.encode(&["warm-up"], 16)?;
     let sum = warm
         .embeds
         .to_dtype(DType::F32)?
@@ -37,12 +44,7 @@ pub fn load(cfg: &TextEncoderConfig) -> candle_core::Result<LoadedModel> {
     if !sum.is_finite() {
         candle_core::bail!("warm-up produced non-finite embeddings");
     }
-    let model_id = cfg
-        .model_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| cfg.model_dir.display().to_string());
-    Ok(LoadedModel { encoder, model_id })
+    Ok(())
 }
 
 /// Token count of each prompt (template suffix included), before truncation.

@@ -2,7 +2,7 @@
 
 use qwen_image_proto::v1::{EncodeRequest, OverlongPromptPolicy};
 
-use crate::error::TextEncoderError;
+use qwen_image_common::stage::StageError;
 
 /// Most prompts in one request.
 pub const MAX_PROMPTS: usize = 64;
@@ -22,11 +22,11 @@ pub struct EncodeInputs {
     pub truncate: bool,
 }
 
-fn invalid(msg: String) -> TextEncoderError {
-    TextEncoderError::InvalidArgument(msg)
+fn invalid(msg: String) -> StageError {
+    StageError::InvalidArgument(msg)
 }
 
-pub fn validate(req: &EncodeRequest) -> Result<EncodeInputs, TextEncoderError> {
+pub fn validate(req: &EncodeRequest) -> Result<EncodeInputs, StageError> {
     let n = req.prompts.len();
     if n == 0 || n > MAX_PROMPTS {
         return Err(invalid(format!(

@@ -1,25 +1,5 @@
-//! `qwen-image-vae`: parse flags, start telemetry, bind, serve until SIGTERM / ctrl-c.
+//! `qwen-image-vae`: the stage skeleton's `main` for the VAE.
 
-use anyhow::Context;
-use clap::Parser;
-use qwen_image_vae::{Args, VaeServiceConfig, run};
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let _telemetry = qwen_image_common::telemetry::init("qwen-image-vae", &args.common)?;
-    if let Some(addr) = args.common.metrics_listen {
-        let bound = qwen_image_common::telemetry::serve_metrics(addr).await?;
-        // Machine-readable line for scripts and tests (logs go to stderr).
-        println!("metrics listening on {bound}");
-    }
-    let config = VaeServiceConfig::from(&args);
-    tracing::info!(?config, "starting");
-    let listener = tokio::net::TcpListener::bind(args.common.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.common.listen))?;
-    let addr = listener.local_addr().context("listener address")?;
-    println!("listening on {addr}");
-    run(config, listener, qwen_image_common::shutdown::signal()).await?;
-    Ok(())
+fn main() -> std::process::ExitCode {
+    qwen_image_common::stage::main::<qwen_image_vae::Vae>()
 }

@@ -2,61 +2,50 @@
 //! model crate's VAE API.
 
 use candle_core::{DType, Device, Tensor};
+use qwen_image_common::stage::ComputeDtype;
 use qwen_image_common::tensor::HostTensor;
-use qwen_image_model::snapshot::{Snapshot, first_line};
-use qwen_image_model::vae::{AutoencoderKLQwenImage, VaeConfig, from_rgb8, to_rgb8};
+use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::vae::{AutoencoderKLQwenImage, Posterior, from_rgb8, to_rgb8};
 
-use crate::config::{DeviceSpec, VaeServiceConfig};
-use crate::validate::VaeShape;
+use crate::VaeServiceConfig;
 
 pub struct LoadedModel {
     pub vae: AutoencoderKLQwenImage,
     pub device: Device,
 }
 
-/// Reads `vae/config.json` (cheap) so `run` can validate requests before the model is loaded.
-pub fn read_shape(cfg: &VaeServiceConfig) -> Result<(VaeShape, Vec<f32>, Vec<f32>), String> {
-    let snapshot = Snapshot::open(&cfg.model_dir).map_err(|e| first_line(&e))?;
-    let vcfg: VaeConfig = snapshot
-        .config("vae", "config.json")
-        .map_err(|e| first_line(&e))?;
-    let mean = vcfg.latents_mean.iter().map(|&v| v as f32).collect();
-    let std = vcfg.latents_std.iter().map(|&v| v as f32).collect();
-    Ok((
-        VaeShape {
-            z_dim: vcfg.z_dim,
-            scale_factor: vcfg.scale_factor(),
-        },
-        mean,
-        std,
-    ))
-}
-
-fn device(spec: DeviceSpec) -> candle_core::Result<(Device, DType)> {
-    match spec {
-        // f32 on CPU: the reference precision (candle has no bf16 conv on CPU).
-        DeviceSpec::Cpu => Ok((Device::Cpu, DType::F32)),
-        // bf16 on GPU: the published weights' dtype.
-        DeviceSpec::Cuda(n) => Ok((Device::new_cuda(n)?, DType::BF16)),
-    }
-}
-
 /// Loads the VAE and decodes + encodes one small image (warm-up). Runs on the worker.
 pub fn load(cfg: &VaeServiceConfig) -> candle_core::Result<LoadedModel> {
-    let (device, dtype) = device(cfg.device)?;
+    let (device, dtype) = qwen_image_model::device::open(
+        cfg.device.cuda_ordinal(),
+        cfg.device.compute_dtype() == ComputeDtype::Bf16,
+    )?;
     let snapshot = Snapshot::open(&cfg.model_dir)?;
     let vae = AutoencoderKLQwenImage::load(&snapshot, dtype, &device)?;
-    let (z, f) = (vae.config().z_dim, vae.config().scale_factor());
     let m = LoadedModel { vae, device };
+    warm_up(&m)?;
+    Ok(m)
+}
+
+/// Decodes a one-cell latent and encodes the result back (touches every weight).
+pub fn warm_up(m: &LoadedModel) -> candle_core::Result<()> {
+    let (z, f) = (m.vae.config().z_dim, m.vae.config().scale_factor());
     let img = decode(
-        &m,
+        m,
         &HostTensor {
             shape: vec![1, z, 1, 1],
             data: vec![0.0; z],
         },
     )?;
-    let _ = encode(&m, &[to_rgb8(&img)?.concat()], f, f)?;
-    Ok(m)
+    let latents = encode(m, &[to_rgb8(&img)?.concat()], f, f, None)?;
+    let sum = latents
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        candle_core::bail!("warm-up produced non-finite latents");
+    }
+    Ok(())
 }
 
 /// Normalised latents `[B, C, h, w]` → decoded `[B, 3, H, W]` in [-1, 1].
@@ -71,20 +60,42 @@ pub fn rgb8(image: &Tensor) -> candle_core::Result<Vec<Vec<u8>>> {
     to_rgb8(image)
 }
 
-/// RGB8 images of one size → posterior (mean, logvar), each `[B, C, 1, h, w]`.
+/// RGB8 images of one size → normalised latents `[N, C, 1, h, w]`: the posterior sampled with `noise`
+/// (`[N, C, 1, h, w]`, each image serving N / B consecutive rows) or its mean, then normalised
+/// (diffusers' `retrieve_latents` and `(z - latents_mean) * (1 / latents_std)`).
 pub fn encode(
     m: &LoadedModel,
     images: &[Vec<u8>],
     width: usize,
     height: usize,
-) -> candle_core::Result<(Tensor, Tensor)> {
+    noise: Option<&HostTensor<f32>>,
+) -> candle_core::Result<Tensor> {
     let xs = images
         .iter()
         .map(|img| from_rgb8(img, width, height, &m.device))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let x = Tensor::cat(&xs, 0)?; // [B, 3, H, W]
-    let posterior = m.vae.encode(&x)?;
-    Ok((posterior.mean, posterior.logvar))
+    let posterior = m.vae.encode(&x)?; // [B, C, 1, h, w]
+    let z = match noise {
+        None => posterior.mode().clone(),
+        Some(eps) => {
+            let per_image = eps.shape[0] / images.len();
+            let repeat = |t: &Tensor| -> candle_core::Result<Tensor> {
+                let rows = (0..images.len())
+                    .flat_map(|i| std::iter::repeat_n(i, per_image))
+                    .map(|i| t.narrow(0, i, 1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)
+            };
+            let repeated = Posterior {
+                mean: repeat(&posterior.mean)?,
+                logvar: repeat(&posterior.logvar)?,
+            };
+            let eps = Tensor::from_slice(&eps.data, eps.shape.as_slice(), &m.device)?;
+            repeated.sample(&eps)?
+        }
+    };
+    m.vae.normalize(&z)
 }
 
 /// Host copy as f32: (shape, data).

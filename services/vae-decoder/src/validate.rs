@@ -4,7 +4,7 @@ use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_common::tensor::{self, HostTensor, TensorError, expect_dim, required};
 use qwen_image_proto::v1::{DataType, DecodeRequest, EncodeImageRequest};
 
-use crate::error::VaeError;
+use qwen_image_common::stage::StageError;
 
 /// Most images per request.
 pub const MAX_BATCH: usize = 16;
@@ -18,7 +18,7 @@ const RESPONSE_SLACK_BYTES: usize = 1 << 20;
 pub struct VaeShape {
     /// Latent channels (`z_dim`).
     pub z_dim: usize,
-    /// Pixels per latent pixel (8).
+    /// Pixels per latent cell along each side (2 ** len(temperal_downsample): 8, or 4 for 3-level VAEs).
     pub scale_factor: usize,
 }
 
@@ -29,19 +29,21 @@ pub struct DecodeInputs {
     pub return_float: bool,
 }
 
-/// A checked encode request: RGB8 HWC images of one size.
+/// A checked encode request: RGB8 HWC images of one size, and the posterior noise if sampling.
 #[derive(Debug, Clone)]
 pub struct EncodeInputs {
     pub width_px: usize,
     pub height_px: usize,
     pub images: Vec<Vec<u8>>,
+    /// `[N, C, 1, h, w]`, N a multiple of the number of images; `None` = the posterior mean.
+    pub noise: Option<HostTensor<f32>>,
 }
 
-fn invalid(msg: String) -> VaeError {
-    VaeError::InvalidArgument(msg)
+fn invalid(msg: String) -> StageError {
+    StageError::InvalidArgument(msg)
 }
 
-pub fn validate_decode(req: &DecodeRequest, vae: VaeShape) -> Result<DecodeInputs, VaeError> {
+pub fn validate_decode(req: &DecodeRequest, vae: VaeShape) -> Result<DecodeInputs, StageError> {
     let field = "latents";
     let mut h = tensor::to_f32(
         required(req.latents.as_ref(), field)?,
@@ -88,7 +90,10 @@ pub fn validate_decode(req: &DecodeRequest, vae: VaeShape) -> Result<DecodeInput
     })
 }
 
-pub fn validate_encode(req: &EncodeImageRequest, vae: VaeShape) -> Result<EncodeInputs, VaeError> {
+pub fn validate_encode(
+    req: &EncodeImageRequest,
+    vae: VaeShape,
+) -> Result<EncodeInputs, StageError> {
     let n = req.images.len();
     if n == 0 || n > MAX_BATCH {
         return Err(invalid(format!(
@@ -128,11 +133,41 @@ pub fn validate_encode(req: &EncodeImageRequest, vae: VaeShape) -> Result<Encode
         }
         images.push(img.rgb8.to_vec());
     }
+    let noise = match &req.posterior_noise {
+        None => None,
+        Some(t) => Some(posterior_noise(t, n, [vae.z_dim, h / f, w / f])?),
+    };
     Ok(EncodeInputs {
         width_px: w,
         height_px: h,
         images,
+        noise,
     })
+}
+
+/// `posterior_noise`: F32 `[N, C, 1, h, w]` for `images` images (N a multiple of it, at most
+/// [`MAX_BATCH`]), finite.
+fn posterior_noise(
+    t: &qwen_image_proto::v1::Tensor,
+    images: usize,
+    [c, h, w]: [usize; 3],
+) -> Result<HostTensor<f32>, StageError> {
+    let field = "posterior_noise";
+    let noise = tensor::to_f32(t, field, &[DataType::F32], &[5])?;
+    let s = &noise.shape;
+    let n = s[0];
+    if s[1..] != [c, 1, h, w] || n == 0 || n % images != 0 || n > MAX_BATCH {
+        return Err(invalid(format!(
+            "`{field}` has shape {s:?}; send [N, {c}, 1, {h}, {w}] with N a multiple of the {images} image(s), at most {MAX_BATCH}"
+        )));
+    }
+    if let Some(i) = noise.data.iter().position(|v| !v.is_finite()) {
+        return Err(invalid(format!(
+            "`{field}` element {i} is {}; send finite values",
+            noise.data[i]
+        )));
+    }
+    Ok(noise)
 }
 
 #[cfg(test)]
@@ -178,7 +213,8 @@ mod tests {
         assert!(
             validate_encode(
                 &EncodeImageRequest {
-                    images: vec![img(8, 16, 8 * 16 * 3)]
+                    images: vec![img(8, 16, 8 * 16 * 3)],
+                    ..Default::default()
                 },
                 V
             )
@@ -187,7 +223,8 @@ mod tests {
         assert!(
             validate_encode(
                 &EncodeImageRequest {
-                    images: vec![img(9, 16, 9 * 16 * 3)]
+                    images: vec![img(9, 16, 9 * 16 * 3)],
+                    ..Default::default()
                 },
                 V
             )
@@ -196,7 +233,8 @@ mod tests {
         assert!(
             validate_encode(
                 &EncodeImageRequest {
-                    images: vec![img(8, 8, 10)]
+                    images: vec![img(8, 8, 10)],
+                    ..Default::default()
                 },
                 V
             )
@@ -205,12 +243,25 @@ mod tests {
         assert!(
             validate_encode(
                 &EncodeImageRequest {
-                    images: vec![img(8, 8, 192), img(16, 8, 384)]
+                    images: vec![img(8, 8, 192), img(16, 8, 384)],
+                    ..Default::default()
                 },
                 V
             )
             .is_err()
         );
-        assert!(validate_encode(&EncodeImageRequest { images: vec![] }, V).is_err());
+        assert!(validate_encode(&EncodeImageRequest::default(), V).is_err());
+        let with_noise = |shape: &[usize]| EncodeImageRequest {
+            images: vec![img(16, 8, 16 * 8 * 3)],
+            posterior_noise: Some(from_f32(shape, &vec![0.5; shape.iter().product()])),
+        };
+        let ok = validate_encode(&with_noise(&[3, 16, 1, 1, 2]), V).expect("valid");
+        assert_eq!(ok.noise.map(|n| n.shape), Some(vec![3, 16, 1, 1, 2]));
+        assert!(validate_encode(&with_noise(&[1, 16, 1, 2, 1]), V).is_err());
+        assert!(validate_encode(&with_noise(&[1, 8, 1, 1, 2]), V).is_err());
+        assert!(validate_encode(&with_noise(&[17, 16, 1, 1, 2]), V).is_err());
+        let mut nan = with_noise(&[1, 16, 1, 1, 2]);
+        nan.posterior_noise = Some(from_f32(&[1, 16, 1, 1, 2], &[f32::NAN; 32]));
+        assert!(validate_encode(&nan, V).is_err());
     }
 }

@@ -1,19 +1,26 @@
-//! The gateway's side of img2img / inpaint, checked against the dump: picture and mask preprocessing from the
-//! dump's input PNGs, the generator's draws in diffusers' order, the posterior sample and its normalisation,
-//! and the latent mask. Uses the gateway's own functions (`qwen_image_gateway::{images, edit}`).
+//! The gateway's side of img2img / inpaint, checked against the dump through the gateway's request API
+//! (`qwen_image_gateway::request`: what the gateway computes from a request before any stage call): picture
+//! and mask preprocessing from the dump's input PNGs, the latent mask, and the generator's draws in
+//! diffusers' order; then the VAE stage's side: the posterior sampled with the gateway's noise and
+//! normalised, with the model crate's functions the VAE service uses. The geometry comes from the
+//! snapshot's configs, as the stages describe it.
 
 use anyhow::{Context, Result};
-use qwen_image_gateway::{edit, images};
-use qwen_image_model::candle_core::{Device, Tensor};
+use qwen_image_gateway::request::edit::{EditParams, draws, validate_img2img, validate_inpaint};
+use qwen_image_gateway::request::{Geometry, Limits};
+use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::latents;
 use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::transformer::TransformerConfig;
+use qwen_image_model::vae::{AutoencoderKLQwenImage, Posterior, VaeConfig};
+use qwen_image_proto::v1::{GenerationSettings, Img2ImgRequest, InpaintRequest};
 
 use super::{ParityArgs, Reference, Report};
 
 /// Relative tolerance of the torch-compatible normal draws (a few f32 ulps).
 const RNG_TOL: f64 = 1e-6;
 
-/// Packed image latents and noise as the gateway computes them, for the loop part.
+/// Packed image latents and noise as the gateway and the VAE stage compute them, for the loop part.
 pub struct Prepared {
     pub image_latents: Tensor,
     pub noise: Tensor,
@@ -27,10 +34,52 @@ fn gateway<T>(r: Result<T, qwen_image_gateway::GatewayError>) -> Result<T> {
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-#[derive(serde::Deserialize)]
-struct VaeNorm {
-    latents_mean: Vec<f32>,
-    latents_std: Vec<f32>,
+/// The model's geometry as the stages describe it, from the snapshot's configs.
+pub fn geometry(snapshot: &Snapshot) -> Result<Geometry> {
+    let vae: VaeConfig = snapshot.config("vae", "config.json")?;
+    let t: TransformerConfig = snapshot.config("transformer", "config.json")?;
+    Ok(Geometry {
+        latent_channels: vae.z_dim,
+        vae_scale_factor: vae.scale_factor() as u32,
+        patch_size: t.patch_size as u32,
+    })
+}
+
+/// The gateway's parameters for the dump's request.
+fn params(reference: &Reference, g: &Geometry, inpaint: bool) -> Result<EditParams> {
+    let settings = GenerationSettings {
+        prompt: "parity".into(),
+        width_px: reference.arg("width").as_u64().context("args.width")? as u32,
+        height_px: reference.arg("height").as_u64().context("args.height")? as u32,
+        steps: reference.arg("steps").as_u64().context("args.steps")? as u32,
+        seed: Some(reference.arg("seed").as_u64().context("args.seed")?),
+        ..Default::default()
+    };
+    let strength = reference.arg("strength").as_f64();
+    let image = std::fs::read(reference.dir.join("input_image.png"))
+        .context("input_image.png of the dump")?
+        .into();
+    let limits = Limits::default();
+    if inpaint {
+        let mask = std::fs::read(reference.dir.join("input_mask.png"))
+            .context("input_mask.png of the dump")?
+            .into();
+        let req = InpaintRequest {
+            settings: Some(settings),
+            image,
+            strength,
+            mask,
+            paste_back: false,
+        };
+        gateway(validate_inpaint(req, g, &limits, 0))
+    } else {
+        let req = Img2ImgRequest {
+            settings: Some(settings),
+            image,
+            strength,
+        };
+        gateway(validate_img2img(req, g, &limits, 0))
+    }
 }
 
 pub fn check(
@@ -39,20 +88,16 @@ pub fn check(
     report: &mut Report,
     inpaint: bool,
 ) -> Result<Prepared> {
-    let width = reference.arg("width").as_u64().context("args.width")? as u32;
-    let height = reference.arg("height").as_u64().context("args.height")? as u32;
-    let seed = reference.arg("seed").as_u64().context("args.seed")?;
-    let (w, h) = (width as usize, height as usize);
-    let (lh, lw) = (h / 8, w / 8);
-    let c = 16;
+    let snapshot = Snapshot::open(&args.snapshot)?;
+    let g = geometry(&snapshot)?;
+    let p = params(reference, &g, inpaint)?;
+    let (w, h) = (p.settings.width_px as usize, p.settings.height_px as usize);
+    let (lh, lw) = p.settings.latent_hw(&g);
+    let c = g.latent_channels;
 
     // init_image: RGB, LANCZOS to the working size, /255, 2x - 1
-    let bytes = std::fs::read(reference.dir.join("input_image.png"))
-        .context("input_image.png of the dump")?;
-    let picture = gateway(images::to_rgb(&gateway(images::decode("image", &bytes))?))?;
-    let resized = gateway(images::resize_to(&picture, width, height))?;
     let mut chw = vec![0f32; 3 * w * h];
-    for (i, px) in resized.data.chunks_exact(3).enumerate() {
+    for (i, px) in p.image.data.chunks_exact(3).enumerate() {
         for ch in 0..3 {
             chw[ch * w * h + i] = 2.0 * (f32::from(px[ch]) / 255.0) - 1.0;
         }
@@ -65,11 +110,7 @@ pub fn check(
     )?;
 
     // mask: L, LANCZOS, binarised; nearest to the latent grid, broadcast over channels, packed
-    if inpaint {
-        let bytes = std::fs::read(reference.dir.join("input_mask.png"))
-            .context("input_mask.png of the dump")?;
-        let l = gateway(images::to_l(&gateway(images::decode("mask", &bytes))?))?;
-        let m = gateway(images::prepare_mask(&l, width, height))?;
+    if let Some(m) = &p.mask {
         let px: Vec<f32> = m.pixels.iter().map(|&v| f32::from(v)).collect();
         report.compare(
             "gateway: mask_condition (L, LANCZOS, >= 0.5)",
@@ -82,7 +123,7 @@ pub fn check(
             .collect();
         let packed = latents::pack(&to_tensor(&grid, &[1, c, 1, lh, lw])?)?;
         report.compare(
-            "gateway: mask_packed (nearest, top-left of 8x8)",
+            "gateway: mask_packed (nearest, top-left of each f x f cell)",
             &packed,
             &reference.f32("mask_packed")?,
             0.0,
@@ -91,7 +132,7 @@ pub fn check(
 
     // generator draws in diffusers' order (torch's vectorised Box-Muller rounds differently in the last
     // bit or two, hence RNG_TOL rather than 0)
-    let d = gateway(edit::draws_for(seed, c * lh * lw, 1, inpaint))?;
+    let d = gateway(draws(&p, &g))?;
     let eps = to_tensor(&d.image_eps, &[1, c, 1, lh, lw])?;
     report.compare(
         "gateway: rng.0 (image posterior eps)",
@@ -115,25 +156,18 @@ pub fn check(
         )?;
     }
 
-    // posterior sample from the dump's own VAE mean/logvar, normalised with the snapshot's statistics
-    let snapshot = Snapshot::open(&args.snapshot)?;
-    let norm: VaeNorm = snapshot.config("vae", "config.json")?;
-    let mean = reference
-        .f32("vae.encode.0.mean")?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let logvar = reference
-        .f32("vae.encode.0.logvar")?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let z = edit::normalised_sample(
-        &(mean, logvar, norm.latents_mean, norm.latents_std),
-        &d.image_eps,
-    );
-    let image_latents = latents::pack(&to_tensor(&z, &[1, c, 1, lh, lw])?)?;
+    // The VAE stage's encode from the dump's own posterior: sampled with the gateway's eps, normalised
+    // with the snapshot's statistics (`Posterior::sample` and `normalize`, as the VAE service computes).
+    let vae = AutoencoderKLQwenImage::load(&snapshot, DType::F32, &Device::Cpu)?;
+    let posterior = Posterior {
+        mean: reference.f32("vae.encode.0.mean")?,
+        logvar: reference.f32("vae.encode.0.logvar")?,
+    };
+    let z = vae.normalize(&posterior.sample(&eps)?)?;
+    let image_latents = latents::pack(&z)?;
     if reference.has("image_latents_packed") {
         report.compare(
-            "gateway: image_latents_packed (sample, normalised)",
+            "vae: image_latents_packed (gateway eps, sampled, normalised)",
             &image_latents,
             &reference.f32("image_latents_packed")?,
             args.tol,

@@ -14,6 +14,12 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use qwen_image_common::stage::{StageArgs, StageConfig, StageDef};
+use qwen_image_denoiser::{Denoiser, DenoiserArgs};
+use qwen_image_gateway::GatewayArgs;
+use qwen_image_text_encoder::{TextEncoder, TextEncoderArgs};
+use qwen_image_vae::{Vae, VaeArgs};
+
 /// One service of the stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StageKind {
@@ -34,12 +40,25 @@ impl StageKind {
     }
 }
 
-/// Requests each stage admits at once (running + waiting); `None` = the service's default.
+/// The flags of the stack's services: the stages' shared flags (queue capacity, device; the model is the
+/// stack's), the denoiser's own (its ControlNets), and the gateway's limits.
 #[derive(Debug, Clone, Default)]
 pub struct StageOptions {
-    pub queue_capacity: Option<usize>,
-    /// ControlNets the denoiser loads at startup (`--controlnet [NAME=]DIR`).
-    pub controlnets: Vec<qwen_image_denoiser::config::ControlNetSpec>,
+    pub stage: StageArgs,
+    pub denoiser: DenoiserArgs,
+    /// Gateway flags whose endpoints are ignored (the stack's own stages are used).
+    pub gateway: Option<GatewayArgs>,
+}
+
+/// The configuration of stage `D` on `model` from the shared and its own flags.
+fn config<D: StageDef>(
+    model: &Path,
+    stage: &StageArgs,
+    own: D::Args,
+) -> Result<StageConfig<D::Args>> {
+    let mut stage = stage.clone();
+    stage.model = Some(model.to_path_buf());
+    D::config_from(&stage, own).map_err(anyhow::Error::msg)
 }
 
 /// Runs one model stage on `listener` until `shutdown`, through the stage library's own `run`.
@@ -50,27 +69,18 @@ pub async fn run_stage(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: StageOptions,
 ) -> Result<()> {
+    let s = &options.stage;
     match kind {
         StageKind::TextEncoder => {
-            let mut c = qwen_image_text_encoder::TextEncoderConfig::new(model);
-            if let Some(q) = options.queue_capacity {
-                c.queue_capacity = q;
-            }
+            let c = config::<TextEncoder>(model, s, TextEncoderArgs {})?;
             qwen_image_text_encoder::run(c, listener, shutdown).await?;
         }
         StageKind::Denoiser => {
-            let mut c = qwen_image_denoiser::DenoiserConfig::new(model);
-            if let Some(q) = options.queue_capacity {
-                c.queue_capacity = q;
-            }
-            c.controlnets = options.controlnets;
+            let c = config::<Denoiser>(model, s, options.denoiser)?;
             qwen_image_denoiser::run(c, listener, shutdown).await?;
         }
         StageKind::Vae => {
-            let mut c = qwen_image_vae::VaeServiceConfig::new(model);
-            if let Some(q) = options.queue_capacity {
-                c.queue_capacity = q;
-            }
+            let c = config::<Vae>(model, s, VaeArgs {})?;
             qwen_image_vae::run(c, listener, shutdown).await?;
         }
         StageKind::Gateway => {
@@ -138,11 +148,17 @@ impl LocalStack {
                 .map(|(_, a)| format!("http://{a}"))
                 .unwrap_or_default()
         };
-        let config = qwen_image_gateway::GatewayConfig::new(
+        let mut config = qwen_image_gateway::GatewayConfig::new(
             url(StageKind::TextEncoder),
             url(StageKind::Denoiser),
             url(StageKind::Vae),
         );
+        if let Some(g) = &options.gateway {
+            config.request_timeout = Duration::from_secs(g.request_timeout_secs.max(1));
+            config.health_interval = Duration::from_millis(g.health_interval_ms.max(10));
+            config.max_side_px = g.max_side_px;
+            config.model_name = g.model_name.clone();
+        }
         let (listener, gateway_addr) = bind(gateway_listen).await?;
         let shutdown = stop_signal(&stop_rx);
         tasks.push((

@@ -1,11 +1,13 @@
-//! Replicas of one stage: least-outstanding balancing, health checks, and retry on another replica.
+//! Replicas of one stage: least-outstanding balancing, health checks, what each replica describes (and
+//! whether it was refused for not fitting the others), and retry on another replica.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use qwen_image_proto::v1::StageDescription;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -17,8 +19,6 @@ use crate::error::{GatewayError, StageName};
 
 /// Timeout of one health check.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// TCP connect timeout of a stage channel.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One replica of a stage.
 #[derive(Debug)]
@@ -27,6 +27,23 @@ pub struct Replica {
     channel: Channel,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
+    /// What the replica said it serves (read when it turns healthy), and whether it was refused.
+    described: Mutex<Described>,
+}
+
+/// What is known about a replica's model.
+#[derive(Debug, Clone, Default)]
+pub enum Described {
+    /// Not read yet (or the replica went away since).
+    #[default]
+    Unknown,
+    /// It fits the other stages.
+    Accepted(Arc<StageDescription>),
+    /// It does not fit: the mismatch, named.
+    Refused {
+        description: Arc<StageDescription>,
+        reason: String,
+    },
 }
 
 impl Replica {
@@ -38,10 +55,32 @@ impl Replica {
         self.healthy.load(Ordering::Acquire)
     }
 
-    fn set_healthy(&self, healthy: bool) {
-        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+    /// Records a health check; true when the replica just came back (or was seen for the first time).
+    fn set_healthy(&self, healthy: bool) -> bool {
+        let was = self.healthy.swap(healthy, Ordering::AcqRel);
+        if was != healthy {
             tracing::info!(uri = %self.uri, healthy, "stage replica health changed");
         }
+        healthy && !was
+    }
+
+    pub fn described(&self) -> Described {
+        self.described.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    pub fn set_described(&self, d: Described) {
+        if let Ok(mut slot) = self.described.lock() {
+            *slot = d;
+        }
+    }
+
+    /// Accepted: its model fits the others.
+    pub fn is_accepted(&self) -> bool {
+        matches!(self.described(), Described::Accepted(_))
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 }
 
@@ -87,20 +126,14 @@ impl Pool {
         let replicas = uris
             .iter()
             .map(|uri| {
-                let endpoint = Endpoint::from_shared(uri.clone())
-                    .map_err(|e| {
-                        GatewayError::Internal(format!(
-                            "{stage} endpoint `{uri}` is not a valid URL: {e}"
-                        ))
-                    })?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_adaptive_window(true);
+                let endpoint = qwen_image_common::transport::endpoint(uri)
+                    .map_err(|e| GatewayError::Internal(format!("{stage} endpoint: {e}")))?;
                 Ok(Arc::new(Replica {
                     uri: uri.clone(),
                     channel: endpoint.connect_lazy(),
                     outstanding: AtomicUsize::new(0),
                     healthy: AtomicBool::new(false),
+                    described: Mutex::new(Described::Unknown),
                 }))
             })
             .collect::<Result<Vec<_>, GatewayError>>()?;
@@ -115,23 +148,39 @@ impl Pool {
         &self.replicas
     }
 
-    pub fn any_healthy(&self) -> bool {
-        self.replicas.iter().any(|r| r.is_healthy())
+    /// Some replica is healthy and its model fits the other stages.
+    pub fn any_usable(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| r.is_healthy() && r.is_accepted())
     }
 
-    /// The replica with the fewest outstanding calls among those not in `tried`, healthy ones first
-    /// (health may be stale, so an unhealthy replica is still tried when nothing else is left). Ties go
-    /// round-robin.
+    /// Why no replica can be used when some were refused: their reasons; `None` when none was refused.
+    pub fn refusals(&self) -> Option<String> {
+        let reasons: Vec<String> = self
+            .replicas
+            .iter()
+            .filter_map(|r| match r.described() {
+                Described::Refused { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
+    /// The replica with the fewest outstanding calls among the accepted ones not in `tried`, healthy ones
+    /// first (health may be stale, so an unhealthy replica is still tried when nothing else is left). Ties
+    /// go round-robin. Replicas whose model is unknown or refused are never picked.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, Lease)> {
         let n = self.replicas.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut best: Option<(bool, usize, usize)> = None; // (healthy, outstanding, index)
         for k in 0..n {
             let i = (start + k) % n;
-            if tried.contains(&i) {
+            let r = &self.replicas[i];
+            if tried.contains(&i) || !r.is_accepted() {
                 continue;
             }
-            let r = &self.replicas[i];
             let key = (r.is_healthy(), r.outstanding(), i);
             best = match best {
                 None => Some(key),
@@ -197,14 +246,25 @@ impl Pool {
                 Err(status) => return Err(GatewayError::upstream(self.stage, status)),
             }
         }
-        Err(GatewayError::upstream(
-            self.stage,
-            last.unwrap_or_else(|| Status::unavailable("no replica configured")),
-        ))
+        if let Some(status) = last {
+            return Err(GatewayError::upstream(self.stage, status));
+        }
+        Err(match self.refusals() {
+            Some(reasons) => GatewayError::FailedPrecondition(format!(
+                "no usable {} replica: {reasons}",
+                self.stage
+            )),
+            None => GatewayError::Unavailable(format!(
+                "no {} replica has described its model yet; retry in a few seconds",
+                self.stage
+            )),
+        })
     }
 
-    /// Checks every replica once, concurrently (grpc.health.v1 `Check` of the whole server, "").
-    pub async fn check_health(&self) {
+    /// Checks every replica once, concurrently (grpc.health.v1 `Check` of the whole server, ""). Returns
+    /// the replicas that came back (or were seen healthy for the first time): their model must be read
+    /// again. A replica that is down forgets its description.
+    pub async fn check_health(&self) -> Vec<Arc<Replica>> {
         let mut set = tokio::task::JoinSet::new();
         for r in &self.replicas {
             let r = r.clone();
@@ -218,10 +278,20 @@ impl Pool {
                     tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.check(req)).await,
                     Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
                 );
-                r.set_healthy(ok);
+                let back = r.set_healthy(ok);
+                if !ok {
+                    r.set_described(Described::Unknown);
+                }
+                (back || (ok && matches!(r.described(), Described::Unknown))).then_some(r)
             });
         }
-        while set.join_next().await.is_some() {}
+        let mut back = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            if let Ok(Some(r)) = joined {
+                back.push(r);
+            }
+        }
+        back
     }
 }
 
@@ -233,7 +303,11 @@ mod tests {
         let uris: Vec<String> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}", 1 + i))
             .collect();
-        Pool::new(StageName::Denoiser, &uris).expect("valid uris")
+        let p = Pool::new(StageName::Denoiser, &uris).expect("valid uris");
+        for r in p.replicas() {
+            r.set_described(Described::Accepted(Arc::default()));
+        }
+        p
     }
 
     #[tokio::test]
@@ -263,6 +337,19 @@ mod tests {
             );
         }
         assert!(p.pick(&[0, 1, 2]).is_none());
+        p.replicas()[1].set_described(Described::Refused {
+            description: Arc::default(),
+            reason: "vae latent channels 4, denoiser expects 16".into(),
+        });
+        for _ in 0..4 {
+            let (i, _l) = p.pick(&[]).expect("a replica");
+            assert_eq!(i, 2, "refused replicas are never picked");
+        }
+        assert!(
+            p.refusals()
+                .expect("refused")
+                .contains("denoiser expects 16")
+        );
     }
 
     #[tokio::test]

@@ -1,4 +1,8 @@
-//! Typed calls to the three stages: message-size limits, forwarded deadlines, retry on another replica.
+//! The stage clients: typed calls to the three stages (message-size limits, forwarded deadlines, retry on
+//! another replica), and what the stages describe (their model, checked to fit together: [`describe`]).
+
+mod describe;
+pub mod pool;
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +19,7 @@ use tonic::{Request, Status, Streaming};
 
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, StageName};
-use crate::pool::{Lease, Pool};
+use pool::{Lease, Pool};
 
 /// The replicas of every stage.
 #[derive(Debug)]
@@ -60,6 +64,14 @@ impl Stages {
 
     pub fn pools(&self) -> [&Pool; 3] {
         [&self.text_encoder, &self.denoiser, &self.vae]
+    }
+
+    pub fn pool(&self, stage: StageName) -> &Pool {
+        match stage {
+            StageName::TextEncoder => &self.text_encoder,
+            StageName::Denoiser => &self.denoiser,
+            StageName::Vae => &self.vae,
+        }
     }
 
     /// Encodes one prompt. Overlong prompts are truncated to diffusers' 512 tokens, as QwenImagePipeline does.
@@ -145,7 +157,7 @@ impl Stages {
         Ok(resp)
     }
 
-    /// Encodes RGB8 images to the VAE posterior (mean, logvar) and the latent normalisation constants.
+    /// Encodes RGB8 images to normalised latents, sampled with the request's posterior noise.
     pub async fn encode_image(
         &self,
         msg: EncodeImageRequest,

@@ -1,23 +1,17 @@
-//! Image to image, inpaint and outpaint over the stages (diffusers QwenImageImg2ImgPipeline and
-//! QwenImageInpaintPipeline; outpaint = inpaint of a larger canvas). The prompt and the picture are encoded
-//! concurrently; the gateway samples the VAE posterior and draws the noise from the request's
-//! torch-compatible generator in diffusers' order, and the denoiser mixes them at `sigma[t_start]`
-//! (`DenoiseRequest.start_noise`) and, for inpaint, blends after every step. Denoise and decode are the
-//! text-to-image flow's.
+//! Img2Img / Inpaint / Outpaint requests → [`EditParams`] (diffusers QwenImageImg2ImgPipeline and
+//! QwenImageInpaintPipeline preprocessing; outpaint = inpaint of a larger canvas), and the generator's draws
+//! in diffusers' order ([`draws`]).
 
 use qwen_image_common::randn::TorchCpuGenerator;
-use qwen_image_common::tensor;
 use qwen_image_imaging::Image8;
 use qwen_image_proto::v1::{
-    Anchor, DataType, EncodeImageRequest, EncodeImageResponse, GenerateResult, Image,
-    Img2ImgRequest, InpaintInputs, InpaintRequest, OutpaintRequest, Padding, PreviewSettings,
-    Stage, Tensor, TextToImageRequest,
+    Anchor, GenerationSettings, Img2ImgRequest, InpaintRequest, OutpaintRequest,
 };
 
-use crate::error::{GatewayError, StageName};
+use super::settings::{self, Settings};
+use super::{Geometry, Limits, invalid};
+use crate::error::GatewayError;
 use crate::images::{self, Pad, PreparedMask};
-use crate::t2i::{self, Ctx, Finish, Start};
-use crate::validate::{LATENT_CHANNELS, SIZE_MULTIPLE, T2iParams, validate};
 
 /// diffusers' default strength of the img2img and inpaint pipelines.
 pub const DEFAULT_STRENGTH: f64 = 0.6;
@@ -44,8 +38,8 @@ impl Mode {
 /// A validated image-flow request with its pixels prepared.
 #[derive(Debug, Clone)]
 pub struct EditParams {
-    /// The common options; `width_px` x `height_px` is the working (= output) size.
-    pub base: T2iParams,
+    /// The common settings; `width_px` x `height_px` is the working (= output) size.
+    pub settings: Settings,
     pub mode: Mode,
     pub strength: f64,
     /// First step that runs: `int(N - min(N * strength, N))`.
@@ -57,10 +51,6 @@ pub struct EditParams {
     pub paste_back: bool,
     /// Outpaint: the padding used.
     pub padding: Option<Pad>,
-}
-
-fn invalid(msg: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidArgument(msg.into())
 }
 
 /// diffusers' `get_timesteps`: `t_start = int(max(N - min(N * strength, N), 0))` in float64.
@@ -80,63 +70,44 @@ pub fn start_step(steps: u32, strength: f64) -> Result<u32, GatewayError> {
     Ok(t_start)
 }
 
-/// The common options (fields 1-10) checked by the text-to-image rules at an explicit working size.
-#[allow(clippy::too_many_arguments)]
-fn common(
-    prompt: String,
-    negative_prompt: Option<String>,
-    width_px: u32,
-    height_px: u32,
-    steps: u32,
-    true_cfg_scale: Option<f32>,
-    seed: Option<u64>,
-    preview: Option<PreviewSettings>,
-    num_images: u32,
-    max_side_px: u32,
-    fallback_seed: u64,
-) -> Result<T2iParams, GatewayError> {
-    validate(
-        TextToImageRequest {
-            prompt,
-            negative_prompt,
-            width_px,
-            height_px,
-            steps,
-            true_cfg_scale,
-            seed,
-            initial_latents: None,
-            preview,
-            num_images,
-        },
-        max_side_px,
-        fallback_seed,
-    )
-}
-
 /// Working size: both given, or both 0 = the picture's size rounded down to a multiple of 16.
 fn working_size(
-    width_px: u32,
-    height_px: u32,
+    s: &GenerationSettings,
     img: &Image8,
-    max_side_px: u32,
+    g: &Geometry,
+    limits: &Limits,
 ) -> Result<(u32, u32), GatewayError> {
-    match (width_px, height_px) {
+    let (m, max) = (g.size_multiple(), limits.max_side_px);
+    match (s.width_px, s.height_px) {
         (0, 0) => {
-            let floor = |v: usize| (v as u32 / SIZE_MULTIPLE) * SIZE_MULTIPLE;
-            let (w, h) = (floor(img.width), floor(img.height));
-            if w == 0 || h == 0 || w > max_side_px || h > max_side_px {
+            let (w, h) = (
+                g.floor_to_multiple(img.width as u32),
+                g.floor_to_multiple(img.height as u32),
+            );
+            if w == 0 || h == 0 || w > max || h > max {
                 return Err(invalid(format!(
-                    "the picture is {}x{} px, which gives no usable working size by default (multiples of {SIZE_MULTIPLE}, at most {max_side_px}); send width_px and height_px",
+                    "the picture is {}x{} px, which gives no usable working size by default (multiples of {m}, at most {max}); send width_px and height_px",
                     img.width, img.height
                 )));
             }
             Ok((w, h))
         }
-        (0, _) | (_, 0) => Err(invalid(
-            "send both width_px and height_px, or neither (= the picture's size rounded down to a multiple of 16)",
-        )),
+        (0, _) | (_, 0) => Err(invalid(format!(
+            "send both width_px and height_px, or neither (= the picture's size rounded down to a multiple of {m})"
+        ))),
         wh => Ok(wh),
     }
+}
+
+/// The settings at the working size (the picture's, or the request's).
+fn settings_for(
+    s: GenerationSettings,
+    size: (u32, u32),
+    g: &Geometry,
+    limits: &Limits,
+    fallback_seed: u64,
+) -> Result<Settings, GatewayError> {
+    settings::convert(s, size, "the picture's size", g, limits, fallback_seed)
 }
 
 /// The strength, defaulted, and the step it starts at.
@@ -151,28 +122,19 @@ fn strength_and_start(
 
 pub fn validate_img2img(
     req: Img2ImgRequest,
-    max_side_px: u32,
+    g: &Geometry,
+    limits: &Limits,
     fallback_seed: u64,
 ) -> Result<EditParams, GatewayError> {
-    let picture = images::to_rgb(&images::decode("image", &req.image)?)?;
-    let (w, h) = working_size(req.width_px, req.height_px, &picture, max_side_px)?;
-    let base = common(
-        req.prompt,
-        req.negative_prompt,
-        w,
-        h,
-        req.steps,
-        req.true_cfg_scale,
-        req.seed,
-        req.preview,
-        req.num_images,
-        max_side_px,
-        fallback_seed,
-    )?;
-    let (strength, start_step) = strength_and_start(req.strength, DEFAULT_STRENGTH, base.steps)?;
+    let s = req.settings.unwrap_or_default();
+    let picture = images::decode_rgb("image", &req.image)?;
+    let (w, h) = working_size(&s, &picture, g, limits)?;
+    let settings = settings_for(s, (w, h), g, limits, fallback_seed)?;
+    let (strength, start_step) =
+        strength_and_start(req.strength, DEFAULT_STRENGTH, settings.steps)?;
     Ok(EditParams {
         image: images::resize_to(&picture, w, h)?,
-        base,
+        settings,
         mode: Mode::Img2Img,
         strength,
         start_step,
@@ -184,10 +146,12 @@ pub fn validate_img2img(
 
 pub fn validate_inpaint(
     req: InpaintRequest,
-    max_side_px: u32,
+    g: &Geometry,
+    limits: &Limits,
     fallback_seed: u64,
 ) -> Result<EditParams, GatewayError> {
-    let picture = images::to_rgb(&images::decode("image", &req.image)?)?;
+    let s = req.settings.unwrap_or_default();
+    let picture = images::decode_rgb("image", &req.image)?;
     let mask = images::to_l(&images::decode("mask", &req.mask)?)?;
     if (mask.width, mask.height) != (picture.width, picture.height) {
         return Err(invalid(format!(
@@ -195,25 +159,14 @@ pub fn validate_inpaint(
             mask.width, mask.height, picture.width, picture.height
         )));
     }
-    let (w, h) = working_size(req.width_px, req.height_px, &picture, max_side_px)?;
-    let base = common(
-        req.prompt,
-        req.negative_prompt,
-        w,
-        h,
-        req.steps,
-        req.true_cfg_scale,
-        req.seed,
-        req.preview,
-        req.num_images,
-        max_side_px,
-        fallback_seed,
-    )?;
-    let (strength, start_step) = strength_and_start(req.strength, DEFAULT_STRENGTH, base.steps)?;
+    let (w, h) = working_size(&s, &picture, g, limits)?;
+    let settings = settings_for(s, (w, h), g, limits, fallback_seed)?;
+    let (strength, start_step) =
+        strength_and_start(req.strength, DEFAULT_STRENGTH, settings.steps)?;
     Ok(EditParams {
         image: images::resize_to(&picture, w, h)?,
-        mask: Some(images::prepare_mask(&mask, w, h)?),
-        base,
+        mask: Some(images::prepare_mask(&mask, w, h, g)?),
+        settings,
         mode: Mode::Inpaint,
         strength,
         start_step,
@@ -228,10 +181,17 @@ pub fn outpaint_padding(
     req: &OutpaintRequest,
     iw: u32,
     ih: u32,
-    max_side_px: u32,
+    g: &Geometry,
+    limits: &Limits,
 ) -> Result<Pad, GatewayError> {
+    let max_side_px = limits.max_side_px;
+    let multiple = g.size_multiple();
     let sides = [req.left_px, req.right_px, req.top_px, req.bottom_px];
-    let mut pad = match (req.width_px, req.height_px) {
+    let (tw, th) = req
+        .settings
+        .as_ref()
+        .map_or((0, 0), |s| (s.width_px, s.height_px));
+    let mut pad = match (tw, th) {
         (0, 0) => Pad {
             left: req.left_px,
             right: req.right_px,
@@ -286,11 +246,11 @@ pub fn outpaint_padding(
             "nothing to outpaint: send left/right/top/bottom_px, or a target size larger than the picture",
         ));
     }
-    let m = u64::from(SIZE_MULTIPLE);
+    let m = u64::from(multiple);
     let (rw, rh) = (w.div_ceil(m) * m, h.div_ceil(m) * m);
     if rw > u64::from(max_side_px) || rh > u64::from(max_side_px) {
         return Err(invalid(format!(
-            "the outpainted canvas would be {rw}x{rh} px (picture {iw}x{ih} + padding, rounded up to a multiple of {SIZE_MULTIPLE}); at most {max_side_px} per side is allowed, so add fewer pixels"
+            "the outpainted canvas would be {rw}x{rh} px (picture {iw}x{ih} + padding, rounded up to a multiple of {multiple}); at most {max_side_px} per side is allowed, so add fewer pixels"
         )));
     }
     pad.right += (rw - w) as u32;
@@ -300,94 +260,33 @@ pub fn outpaint_padding(
 
 pub fn validate_outpaint(
     req: OutpaintRequest,
-    max_side_px: u32,
+    g: &Geometry,
+    limits: &Limits,
     fallback_seed: u64,
 ) -> Result<EditParams, GatewayError> {
-    let picture = images::to_rgb(&images::decode("image", &req.image)?)?;
-    let pad = outpaint_padding(
-        &req,
-        picture.width as u32,
-        picture.height as u32,
-        max_side_px,
-    )?;
+    let picture = images::decode_rgb("image", &req.image)?;
+    let pad = outpaint_padding(&req, picture.width as u32, picture.height as u32, g, limits)?;
     let (canvas, mask) = images::outpaint_canvas(&picture, pad)?;
     let (w, h) = (canvas.width as u32, canvas.height as u32);
-    let base = common(
-        req.prompt,
-        req.negative_prompt,
-        w,
-        h,
-        req.steps,
-        req.true_cfg_scale,
-        req.seed,
-        req.preview,
-        req.num_images,
-        max_side_px,
+    let settings = settings_for(
+        req.settings.unwrap_or_default(),
+        (w, h),
+        g,
+        limits,
         fallback_seed,
     )?;
     let (strength, start_step) =
-        strength_and_start(req.strength, DEFAULT_OUTPAINT_STRENGTH, base.steps)?;
+        strength_and_start(req.strength, DEFAULT_OUTPAINT_STRENGTH, settings.steps)?;
     Ok(EditParams {
-        mask: Some(images::prepare_mask(&mask, w, h)?),
+        mask: Some(images::prepare_mask(&mask, w, h, g)?),
         image: canvas,
-        base,
+        settings,
         mode: Mode::Outpaint,
         strength,
         start_step,
         paste_back: req.paste_back,
         padding: Some(pad),
     })
-}
-
-/// The VAE posterior of the working-size picture: (mean, logvar, latents_mean, latents_std), checked.
-pub type Posterior = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
-
-fn check_posterior(
-    resp: EncodeImageResponse,
-    h: usize,
-    w: usize,
-) -> Result<Posterior, GatewayError> {
-    let bad = |d: String| GatewayError::bad_response(StageName::Vae, d);
-    let expected = [1, LATENT_CHANNELS, 1, h, w];
-    let get = |t: Option<&Tensor>, name: &str| -> Result<Vec<f32>, GatewayError> {
-        let t = t.ok_or_else(|| bad(format!("no {name}")))?;
-        let host =
-            tensor::to_f32(t, name, &[DataType::F32], &[5]).map_err(|e| bad(e.to_string()))?;
-        if host.shape != expected {
-            return Err(bad(format!(
-                "{name} has shape {:?}, expected {expected:?}",
-                host.shape
-            )));
-        }
-        Ok(host.data)
-    };
-    let mean = get(resp.mean.as_ref(), "mean")?;
-    let logvar = get(resp.logvar.as_ref(), "logvar")?;
-    if resp.latents_mean.len() != LATENT_CHANNELS || resp.latents_std.len() != LATENT_CHANNELS {
-        return Err(bad(format!(
-            "{} latents_mean / {} latents_std values, expected {LATENT_CHANNELS}",
-            resp.latents_mean.len(),
-            resp.latents_std.len()
-        )));
-    }
-    Ok((mean, logvar, resp.latents_mean, resp.latents_std))
-}
-
-/// diffusers' `retrieve_latents(sample)` then `(z - latents_mean) * (1 / latents_std)`, in f32:
-/// `z = mean + exp(0.5 * logvar) * eps`.
-pub fn normalised_sample(posterior: &Posterior, eps: &[f32]) -> Vec<f32> {
-    let (mean, logvar, lmean, lstd) = posterior;
-    let per_channel = mean.len() / LATENT_CHANNELS;
-    mean.iter()
-        .zip(logvar)
-        .zip(eps)
-        .enumerate()
-        .map(|(i, ((m, lv), e))| {
-            let c = i / per_channel;
-            let z = m + (0.5 * lv).exp() * e;
-            (z - lmean[c]) * (1.0 / lstd[c])
-        })
-        .collect()
 }
 
 /// The generator's draws in diffusers' order: image posterior eps, noise (whole batch), then for inpaint
@@ -423,112 +322,15 @@ pub fn draws_for(
     })
 }
 
-pub fn draws(p: &EditParams) -> Result<Draws, GatewayError> {
-    let (h, w) = p.base.latent_hw();
+/// The request's draws: per-image values C·h·w of its geometry.
+pub fn draws(p: &EditParams, g: &Geometry) -> Result<Draws, GatewayError> {
+    let (h, w) = p.settings.latent_hw(g);
     draws_for(
-        p.base.seed,
-        LATENT_CHANNELS * h * w,
-        p.base.num_images as usize,
+        p.settings.seed,
+        g.latent_channels * h * w,
+        p.settings.num_images as usize,
         p.mask.is_some(),
     )
-}
-
-async fn encode_image(ctx: &Ctx<'_>, p: &EditParams) -> Result<Posterior, GatewayError> {
-    ctx.progress(Stage::EncodeImage, 0, 0).await;
-    let (h, w) = p.base.latent_hw();
-    let resp = t2i::phase(
-        "encode_image",
-        StageName::Vae,
-        "Encode",
-        ctx.stages.encode_image(
-            EncodeImageRequest {
-                images: vec![Image {
-                    width_px: p.base.width_px,
-                    height_px: p.base.height_px,
-                    rgb8: p.image.data.clone().into(),
-                }],
-            },
-            ctx.deadline,
-        ),
-    )
-    .await?;
-    check_posterior(resp, h, w)
-}
-
-pub async fn run(ctx: &Ctx<'_>, p: &EditParams) -> Result<GenerateResult, GatewayError> {
-    let base = &p.base;
-    let batch = base.num_images as usize;
-    let (prompts, posterior) = tokio::join!(t2i::encode_prompts(ctx, base), encode_image(ctx, p));
-    let (prompts, posterior) = (prompts?, posterior?);
-    let model_id = prompts.model_id.clone();
-    let truncation = prompts.truncation;
-
-    let d = draws(p)?;
-    let image_latents = normalised_sample(&posterior, &d.image_eps).repeat(batch);
-    let (h, w) = base.latent_hw();
-    let shape = [batch, LATENT_CHANNELS, 1, h, w];
-    let image_latents = tensor::from_f32(&shape, &image_latents);
-    let noise = tensor::from_f32(&shape, &d.noise);
-    let inpaint = p.mask.as_ref().map(|m| {
-        let one: Vec<f32> = (0..LATENT_CHANNELS)
-            .flat_map(|_| m.latent.iter().map(|&v| f32::from(v)))
-            .collect();
-        InpaintInputs {
-            image_latents: Some(image_latents.clone()),
-            noise: Some(noise.clone()),
-            mask: Some(tensor::from_f32(&shape, &one.repeat(batch))),
-        }
-    });
-    let start = Start {
-        latents: image_latents,
-        start_noise: Some(noise),
-        start_step: p.start_step,
-        inpaint,
-        control: Vec::new(),
-    };
-    let latents = t2i::denoise(ctx, base, prompts, start).await?;
-
-    let keep = |rgb8: &mut [u8]| -> Result<(), String> {
-        match &p.mask {
-            Some(m) => images::paste_back(rgb8, &p.image, &m.pixels),
-            None => Ok(()),
-        }
-    };
-    let mut chunks = vec![
-        ("mode".to_string(), p.mode.as_str().to_string()),
-        ("strength".to_string(), p.strength.to_string()),
-    ];
-    let padding = p.padding.map(|pad| Padding {
-        left_px: pad.left,
-        right_px: pad.right,
-        top_px: pad.top,
-        bottom_px: pad.bottom,
-    });
-    if let Some(pad) = p.padding {
-        chunks.push((
-            "outpaint_padding".into(),
-            format!(
-                "left={} right={} top={} bottom={}",
-                pad.left, pad.right, pad.top, pad.bottom
-            ),
-        ));
-    }
-    if p.paste_back {
-        chunks.push(("paste_back".into(), "true".into()));
-    }
-    let finish = Finish {
-        truncation,
-        chunks,
-        a1111_settings: vec![("Denoising strength".into(), p.strength.to_string())],
-        strength: Some(p.strength),
-        padding,
-        post: if p.paste_back && p.mask.is_some() {
-            Some(&keep)
-        } else {
-            None
-        },
-    };
-    t2i::decode(ctx, base, model_id, latents, finish).await
 }
 
 #[cfg(test)]
@@ -562,8 +364,11 @@ mod tests {
 
     fn outpaint(w: u32, h: u32, sides: [u32; 4], anchor: Anchor) -> OutpaintRequest {
         OutpaintRequest {
-            width_px: w,
-            height_px: h,
+            settings: Some(qwen_image_proto::v1::GenerationSettings {
+                width_px: w,
+                height_px: h,
+                ..Default::default()
+            }),
             left_px: sides[0],
             right_px: sides[1],
             top_px: sides[2],
@@ -575,7 +380,12 @@ mod tests {
 
     #[test]
     fn outpaint_padding_rounds_and_anchors() {
-        let pad = |r: OutpaintRequest| outpaint_padding(&r, 64, 64, 2048);
+        let g = Geometry {
+            latent_channels: 16,
+            vae_scale_factor: 8,
+            patch_size: 2,
+        };
+        let pad = |r: OutpaintRequest| outpaint_padding(&r, 64, 64, &g, &Limits::default());
         let p = pad(outpaint(0, 0, [16, 0, 8, 24], Anchor::Unspecified)).expect("ok");
         assert_eq!((p.left, p.right, p.top, p.bottom), (16, 0, 8, 24));
         // 64 + 10 = 74 → 80: 6 more on the right
@@ -592,19 +402,5 @@ mod tests {
         assert!(err(pad(outpaint(128, 0, [0; 4], Anchor::Center))).contains("both"));
         assert!(err(pad(outpaint(128, 128, [8, 0, 0, 0], Anchor::Center))).contains("not both"));
         assert!(err(pad(outpaint(0, 0, [2000, 0, 0, 0], Anchor::Center))).contains("at most 2048"));
-    }
-
-    #[test]
-    fn normalises_the_posterior_sample() {
-        let n = LATENT_CHANNELS;
-        let post: Posterior = (
-            vec![1.0; n],
-            vec![2.0f32.ln() * 2.0; n], // exp(0.5 * logvar) = 2
-            (0..n).map(|c| c as f32).collect(),
-            vec![4.0; n],
-        );
-        let z = normalised_sample(&post, &vec![0.5; n]);
-        // (1 + 2 * 0.5 - c) * 0.25
-        assert!((z[0] - 0.5).abs() < 1e-6 && z[2].abs() < 1e-6, "{z:?}");
     }
 }

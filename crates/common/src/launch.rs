@@ -1,0 +1,67 @@
+//! The body of every service binary's `main`: telemetry, the metrics endpoint, the listener, and serving
+//! until SIGTERM / ctrl-c. Machine-readable lines on stdout (`metrics listening on ADDR`, `listening on
+//! ADDR`) tell scripts and tests the bound addresses; logs go to stderr.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+
+use crate::args::CommonArgs;
+
+/// The shutdown signal handed to a service.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs `serve(listener, shutdown)` for service `binary` (its OpenTelemetry `service.name`) with the
+/// shared flags `common`. Exit code 0 after a clean drain, 1 when serving failed.
+pub fn serve_main<F, Fut, E>(binary: &'static str, common: &CommonArgs, serve: F) -> ExitCode
+where
+    F: FnOnce(TcpListener, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    // Created before the runtime, so dropped after it: the guard flushes spans on its own thread.
+    let _telemetry = match crate::telemetry::init(binary, common) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), String> = runtime.block_on(async {
+        if let Some(addr) = common.metrics_listen {
+            let bound = crate::telemetry::serve_metrics(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("metrics listening on {bound}");
+        }
+        let listener = TcpListener::bind(common.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", common.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("listening on {addr}");
+        serve(listener, Box::pin(crate::shutdown::signal()))
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{binary} stopped with an error");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

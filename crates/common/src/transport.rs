@@ -1,0 +1,49 @@
+//! Server and client transport setup, in one place for every service, the gateway's stage clients and
+//! the tools: the telemetry layer, reflection, channel options. (Connection security would be added here.)
+
+use std::time::Duration;
+
+use tonic::transport::{Endpoint, Server};
+
+use crate::grpc::ServerTelemetryLayer;
+
+/// TCP connect timeout of a client channel.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gRPC server builder of every service: per-RPC telemetry (`service` is the metrics label).
+pub fn server(
+    service: &'static str,
+) -> Server<tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>> {
+    Server::builder().layer(ServerTelemetryLayer::new(service))
+}
+
+/// gRPC reflection (v1 and v1alpha) over the qwen_image.v1 protos and grpc.health.v1.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    String,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(qwen_image_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder().build_v1().map_err(|e| e.to_string())?;
+    let v1alpha = builder().build_v1alpha().map_err(|e| e.to_string())?;
+    Ok((v1, v1alpha))
+}
+
+/// A client endpoint for `uri` (`http://host:port`) with the project's channel options.
+pub fn endpoint(uri: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(uri.to_string())
+        .map_err(|e| format!("`{uri}` is not a valid URL: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true))
+}

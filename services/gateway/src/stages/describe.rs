@@ -1,0 +1,182 @@
+//! What the stage replicas serve: `StageInfo.Describe` is read from every replica when it is first seen
+//! healthy and whenever it comes back, then every replica is checked against the others
+//! ([`crate::geometry`]). A replica that does not fit is refused: never picked, logged and counted with the
+//! field that differs; the gateway is not SERVING while a stage has no accepted replica, and requests get
+//! FAILED_PRECONDITION naming the mismatch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qwen_image_common::grpc::InjectTraceContext;
+use qwen_image_common::metric_names as m;
+use qwen_image_proto::v1::DescribeRequest;
+use qwen_image_proto::v1::stage_info_client::StageInfoClient;
+
+use super::Stages;
+use super::pool::{Described, Replica};
+use crate::error::{GatewayError, StageName};
+use crate::geometry::{self, Geometry, Mismatch};
+
+/// Timeout of one Describe call.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const STAGES: [StageName; 3] = [StageName::Denoiser, StageName::TextEncoder, StageName::Vae];
+
+/// Reads the description of `replica`; a failure leaves it unknown (it is read again later).
+async fn read(stage: StageName, replica: &Replica) {
+    let mut client = StageInfoClient::with_interceptor(replica.channel(), InjectTraceContext);
+    let mut req = tonic::Request::new(DescribeRequest {});
+    req.set_timeout(DESCRIBE_TIMEOUT);
+    match tokio::time::timeout(DESCRIBE_TIMEOUT, client.describe(req)).await {
+        Ok(Ok(resp)) => {
+            let d = Arc::new(resp.into_inner());
+            tracing::info!(%stage, uri = %replica.uri, model = %d.model_id, snapshot = %d.snapshot_digest,
+                device = %d.device, queue_capacity = d.queue_capacity, "stage replica described its model");
+            // Accepted provisionally; `review` checks it against the others right after.
+            replica.set_described(Described::Accepted(d));
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(%stage, uri = %replica.uri, code = ?status.code(), message = status.message(),
+                "stage replica cannot describe its model");
+        }
+        Err(_) => {
+            tracing::warn!(%stage, uri = %replica.uri, "Describe timed out");
+        }
+    }
+}
+
+impl Stages {
+    /// Reads the descriptions of `replicas` (of `stage`) and reviews every replica.
+    pub async fn describe(&self, replicas: Vec<(StageName, Arc<Replica>)>) {
+        if replicas.is_empty() {
+            return;
+        }
+        futures_join_all(replicas.iter().map(|(stage, r)| read(*stage, r))).await;
+        self.review();
+    }
+
+    /// Checks every described replica against the others: one component per stage (the first described
+    /// replica in configuration order sets it), text encoder and VAE fitting the denoiser's transformer.
+    pub fn review(&self) {
+        let descriptions = |stage: StageName| -> Vec<(Arc<Replica>, Arc<_>)> {
+            self.pool(stage)
+                .replicas()
+                .iter()
+                .filter_map(|r| match r.described() {
+                    Described::Accepted(d) | Described::Refused { description: d, .. } => {
+                        Some((r.clone(), d))
+                    }
+                    Described::Unknown => None,
+                })
+                .collect()
+        };
+        let mut anchor: Option<(String, Arc<qwen_image_proto::v1::StageDescription>)> = None;
+        for stage in STAGES {
+            let mut first: Option<(String, Arc<qwen_image_proto::v1::StageDescription>)> = None;
+            for (replica, d) in descriptions(stage) {
+                let verdict = geometry::check_kind(stage, &replica.uri, &d)
+                    .and_then(|()| match &first {
+                        Some((uri, f)) => {
+                            geometry::check_same_component(stage, &replica.uri, &d, uri, f)
+                        }
+                        None => Ok(()),
+                    })
+                    .and_then(|()| match &anchor {
+                        Some((uri, a)) if stage != StageName::Denoiser => {
+                            geometry::check_against_denoiser(stage, &replica.uri, &d, uri, a)
+                        }
+                        _ => Ok(()),
+                    });
+                match verdict {
+                    Ok(()) => {
+                        if first.is_none() {
+                            first = Some((replica.uri.clone(), d.clone()));
+                        }
+                        if !replica.is_accepted() {
+                            tracing::info!(%stage, uri = %replica.uri, "stage replica now fits: accepted");
+                        }
+                        replica.set_described(Described::Accepted(d));
+                    }
+                    Err(mismatch) => refuse(stage, &replica, d, mismatch),
+                }
+            }
+            if stage == StageName::Denoiser {
+                anchor = first;
+            }
+        }
+    }
+
+    /// The model's geometry, from the accepted denoiser and VAE replicas. FAILED_PRECONDITION naming the
+    /// mismatch when a stage has only refused replicas; UNAVAILABLE when a stage has not described itself.
+    pub fn geometry(&self) -> Result<Geometry, GatewayError> {
+        for stage in STAGES {
+            let pool = self.pool(stage);
+            if !pool.replicas().iter().any(|r| r.is_accepted())
+                && let Some(reasons) = pool.refusals()
+            {
+                return Err(GatewayError::FailedPrecondition(format!(
+                    "the stages do not serve one model: {reasons}"
+                )));
+            }
+        }
+        let accepted = |stage: StageName| {
+            self.pool(stage)
+                .replicas()
+                .iter()
+                .find_map(|r| match r.described() {
+                    Described::Accepted(d) => Some(d),
+                    _ => None,
+                })
+        };
+        let (Some(dn), Some(vae)) = (accepted(StageName::Denoiser), accepted(StageName::Vae))
+        else {
+            return Err(GatewayError::Unavailable(
+                "the denoiser and VAE stages have not described their model yet (starting or unreachable); \
+                 retry in a few seconds"
+                    .into(),
+            ));
+        };
+        geometry::geometry(&dn, &vae).ok_or_else(|| {
+            GatewayError::FailedPrecondition(
+                "the denoiser or VAE describes a zero patch size, latent channel count or scale factor".into(),
+            )
+        })
+    }
+}
+
+fn refuse(
+    stage: StageName,
+    replica: &Replica,
+    description: Arc<qwen_image_proto::v1::StageDescription>,
+    mismatch: Mismatch,
+) {
+    let already = matches!(
+        replica.described(),
+        Described::Refused { ref reason, .. } if *reason == mismatch.message
+    );
+    if !already {
+        tracing::error!(%stage, uri = %replica.uri, field = mismatch.field, reason = %mismatch.message,
+            "stage replica does not fit the other stages: refused");
+        metrics::counter!(m::GATEWAY_REPLICA_REFUSALS_TOTAL, "service" => "gateway",
+            "stage" => stage.as_str(), "field" => mismatch.field)
+        .increment(1);
+    }
+    replica.set_described(Described::Refused {
+        description,
+        reason: mismatch.message,
+    });
+}
+
+/// Runs futures concurrently and waits for all (a tiny join_all, to keep the dependency list short).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
