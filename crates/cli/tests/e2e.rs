@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use qwen_image_proto::v1::{
-    DataType, PreviewSettings, Stage, Tensor, TextToImageRequest, generate_event,
+    DataType, GenerationSettings, PreviewSettings, Stage, Tensor, TextToImageRequest,
+    generate_event,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -22,7 +23,7 @@ async fn text_to_image_matches_diffusers() {
     for name in ["t2i_64", "t2i_64_nocfg", "t2i_64_zh"] {
         let (req, reference_png) = reference(name);
         let expected_seed = req.seed;
-        let r = generate(&mut c, req.clone())
+        let r = generate(&mut c, t2i(req.clone()))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         assert_eq!(Some(r.seed), expected_seed);
@@ -49,7 +50,7 @@ async fn previews_are_decoded_every_n_steps_and_the_last_is_the_picture() {
             max_side_px: max_side,
         });
         let mut stream = c
-            .text_to_image(req.clone())
+            .text_to_image(t2i(req.clone()))
             .await
             .expect("accepted")
             .into_inner();
@@ -119,11 +120,11 @@ async fn over_long_prompts_are_cut_as_diffusers_does_and_reported() {
     let long = "a very long prompt about a red lantern on an old street, ".repeat(120);
     let r = generate(
         &mut c,
-        TextToImageRequest {
+        t2i(GenerationSettings {
             prompt: long,
             steps: 2,
             ..good.clone()
-        },
+        }),
     )
     .await
     .expect("an over-long prompt still generates (diffusers truncates)");
@@ -131,7 +132,7 @@ async fn over_long_prompts_are_cut_as_diffusers_does_and_reported() {
     assert!(!r.negative_prompt_truncated);
     assert_eq!(r.png.len(), 1);
     // one step cannot be stretched to shift_terminal (diffusers gives NaN): a clear error instead
-    let err = generate(&mut c, TextToImageRequest { steps: 1, ..good })
+    let err = generate(&mut c, t2i(GenerationSettings { steps: 1, ..good }))
         .await
         .expect_err("one step is rejected");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
@@ -151,37 +152,37 @@ async fn bad_inputs_are_rejected_and_the_gateway_stays_healthy() {
     let cases = [
         (
             "empty prompt",
-            TextToImageRequest {
+            t2i(GenerationSettings {
                 prompt: String::new(),
                 ..good.clone()
-            },
+            }),
         ),
         (
             "width 100",
-            TextToImageRequest {
+            t2i(GenerationSettings {
                 width_px: 100,
                 ..good.clone()
-            },
+            }),
         ),
         (
             "steps over 1000",
-            TextToImageRequest {
+            t2i(GenerationSettings {
                 steps: 5000,
                 ..good.clone()
-            },
+            }),
         ),
         (
             "NaN cfg",
-            TextToImageRequest {
+            t2i(GenerationSettings {
                 true_cfg_scale: Some(f32::NAN),
                 ..good.clone()
-            },
+            }),
         ),
         (
             "latents shape",
             TextToImageRequest {
+                settings: Some(good.clone()),
                 initial_latents: Some(bad_latents),
-                ..good.clone()
             },
         ),
     ];
@@ -200,7 +201,7 @@ async fn bad_inputs_are_rejected_and_the_gateway_stays_healthy() {
         .await
         .expect("health");
     assert_eq!(status.into_inner().status, ServingStatus::Serving as i32);
-    generate(&mut c, good).await.expect("still generates");
+    generate(&mut c, t2i(good)).await.expect("still generates");
 }
 
 #[tokio::test]
@@ -209,10 +210,10 @@ async fn cancelling_a_request_frees_the_denoiser() {
     let stack = start_stack(Some("1")).await;
     let mut c = client(&stack.gateway.url).await;
     let (good, _) = reference("t2i_64");
-    let long = TextToImageRequest {
+    let long = t2i(GenerationSettings {
         steps: 1000,
         ..good.clone()
-    };
+    });
     let mut stream = c.text_to_image(long).await.expect("accepted").into_inner();
     let mut step_ms = Vec::new();
     while step_ms.len() < 3 {
@@ -232,7 +233,7 @@ async fn cancelling_a_request_frees_the_denoiser() {
     drop(stream);
     // The second request may race the cancellation by a step: honour the server's retry hint.
     let r = loop {
-        match generate(&mut c, good.clone()).await {
+        match generate(&mut c, t2i(good.clone())).await {
             Err(e) if e.code() == Code::ResourceExhausted => {
                 let wait = qwen_image_common::status::retry_after(&e)
                     .unwrap_or(per_step)

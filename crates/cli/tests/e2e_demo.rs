@@ -8,7 +8,8 @@ mod common;
 
 use common::*;
 use qwen_image_proto::v1::{
-    GenerateResult, InpaintRequest, PoseRequest, TextToImageRequest, pose_request,
+    ControlNetSettings, GenerateResult, GenerationSettings, InpaintRequest, PoseRequest,
+    TextToImageRequest, pose_request,
 };
 use qwen_image_testkit::judge::{Judge, Verdict};
 
@@ -161,14 +162,20 @@ async fn default_model_takes_the_pose_from_keypoints() {
         let json = std::fs::read_to_string(workspace().join(format!("docs/demo/pose-{want}.json")))
             .expect("pose json");
         let req = PoseRequest {
-            prompt: prompt.into(),
-            negative_prompt: Some(" ".into()),
-            width_px: 64,
-            height_px: 64,
-            steps: 20,
-            true_cfg_scale: Some(4.0),
-            seed: Some(seed),
-            conditioning_scale: Some(1.0),
+            settings: Some(GenerationSettings {
+                prompt: prompt.into(),
+                negative_prompt: Some(" ".into()),
+                width_px: 64,
+                height_px: 64,
+                steps: 20,
+                true_cfg_scale: Some(4.0),
+                seed: Some(seed),
+                ..Default::default()
+            }),
+            control: Some(ControlNetSettings {
+                conditioning_scale: Some(1.0),
+                ..Default::default()
+            }),
             pose: Some(pose_request::Pose::KeypointsJson(json)),
             ..Default::default()
         };
@@ -224,14 +231,17 @@ async fn default_model_inpaint_repaints_the_figure_in_the_asked_colour() {
         (2, "白色背景上一个站立的绿色小人", "green"),
     ] {
         let req = InpaintRequest {
-            prompt: prompt.into(),
-            negative_prompt: Some(" ".into()),
+            settings: Some(GenerationSettings {
+                prompt: prompt.into(),
+                negative_prompt: Some(" ".into()),
+                steps: 20,
+                true_cfg_scale: Some(4.0),
+                seed: Some(seed),
+                ..Default::default()
+            }),
             image: base.png[0].clone().into(),
             mask: png.clone().into(),
             strength: Some(1.0),
-            steps: 20,
-            true_cfg_scale: Some(4.0),
-            seed: Some(seed),
             ..Default::default()
         };
         let r = result_of(c.inpaint(req).await.expect("accepted").into_inner())
@@ -264,14 +274,20 @@ async fn default_model_matches_diffusers_through_the_gateway() {
             .expect("json");
     let a = &manifest["args"];
     let req = PoseRequest {
-        prompt: a["prompt"][0].as_str().expect("prompt").into(),
-        negative_prompt: a["negative_prompt"].as_str().map(str::to_string),
-        width_px: 64,
-        height_px: 64,
-        steps: a["steps"].as_u64().expect("steps") as u32,
-        true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
-        seed: Some(a["seed"].as_u64().expect("seed")),
-        conditioning_scale: Some(a["conditioning_scale"].as_f64().expect("scale") as f32),
+        settings: Some(GenerationSettings {
+            prompt: a["prompt"][0].as_str().expect("prompt").into(),
+            negative_prompt: a["negative_prompt"].as_str().map(str::to_string),
+            width_px: 64,
+            height_px: 64,
+            steps: a["steps"].as_u64().expect("steps") as u32,
+            true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
+            seed: Some(a["seed"].as_u64().expect("seed")),
+            ..Default::default()
+        }),
+        control: Some(ControlNetSettings {
+            conditioning_scale: Some(a["conditioning_scale"].as_f64().expect("scale") as f32),
+            ..Default::default()
+        }),
         pose: Some(pose_request::Pose::KeypointsJson(
             std::fs::read_to_string(workspace().join("docs/demo/pose-kicking.json")).expect("json"),
         )),

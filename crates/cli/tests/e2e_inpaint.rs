@@ -10,7 +10,7 @@ use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::vae_client::VaeClient;
 use qwen_image_proto::v1::{
-    DataType, DecodeRequest, EncodeImageRequest, GenerateResult, Image, Img2ImgRequest,
+    DecodeRequest, EncodeImageRequest, GenerateResult, GenerationSettings, Image, Img2ImgRequest,
     InpaintRequest, OutpaintRequest, Stage, generate_event,
 };
 use tonic::Code;
@@ -122,8 +122,9 @@ async fn inpaint(
 }
 
 /// diffusers' VAE round trip of the picture with the posterior sample the inpaint request draws first:
-/// decode(normalise(mean + exp(logvar/2)·eps)), through the VAE service. Where the mask is 0 the final
-/// latents of an inpaint equal exactly these latents (the last blend uses the clean image latents).
+/// decode(normalise(mean + exp(logvar/2)·eps)), through the VAE service (which samples and normalises with
+/// the noise it is given). Where the mask is 0 the final latents of an inpaint equal exactly these latents
+/// (the last blend uses the clean image latents).
 async fn vae_round_trip(vae_url: &str, rgb8: &[u8], w: u32, h: u32, seed: u64) -> Vec<u8> {
     let ch = Channel::from_shared(vae_url.to_string())
         .expect("url")
@@ -131,37 +132,27 @@ async fn vae_round_trip(vae_url: &str, rgb8: &[u8], w: u32, h: u32, seed: u64) -
         .await
         .expect("connect");
     let mut vae = VaeClient::new(ch).max_decoding_message_size(64 << 20);
-    let post = vae
+    // The tiny snapshot: 16 latent channels, VAE scale factor 8.
+    let shape = [1, 16, 1, (h / 8) as usize, (w / 8) as usize];
+    let eps = TorchCpuGenerator::new(seed)
+        .randn(shape.iter().product())
+        .expect("n >= 16");
+    let latents = vae
         .encode(EncodeImageRequest {
             images: vec![Image {
                 width_px: w,
                 height_px: h,
                 rgb8: rgb8.to_vec().into(),
             }],
+            posterior_noise: Some(qwen_image_common::tensor::from_f32(&shape, &eps)),
         })
         .await
         .expect("encode")
-        .into_inner();
-    let f32s = |t: &qwen_image_proto::v1::Tensor| {
-        qwen_image_common::tensor::to_f32(t, "t", &[DataType::F32], &[5])
-            .expect("f32")
-            .data
-    };
-    let (mean, logvar) = (
-        f32s(post.mean.as_ref().expect("mean")),
-        f32s(post.logvar.as_ref().expect("logvar")),
-    );
-    let eps = TorchCpuGenerator::new(seed)
-        .randn(mean.len())
-        .expect("n >= 16");
-    let z = qwen_image_gateway::edit::normalised_sample(
-        &(mean, logvar, post.latents_mean, post.latents_std),
-        &eps,
-    );
-    let shape = [1, 16, 1, (h / 8) as usize, (w / 8) as usize];
+        .into_inner()
+        .latents;
     let out = vae
         .decode(DecodeRequest {
-            latents: Some(qwen_image_common::tensor::from_f32(&shape, &z)),
+            latents,
             return_float: false,
         })
         .await
@@ -210,13 +201,16 @@ async fn image_flows_match_diffusers() {
     // Img2Img: 64x64 input LANCZOS-resized to 64x48 by the gateway.
     let r = reference("img2img_64x48");
     let req = Img2ImgRequest {
-        prompt: r.prompt.clone(),
-        negative_prompt: r.negative_prompt.clone(),
-        width_px: r.width,
-        height_px: r.height,
-        steps: r.steps,
-        true_cfg_scale: Some(r.cfg),
-        seed: Some(r.seed),
+        settings: Some(GenerationSettings {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            width_px: r.width,
+            height_px: r.height,
+            steps: r.steps,
+            true_cfg_scale: Some(r.cfg),
+            seed: Some(r.seed),
+            ..Default::default()
+        }),
         image: r.image.clone().into(),
         strength: Some(r.strength),
         ..Default::default()
@@ -228,7 +222,14 @@ async fn image_flows_match_diffusers() {
     let d = max_level_diff(&res.png[0], &r.expected, "img2img_64x48");
     eprintln!("img2img_64x48: max difference {d} levels");
     assert!(d <= 1, "img2img_64x48: {d} levels");
-    let chunks = qwen_image_gateway::pngmeta::read_text_chunks(&res.png[0]).expect("chunks");
+    let chunks: Vec<(String, String)> = png::Decoder::new(std::io::Cursor::new(&res.png[0][..]))
+        .read_info()
+        .expect("png")
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
     let get = |k: &str| {
         chunks
             .iter()
@@ -258,11 +259,14 @@ async fn image_flows_match_diffusers() {
     let r = reference("outpaint_80x96");
     let picture = read(refs("inpaint_64").join("input_image.png"));
     let req = OutpaintRequest {
-        prompt: r.prompt.clone(),
-        negative_prompt: r.negative_prompt.clone(),
-        steps: r.steps,
-        true_cfg_scale: Some(r.cfg),
-        seed: Some(r.seed),
+        settings: Some(GenerationSettings {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            steps: r.steps,
+            true_cfg_scale: Some(r.cfg),
+            seed: Some(r.seed),
+            ..Default::default()
+        }),
         image: picture.into(),
         left_px: 16,
         top_px: 8,
@@ -431,7 +435,10 @@ async fn bad_image_requests_are_invalid_argument() {
     }
     let e = collect(
         c.outpaint(OutpaintRequest {
-            prompt: "x".into(),
+            settings: Some(GenerationSettings {
+                prompt: "x".into(),
+                ..Default::default()
+            }),
             image: r.image.clone().into(),
             left_px: 4000,
             ..Default::default()
@@ -444,7 +451,10 @@ async fn bad_image_requests_are_invalid_argument() {
     assert!(e.message().contains("at most"), "{}", e.message());
     let e = collect(
         c.img2_img(Img2ImgRequest {
-            prompt: "x".into(),
+            settings: Some(GenerationSettings {
+                prompt: "x".into(),
+                ..Default::default()
+            }),
             image: r.image.clone().into(),
             strength: Some(f64::NAN),
             ..Default::default()

@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, GenerateResult, PoseRequest, generate_event, pose_request,
+    ControlNetInpaintRequest, ControlNetSettings, GenerateResult, GenerationSettings, PoseRequest,
+    generate_event, pose_request,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -44,14 +45,20 @@ fn pose_reference(name: &str) -> (PoseRequest, Vec<u8>, serde_json::Value) {
         .unwrap_or(CONTROLNET_DEFAULT_PROMPT)
         .to_string();
     let req = PoseRequest {
-        prompt,
-        negative_prompt: a["negative_prompt"].as_str().map(str::to_string),
-        width_px: a["width"].as_u64().expect("width") as u32,
-        height_px: a["height"].as_u64().expect("height") as u32,
-        steps: a["steps"].as_u64().expect("steps") as u32,
-        true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
-        seed: Some(a["seed"].as_u64().expect("seed")),
-        conditioning_scale: Some(a["conditioning_scale"].as_f64().expect("scale") as f32),
+        settings: Some(GenerationSettings {
+            prompt,
+            negative_prompt: a["negative_prompt"].as_str().map(str::to_string),
+            width_px: a["width"].as_u64().expect("width") as u32,
+            height_px: a["height"].as_u64().expect("height") as u32,
+            steps: a["steps"].as_u64().expect("steps") as u32,
+            true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
+            seed: Some(a["seed"].as_u64().expect("seed")),
+            ..Default::default()
+        }),
+        control: Some(ControlNetSettings {
+            conditioning_scale: Some(a["conditioning_scale"].as_f64().expect("scale") as f32),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let png = std::fs::read(dir.join("image_0.png")).expect("reference png");
@@ -71,16 +78,19 @@ async fn pose_image_and_keypoints_match_diffusers() {
             .expect("control png")
             .into(),
     ));
-    req.width_px = 0;
-    req.height_px = 0;
-    req.controlnet_id = "union".into();
+    if let Some(s) = req.settings.as_mut() {
+        (s.width_px, s.height_px) = (0, 0);
+    }
+    if let Some(c) = req.control.as_mut() {
+        c.controlnet_id = "union".into();
+    }
     let r = pose(&mut c, req.clone()).await.expect("pose image");
     assert_eq!((r.width_px, r.height_px, r.seed), (64, 64, 4));
     let diff = max_level_diff(&r.png[0], &reference_png, "controlnet_64");
     eprintln!("controlnet_64 (pose image): max difference {diff} levels");
     assert!(diff <= 1, "controlnet_64: {diff} levels");
     let params = r.parameters.expect("parameters");
-    assert_eq!(params.prompt, req.prompt);
+    assert_eq!(Some(params.prompt), req.settings.map(|s| s.prompt));
     let info = png::Decoder::new(std::io::Cursor::new(&r.png[0][..]))
         .read_info()
         .expect("png");
@@ -164,7 +174,10 @@ async fn bad_pose_inputs_are_rejected_and_the_stack_stays_healthy() {
         (
             "NaN conditioning scale",
             PoseRequest {
-                conditioning_scale: Some(f32::NAN),
+                control: Some(ControlNetSettings {
+                    conditioning_scale: Some(f32::NAN),
+                    ..Default::default()
+                }),
                 ..good.clone()
             },
         ),
@@ -177,7 +190,10 @@ async fn bad_pose_inputs_are_rejected_and_the_stack_stays_healthy() {
     let e = pose(
         &mut c,
         PoseRequest {
-            controlnet_id: "depth".into(),
+            control: Some(ControlNetSettings {
+                controlnet_id: "depth".into(),
+                ..good.control.clone().unwrap_or_default()
+            }),
             ..good.clone()
         },
     )
@@ -237,17 +253,23 @@ async fn controlnet_inpaint_matches_diffusers() {
         p.prompt
     };
     let req = ControlNetInpaintRequest {
-        prompt,
-        negative_prompt: p.negative_prompt,
-        width_px: 0,
-        height_px: 0,
-        steps: p.steps,
-        true_cfg_scale: p.true_cfg_scale,
-        seed: p.seed,
+        settings: Some(GenerationSettings {
+            prompt,
+            negative_prompt: p.negative_prompt,
+            width_px: 0,
+            height_px: 0,
+            steps: p.steps,
+            true_cfg_scale: p.true_cfg_scale,
+            seed: p.seed,
+            ..Default::default()
+        }),
+        control: Some(ControlNetSettings {
+            controlnet_id: "inpaint".into(),
+            conditioning_scale: p.conditioning_scale,
+            ..Default::default()
+        }),
         image: read("input_image.png").into(),
         mask: read("input_mask.png").into(),
-        controlnet_id: "inpaint".into(),
-        conditioning_scale: p.conditioning_scale,
         ..Default::default()
     };
     let mut stream = c

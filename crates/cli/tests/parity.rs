@@ -33,7 +33,7 @@ fn assert_passes(suite: &str, reference: &str) {
         "inpaint" | "outpaint" => &[
             "gateway: mask_packed",
             "gateway: rng.2",
-            "gateway: image_latents_packed",
+            "vae: image_latents_packed",
             "unmasked final latents == image latents",
             "latents_init_packed",
             "final latents",

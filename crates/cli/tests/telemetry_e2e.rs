@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
 use qwen_image_testkit::otlp_sink::{OtlpSink, SpanRecord};
 use qwen_image_testkit::process::{ServiceProcess, sample, scrape, wait_serving};
 use tonic::Code;
@@ -105,13 +105,16 @@ async fn one_trace_across_four_services_and_metrics_move() {
     let mut client = ImageGeneratorClient::new(channel).max_decoding_message_size(64 << 20);
     let mut req = traced(
         TextToImageRequest {
-            prompt: "a red fox in the snow".into(),
-            negative_prompt: Some(" ".into()),
-            width_px: 64,
-            height_px: 64,
-            steps: STEPS,
-            true_cfg_scale: Some(4.0),
-            seed: Some(42),
+            settings: Some(GenerationSettings {
+                prompt: "a red fox in the snow".into(),
+                negative_prompt: Some(" ".into()),
+                width_px: 64,
+                height_px: 64,
+                steps: STEPS,
+                true_cfg_scale: Some(4.0),
+                seed: Some(42),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         TRACE_ID,
@@ -138,10 +141,13 @@ async fn one_trace_across_four_services_and_metrics_move() {
     let bad = client
         .text_to_image(traced(
             TextToImageRequest {
-                prompt: "x".into(),
-                width_px: 63,
-                height_px: 64,
-                steps: 1,
+                settings: Some(GenerationSettings {
+                    prompt: "x".into(),
+                    width_px: 63,
+                    height_px: 64,
+                    steps: 1,
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             FAILED_TRACE_ID,

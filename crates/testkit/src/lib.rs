@@ -1,5 +1,9 @@
-//! Test support for tests that run the services as separate processes (never linked by a service).
+//! Test support (never linked by a service): the one harness that starts services in-process or as
+//! processes and waits for SERVING ([`service`], [`process`], [`stack`]), an OTLP receiver, the demo
+//! judge.
 
 pub mod judge;
 pub mod otlp_sink;
 pub mod process;
+pub mod service;
+pub mod stack;

@@ -1,17 +1,13 @@
 //! Service binaries as child processes: the addresses they print, health, SIGTERM, `/metrics`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// A service process (killed if dropped while running) and the addresses it printed on stdout:
 /// `metrics listening on ADDR` (with `--metrics-listen`) and `listening on ADDR`.
@@ -107,29 +103,27 @@ impl ServiceProcess {
     }
 }
 
-/// Waits (grpc.health.v1 `Watch`, whole server) until `url` reports SERVING.
+/// Waits until `url` reports SERVING (whole server); see [`crate::service::wait_serving`].
 pub async fn wait_serving(url: &str, timeout: Duration) -> Result<(), String> {
-    let channel = Channel::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_lazy();
-    let mut health = HealthClient::new(channel);
-    tokio::time::timeout(timeout, async {
-        let mut stream = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
-        while let Some(m) = stream.message().await.map_err(|e| e.to_string())? {
-            if m.status == ServingStatus::Serving as i32 {
-                return Ok(());
-            }
-        }
-        Err("health stream ended before SERVING".to_string())
-    })
-    .await
-    .map_err(|_| format!("{url} not SERVING after {timeout:?}"))?
+    crate::service::wait_serving(url, "", timeout).await
+}
+
+/// A binary of this workspace built beside the running test (`target/<profile>/NAME`): the stage and
+/// gateway binaries of the other packages, which `cargo test --workspace` builds with their own tests.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo build --bins`, or run `cargo test --workspace`)",
+        path.display()
+    );
+    path
 }
 
 /// GET `/metrics` (HTTP/1.1, one connection) and return the body.

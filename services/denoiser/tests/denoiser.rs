@@ -3,63 +3,45 @@
 use std::time::Duration;
 
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
-use qwen_image_denoiser::{DenoiserConfig, SERVICE_NAME, Stats, run_with_stats};
+use qwen_image_common::stage::{StageDef, StageError};
+use qwen_image_denoiser::{Denoiser, DenoiserConfig, SERVICE_NAME, Stats, run};
 use qwen_image_proto::v1::denoise_event::Event;
 use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::{DataType, DenoiseEvent, DenoiseRequest, DenoiseResult, Tensor};
-use tokio::sync::oneshot;
+use qwen_image_testkit::service::{InProcess, health, wait_serving};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny");
 /// Guard against a hung test; never used to wait for something to happen.
 const GUARD: Duration = Duration::from_secs(120);
 
 struct Harness {
+    service: InProcess<StageError>,
     channel: Channel,
     stats: Stats,
-    stop: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<Result<(), qwen_image_denoiser::DenoiserError>>,
 }
 
 impl Harness {
     async fn start(queue_capacity: usize) -> Self {
-        let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
+        let mut config = Denoiser::config(format!("{FIXTURES}/snapshot"));
         config.queue_capacity = queue_capacity;
         Self::start_config(config).await
     }
 
     async fn start_config(config: DenoiserConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let stats = config.stats.clone();
+        let service = InProcess::start(|l, stop| run(config, l, stop)).await;
+        wait_serving(&service.url(), SERVICE_NAME, GUARD)
             .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stats = Stats::default();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(run_with_stats(
-            config,
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-            stats.clone(),
-        ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let h = Self {
+            .expect("SERVING in time");
+        let channel = service.channel();
+        Self {
+            service,
             channel,
             stats,
-            stop: Some(stop),
-            server,
-        };
-        h.wait_serving().await;
-        h
+        }
     }
 
     fn client(&self) -> DenoiserClient<Channel> {
@@ -68,49 +50,15 @@ impl Harness {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    /// Waits (on the health Watch stream) until the denoiser reports SERVING.
-    async fn wait_serving(&self) {
-        let mut health = HealthClient::new(self.channel.clone());
-        let mut watch = health
-            .watch(HealthCheckRequest {
-                service: SERVICE_NAME.into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        tokio::time::timeout(GUARD, async {
-            while let Some(msg) = watch.message().await.expect("health stream") {
-                if msg.status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-            panic!("health stream ended before SERVING");
-        })
-        .await
-        .expect("SERVING in time");
-    }
-
     async fn health(&self) -> i32 {
-        let mut health = HealthClient::new(self.channel.clone());
-        health
-            .check(HealthCheckRequest {
-                service: SERVICE_NAME.into(),
-            })
+        health(&self.service.url(), SERVICE_NAME)
             .await
             .expect("check")
-            .into_inner()
-            .status
     }
 
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    async fn shutdown(self) {
         drop(self.channel);
-        let result = tokio::time::timeout(GUARD, self.server)
-            .await
-            .expect("drained in time")
-            .expect("no panic");
+        let result = self.service.stop().await;
         assert!(result.is_ok(), "run returned {result:?}");
     }
 }
@@ -472,12 +420,9 @@ async fn missing_snapshot_is_a_startup_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let config = DenoiserConfig::new(format!("{FIXTURES}/no-such-snapshot"));
+    let config = Denoiser::config(format!("{FIXTURES}/no-such-snapshot"));
     let result = qwen_image_denoiser::run(config, listener, std::future::pending()).await;
-    assert!(
-        matches!(result, Err(qwen_image_denoiser::DenoiserError::Config(_))),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(StageError::Config(_))), "{result:?}");
 }
 
 #[tokio::test]
@@ -493,7 +438,7 @@ async fn shutdown_drains_in_flight_streams() {
         .expect("admitted")
         .into_inner();
     first_progress(&mut stream).await;
-    let _ = h.stop.take().expect("not stopped yet").send(());
+    h.service.signal_stop();
     // The in-flight stream still runs to its result.
     let (progress, result) = tokio::time::timeout(GUARD, collect(stream))
         .await
@@ -576,13 +521,13 @@ fn zero_mask_inpainting_net(dir: &std::path::Path) {
 /// takes the mask as a 17th channel, and ControlInput mistakes are answered with clear statuses.
 #[tokio::test]
 async fn controlnet_inputs_reproduce_diffusers_and_take_the_inpaint_mask() {
-    use qwen_image_denoiser::config::ControlNetSpec;
+    use qwen_image_denoiser::ControlNetSpec;
     use qwen_image_proto::v1::ControlInput;
 
     let tmp = std::env::temp_dir().join(format!("qwen-image-cn-inpaint-{}", std::process::id()));
     zero_mask_inpainting_net(&tmp);
-    let mut config = DenoiserConfig::new(format!("{FIXTURES}/snapshot"));
-    config.controlnets = vec![
+    let mut config = Denoiser::config(format!("{FIXTURES}/snapshot"));
+    config.own.controlnets = vec![
         ControlNetSpec {
             id: "union".into(),
             dir: format!("{FIXTURES}/snapshot/controlnet").into(),

@@ -157,7 +157,7 @@ type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
 impl GatewayService {
     /// The request's id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the
     /// stages do not serve one model, UNAVAILABLE before they have described it).
-    fn admit<T>(&self, request: &Request<T>) -> Result<Admission, Status> {
+    async fn admit<T>(&self, request: &Request<T>) -> Result<Admission, Status> {
         let accepted = Instant::now();
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
@@ -165,7 +165,8 @@ impl GatewayService {
         let id = request_id(request);
         let geometry = self
             .stages
-            .geometry()
+            .geometry_by(deadline)
+            .await
             .map_err(|e| with_request_id(e.into(), &id))?;
         Ok(Admission {
             id,
@@ -270,7 +271,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<TextToImageRequest>,
     ) -> Result<Response<Self::TextToImageStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("text_to_image", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), t2i::validate, t2i_flow)
@@ -282,7 +283,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<Img2ImgRequest>,
     ) -> Result<Response<Self::Img2ImgStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("img2img", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_img2img, edit_flow)
@@ -294,7 +295,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<InpaintRequest>,
     ) -> Result<Response<Self::InpaintStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("inpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_inpaint, edit_flow)
@@ -306,7 +307,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<OutpaintRequest>,
     ) -> Result<Response<Self::OutpaintStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("outpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_outpaint, edit_flow)
@@ -318,7 +319,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<PoseRequest>,
     ) -> Result<Response<Self::PoseStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("pose", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_pose, pose_flow)
@@ -330,7 +331,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<ControlNetInpaintRequest>,
     ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
-        let a = self.admit(&request)?;
+        let a = self.admit(&request).await?;
         let span = flow_span!("controlnet_inpaint", a.id);
         let flow = self
             .validate_off_thread(

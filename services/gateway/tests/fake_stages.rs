@@ -8,18 +8,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use qwen_image_common::randn::TorchCpuGenerator;
 use qwen_image_common::tensor;
-use qwen_image_gateway::{GatewayConfig, REQUEST_ID_KEY, pngmeta};
+use qwen_image_gateway::{GatewayConfig, GatewayError, REQUEST_ID_KEY};
 use qwen_image_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
+use qwen_image_proto::v1::stage_info_server::{StageInfo, StageInfoServer};
 use qwen_image_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use qwen_image_proto::v1::vae_server::{Vae, VaeServer};
 use qwen_image_proto::v1::*;
+use qwen_image_testkit::service::{InProcess, health};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Request, Response, Status};
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Upper bound for anything the tests wait on (a failure guard, not synchronisation).
 const GUARD: Duration = Duration::from_secs(20);
@@ -41,6 +42,8 @@ struct Counters {
 #[derive(Clone)]
 struct Fake {
     c: Arc<Counters>,
+    /// Width of the prompt embeddings the fake text encoder says it makes (the denoiser expects `D`).
+    hidden_size: u32,
     /// Denoise answers UNAVAILABLE without streaming.
     denoise_unavailable: bool,
     /// Denoise sends step 1 and then waits for the caller to go away.
@@ -160,25 +163,92 @@ impl Vae for Fake {
     }
 }
 
-/// Serves one fake as all three stages; returns its URL.
-async fn serve_fake(fake: Fake) -> String {
+/// The fake's description of itself as `kind`: text hidden size `hidden_size`, transformer D wide with 16
+/// latent channels, a VAE with z_dim 16 and scale factor 8.
+struct Describe {
+    kind: StageKind,
+    hidden_size: u32,
+}
+
+#[tonic::async_trait]
+impl StageInfo for Describe {
+    async fn describe(
+        &self,
+        _req: Request<DescribeRequest>,
+    ) -> Result<Response<StageDescription>, Status> {
+        let mut d = StageDescription {
+            kind: self.kind as i32,
+            model_id: "fake-model".into(),
+            ..Default::default()
+        };
+        match self.kind {
+            StageKind::TextEncoder => {
+                d.text_encoder = Some(TextEncoderDescription {
+                    digest: "te".into(),
+                    hidden_size: self.hidden_size,
+                    max_sequence_length: 1024,
+                    default_max_sequence_length: 512,
+                })
+            }
+            StageKind::Denoiser => {
+                d.transformer = Some(TransformerDescription {
+                    digest: "dn".into(),
+                    latent_channels: 16,
+                    in_channels: 64,
+                    patch_size: 2,
+                    joint_attention_dim: D as u32,
+                    max_prompt_tokens: 1024,
+                    max_steps: 1000,
+                })
+            }
+            _ => {
+                d.vae = Some(VaeDescription {
+                    digest: "vae".into(),
+                    z_dim: 16,
+                    scale_factor: 8,
+                })
+            }
+        }
+        Ok(Response::new(d))
+    }
+}
+
+/// Serves the fake as the stage `kind` (its service, health and `StageInfo`); returns its URL.
+async fn serve_as(fake: Fake, kind: StageKind) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let describe = StageInfoServer::new(Describe {
+        kind,
+        hidden_size: fake.hidden_size,
+    });
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(describe);
+    let router = match kind {
+        StageKind::TextEncoder => router.add_service(TextEncoderServer::new(fake)),
+        StageKind::Denoiser => router.add_service(DenoiserServer::new(fake)),
+        _ => router.add_service(VaeServer::new(fake)),
+    };
     tokio::spawn(async move {
         let _keep = reporter;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(TextEncoderServer::new(fake.clone()))
-            .add_service(DenoiserServer::new(fake.clone()))
-            .add_service(VaeServer::new(fake))
+        router
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await
     });
     format!("http://{addr}")
+}
+
+/// The fake as the three stages: (text encoder, denoiser, VAE) URLs.
+async fn serve_fake(fake: Fake) -> (String, String, String) {
+    (
+        serve_as(fake.clone(), StageKind::TextEncoder).await,
+        serve_as(fake.clone(), StageKind::Denoiser).await,
+        serve_as(fake, StageKind::Vae).await,
+    )
 }
 
 /// A URL where nothing listens (bound, then closed).
@@ -189,53 +259,22 @@ async fn dead_url() -> String {
 
 struct Gateway {
     client: ImageGeneratorClient<tonic::transport::Channel>,
-    health: HealthClient<tonic::transport::Channel>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    service: InProcess<GatewayError>,
+}
+
+/// The gateway in this process, not yet waited for.
+async fn start_gateway_unready(config: GatewayConfig) -> Gateway {
+    let service = InProcess::start(|l, stop| qwen_image_gateway::run(config, l, stop)).await;
+    let client = ImageGeneratorClient::new(service.channel()).max_decoding_message_size(64 << 20);
+    Gateway { client, service }
 }
 
 async fn start_gateway(config: GatewayConfig) -> Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(qwen_image_gateway::run(config, listener, async {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .expect("url")
-        .connect_lazy();
-    let mut health = HealthClient::new(channel.clone());
-    // Wait for SERVING through the Watch stream (no polling, no sleeps).
-    let mut watch = tokio::time::timeout(GUARD, async {
-        loop {
-            if let Ok(r) = health
-                .watch(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
-                break r.into_inner();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("gateway reachable");
-    tokio::time::timeout(GUARD, async {
-        while let Some(Ok(m)) = watch.message().await.transpose() {
-            if m.status == ServingStatus::Serving as i32 {
-                return;
-            }
-        }
-        panic!("health watch ended before SERVING");
-    })
-    .await
-    .expect("gateway SERVING");
-    let client = ImageGeneratorClient::new(channel).max_decoding_message_size(64 << 20);
-    Gateway {
-        client,
-        health,
-        _stop: stop,
-    }
+    let gw = start_gateway_unready(config).await;
+    qwen_image_testkit::service::wait_serving(&gw.service.url(), "", GUARD)
+        .await
+        .expect("gateway SERVING");
+    gw
 }
 
 fn config(te: &str, dn: &[String], vae: &str) -> GatewayConfig {
@@ -248,13 +287,14 @@ fn config(te: &str, dn: &[String], vae: &str) -> GatewayConfig {
 fn fake(c: &Arc<Counters>) -> Fake {
     Fake {
         c: c.clone(),
+        hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: false,
     }
 }
 
-fn request() -> TextToImageRequest {
-    TextToImageRequest {
+fn settings() -> GenerationSettings {
+    GenerationSettings {
         prompt: "A cat holding a sign that says hello world".into(),
         negative_prompt: Some(" ".into()),
         width_px: 64,
@@ -264,6 +304,34 @@ fn request() -> TextToImageRequest {
         seed: Some(0),
         ..Default::default()
     }
+}
+
+fn request() -> TextToImageRequest {
+    with(settings())
+}
+
+fn with(settings: GenerationSettings) -> TextToImageRequest {
+    TextToImageRequest {
+        settings: Some(settings),
+        initial_latents: None,
+    }
+}
+
+/// The text chunks (tEXt and iTXt) of a PNG.
+fn text_chunks(png_bytes: &[u8]) -> Vec<(String, String)> {
+    let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .expect("png");
+    let info = reader.info();
+    let mut v: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for c in &info.utf8_text {
+        v.push((c.keyword.clone(), c.get_text().expect("utf-8")));
+    }
+    v
 }
 
 /// Collects the events of one call: (progress events, result).
@@ -293,8 +361,8 @@ async fn collect(
 #[tokio::test]
 async fn text_to_image_end_to_end_over_fakes() {
     let c = Arc::new(Counters::default());
-    let url = serve_fake(fake(&c)).await;
-    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let (te, dn, vae) = serve_fake(fake(&c)).await;
+    let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
     let (progress, result, id) = collect(&mut gw.client, request()).await.expect("generates");
 
     // Noise is torch.randn([1, 1, 16, 6, 8]) from manual_seed(0), row-major.
@@ -344,8 +412,7 @@ async fn text_to_image_end_to_end_over_fakes() {
     assert_eq!(result.png.len(), 1);
     let params = result.parameters.expect("echoed parameters");
     assert_eq!(params.steps, 3);
-    assert!(params.initial_latents.is_none());
-    let chunks = pngmeta::read_text_chunks(&result.png[0]).expect("png");
+    let chunks = text_chunks(&result.png[0]);
     let get = |k: &str| {
         chunks
             .iter()
@@ -359,12 +426,12 @@ async fn text_to_image_end_to_end_over_fakes() {
 
     // No negative prompt: no CFG, one encode, and a random seed is reported back.
     let before = c.encodes.load(Ordering::SeqCst);
-    let req = TextToImageRequest {
+    let req = with(GenerationSettings {
         negative_prompt: None,
         seed: None,
         num_images: 2,
-        ..request()
-    };
+        ..settings()
+    });
     let (_, result, _) = collect(&mut gw.client, req).await.expect("generates");
     assert_eq!(c.encodes.load(Ordering::SeqCst) - before, 1);
     assert_eq!(*c.last_has_negative.lock().expect("lock"), Some(false));
@@ -389,26 +456,26 @@ async fn text_to_image_end_to_end_over_fakes() {
 #[tokio::test]
 async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
     let c = Arc::new(Counters::default());
-    let url = serve_fake(fake(&c)).await;
-    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let (te, dn, vae) = serve_fake(fake(&c)).await;
+    let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
     let bad_latents = tensor::from_f32(&[1, 16, 1, 4, 4], &[0.0; 256]);
     let cases = [
-        TextToImageRequest {
+        with(GenerationSettings {
             prompt: String::new(),
-            ..request()
-        },
-        TextToImageRequest {
+            ..settings()
+        }),
+        with(GenerationSettings {
             width_px: 100,
-            ..request()
-        },
-        TextToImageRequest {
+            ..settings()
+        }),
+        with(GenerationSettings {
             steps: 1001,
-            ..request()
-        },
-        TextToImageRequest {
+            ..settings()
+        }),
+        with(GenerationSettings {
             true_cfg_scale: Some(f32::NAN),
-            ..request()
-        },
+            ..settings()
+        }),
         TextToImageRequest {
             initial_latents: Some(bad_latents),
             ..request()
@@ -424,14 +491,8 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
         0,
         "nothing reached the stages"
     );
-    let h = gw
-        .health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health");
-    assert_eq!(h.into_inner().status, ServingStatus::Serving as i32);
+    let h = health(&gw.service.url(), "").await.expect("health");
+    assert_eq!(h, ServingStatus::Serving as i32);
     collect(&mut gw.client, request())
         .await
         .expect("still generates");
@@ -441,16 +502,17 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
 async fn retries_the_denoiser_on_another_replica() {
     let c = Arc::new(Counters::default());
     let down = Arc::new(Counters::default());
-    let good = serve_fake(fake(&c)).await;
-    let refusing = serve_fake(Fake {
+    let (te, good, vae) = serve_fake(fake(&c)).await;
+    let (_, refusing, _) = serve_fake(Fake {
         c: down.clone(),
+        hidden_size: D as u32,
         denoise_unavailable: true,
         denoise_hangs: false,
     })
     .await;
     let dead = dead_url().await;
     let denoisers = vec![refusing.clone(), dead, good.clone()];
-    let mut gw = start_gateway(config(&good, &denoisers, &good)).await;
+    let mut gw = start_gateway(config(&te, &denoisers, &vae)).await;
     for _ in 0..3 {
         collect(&mut gw.client, request())
             .await
@@ -462,14 +524,15 @@ async fn retries_the_denoiser_on_another_replica() {
 #[tokio::test]
 async fn all_denoisers_down_is_unavailable() {
     let c = Arc::new(Counters::default());
-    let url = serve_fake(fake(&c)).await;
-    let refusing = serve_fake(Fake {
+    let (te, _, vae) = serve_fake(fake(&c)).await;
+    let (_, refusing, _) = serve_fake(Fake {
         c: c.clone(),
+        hidden_size: D as u32,
         denoise_unavailable: true,
         denoise_hangs: false,
     })
     .await;
-    let mut gw = start_gateway(config(&url, &[refusing], &url)).await;
+    let mut gw = start_gateway(config(&te, &[refusing], &vae)).await;
     let e = collect(&mut gw.client, request())
         .await
         .expect_err("no denoiser");
@@ -479,13 +542,14 @@ async fn all_denoisers_down_is_unavailable() {
 #[tokio::test]
 async fn dropping_the_stream_cancels_the_denoiser() {
     let c = Arc::new(Counters::default());
-    let url = serve_fake(Fake {
+    let (te, dn, vae) = serve_fake(Fake {
         c: c.clone(),
+        hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: true,
     })
     .await;
-    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
     let mut stream = gw
         .client
         .text_to_image(request())
@@ -515,13 +579,14 @@ async fn dropping_the_stream_cancels_the_denoiser() {
 #[tokio::test]
 async fn the_deadline_ends_the_request_and_the_denoiser_call() {
     let c = Arc::new(Counters::default());
-    let url = serve_fake(Fake {
+    let (te, dn, vae) = serve_fake(Fake {
         c: c.clone(),
+        hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: true,
     })
     .await;
-    let mut gw = start_gateway(config(&url, std::slice::from_ref(&url), &url)).await;
+    let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
     let cancelled = c.cancelled.notified();
     let mut req = Request::new(request());
     req.set_timeout(Duration::from_millis(300));
@@ -540,4 +605,53 @@ async fn the_deadline_ends_the_request_and_the_denoiser_call() {
     tokio::time::timeout(GUARD, cancelled)
         .await
         .expect("the denoiser saw the cancellation");
+}
+
+/// Stages that do not serve one model: the gateway reads every replica's description, refuses the text
+/// encoder whose embeddings do not fit the denoiser, never turns SERVING, and a request gets
+/// FAILED_PRECONDITION naming both stages and the field; nothing reaches the stages.
+#[tokio::test]
+async fn stages_of_different_models_are_refused_with_the_mismatch_named() {
+    let c = Arc::new(Counters::default());
+    let (_, dn, vae) = serve_fake(fake(&c)).await;
+    let te = serve_as(
+        Fake {
+            hidden_size: 2 * D as u32,
+            ..fake(&c)
+        },
+        StageKind::TextEncoder,
+    )
+    .await;
+    let mut gw = start_gateway_unready(config(&te, &[dn], &vae)).await;
+    let e = collect(&mut gw.client, request())
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let want = format!(
+        "text-encoder hidden size {} ({te}), denoiser expects {D}",
+        2 * D
+    );
+    assert!(e.message().contains(&want), "{}", e.message());
+    assert_eq!(
+        health(&gw.service.url(), "").await.expect("health"),
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(
+        c.encodes.load(Ordering::SeqCst),
+        0,
+        "nothing reached the stages"
+    );
+}
+
+/// A stage configured at the wrong place (the VAE given as the text encoder) is refused by kind.
+#[tokio::test]
+async fn a_replica_of_the_wrong_kind_is_refused() {
+    let c = Arc::new(Counters::default());
+    let (_, dn, vae) = serve_fake(fake(&c)).await;
+    let mut gw = start_gateway_unready(config(&vae, &[dn], &vae)).await;
+    let e = collect(&mut gw.client, request())
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("STAGE_KIND_VAE"), "{}", e.message());
 }

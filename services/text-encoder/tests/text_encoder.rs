@@ -3,64 +3,33 @@
 use std::time::Duration;
 
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_common::stage::{StageDef, StageError};
 use qwen_image_proto::v1::text_encoder_client::TextEncoderClient;
 use qwen_image_proto::v1::{DataType, EncodeRequest, OverlongPromptPolicy};
-use qwen_image_text_encoder::{SERVICE_NAME, TextEncoderConfig, run};
-use tokio::sync::oneshot;
+use qwen_image_testkit::service::{InProcess, health, wait_not_serving};
+use qwen_image_text_encoder::{SERVICE_NAME, TextEncoder, TextEncoderConfig, run};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny");
 /// Guard against a hung test; never used to wait for something to happen.
 const GUARD: Duration = Duration::from_secs(120);
 
 struct Harness {
+    service: InProcess<StageError>,
     channel: Channel,
-    stop: oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), qwen_image_text_encoder::TextEncoderError>>,
 }
 
 impl Harness {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = TextEncoderConfig::new(format!("{FIXTURES}/snapshot"));
-        let server = tokio::spawn(run(config, listener, async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut watch = HealthClient::new(channel.clone())
-            .watch(HealthCheckRequest {
-                service: SERVICE_NAME.into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        tokio::time::timeout(GUARD, async {
-            while let Some(msg) = watch.message().await.expect("health stream") {
-                if msg.status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-            panic!("health stream ended before SERVING");
-        })
-        .await
-        .expect("SERVING in time");
-        Self {
-            channel,
-            stop,
-            server,
-        }
+        Self::start_config(TextEncoder::config(format!("{FIXTURES}/snapshot"))).await
+    }
+
+    async fn start_config(config: TextEncoderConfig) -> Self {
+        let service = InProcess::serving(|l, stop| run(config, l, stop)).await;
+        let channel = service.channel();
+        Self { service, channel }
     }
 
     fn client(&self) -> TextEncoderClient<Channel> {
@@ -69,13 +38,15 @@ impl Harness {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    async fn shutdown(self) {
-        let _ = self.stop.send(());
-        drop(self.channel);
-        let result = tokio::time::timeout(GUARD, self.server)
+    async fn health(&self) -> i32 {
+        health(&self.service.url(), SERVICE_NAME)
             .await
-            .expect("drained")
-            .expect("no panic");
+            .expect("health answers")
+    }
+
+    async fn shutdown(self) {
+        drop(self.channel);
+        let result = self.service.stop().await;
         assert!(result.is_ok(), "{result:?}");
     }
 }
@@ -169,14 +140,7 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
         let err = h.client().encode(bad).await.expect_err("invalid");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
-    let status = HealthClient::new(h.channel.clone())
-        .check(HealthCheckRequest {
-            service: SERVICE_NAME.into(),
-        })
-        .await
-        .expect("check")
-        .into_inner()
-        .status;
+    let status = h.health().await;
     assert_eq!(status, ServingStatus::Serving as i32);
     h.shutdown().await;
 }
@@ -206,16 +170,82 @@ async fn missing_snapshot_is_a_startup_error() {
         .await
         .expect("bind");
     let result = run(
-        TextEncoderConfig::new(format!("{FIXTURES}/nope")),
+        TextEncoder::config(format!("{FIXTURES}/nope")),
         listener,
         std::future::pending(),
     )
     .await;
+    assert!(matches!(result, Err(StageError::Config(_))), "{result:?}");
+}
+
+fn small_request() -> EncodeRequest {
+    EncodeRequest {
+        prompts: vec!["a cat".into()],
+        ..Default::default()
+    }
+}
+
+/// A job that panics (through the skeleton's test-only fault hook, which no flag or environment variable
+/// reaches) gets INTERNAL; the worker goes on: the next request succeeds and health stays SERVING.
+#[tokio::test]
+async fn a_panicking_job_gets_internal_and_the_next_request_succeeds() {
+    let config = TextEncoder::config(format!("{FIXTURES}/snapshot"));
+    let faults = config.faults.clone();
+    let stats = config.stats.clone();
+    let h = Harness::start_config(config).await;
+    faults.panic_next_job();
+    let err = h
+        .client()
+        .encode(small_request())
+        .await
+        .expect_err("the job panicked");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(
-        matches!(
-            result,
-            Err(qwen_image_text_encoder::TextEncoderError::Config(_))
-        ),
-        "{result:?}"
+        !err.message().contains("injected"),
+        "panic text leaked: {err:?}"
+    );
+    let ok = h
+        .client()
+        .encode(small_request())
+        .await
+        .expect("the next request is served");
+    assert_eq!(ok.into_inner().token_counts.len(), 1);
+    assert_eq!(h.health().await, ServingStatus::Serving as i32);
+    // The counters move right after the answer is delivered.
+    let s = tokio::time::timeout(GUARD, stats.subscribe().wait_for(|s| s.jobs_finished == 1))
+        .await
+        .expect("in time")
+        .expect("stats alive")
+        .clone();
+    assert_eq!(s.jobs_panicked, 1);
+    h.shutdown().await;
+}
+
+/// A worker that cannot go on (the job panics and the model then fails its check): the request gets
+/// INTERNAL, the service turns NOT_SERVING and `run` ends with an error, so the binary exits non-zero and
+/// a supervisor restarts it.
+#[tokio::test]
+async fn a_worker_that_cannot_go_on_turns_not_serving_and_run_fails() {
+    let config = TextEncoder::config(format!("{FIXTURES}/snapshot"));
+    let faults = config.faults.clone();
+    let Harness {
+        mut service,
+        channel,
+    } = Harness::start_config(config).await;
+    faults.break_model_on_next_job();
+    let mut client = TextEncoderClient::new(channel);
+    let err = client
+        .encode(small_request())
+        .await
+        .expect_err("the job panicked");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    wait_not_serving(&service.url(), SERVICE_NAME, GUARD)
+        .await
+        .expect("NOT_SERVING");
+    drop(client);
+    let ended = service.ended(GUARD).await;
+    assert!(
+        matches!(ended, Err(StageError::WorkerStopped(_))),
+        "{ended:?}"
     );
 }

@@ -3,68 +3,29 @@
 use std::time::Duration;
 
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_common::stage::{StageDef, StageError};
 use qwen_image_common::tensor::from_f32;
 use qwen_image_proto::v1::vae_client::VaeClient;
 use qwen_image_proto::v1::{DecodeRequest, EncodeImageRequest, Image};
-use qwen_image_vae::{SERVICE_NAME, VaeServiceConfig, run};
-use tokio::sync::oneshot;
+use qwen_image_testkit::service::{InProcess, health};
+use qwen_image_vae::{SERVICE_NAME, Vae, run};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny");
-/// Guard against a hung test; never used to wait for something to happen.
-const GUARD: Duration = Duration::from_secs(120);
 
 struct Harness {
+    service: InProcess<StageError>,
     channel: Channel,
-    stop: oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), qwen_image_vae::VaeError>>,
 }
 
 impl Harness {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(run(
-            VaeServiceConfig::new(format!("{FIXTURES}/snapshot")),
-            listener,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut watch = HealthClient::new(channel.clone())
-            .watch(HealthCheckRequest {
-                service: SERVICE_NAME.into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        tokio::time::timeout(GUARD, async {
-            while let Some(msg) = watch.message().await.expect("health stream") {
-                if msg.status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-            panic!("health stream ended before SERVING");
-        })
-        .await
-        .expect("SERVING in time");
-        Self {
-            channel,
-            stop,
-            server,
-        }
+        let config = Vae::config(format!("{FIXTURES}/snapshot"));
+        let service = InProcess::serving(|l, stop| run(config, l, stop)).await;
+        let channel = service.channel();
+        Self { service, channel }
     }
 
     fn client(&self) -> VaeClient<Channel> {
@@ -74,12 +35,8 @@ impl Harness {
     }
 
     async fn shutdown(self) {
-        let _ = self.stop.send(());
         drop(self.channel);
-        let result = tokio::time::timeout(GUARD, self.server)
-            .await
-            .expect("drained")
-            .expect("no panic");
+        let result = self.service.stop().await;
         assert!(result.is_ok(), "{result:?}");
     }
 }
@@ -169,31 +126,65 @@ async fn decode_and_encode_match_diffusers() {
         height_px: hh as u32,
         rgb8: rgb.into(),
     };
+    // Without noise: the normalised posterior mean (argmax), as diffusers' dump computes it.
     let resp = h
         .client()
         .encode(EncodeImageRequest {
-            images: vec![image],
+            images: vec![image.clone()],
+            posterior_noise: None,
         })
         .await
         .expect("encoded")
         .into_inner();
-    let mean = resp.mean.expect("mean");
+    let mean = resp.latents.expect("latents");
     assert_eq!(mean.shape, vec![1, 16, 1, 8, 8]);
-    assert_close(
-        "posterior mean",
-        &f32s(&mean.data),
-        &f32s(&reference("vae_64", "vae.posterior_mean").1),
-        1e-3,
+    let expected = f32s(&reference("vae_64", "vae.latents_normalized").1);
+    assert_close("normalised mean", &f32s(&mean.data), &expected, 1e-3);
+
+    // With diffusers' posterior noise the service samples (diffusers' `mean + std * eps`) and normalises
+    // with the snapshot's latents_mean / latents_std; two rows of noise for one image give two latents
+    // (the image repeated to the batch).
+    let (eps_shape, eps) = reference("vae_64", "vae.sample_eps");
+    assert_eq!(eps_shape, vec![1, 16, 1, 8, 8]);
+    let eps = f32s(&eps);
+    let twice: Vec<f32> = eps.iter().chain(&eps).copied().collect();
+    let resp = h
+        .client()
+        .encode(EncodeImageRequest {
+            images: vec![image],
+            posterior_noise: Some(from_f32(&[2, 16, 1, 8, 8], &twice)),
+        })
+        .await
+        .expect("encoded")
+        .into_inner();
+    let latents = resp.latents.expect("latents");
+    assert_eq!(latents.shape, vec![2, 16, 1, 8, 8]);
+    let latents = f32s(&latents.data);
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{FIXTURES}/snapshot/vae/config.json")).expect("vae config"),
+    )
+    .expect("json");
+    let stat = |k: &str| -> Vec<f32> {
+        cfg[k]
+            .as_array()
+            .expect("16 values")
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect()
+    };
+    let (lm, ls) = (stat("latents_mean"), stat("latents_std"));
+    let sample = f32s(&reference("vae_64", "vae.posterior_sample").1);
+    let expected: Vec<f32> = sample
+        .iter()
+        .enumerate()
+        .map(|(i, z)| (z - lm[i / 64]) * (1.0 / ls[i / 64]))
+        .collect();
+    assert_close("normalised sample", &latents[..1024], &expected, 1e-3);
+    assert_eq!(
+        latents[..1024],
+        latents[1024..],
+        "one image, two identical rows"
     );
-    let logvar = resp.logvar.expect("logvar");
-    assert_close(
-        "posterior logvar",
-        &f32s(&logvar.data),
-        &f32s(&reference("vae_64", "vae.posterior_logvar").1),
-        1e-3,
-    );
-    assert_eq!(resp.latents_mean.len(), 16);
-    assert_eq!(resp.latents_std.len(), 16);
     h.shutdown().await;
 }
 
@@ -229,6 +220,7 @@ async fn bad_requests_get_invalid_argument_and_service_stays_healthy() {
         .client()
         .encode(EncodeImageRequest {
             images: vec![bad_image],
+            posterior_noise: None,
         })
         .await
         .expect_err("bytes");
@@ -240,18 +232,16 @@ async fn bad_requests_get_invalid_argument_and_service_stays_healthy() {
     };
     let err = h
         .client()
-        .encode(EncodeImageRequest { images: vec![odd] })
+        .encode(EncodeImageRequest {
+            images: vec![odd],
+            posterior_noise: None,
+        })
         .await
         .expect_err("size");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let status = HealthClient::new(h.channel.clone())
-        .check(HealthCheckRequest {
-            service: SERVICE_NAME.into(),
-        })
+    let status = health(&h.service.url(), SERVICE_NAME)
         .await
-        .expect("check")
-        .into_inner()
-        .status;
+        .expect("health");
     assert_eq!(status, ServingStatus::Serving as i32);
     h.shutdown().await;
 }
@@ -281,13 +271,10 @@ async fn missing_snapshot_is_a_startup_error() {
         .await
         .expect("bind");
     let result = run(
-        VaeServiceConfig::new(format!("{FIXTURES}/nope")),
+        Vae::config(format!("{FIXTURES}/nope")),
         listener,
         std::future::pending(),
     )
     .await;
-    assert!(
-        matches!(result, Err(qwen_image_vae::VaeError::Config(_))),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(StageError::Config(_))), "{result:?}");
 }

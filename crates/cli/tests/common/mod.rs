@@ -3,17 +3,14 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{GenerateEvent, GenerateResult, TextToImageRequest, generate_event};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use qwen_image_proto::v1::{
+    GenerateEvent, GenerateResult, GenerationSettings, TextToImageRequest, generate_event,
+};
+use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Failure guard for waits (model loading included); never used to synchronise.
 pub const GUARD: Duration = Duration::from_secs(300);
@@ -28,45 +25,36 @@ pub fn snapshot() -> PathBuf {
     workspace().join("tests/fixtures/tiny/snapshot")
 }
 
-/// A child process killed when dropped, with the address it printed (`listening on HOST:PORT`).
+/// The URL of a running service.
 pub struct Service {
-    _child: Child,
     pub url: String,
 }
 
-pub async fn spawn(args: &[&str]) -> Service {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-image"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("qwen-image starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(GUARD, async {
-        while let Some(line) = lines.next_line().await.expect("stdout") {
-            if let Some(a) = line.strip_prefix("listening on ") {
-                return a.trim().to_string();
-            }
-        }
-        panic!("qwen-image {args:?} exited without printing its address");
-    })
-    .await
-    .expect("address printed");
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Service {
-        _child: child,
-        url: format!("http://{addr}"),
-    }
-}
-
+/// The four services as processes; the stages' URLs in `stages` (text encoder, denoiser, VAE).
 pub struct Stack {
-    /// text-encoder, denoiser, vae
     pub stages: Vec<Service>,
     pub gateway: Service,
+    _processes: ProcessStack,
+}
+
+impl Stack {
+    fn from(p: ProcessStack) -> Self {
+        Self {
+            stages: vec![
+                Service {
+                    url: p.text_encoder.url(),
+                },
+                Service {
+                    url: p.denoiser.url(),
+                },
+                Service { url: p.vae.url() },
+            ],
+            gateway: Service {
+                url: p.gateway_url(),
+            },
+            _processes: p,
+        }
+    }
 }
 
 pub async fn start_stack(denoiser_queue_capacity: Option<&str>) -> Stack {
@@ -76,73 +64,43 @@ pub async fn start_stack(denoiser_queue_capacity: Option<&str>) -> Stack {
     }
 }
 
-/// The four services, the denoiser started with `denoiser_args` added (e.g. `--controlnet DIR`).
+/// The four services on the tiny snapshot, the denoiser started with `denoiser_args` added (e.g.
+/// `--controlnet DIR`).
 pub async fn start_stack_with(denoiser_args: &[&str]) -> Stack {
-    let model = snapshot();
-    start_stack_on(Some(model.to_str().expect("utf-8 path")), denoiser_args).await
-}
-
-/// The four services as separate processes on `model` (`None`: no `--model`, the default model).
-pub async fn start_stack_on(model: Option<&str>, denoiser_args: &[&str]) -> Stack {
-    let stage = |name: &'static str, extra: &[&str]| {
-        let mut args = vec!["serve", "--stage", name, "--listen", "127.0.0.1:0"];
-        if let Some(m) = model {
-            args.extend(["--model", m]);
-        }
-        args.extend_from_slice(extra);
-        args.into_iter().map(str::to_string).collect::<Vec<_>>()
-    };
-    let spawn_owned = |args: Vec<String>| async move {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn(&refs).await
-    };
-    let te = spawn_owned(stage("text-encoder", &[])).await;
-    let dn = spawn_owned(stage("denoiser", denoiser_args)).await;
-    let vae = spawn_owned(stage("vae", &[])).await;
-    let gateway = spawn(&[
-        "serve",
-        "--stage",
-        "gateway",
-        "--listen",
-        "127.0.0.1:0",
-        "--text-encoder",
-        &te.url,
-        "--denoiser",
-        &dn.url,
-        "--vae",
-        &vae.url,
-    ])
-    .await;
-    wait_serving(&gateway.url).await;
-    Stack {
-        stages: vec![te, dn, vae],
-        gateway,
-    }
-}
-
-/// Waits for SERVING through grpc.health.v1 `Watch` (the gateway turns SERVING once every stage is).
-pub async fn wait_serving(url: &str) {
-    let channel = Channel::from_shared(url.to_string())
-        .expect("url")
-        .connect_lazy();
-    let mut health = HealthClient::new(channel);
-    tokio::time::timeout(GUARD, async {
-        let mut stream = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        while let Some(m) = stream.message().await.expect("health stream") {
-            if m.status == ServingStatus::Serving as i32 {
-                return;
-            }
-        }
-        panic!("health stream ended before SERVING");
-    })
+    start_stack_on(
+        Some(snapshot().to_str().expect("utf-8 path")),
+        denoiser_args,
+    )
     .await
-    .expect("SERVING");
+}
+
+/// The four services as separate processes on `model`: the stage binaries with their own flags; `None`
+/// = no `--model`, the default model, through `qwen-image serve --stage X` (which embeds it).
+pub async fn start_stack_on(model: Option<&str>, denoiser_args: &[&str]) -> Stack {
+    let (launcher, mut spec) = match model {
+        Some(m) => (
+            Launcher::StageBinaries,
+            StackSpec::model(std::path::Path::new(m)),
+        ),
+        None => (
+            Launcher::Cli(PathBuf::from(env!("CARGO_BIN_EXE_qwen-image"))),
+            StackSpec::default(),
+        ),
+    };
+    spec.denoiser_args = denoiser_args.iter().map(|s| s.to_string()).collect();
+    Stack::from(
+        ProcessStack::serving(launcher, &spec)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
+/// A text-to-image request of `settings`.
+pub fn t2i(settings: GenerationSettings) -> TextToImageRequest {
+    TextToImageRequest {
+        settings: Some(settings),
+        initial_latents: None,
+    }
 }
 
 pub async fn client(url: &str) -> ImageGeneratorClient<Channel> {
@@ -184,13 +142,13 @@ pub fn decode_rgb(png_bytes: &[u8]) -> (u32, u32, Vec<u8>) {
     (info.width, info.height, buf)
 }
 
-/// The reference dump's request parameters and image.
-pub fn reference(name: &str) -> (TextToImageRequest, Vec<u8>) {
+/// The reference dump's request settings and image.
+pub fn reference(name: &str) -> (GenerationSettings, Vec<u8>) {
     reference_at(&workspace().join("tests/fixtures/tiny/refs").join(name))
 }
 
 /// [`reference`] for a dump directory anywhere.
-pub fn reference_at(dir: &std::path::Path) -> (TextToImageRequest, Vec<u8>) {
+pub fn reference_at(dir: &std::path::Path) -> (GenerationSettings, Vec<u8>) {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
             .expect("json");
@@ -206,7 +164,7 @@ pub fn reference_at(dir: &std::path::Path) -> (TextToImageRequest, Vec<u8>) {
     } else {
         a["negative_prompt"].as_str().map(str::to_string)
     };
-    let req = TextToImageRequest {
+    let req = GenerationSettings {
         prompt,
         negative_prompt,
         width_px: a["width"].as_u64().expect("width") as u32,

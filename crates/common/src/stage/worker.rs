@@ -501,8 +501,14 @@ mod tests {
         faults.panic_next_job();
         assert!(matches!(ask(&w).await, Err(StageError::Panicked(m)) if m.contains("injected")));
         assert_eq!(ask(&w).await.expect("serves on"), 7);
-        let s = stats.snapshot();
-        assert_eq!((s.jobs_finished, s.jobs_panicked), (2, 1));
+        // The counters move right after the answer is delivered.
+        let s = stats
+            .subscribe()
+            .wait_for(|s| s.jobs_finished == 2)
+            .await
+            .expect("stats alive")
+            .clone();
+        assert_eq!(s.jobs_panicked, 1);
     }
 
     #[tokio::test]

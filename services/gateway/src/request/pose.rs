@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn keypoints_render_at_the_requested_size() {
-        let json = include_str!("../../../docs/pose-example.json");
+        let json = include_str!("../../../../docs/pose-example.json");
         let r = req(pose_request::Pose::KeypointsJson(json.into()));
         let p = validate(r.clone()).expect("valid");
         assert_eq!((p.settings.width_px, p.settings.height_px), (512, 768));
@@ -196,11 +196,11 @@ mod tests {
     /// control picture diffusers got for refs/controlnet_pose_64x96, see tools/make_fixtures.sh).
     #[test]
     fn keypoints_render_like_controlnet_aux() {
-        let json = include_str!("../../../docs/pose-example.json");
+        let json = include_str!("../../../../docs/pose-example.json");
         let r = sized(req(pose_request::Pose::KeypointsJson(json.into())), 64, 96);
         let ours = validate(r).expect("valid").control;
         let png = include_bytes!(
-            "../../../tests/fixtures/tiny/refs/controlnet_pose_64x96/input_control.png"
+            "../../../../tests/fixtures/tiny/refs/controlnet_pose_64x96/input_control.png"
         );
         let theirs = images::decode_rgb("reference", png).expect("png");
         assert_eq!(ours, theirs);

@@ -5,7 +5,7 @@
 //! FAILED_PRECONDITION naming the mismatch.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qwen_image_common::grpc::InjectTraceContext;
 use qwen_image_common::metric_names as m;
@@ -103,6 +103,21 @@ impl Stages {
             if stage == StageName::Denoiser {
                 anchor = first;
             }
+        }
+        self.reviewed.send_modify(|n| *n += 1);
+    }
+
+    /// [`Stages::geometry`]; when no stage has described itself yet, waits (until `deadline`) for the next
+    /// review of the replicas (every health interval) and asks again.
+    pub async fn geometry_by(&self, deadline: Instant) -> Result<Geometry, GatewayError> {
+        let mut reviews = self.reviewed.subscribe();
+        reviews.borrow_and_update();
+        match self.geometry() {
+            Err(GatewayError::Unavailable(_)) => {
+                let _ = tokio::time::timeout_at(deadline.into(), reviews.changed()).await;
+                self.geometry()
+            }
+            other => other,
         }
     }
 

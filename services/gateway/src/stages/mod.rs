@@ -27,6 +27,9 @@ pub struct Stages {
     pub text_encoder: Pool,
     pub denoiser: Pool,
     pub vae: Pool,
+    /// Counts the reviews of the replicas' descriptions (a request that arrives before the stages have
+    /// described themselves waits for the next one).
+    reviewed: tokio::sync::watch::Sender<u64>,
 }
 
 /// A denoiser stream that has produced its first event (retries are over once progress flows).
@@ -59,6 +62,7 @@ impl Stages {
             text_encoder: Pool::new(StageName::TextEncoder, &config.text_encoder)?,
             denoiser: Pool::new(StageName::Denoiser, &config.denoiser)?,
             vae: Pool::new(StageName::Vae, &config.vae)?,
+            reviewed: tokio::sync::watch::Sender::new(0),
         })
     }
 
