@@ -22,8 +22,8 @@ async fn start_default_stack() -> Stack {
     start_stack_on(None, &[]).await
 }
 
-fn t2i(prompt: &str, seed: u64) -> TextToImageRequest {
-    TextToImageRequest {
+fn demo_t2i(prompt: &str, seed: u64) -> TextToImageRequest {
+    t2i(GenerationSettings {
         prompt: prompt.into(),
         negative_prompt: Some(" ".into()),
         width_px: 64,
@@ -32,7 +32,7 @@ fn t2i(prompt: &str, seed: u64) -> TextToImageRequest {
         true_cfg_scale: Some(4.0),
         seed: Some(seed),
         ..Default::default()
-    }
+    })
 }
 
 fn read(j: &Judge, r: &GenerateResult) -> Verdict {
@@ -115,7 +115,7 @@ async fn default_model_pictures_follow_the_prompt_in_english_chinese_and_mixed()
     let j = judge();
     let (mut colour, mut pose_ok, mut bg, mut all) = (0, 0, 0, 0);
     for (i, (prompt, want_c, want_p, want_b)) in PROMPTS.iter().enumerate() {
-        let r = generate(&mut c, t2i(prompt, 100 + i as u64))
+        let r = generate(&mut c, demo_t2i(prompt, 100 + i as u64))
             .await
             .unwrap_or_else(|e| panic!("{prompt}: {e}"));
         assert_eq!((r.width_px, r.height_px), (64, 64));
@@ -200,7 +200,7 @@ async fn default_model_inpaint_repaints_the_figure_in_the_asked_colour() {
     let j = judge();
     let base = generate(
         &mut c,
-        t2i("a red stick figure standing on a white background", 7),
+        demo_t2i("a red stick figure standing on a white background", 7),
     )
     .await
     .expect("t2i");
@@ -262,7 +262,7 @@ async fn default_model_matches_diffusers_through_the_gateway() {
     let refs = workspace().join("tests/fixtures/demo/refs");
     for name in ["t2i_64_en", "t2i_64_zh"] {
         let (req, reference_png) = reference_at(&refs.join(name));
-        let r = generate(&mut c, req).await.expect("t2i");
+        let r = generate(&mut c, t2i(req)).await.expect("t2i");
         let diff = max_level_diff(&r.png[0], &reference_png, name);
         eprintln!("{name}: max difference {diff} levels");
         assert!(diff <= 1, "{name}: {diff} levels");

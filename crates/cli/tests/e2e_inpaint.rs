@@ -80,13 +80,16 @@ fn reference(name: &str) -> Ref {
 impl Ref {
     fn inpaint(&self) -> InpaintRequest {
         InpaintRequest {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            width_px: self.width,
-            height_px: self.height,
-            steps: self.steps,
-            true_cfg_scale: Some(self.cfg),
-            seed: Some(self.seed),
+            settings: Some(GenerationSettings {
+                prompt: self.prompt.clone(),
+                negative_prompt: self.negative_prompt.clone(),
+                width_px: self.width,
+                height_px: self.height,
+                steps: self.steps,
+                true_cfg_scale: Some(self.cfg),
+                seed: Some(self.seed),
+                ..Default::default()
+            }),
             image: self.image.clone().into(),
             mask: self.mask.clone().expect("inpaint dump has a mask").into(),
             strength: Some(self.strength),

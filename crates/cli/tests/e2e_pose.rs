@@ -232,8 +232,10 @@ async fn pose_on_a_denoiser_without_controlnet_is_a_failed_precondition() {
     assert!(e.message().contains("--controlnet"), "{}", e.message());
     eprintln!("{}", e.message());
     // Text-to-image still works on that stack.
-    let (t2i, _) = reference("t2i_64");
-    generate(&mut c, t2i).await.expect("t2i still served");
+    let (settings, _) = reference("t2i_64");
+    generate(&mut c, t2i(settings))
+        .await
+        .expect("t2i still served");
 }
 
 /// QwenImageControlNetInpaintPipeline on refs/controlnet_inpaint_64 (the fixture's inpainting ControlNet,
@@ -245,6 +247,10 @@ async fn controlnet_inpaint_matches_diffusers() {
     let stack = start_stack_with(&["--controlnet", &cn]).await;
     let mut c = client(&stack.gateway.url).await;
     let (p, reference_png, _) = pose_reference("controlnet_inpaint_64");
+    let (control, p) = (
+        p.control.unwrap_or_default(),
+        p.settings.unwrap_or_default(),
+    );
     let dir = workspace().join("tests/fixtures/tiny/refs/controlnet_inpaint_64");
     let read = |f: &str| std::fs::read(dir.join(f)).expect("fixture");
     let prompt = if p.prompt == CONTROLNET_DEFAULT_PROMPT {
@@ -265,7 +271,7 @@ async fn controlnet_inpaint_matches_diffusers() {
         }),
         control: Some(ControlNetSettings {
             controlnet_id: "inpaint".into(),
-            conditioning_scale: p.conditioning_scale,
+            conditioning_scale: control.conditioning_scale,
             ..Default::default()
         }),
         image: read("input_image.png").into(),
