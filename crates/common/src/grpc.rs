@@ -122,9 +122,12 @@ fn split_path(path: &str) -> (&str, &str) {
     p.split_once('/').unwrap_or((p, ""))
 }
 
-/// Health checks and reflection are counted but get no span (the gateway polls stage health often).
+/// Health checks, reflection and `StageInfo` (control-plane calls the gateway makes on its own, outside any
+/// request) are counted but get no span.
 fn traced(grpc_service: &str) -> bool {
-    !(grpc_service.starts_with("grpc.health.") || grpc_service.starts_with("grpc.reflection."))
+    !(grpc_service.starts_with("grpc.health.")
+        || grpc_service.starts_with("grpc.reflection.")
+        || grpc_service == "qwen_image.v1.StageInfo")
 }
 
 /// The tower layer of every server (see the module docs). `service` is the metrics `service` label.
@@ -460,6 +463,7 @@ mod tests {
         );
         assert!(!traced("grpc.health.v1.Health"));
         assert!(traced("qwen_image.v1.Vae"));
+        assert!(!traced("qwen_image.v1.StageInfo"));
         assert_eq!(percent_decode("bad%20shape%3A 1"), "bad shape: 1");
         assert_eq!(percent_decode("100%"), "100%");
     }

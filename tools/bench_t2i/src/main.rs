@@ -22,7 +22,7 @@ use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 use qwen_image_model::vae::{AutoencoderKLQwenImage, to_rgb8};
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -115,10 +115,20 @@ impl InProcess {
         let z = unpack(&out, h, w)?;
         let image = self.vae.decode(&self.vae.denormalize(&z)?)?;
         let rgb = to_rgb8(&image)?;
-        let png = qwen_image_gateway::pngmeta::encode_png(a.width, a.height, &rgb[0], &[])
-            .map_err(|e| anyhow!(e))?;
-        Ok(png)
+        encode_png(a.width, a.height, &rgb[0])
     }
+}
+
+/// RGB8 → PNG, as the gateway encodes its results (the same encoder and settings, no text chunks).
+fn encode_png(width: u32, height: u32, rgb8: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(rgb8.len() / 2 + 1024);
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(|e| anyhow!(e))?;
+    writer.write_image_data(rgb8).map_err(|e| anyhow!(e))?;
+    writer.finish().map_err(|e| anyhow!(e))?;
+    Ok(out)
 }
 
 struct Service {
@@ -166,13 +176,16 @@ async fn wait_serving(url: &str) -> Result<()> {
 
 async fn grpc_run(c: &mut ImageGeneratorClient<Channel>, a: &Args) -> Result<Vec<u8>> {
     let req = TextToImageRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: Some(NEGATIVE.into()),
-        width_px: a.width,
-        height_px: a.height,
-        steps: a.steps,
-        true_cfg_scale: Some(CFG),
-        seed: Some(SEED),
+        settings: Some(GenerationSettings {
+            prompt: a.prompt.clone(),
+            negative_prompt: Some(NEGATIVE.into()),
+            width_px: a.width,
+            height_px: a.height,
+            steps: a.steps,
+            true_cfg_scale: Some(CFG),
+            seed: Some(SEED),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut s = c.text_to_image(req).await?.into_inner();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{TextToImageRequest, generate_event};
+use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
 use qwen_image_testkit::otlp_sink::OtlpSink;
 use qwen_image_testkit::process::{ServiceProcess, wait_serving};
 use tonic::transport::Channel;
@@ -147,13 +147,16 @@ async fn start(bin: &Path, model: &str, mode: &'static str, otlp: Option<&str>) 
 
 async fn request(c: &mut ImageGeneratorClient<Channel>, a: &Args) -> Result<Duration> {
     let req = TextToImageRequest {
-        prompt: "A cat holding a sign that says hello world".into(),
-        negative_prompt: Some(" ".into()),
-        width_px: a.width,
-        height_px: a.height,
-        steps: a.steps,
-        true_cfg_scale: Some(4.0),
-        seed: Some(0),
+        settings: Some(GenerationSettings {
+            prompt: "A cat holding a sign that says hello world".into(),
+            negative_prompt: Some(" ".into()),
+            width_px: a.width,
+            height_px: a.height,
+            steps: a.steps,
+            true_cfg_scale: Some(4.0),
+            seed: Some(0),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let started = Instant::now();

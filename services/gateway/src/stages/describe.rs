@@ -20,6 +20,9 @@ use crate::geometry::{self, Geometry, Mismatch};
 /// Timeout of one Describe call.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Reviews a request waits for when the stages have not described themselves yet.
+const REVIEWS_WAITED: usize = 3;
+
 const STAGES: [StageName; 3] = [StageName::Denoiser, StageName::TextEncoder, StageName::Vae];
 
 /// Reads the description of `replica`; a failure leaves it unknown (it is read again later).
@@ -107,18 +110,26 @@ impl Stages {
         self.reviewed.send_modify(|n| *n += 1);
     }
 
-    /// [`Stages::geometry`]; when no stage has described itself yet, waits (until `deadline`) for the next
-    /// review of the replicas (every health interval) and asks again.
+    /// [`Stages::geometry`]; while the stages have not described themselves, waits (until `deadline`) for
+    /// the next reviews of the replicas (one per health interval; a review in progress when the request
+    /// came may predate the stages' readiness, hence a few) and asks again.
     pub async fn geometry_by(&self, deadline: Instant) -> Result<Geometry, GatewayError> {
         let mut reviews = self.reviewed.subscribe();
         reviews.borrow_and_update();
-        match self.geometry() {
-            Err(GatewayError::Unavailable(_)) => {
-                let _ = tokio::time::timeout_at(deadline.into(), reviews.changed()).await;
-                self.geometry()
+        for _ in 0..REVIEWS_WAITED {
+            match self.geometry() {
+                Err(GatewayError::Unavailable(_)) => {
+                    if tokio::time::timeout_at(deadline.into(), reviews.changed())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                other => return other,
             }
-            other => other,
         }
+        self.geometry()
     }
 
     /// The model's geometry, from the accepted denoiser and VAE replicas. FAILED_PRECONDITION naming the
