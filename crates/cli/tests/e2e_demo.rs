@@ -177,7 +177,6 @@ async fn default_model_takes_the_pose_from_keypoints() {
                 ..Default::default()
             }),
             pose: Some(pose_request::Pose::KeypointsJson(json)),
-            ..Default::default()
         };
         let r = result_of(c.pose(req).await.expect("accepted").into_inner())
             .await
@@ -291,7 +290,6 @@ async fn default_model_matches_diffusers_through_the_gateway() {
         pose: Some(pose_request::Pose::KeypointsJson(
             std::fs::read_to_string(workspace().join("docs/demo/pose-kicking.json")).expect("json"),
         )),
-        ..Default::default()
     };
     let r = result_of(c.pose(req).await.expect("accepted").into_inner())
         .await

@@ -216,7 +216,6 @@ async fn image_flows_match_diffusers() {
         }),
         image: r.image.clone().into(),
         strength: Some(r.strength),
-        ..Default::default()
     };
     let (stages, res) = collect(c.img2_img(req).await).await.expect("img2img");
     assert!(stages.contains(&(Stage::EncodeImage as i32)), "{stages:?}");
@@ -460,7 +459,6 @@ async fn bad_image_requests_are_invalid_argument() {
             }),
             image: r.image.clone().into(),
             strength: Some(f64::NAN),
-            ..Default::default()
         })
         .await,
     )

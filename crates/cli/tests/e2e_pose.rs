@@ -276,7 +276,6 @@ async fn controlnet_inpaint_matches_diffusers() {
         }),
         image: read("input_image.png").into(),
         mask: read("input_mask.png").into(),
-        ..Default::default()
     };
     let mut stream = c
         .control_net_inpaint(req.clone())

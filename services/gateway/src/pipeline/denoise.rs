@@ -112,7 +112,7 @@ async fn preview_png(ctx: &Ctx<'_>, latents: Tensor, max_side: u32) -> Option<By
 /// `[B, ...]` → `[1, ...]`: the first element's bytes.
 fn first_of_batch(t: &Tensor) -> Result<Tensor, String> {
     let b = *t.shape.first().ok_or("a scalar preview tensor")?;
-    if b == 0 || t.data.len() % b as usize != 0 {
+    if b == 0 || !t.data.len().is_multiple_of(b as usize) {
         return Err(format!(
             "preview tensor shape {:?} does not fit its {} bytes",
             t.shape,

@@ -97,7 +97,7 @@ pub fn check_side(
     limits: &Limits,
 ) -> Result<u32, GatewayError> {
     let (m, max) = (g.size_multiple(), limits.max_side_px);
-    if v == 0 || v % m != 0 || v > max {
+    if v == 0 || !v.is_multiple_of(m) || v > max {
         let lo = (v / m) * m;
         let hint = if v > max {
             format!("at most {max}")
