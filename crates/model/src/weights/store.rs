@@ -532,8 +532,10 @@ impl WeightStore {
         Ok(LinearWeight::Packed(parts))
     }
 
-    /// An embedding table `[vocab, hidden]`: ggml blocks stay quantized (rows are dequantized on lookup),
-    /// anything else becomes a dense `dtype` tensor.
+    /// An embedding table `[vocab, hidden]`: ggml blocks stay quantized (rows are dequantized on lookup), a
+    /// bf16/f16 table stays in its narrower type when the stage dtype is wider (rows are upcast exactly on
+    /// lookup: half the memory of ComfyUI's bf16 `embed_tokens` in an f32 stage), anything else becomes a dense
+    /// `dtype` tensor.
     pub fn embedding(&self, name: &str, dtype: DType, device: &Device) -> Result<EmbeddingTable> {
         let (f, fname) = self.locate(name)?;
         let info = f.stored(fname).ok_or_else(|| f.no_tensor(fname))?;
@@ -543,6 +545,11 @@ impl WeightStore {
                 let q = qtensor(bytes.bytes(), *g, &info.shape, device)?;
                 self.record(ty.name, info.shape.iter().product(), bytes.len);
                 Ok(EmbeddingTable::Ggml(Arc::new(q)))
+            }
+            (Encoding::Plain(d @ (DType::BF16 | DType::F16)), [_, _])
+                if d.size_in_bytes() < dtype.size_in_bytes() =>
+            {
+                Ok(EmbeddingTable::Dense(self.dense(name, *d, device)?))
             }
             _ => Ok(EmbeddingTable::Dense(self.dense(name, dtype, device)?)),
         }
