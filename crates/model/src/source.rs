@@ -77,12 +77,11 @@ pub struct Loaded<T> {
     pub files: Vec<PathBuf>,
 }
 
+/// A renaming of a single file's tensors, chosen from the file's own tensor names.
+type PickNaming<'a> = &'a dyn Fn(&[&str]) -> Box<dyn Fn(&str) -> Option<String>>;
+
 /// Opens the weights of `component` with `naming` applied to single files.
-fn open_store(
-    src: &WeightsSource,
-    component: &str,
-    naming: &dyn Fn(&[&str]) -> Box<dyn Fn(&str) -> Option<String>>,
-) -> Result<WeightStore> {
+fn open_store(src: &WeightsSource, component: &str, naming: PickNaming) -> Result<WeightStore> {
     match src {
         WeightsSource::Snapshot(root) => {
             let dir = Snapshot::open(root)?.component_dir(component)?;

@@ -32,9 +32,9 @@ fn load_component(snapshot: &Snapshot, component: &str) -> Result<HashMap<String
 
 /// The ggml type a 2-D weight with rows of `cols` values gets when `want` is asked for.
 fn fit(want: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % want.block_size() == 0 {
+    if cols.is_multiple_of(want.block_size()) {
         want
-    } else if cols % GgmlDType::Q5_0.block_size() == 0 {
+    } else if cols.is_multiple_of(GgmlDType::Q5_0.block_size()) {
         GgmlDType::Q5_0
     } else {
         GgmlDType::F16

@@ -81,7 +81,7 @@ pub enum Format {
 }
 
 fn ggml_bytes(ty: GgmlDType, rows: usize, cols: usize) -> u64 {
-    let ty = if cols % ty.block_size() == 0 {
+    let ty = if cols.is_multiple_of(ty.block_size()) {
         ty
     } else {
         GgmlDType::Q5_0

@@ -84,7 +84,7 @@ impl std::fmt::Display for MemoryReport {
             self.bits_per_param()
         )?;
         let mut formats: Vec<_> = self.by_format.iter().collect();
-        formats.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+        formats.sort_by_key(|f| std::cmp::Reverse(f.1.bytes));
         for (i, (name, u)) in formats.into_iter().enumerate() {
             let sep = if i == 0 { ": " } else { ", " };
             write!(f, "{sep}{name} {} ({})", human_bytes(u.bytes), u.tensors)?;
