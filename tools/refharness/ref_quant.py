@@ -252,7 +252,7 @@ def transformer_fixtures(snapshot: Path, out: Path, refs: dict, manifest: dict) 
     tdir = out / "transformer"
     tdir.mkdir(parents=True, exist_ok=True)
     base = QwenImageTransformer2DModel.from_pretrained(str(snapshot), subfolder="transformer").eval()
-    cfg = dict(base.config)
+    cfg = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
     sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
     inp = transformer_inputs(cfg, 0)
     dinp = denoise_inputs(cfg, 0)
@@ -319,7 +319,7 @@ def transformer256_fixtures(snapshot: Path, out: Path, refs: dict, manifest: dic
     perturb_(torch, model, torch.Generator().manual_seed(257))
     # config only (the weights live in the GGUF); from_single_file reads transformer/config.json
     model.save_config(str(tdir / "transformer"))
-    cfg = dict(model.config)
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     p = tdir / "Q4_K.gguf"
     types = write_gguf(p, "qwen_image", sd, gguf.GGMLQuantizationType.Q4_K)
