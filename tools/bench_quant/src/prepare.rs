@@ -15,6 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use qwen_image_model::snapshot::{Snapshot, weight_files};
 use qwen_image_model::text_encoder::TextEncoderConfig;
+use qwen_image_model::weights::naming;
 
 /// float8_e4m3fn's largest finite value (ComfyUI's scale is amax / 448).
 const FP8_MAX: f64 = 448.0;
@@ -138,7 +139,7 @@ pub fn prepare(model: &Path, work: &Path) -> Result<Prepared> {
             let mut keys: Vec<&String> = text.keys().collect();
             keys.sort();
             for k in keys {
-                let Some(name) = to_llama_cpp(k) else {
+                let Some(name) = naming::transformers_to_llama_cpp(&format!("model.{k}")) else {
                     continue;
                 };
                 tensors.push((name, quantize(&text[k], ty)?));
@@ -184,29 +185,4 @@ pub fn prepare(model: &Path, work: &Path) -> Result<Prepared> {
     }
     out.text_encoder.push(("fp8 scaled".to_string(), path));
     Ok(out)
-}
-
-/// `layers.N.self_attn.q_proj.weight` (text model names) -> `blk.N.attn_q.weight` (gguf-py tensor_mapping).
-fn to_llama_cpp(name: &str) -> Option<String> {
-    match name {
-        "embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "norm.weight" => return Some("output_norm.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (module, param) = tail.rsplit_once('.')?;
-    let ll = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{ll}.{param}"))
 }

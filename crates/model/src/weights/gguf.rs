@@ -8,7 +8,7 @@
 //! bytes are copied once into their final storage and nothing of the file stays mapped in the process.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -448,28 +448,7 @@ impl GgufFile {
     /// Bytes `range` (relative to the start of the tensor's data) of tensor `info`.
     pub fn read(&self, info: &TensorInfo, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
         let len = self.data_len(info)?;
-        if range.start > range.end || range.end > len {
-            return Err(err(format!(
-                "{}: byte range {range:?} is outside tensor `{}` ({len} bytes)",
-                self.path.display(),
-                info.name
-            )));
-        }
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        let mut f = self
-            .file
-            .lock()
-            .map_err(|_| err(format!("{}: file handle poisoned", self.path.display())))?;
-        f.seek(SeekFrom::Start(info.start + range.start))
-            .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|e| {
-                err(format!(
-                    "{}: cannot read tensor `{}`: {e}",
-                    self.path.display(),
-                    info.name
-                ))
-            })?;
-        Ok(buf)
+        super::read_tensor_bytes(&self.path, &self.file, &info.name, info.start, len, range)
     }
 }
 

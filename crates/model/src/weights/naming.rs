@@ -120,34 +120,52 @@ pub fn is_wan_vae_layout(names: &[&str]) -> bool {
         .any(|n| n.starts_with("decoder.upsamples.") || n.starts_with("encoder.downsamples."))
 }
 
+/// llama.cpp module names of a Qwen2 / Qwen2-VL decoder layer and their transformers names (gguf-py
+/// `tensor_mapping.py`; the same table as ComfyUI-GGUF `loader.py` `LLAMA_SD_MAP`).
+const LLAMA_CPP_LAYER: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+/// Tensors outside the layers.
+const LLAMA_CPP_TOP: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
 /// The transformers name (`Qwen2_5_VLForConditionalGeneration` legacy layout, `model.layers.N...`) of a tensor
-/// of a llama.cpp GGUF of Qwen2.5-VL (`convert_hf_to_gguf.py`, gguf-py `tensor_mapping.py`; the same table as
-/// ComfyUI-GGUF `loader.py` `LLAMA_SD_MAP`). Qwen2 uses rotate-half RoPE, so llama.cpp stores q/k unpermuted.
-/// Unknown names are dropped.
+/// of a llama.cpp GGUF of Qwen2.5-VL (`convert_hf_to_gguf.py`). Qwen2 uses rotate-half RoPE, so llama.cpp
+/// stores q/k unpermuted. Unknown names are dropped.
 pub fn llama_cpp_to_transformers(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((_, hf)) = LLAMA_CPP_TOP.iter().find(|(ll, _)| *ll == name) {
+        return Some(hf.to_string());
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     layer.parse::<usize>().ok()?;
     let (module, param) = tail.rsplit_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, hf) = LLAMA_CPP_LAYER.iter().find(|(ll, _)| *ll == module)?;
     Some(format!("model.layers.{layer}.{hf}.{param}"))
+}
+
+/// The inverse of [`llama_cpp_to_transformers`] (for writing llama.cpp-layout files).
+pub fn transformers_to_llama_cpp(name: &str) -> Option<String> {
+    if let Some((ll, _)) = LLAMA_CPP_TOP.iter().find(|(_, hf)| *hf == name) {
+        return Some(ll.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (module, param) = tail.rsplit_once('.')?;
+    let (ll, _) = LLAMA_CPP_LAYER.iter().find(|(_, hf)| *hf == module)?;
+    Some(format!("blk.{layer}.{ll}.{param}"))
 }
 
 #[cfg(test)]
@@ -218,6 +236,15 @@ mod tests {
             Some("model.embed_tokens.weight")
         );
         assert_eq!(llama_cpp_to_transformers("rope_freqs.weight"), None);
+        for n in [
+            "blk.3.attn_q.bias",
+            "blk.0.ffn_down.weight",
+            "token_embd.weight",
+            "output_norm.weight",
+        ] {
+            let hf = llama_cpp_to_transformers(n).expect("maps");
+            assert_eq!(transformers_to_llama_cpp(&hf).as_deref(), Some(n));
+        }
         assert_eq!(llama_cpp_to_transformers("blk.x.attn_q.weight"), None);
     }
 

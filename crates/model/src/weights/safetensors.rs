@@ -3,7 +3,7 @@
 //! offset checked against the file size. Data is read on demand with positioned reads.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -192,28 +192,8 @@ impl SafetensorsFile {
 
     /// Bytes `range` (relative to the start of the tensor's data) of tensor `info`.
     pub fn read(&self, info: &TensorInfo, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
-        if range.start > range.end || range.end > info.len {
-            return Err(err(format!(
-                "{}: byte range {range:?} is outside tensor `{}` ({} bytes)",
-                self.path.display(),
-                info.name,
-                info.len
-            )));
-        }
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        let mut f = self
-            .file
-            .lock()
-            .map_err(|_| err(format!("{}: file handle poisoned", self.path.display())))?;
-        f.seek(SeekFrom::Start(info.start + range.start))
-            .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|e| {
-                err(format!(
-                    "{}: cannot read tensor `{}`: {e}",
-                    self.path.display(),
-                    info.name
-                ))
-            })?;
-        Ok(buf)
+        super::read_tensor_bytes(
+            &self.path, &self.file, &info.name, info.start, info.len, range,
+        )
     }
 }
