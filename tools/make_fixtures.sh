@@ -32,6 +32,10 @@ if [ "${1:-}" = demo ]; then demo_refs; exit 0; fi
 PY="$PY" bash "$H/make_suite.sh" "$F/tiny" tiny 0
 rm -f "$F"/tiny/refs/*.log
 
+# --- quantized / single-file weights (GGUF, fp8, ComfyUI layouts) made from the tiny snapshot, with diffusers'
+# and transformers' own loaders' outputs on them (tools/refharness/ref_quant.py)
+rm -rf "$F/quant" && "$PY" "$H/ref_quant.py" "$F/tiny/snapshot" "$F/quant" > /dev/null && echo "ok $F/quant"
+
 # --- tiny in bf16, sharded into many small files, without tokenizer.json (the released snapshot's shape)
 "$PY" "$H/make_tiny.py" "$F/tiny-bf16-sharded/snapshot" --preset tiny --seed 7 --dtype bf16 --max-shard-size 60KB \
     --no-tokenizer-json --force > /dev/null

@@ -2,8 +2,8 @@
 //! transformer's first blocks whose image-stream outputs, projected by zero-initialised linears and scaled,
 //! become residuals added to the transformer's blocks (denoiser-and-pipelines.md §3.6, §8).
 
+use crate::weights::VarBuilder;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{Linear, linear};

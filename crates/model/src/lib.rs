@@ -14,9 +14,11 @@ pub mod prompt;
 pub mod rope;
 pub mod scheduler;
 pub mod snapshot;
+pub mod source;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
+pub mod weights;
 
 pub use candle_core;

@@ -1,18 +1,33 @@
-//! Small building blocks shared by the model components: one linear-layer type, norms, attention.
+//! Small building blocks shared by the model components: one linear-layer type, embeddings, norms, attention.
 //!
-//! Every model file loads its linears through [`linear`] / [`linear_no_bias`] so that dense, quantized or
-//! offloaded weights can later be swapped in one place.
+//! Every model file loads its linears through [`linear`] / [`linear_no_bias`] / [`linear_fused`]: the weight is
+//! dense (f32/bf16/f16) or kept as stored in the file (ggml blocks from GGUF, fp8 e4m3fn from ComfyUI files),
+//! whichever the [`VarBuilder`] finds, and [`Linear::forward`] is the one place it is applied.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+
+use crate::weights::{EmbeddingTable, LinearWeight, PackedWeight, Part, QuantMatmul, VarBuilder};
+
+/// How a [`Linear`] holds its weight.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]` in the stage dtype (candle's Linear: `x · Wᵀ` through a transposed view).
+    Dense(candle_nn::Linear),
+    /// `Wᵀ` stored contiguous `[in, out]` ([`Linear::from_tensors`]): the CPU matmul then reads the weight
+    /// row-major, ~15% faster for the text encoder's small-M matmuls. Same memory.
+    DenseT(Tensor),
+    /// Quantized (ggml) or fp8 row parts, turned into the activation dtype at each forward.
+    Packed(Arc<PackedWeight>),
+}
 
 /// A linear layer `y = x Wᵀ + b` with PyTorch's `[out, in]` weight layout.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
-    /// `Wᵀ` stored contiguous `[in, out]` ([`Linear::from_tensors`]): the CPU matmul then reads the weight
-    /// row-major, ~15% faster for the text encoder's small-M matmuls. Same memory (replaces `inner`'s weight).
-    wt: Option<Tensor>,
+    weight: Weight,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -20,23 +35,46 @@ impl Linear {
     /// weight is stored transposed (one copy at load time).
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let wt = weight.t()?.contiguous()?; // [in, out]
-        // `inner` keeps the bias and a [out, in] view of the same storage for `weight()` users.
         Ok(Self {
-            inner: candle_nn::Linear::new(wt.t()?, bias),
-            wt: Some(wt),
+            weight: Weight::DenseT(wt),
+            bias,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.wt {
-            None => self.inner.forward(x),
-            Some(wt) => {
-                let y = x.broadcast_matmul(wt)?; // [.., in] x [in, out] -> [.., out]
-                match self.inner.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+    /// From a loaded [`LinearWeight`] (dense weights keep candle's layout, as [`linear`] always did).
+    fn from_weight(
+        w: LinearWeight,
+        in_dim: usize,
+        bias: Option<Tensor>,
+        matmul: QuantMatmul,
+    ) -> Result<Self> {
+        let weight = match w {
+            LinearWeight::Dense(w) => Weight::Dense(candle_nn::Linear::new(w, None)),
+            LinearWeight::Packed(parts) => {
+                Weight::Packed(Arc::new(PackedWeight::new(parts, in_dim, matmul)?))
             }
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The packed weight when this layer is quantized or fp8.
+    pub fn packed(&self) -> Option<&PackedWeight> {
+        match &self.weight {
+            Weight::Packed(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Dense(l) => l.forward(x)?,
+            Weight::DenseT(wt) => x.broadcast_matmul(wt)?, // [.., in] x [in, out] -> [.., out]
+            Weight::Packed(p) => p.matmul(x)?,
+        };
+        // A per-layer adapter (LoRA) would add its `x Aᵀ Bᵀ · scale` to `y` here.
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -49,18 +87,98 @@ impl Module for Linear {
 
 /// Loads `vb.weight [out, in]` and `vb.bias [out]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear(in_dim, out_dim, vb)?,
-        wt: None,
-    })
+    let w = vb.linear_weight(out_dim, in_dim, "weight")?;
+    let b = vb.get(out_dim, "bias")?;
+    Linear::from_weight(w, in_dim, Some(b), vb.quant_matmul())
 }
 
 /// Loads `vb.weight [out, in]` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
-        wt: None,
-    })
+    let w = vb.linear_weight(out_dim, in_dim, "weight")?;
+    Linear::from_weight(w, in_dim, None, vb.quant_matmul())
+}
+
+/// One linear made of several checkpoint projections stacked along the output (e.g. q|k|v): `parts` are
+/// `(out_dim, builder)` in order, each with `weight [out_dim, in_dim]` and, when `bias`, `bias [out_dim]`.
+/// Dense weights are concatenated and stored transposed ([`Linear::from_tensors`]); when any part is quantized
+/// or fp8 the parts stay as stored, side by side.
+pub fn linear_fused(in_dim: usize, parts: &[(usize, VarBuilder)], bias: bool) -> Result<Linear> {
+    let Some((_, first)) = parts.first() else {
+        candle_core::bail!("linear_fused: no parts");
+    };
+    let mut weights = Vec::with_capacity(parts.len());
+    let mut biases = Vec::with_capacity(parts.len());
+    for (out, vb) in parts {
+        weights.push(vb.linear_weight(*out, in_dim, "weight")?);
+        if bias {
+            biases.push(vb.get(*out, "bias")?);
+        }
+    }
+    let bias = if bias {
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    if weights.iter().all(|w| matches!(w, LinearWeight::Dense(_))) {
+        let dense: Vec<Tensor> = weights
+            .into_iter()
+            .filter_map(|w| match w {
+                LinearWeight::Dense(t) => Some(t),
+                LinearWeight::Packed(_) => None,
+            })
+            .collect();
+        return Linear::from_tensors(Tensor::cat(&dense, 0)?, bias);
+    }
+    let mut all = Vec::new();
+    for w in weights {
+        match w {
+            LinearWeight::Dense(t) => all.push(Part::Dense(t)),
+            LinearWeight::Packed(p) => all.extend(p),
+        }
+    }
+    Linear::from_weight(
+        LinearWeight::Packed(all),
+        in_dim,
+        bias,
+        first.quant_matmul(),
+    )
+}
+
+/// A token embedding table: dense, or ggml blocks whose rows are dequantized on lookup (a llama.cpp text
+/// encoder's `token_embd` stays quantized: 545M values for Qwen2.5-VL-7B).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Table,
+    hidden: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Table {
+    Dense(Tensor),
+    Ggml(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// Loads `vb.weight [vocab, hidden]`.
+    pub fn new(vocab: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let table = match vb.embedding_table(vocab, hidden, "weight")? {
+            EmbeddingTable::Dense(t) => Table::Dense(t),
+            EmbeddingTable::Ggml(q) => Table::Ggml(q),
+        };
+        Ok(Self { table, hidden })
+    }
+
+    /// `ids` `[..]` (u32) → `[.., hidden]` in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.hidden);
+        let flat = ids.flatten_all()?;
+        let rows = match &self.table {
+            Table::Dense(t) => t.index_select(&flat, 0)?,
+            Table::Ggml(q) => q.embedding(&flat)?,
+        };
+        rows.reshape(dims)?.to_dtype(dtype)
+    }
 }
 
 /// RMSNorm over the last dimension with a learned gain (diffusers/transformers `RMSNorm`, computed in f32).

@@ -1,5 +1,5 @@
 //! Loading a diffusers snapshot directory: `model_index.json`, component folders, JSON configs and
-//! (sharded) safetensors weights, memory-mapped.
+//! (sharded) safetensors weights.
 //!
 //! Layout (diffusers `save_pretrained`): `ROOT/model_index.json`, `ROOT/<component>/config.json` (or
 //! `scheduler_config.json`), `ROOT/<component>/*.safetensors` with an optional `*.safetensors.index.json`
@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device};
 use serde::de::DeserializeOwned;
+
+use crate::weights::{VarBuilder, WeightStore};
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(msg.to_string())
@@ -67,13 +67,13 @@ impl Snapshot {
         read_json(&self.component_dir(component)?.join(file))
     }
 
-    /// Memory-maps the weights of `component` and returns a builder converting them to `dtype`.
+    /// The weights of `component` as a builder converting dense tensors to `dtype`.
     pub fn weights(
         &self,
         component: &str,
         dtype: DType,
         device: &Device,
-    ) -> candle_core::Result<VarBuilder<'static>> {
+    ) -> candle_core::Result<VarBuilder> {
         load_weights(&self.component_dir(component)?, dtype, device)
     }
 }
@@ -130,117 +130,24 @@ pub fn weight_files(dir: &Path) -> candle_core::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Weights of one model folder: memory-mapped safetensors with a name → file map for error messages.
-pub struct Weights {
-    dir: PathBuf,
-    st: MmapedSafetensors,
-    file_of: HashMap<String, PathBuf>,
-}
+/// Weights of one model folder: its safetensors files under their own tensor names.
+pub type Weights = WeightStore;
 
-impl Weights {
-    /// Memory-maps every weight file of `dir` (this is the only place that mmaps).
-    pub fn open(dir: &Path) -> candle_core::Result<Self> {
+impl WeightStore {
+    /// Opens every weight file of the model folder `dir` ([`weight_files`]).
+    pub fn open_dir(dir: &Path) -> candle_core::Result<Self> {
         let files = weight_files(dir)?;
-        // SAFETY: the files are opened read-only and must not be modified while the server runs; this is
-        // the usual contract of memory-mapped model weights (candle, safetensors, PyTorch all rely on it).
-        #[allow(unsafe_code)]
-        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-            err(format!(
-                "{}: cannot read safetensors: {}",
-                dir.display(),
-                first_line(&e)
-            ))
-        })?;
-        let mut file_of = HashMap::new();
-        for f in &files {
-            #[allow(unsafe_code)]
-            let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| {
-                err(format!(
-                    "{}: cannot read safetensors: {}",
-                    f.display(),
-                    first_line(&e)
-                ))
-            })?;
-            for (name, _) in one.tensors() {
-                file_of.insert(name, f.clone());
-            }
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            st,
-            file_of,
-        })
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.file_of.contains_key(name)
-    }
-
-    /// Names of all tensors in the folder.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.file_of.keys().map(|s| s.as_str())
-    }
-
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(file) = self.file_of.get(name) else {
-            return Err(err(format!(
-                "{}: tensor `{name}` is missing from the weights",
-                self.dir.display()
-            )));
-        };
-        let t = self.st.load(name, dev).map_err(|e| {
-            err(format!(
-                "{}: cannot load tensor `{name}`: {}",
-                file.display(),
-                first_line(&e)
-            ))
-        })?;
-        t.to_dtype(dtype)
+        WeightStore::open(&files, dir.display().to_string(), &|n| Some(n.to_string()))
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for Weights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dtype, dev)?;
-        if t.shape() != &s {
-            let file = self
-                .file_of
-                .get(name)
-                .map(|f| f.display().to_string())
-                .unwrap_or_default();
-            return Err(err(format!(
-                "{file}: tensor `{name}` has shape {:?}, the config expects {:?}",
-                t.dims(),
-                s.dims()
-            )));
-        }
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.contains(name)
-    }
-}
-
-/// Memory-maps the weights of a model folder and returns a `VarBuilder` converting to `dtype` on load.
-pub fn load_weights(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<VarBuilder<'static>> {
-    let w = Weights::open(dir)?;
-    Ok(VarBuilder::from_backend(Box::new(w), dtype, device.clone()))
+/// The weights of a model folder as a [`VarBuilder`] converting dense tensors to `dtype` on load.
+pub fn load_weights(dir: &Path, dtype: DType, device: &Device) -> candle_core::Result<VarBuilder> {
+    Ok(VarBuilder::from_store(
+        WeightStore::open_dir(dir)?,
+        dtype,
+        device,
+    ))
 }
 
 /// First line of an error message (candle errors may carry a backtrace).

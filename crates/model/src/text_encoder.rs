@@ -6,12 +6,12 @@
 //! For text-only input the multimodal RoPE (mRoPE) reduces to ordinary 1-D RoPE with positions
 //! `0..L` (reference §2.3). The vision tower and `lm_head` are never loaded.
 
-use candle_core::{DType, Device, Module as _, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
-use crate::nn::{Linear, RmsNorm, attention};
+use crate::nn::{Embedding, Linear, RmsNorm, attention, linear_fused};
 use crate::snapshot::Snapshot;
+use crate::weights::VarBuilder;
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(msg.to_string())
@@ -58,6 +58,26 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
+    /// The text model of the released Qwen/Qwen-Image `text_encoder/config.json` (Qwen2.5-VL-7B-Instruct):
+    /// hidden 3584, 28 layers, 28 heads / 4 kv heads, intermediate 18944, vocab 152064, rms eps 1e-6, rope theta
+    /// 1e6, silu (shared/reference/vae-text-encoder-tokenizer.md §2.1).
+    pub fn qwen25_vl_7b() -> Self {
+        Self {
+            vocab_size: 152_064,
+            hidden_size: 3584,
+            intermediate_size: 18_944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: Some(4),
+            rms_norm_eps: 1e-6,
+            hidden_act: "silu".to_string(),
+            rope_theta: Some(DEFAULT_ROPE_THETA),
+            rope_scaling: None,
+            rope_parameters: None,
+            use_sliding_window: false,
+        }
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -232,14 +252,14 @@ impl Attention {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let hs = cfg.hidden_size;
         // Loaded under the checkpoint names, then fused: [H D | KV D | KV D, hidden] and [H D + 2 KV D].
-        let (mut ws, mut bs) = (Vec::with_capacity(3), Vec::with_capacity(3));
-        for (name, out) in [("q_proj", h * d), ("k_proj", kv * d), ("v_proj", kv * d)] {
-            ws.push(vb.pp(name).get((out, hs), "weight")?);
-            bs.push(vb.pp(name).get(out, "bias")?);
-        }
+        let qkv = [
+            (h * d, vb.pp("q_proj")),
+            (kv * d, vb.pp("k_proj")),
+            (kv * d, vb.pp("v_proj")),
+        ];
         Ok(Self {
-            qkv_proj: Linear::from_tensors(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?))?,
-            o_proj: Linear::from_tensors(vb.pp("o_proj").get((hs, h * d), "weight")?, None)?,
+            qkv_proj: linear_fused(hs, &qkv, true)?,
+            o_proj: linear_fused(h * d, &[(hs, vb.pp("o_proj"))], false)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -288,11 +308,13 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
-        let gate = vb.pp("gate_proj").get((is, hs), "weight")?;
-        let up = vb.pp("up_proj").get((is, hs), "weight")?;
         Ok(Self {
-            gate_up_proj: Linear::from_tensors(Tensor::cat(&[gate, up], 0)?, None)?,
-            down_proj: Linear::from_tensors(vb.pp("down_proj").get((hs, is), "weight")?, None)?,
+            gate_up_proj: linear_fused(
+                hs,
+                &[(is, vb.pp("gate_proj")), (is, vb.pp("up_proj"))],
+                false,
+            )?,
+            down_proj: linear_fused(is, &[(hs, vb.pp("down_proj"))], false)?,
             intermediate: is,
         })
     }
@@ -373,8 +395,7 @@ impl Qwen25VlTextModel {
     /// Builds the text model from `vb` rooted at the text model's prefix (see [`WeightNaming::prefix`]).
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let embed_tokens =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let embed_tokens = Embedding::new(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -394,7 +415,7 @@ impl Qwen25VlTextModel {
     pub fn load(snapshot: &Snapshot, dtype: DType, device: &Device) -> Result<Self> {
         let cfg: TextEncoderConfig = snapshot.config("text_encoder", "config.json")?;
         let dir = snapshot.component_dir("text_encoder")?;
-        let weights = crate::snapshot::Weights::open(&dir)?;
+        let weights = crate::snapshot::Weights::open_dir(&dir)?;
         let naming = detect_naming(&weights).ok_or_else(|| {
             err(format!(
                 "{}: neither `model.language_model.embed_tokens.weight` nor `model.embed_tokens.weight` found; \
@@ -402,7 +423,7 @@ impl Qwen25VlTextModel {
                 dir.display()
             ))
         })?;
-        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let vb = VarBuilder::from_store(weights, dtype, device);
         Self::new(&cfg.text, vb.pp(naming.prefix()))
     }
 
@@ -430,7 +451,7 @@ impl Qwen25VlTextModel {
                 self.cfg.vocab_size
             )));
         }
-        let mut h = self.embed_tokens.forward(&ids)?; // [B, L, hidden]
+        let mut h = self.embed_tokens.forward(&ids, self.dtype)?; // [B, L, hidden]
         let (cos, sin) = rope_tables(
             self.cfg.rope_theta(),
             self.cfg.head_dim(),

@@ -1,8 +1,8 @@
 //! `QwenImageTransformer2DModel` (diffusers `models/transformers/transformer_qwenimage.py`, 0.42.1): the
 //! dual-stream MMDiT. Equations and tensor names: `shared/reference/denoiser-and-pipelines.md` §2-3.
 
+use crate::weights::VarBuilder;
 use candle_core::{D, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{
@@ -72,6 +72,27 @@ pub struct TransformerConfig {
 }
 
 impl TransformerConfig {
+    /// The released Qwen/Qwen-Image `transformer/config.json` (= the `QwenImageTransformer2DModel` defaults):
+    /// `{"attention_head_dim":128,"axes_dims_rope":[16,56,56],"guidance_embeds":false,"in_channels":64,
+    /// "joint_attention_dim":3584,"num_attention_heads":24,"num_layers":60,"out_channels":16,"patch_size":2,
+    /// "pooled_projection_dim":768}` (shared/reference/denoiser-and-pipelines.md §1.1).
+    pub fn qwen_image() -> Self {
+        Self {
+            patch_size: default_patch_size(),
+            in_channels: default_in_channels(),
+            out_channels: Some(16),
+            num_layers: default_num_layers(),
+            attention_head_dim: default_head_dim(),
+            num_attention_heads: default_heads(),
+            joint_attention_dim: default_joint_dim(),
+            guidance_embeds: false,
+            axes_dims_rope: default_axes(),
+            zero_cond_t: false,
+            use_additional_t_cond: false,
+            use_layer3d_rope: false,
+        }
+    }
+
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
     }

@@ -19,8 +19,8 @@
 //! computation through candle ops on the whole image. The mid-block attention runs in blocks of query rows
 //! so the (H/8·W/8)² score matrix is never materialised.
 
+use crate::weights::VarBuilder;
 use candle_core::{D, DType, Device, Result, Tensor, bail};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::snapshot::Snapshot;

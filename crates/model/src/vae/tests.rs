@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_nn::VarBuilder;
+use crate::weights::VarBuilder;
 
 use super::*;
 
