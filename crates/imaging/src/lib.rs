@@ -5,6 +5,7 @@
 
 pub mod bicubic;
 pub mod convert;
+pub mod edit_sizes;
 pub mod mask;
 pub mod openpose;
 pub mod resize;

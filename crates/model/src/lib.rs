@@ -7,6 +7,8 @@
 pub mod controlnet;
 pub mod cpu_kernels;
 pub mod denoise;
+pub mod edit;
+pub mod edit_prompt;
 pub mod latents;
 pub mod nn;
 pub mod prompt;
@@ -17,5 +19,6 @@ pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
+pub mod vision;
 
 pub use candle_core;
