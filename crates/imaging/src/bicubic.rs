@@ -8,6 +8,7 @@
 //! Pillow's 22-bit BICUBIC by a level here and there (checked: `tests/fixtures/imaging_bicubic`).
 
 use crate::Image8;
+use crate::resize::{Coeffs, separable_resize};
 
 /// `interp_size` of `HelperInterpCubic` (4 taps before antialiasing widens the support).
 const INTERP_SIZE: f64 = 4.0;
@@ -28,13 +29,8 @@ fn cubic(x: f64) -> f64 {
     }
 }
 
-/// One axis: per output index the first input index and its int16 taps, and the shared precision.
-struct Axis {
-    taps: Vec<(usize, Vec<i32>)>,
-    precision: u32,
-}
-
-fn axis(in_size: usize, out_size: usize) -> Axis {
+/// One axis: per output index the first input index and its int16 taps, at the precision shared by the axis.
+fn axis(in_size: usize, out_size: usize) -> Coeffs {
     // area_pixel_compute_scale(align_corners=false, no scale factor) = in / out
     let scale = in_size as f64 / out_size as f64;
     let support = if scale >= 1.0 {
@@ -73,81 +69,33 @@ fn axis(in_size: usize, out_size: usize) -> Axis {
         precision += 1;
     }
     let scale_int = f64::from(1u32 << precision);
-    let taps = rows
-        .into_iter()
-        .map(|(xmin, w)| {
-            let q = w
-                .into_iter()
-                .map(|v| {
-                    let v = v * scale_int;
-                    // round half away from zero, then the int16 store
-                    (if v < 0.0 {
-                        (-0.5 + v) as i32
-                    } else {
-                        (0.5 + v) as i32
-                    }) as i16 as i32
-                })
-                .collect();
-            (xmin, q)
-        })
-        .collect();
-    Axis { taps, precision }
-}
-
-/// One pass along x (`horizontal`) or y over an interleaved 8-bit image.
-fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool) -> Image8 {
-    let c = src.channels;
-    let ax = if horizontal {
-        axis(src.width, out_w)
-    } else {
-        axis(src.height, out_h)
-    };
-    // `precision` is at least 1 for any non-degenerate axis (wt_max <= 1)
-    let half = 1i32 << ax.precision.saturating_sub(1);
-    let mut out = vec![0u8; out_w * out_h * c];
-    for yy in 0..out_h {
-        for xx in 0..out_w {
-            let (idx, fixed) = if horizontal { (xx, yy) } else { (yy, xx) };
-            let (min, w) = &ax.taps[idx];
-            for ch in 0..c {
-                let mut acc = half;
-                for (t, wt) in w.iter().enumerate() {
-                    let (sx, sy) = if horizontal {
-                        (min + t, fixed)
-                    } else {
-                        (fixed, min + t)
-                    };
-                    acc += i32::from(src.data[(sy * src.width + sx) * c + ch]) * wt;
-                }
-                out[(yy * out_w + xx) * c + ch] = (acc >> ax.precision).clamp(0, 255) as u8;
-            }
+    let mut kk = vec![0i32; out_size * max_taps];
+    let mut bounds = Vec::with_capacity(out_size);
+    for (i, (xmin, w)) in rows.into_iter().enumerate() {
+        for (k, v) in w.iter().enumerate() {
+            let v = v * scale_int;
+            // round half away from zero, then the int16 store
+            kk[i * max_taps + k] = (if v < 0.0 {
+                (-0.5 + v) as i32
+            } else {
+                (0.5 + v) as i32
+            }) as i16 as i32;
         }
+        bounds.push((xmin, w.len()));
     }
-    Image8 {
-        width: out_w,
-        height: out_h,
-        channels: c,
-        data: out,
+    Coeffs {
+        ksize: max_taps,
+        bounds,
+        kk,
+        precision,
     }
 }
 
 /// Resizes like `torchvision.transforms.v2.functional.resize(img, [height, width], BICUBIC, antialias=True)` on a
-/// uint8 CPU tensor; same-size resizes return a copy.
+/// uint8 CPU tensor (horizontal pass first, uint8 in between, as ATen's separable kernel); same-size resizes
+/// return a copy.
 pub fn bicubic_resize(src: &Image8, width: usize, height: usize) -> Result<Image8, String> {
-    if width == 0 || height == 0 || src.width == 0 || src.height == 0 {
-        return Err(format!(
-            "cannot resize {}x{} to {width}x{height}",
-            src.width, src.height
-        ));
-    }
-    let mut img = src.clone();
-    if img.width != width {
-        img = pass(&img, width, img.height, true);
-    }
-    if img.height != height {
-        img = pass(&img, width, height, false);
-    }
-    Ok(img)
+    separable_resize(src, width, height, axis)
 }
 
 #[cfg(test)]
@@ -159,16 +107,19 @@ mod tests {
         // downscale 2x: 9 taps max, each row sums to 1 in fixed point (within rounding of each tap)
         let ax = axis(20, 10);
         let one = 1i32 << ax.precision;
-        for (_, w) in &ax.taps[1..9] {
+        let taps = |c: &Coeffs, i: usize| c.kk[i * c.ksize..i * c.ksize + c.bounds[i].1].to_vec();
+        for i in 1..9 {
+            let w = taps(&ax, i);
             let s: i32 = w.iter().sum();
             assert!((s - one).abs() <= w.len() as i32, "{s} vs {one}");
         }
         // a same-size axis is the identity: one tap of weight 1 (kernel(0) = 1, neighbours 0)
         let id = axis(7, 7);
-        for (i, (min, w)) in id.taps.iter().enumerate() {
+        for i in 0..7 {
+            let w = taps(&id, i);
             let nz: Vec<_> = w.iter().enumerate().filter(|(_, v)| **v != 0).collect();
             assert_eq!(nz.len(), 1);
-            assert_eq!(min + nz[0].0, i);
+            assert_eq!(id.bounds[i].0 + nz[0].0, i);
         }
     }
 

@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::{ints, rel_err};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -110,44 +113,11 @@ fn read_png(path: &Path) -> Image8 {
     Image8::new(info.width as usize, info.height as usize, 3, buf).unwrap()
 }
 
-/// max|a - b| / max|b|
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-12);
-    d / s
-}
-
 fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> f64 {
     let r = rel_err(a, b);
     assert!(r <= tol, "{what}: relative error {r:e} > {tol:e}");
     println!("{what}: relative error {r:.2e}");
     r
-}
-
-fn ints(t: &Tensor) -> Vec<i64> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn encoder(snapshot: &Path, positions: PositionMode) -> EditPromptEncoder {
