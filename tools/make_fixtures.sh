@@ -4,6 +4,7 @@
 # Outputs are deterministic for the pinned versions on the same CPU type (see tools/refharness/README.md).
 #   tools/make_fixtures.sh            # all fixtures
 #   tools/make_fixtures.sh demo       # only the default (demo) model's references
+#   tools/make_fixtures.sh edit       # only the instruction-editing (Qwen-Image-Edit) fixtures
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$HOME/.venvs/qwen-image-ref/bin/python}"
@@ -27,6 +28,50 @@ demo_refs() {
   rm -rf "$T" "$R"/*/*.log
 }
 if [ "${1:-}" = demo ]; then demo_refs; exit 0; fi
+
+# --- BEGIN instruction editing (QwenImageEditPlusPipeline; crates/model/tests/edit.rs)
+# snapshot: the tiny preset as a Qwen-Image-Edit-2509 snapshot (processor/ folder, a 3-block vision tower);
+# snapshot-2511: the same files (symlinks) with transformer/config.json zero_cond_t=true (Edit-2511).
+# Most references shrink the pipeline's CONDITION_IMAGE_SIZE / VAE_IMAGE_SIZE (--condition-area 28672 -> 192x128
+# for 3:2, --vae-area 16384) to keep them small; edit1_cond384 keeps the real 384*384 condition area, and
+# geometry.json holds the sizes diffusers derives at the real constants.
+edit_refs() {
+  local E="$F/edit-tiny" S="$F/edit-tiny/snapshot" S11="$F/edit-tiny/snapshot-2511"
+  local edit="$H/ref_edit.py" small=(--condition-area 28672 --vae-area 16384)
+  # inputs of the transformer (= latents_init_packed + image_latents_packed) and of the VAE are left out except in
+  # edit1_64, to keep the fixtures small
+  local lean=(--drop 'step\.0\.transformer\..*\.hidden_states' --drop 'vae\.encode\..*\.in' --drop 'vae\.decode\.0\.out' --drop image)
+  rm -rf "$E" && mkdir -p "$E/refs"
+  "$PY" "$H/make_tiny.py" "$S" --preset tiny --seed 0 --edit > "$E/make_tiny.log"
+  mkdir -p "$S11/transformer"
+  for c in model_index.json processor scheduler text_encoder tokenizer vae; do ln -s "../snapshot/$c" "$S11/$c"; done
+  ln -s ../../snapshot/transformer/diffusion_pytorch_model.safetensors "$S11/transformer/"
+  "$PY" - "$S/transformer/config.json" "$S11/transformer/config.json" <<'PYEOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["zero_cond_t"] = True
+open(sys.argv[2], "w").write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+PYEOF
+  ed() { local snap="$1" out="$2"; shift 2; "$PY" "$edit" "$snap" "$E/refs/$out" --force "$@" > /dev/null; echo "ok $out"; }
+  ed "$S" edit1_64 --image-size 80x56 --image-seed 1 "${small[@]}" --height 64 --width 64 --steps 3 --seed 1 \
+    --negative-prompt " " --prompt "make it a moonlit night" --pixel-values strided
+  ed "$S" edit2_64x48 "${lean[@]}" --image-size 96x64 --image-size 48x80 --image-seed 2 "${small[@]}" --height 48 --width 64 \
+    --steps 2 --seed 2 --negative-prompt "blurry, 模糊" --prompt "put the figure of picture 2 into picture 1, 画面明亮" \
+    --pixel-values strided
+  ed "$S11" edit1_2511 "${lean[@]}" --image-size 80x56 --image-seed 3 "${small[@]}" --height 64 --width 64 --steps 3 --seed 3 \
+    --no-negative --true-cfg-scale 1 --prompt "turn the sun into a moon" --pixel-values none
+  ed "$S11" edit2_2511 "${lean[@]}" --image-size 96x64 --image-size 48x80 --image-seed 2 "${small[@]}" --height 48 --width 64 \
+    --steps 2 --seed 4 --negative-prompt " " --prompt "put the figure of picture 2 into picture 1" --pixel-values none
+  ed "$S" edit1_seq "${lean[@]}" --image-size 80x56 --image-seed 1 "${small[@]}" --height 64 --width 64 --steps 2 --seed 1 \
+    --negative-prompt " " --prompt "make it a moonlit night" --positions sequential --pixel-values none \
+    --dump-steps first
+  ed "$S" edit1_cond384 "${lean[@]}" --image-size 120x90 --image-seed 5 --vae-area 16384 --height 64 --width 64 --steps 2 \
+    --seed 5 --no-negative --true-cfg-scale 1 --prompt "add a red hat" --pixel-values strided --dump-steps first
+  "$PY" "$edit" --geometry "$E/refs/geometry.json" > /dev/null
+  rm -f "$E"/refs/*/timing.json
+}
+if [ "${1:-}" = edit ]; then edit_refs; exit 0; fi
+# --- END instruction editing
 
 # --- tiny: the standard suite (snapshot with ControlNet; t2i, inpaint, controlnet, vae, textenc refs)
 PY="$PY" bash "$H/make_suite.sh" "$F/tiny" tiny 0
@@ -138,6 +183,7 @@ PYEOF
 rm -rf "$TMP"
 # --- END inpaint / img2img / outpaint end-to-end references
 
+edit_refs
 demo_refs
 
 du -sh "$F"/*

@@ -1,8 +1,11 @@
 //! Pixel preprocessing for the gateway, reproducing what diffusers' `VaeImageProcessor` does with Pillow:
 //! LANCZOS resizing bit-exact with Pillow's 8-bit resampler, RGB → L conversion, mask binarisation and the
-//! nearest downsampling of a mask to the latent grid. Pure Rust: the gateway never links candle.
+//! nearest downsampling of a mask to the latent grid; and the uint8 bicubic resize of Qwen2-VL's image processor
+//! (torchvision/PyTorch-exact, [`bicubic`]). Pure Rust: the gateway never links candle.
 
+pub mod bicubic;
 pub mod convert;
+pub mod edit_sizes;
 pub mod mask;
 pub mod openpose;
 pub mod resize;

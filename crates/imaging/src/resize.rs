@@ -28,11 +28,13 @@ fn lanczos(x: f64) -> f64 {
     }
 }
 
-/// Per output pixel: first input index, tap count and fixed-point coefficients.
-struct Coeffs {
-    ksize: usize,
-    bounds: Vec<(usize, usize)>,
-    kk: Vec<i32>,
+/// Per output pixel: first input index, tap count and fixed-point coefficients (`kk[i·ksize..][..n]`) with
+/// `precision` fractional bits. Shared with [`crate::bicubic`].
+pub(crate) struct Coeffs {
+    pub ksize: usize,
+    pub bounds: Vec<(usize, usize)>,
+    pub kk: Vec<i32>,
+    pub precision: u32,
 }
 
 fn precompute(in_size: usize, out_size: usize) -> Coeffs {
@@ -68,27 +70,23 @@ fn precompute(in_size: usize, out_size: usize) -> Coeffs {
         }
         bounds.push((xmin, n));
     }
-    Coeffs { ksize, bounds, kk }
-}
-
-fn clip8(v: i32) -> u8 {
-    if v >= (1 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
+    Coeffs {
+        ksize,
+        bounds,
+        kk,
+        precision: PRECISION_BITS,
     }
 }
 
-/// One separable pass along x (`horizontal`) or y over an interleaved 8-bit image.
-fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool) -> Image8 {
+/// `clip8`: the fixed-point sum shifted down and clamped to 0..=255.
+fn clip8(v: i32, precision: u32) -> u8 {
+    (v >> precision).clamp(0, 255) as u8
+}
+
+/// One separable pass along x (`horizontal`) or y over an interleaved 8-bit image: per output value
+/// `clip8(2^(precision-1) + Σ k·v)`.
+fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool, coeffs: &Coeffs) -> Image8 {
     let c = src.channels;
-    let coeffs = if horizontal {
-        precompute(src.width, out_w)
-    } else {
-        precompute(src.height, out_h)
-    };
     let mut out = vec![0u8; out_w * out_h * c];
     for yy in 0..out_h {
         for xx in 0..out_w {
@@ -96,7 +94,7 @@ fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool) -> Image8 {
             let (min, n) = coeffs.bounds[idx];
             let k = &coeffs.kk[idx * coeffs.ksize..idx * coeffs.ksize + n];
             for ch in 0..c {
-                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                let mut ss: i32 = 1 << coeffs.precision.saturating_sub(1);
                 for (t, kt) in k.iter().enumerate() {
                     let (sx, sy) = if horizontal {
                         (min + t, fixed)
@@ -107,7 +105,7 @@ fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool) -> Image8 {
                         i32::from(src.data[(sy * src.width + sx) * c + ch]).wrapping_mul(*kt),
                     );
                 }
-                out[(yy * out_w + xx) * c + ch] = clip8(ss);
+                out[(yy * out_w + xx) * c + ch] = clip8(ss, coeffs.precision);
             }
         }
     }
@@ -119,8 +117,15 @@ fn pass(src: &Image8, out_w: usize, out_h: usize, horizontal: bool) -> Image8 {
     }
 }
 
-/// Resizes like Pillow's `resize((width, height), LANCZOS)`.
-pub fn lanczos_resize(src: &Image8, width: usize, height: usize) -> Result<Image8, String> {
+/// A separable 8-bit resize: the horizontal pass first, then the vertical one (each only when that side
+/// changes), rounding to 8 bits in between; `coeffs(in, out)` gives one axis's coefficients. Same-size resizes
+/// return a copy.
+pub(crate) fn separable_resize(
+    src: &Image8,
+    width: usize,
+    height: usize,
+    coeffs: impl Fn(usize, usize) -> Coeffs,
+) -> Result<Image8, String> {
     if width == 0 || height == 0 || src.width == 0 || src.height == 0 {
         return Err(format!(
             "cannot resize {}x{} to {width}x{height}",
@@ -129,10 +134,15 @@ pub fn lanczos_resize(src: &Image8, width: usize, height: usize) -> Result<Image
     }
     let mut img = src.clone();
     if img.width != width {
-        img = pass(&img, width, img.height, true);
+        img = pass(&img, width, img.height, true, &coeffs(img.width, width));
     }
     if img.height != height {
-        img = pass(&img, width, height, false);
+        img = pass(&img, width, height, false, &coeffs(img.height, height));
     }
     Ok(img)
+}
+
+/// Resizes like Pillow's `resize((width, height), LANCZOS)`.
+pub fn lanczos_resize(src: &Image8, width: usize, height: usize) -> Result<Image8, String> {
+    separable_resize(src, width, height, precompute)
 }

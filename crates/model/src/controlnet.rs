@@ -116,6 +116,7 @@ impl QwenImageControlNet {
             temb: &p.temb,
             rope: &p.rope,
             key_bias: p.key_bias.as_ref(),
+            zero_cond: None,
         };
         let (mut x, mut c) = (p.x, p.c);
         let mut out = Vec::with_capacity(self.blocks.len());

@@ -1,10 +1,12 @@
 //! The denoising loop of the Qwen-Image pipelines (diffusers `QwenImagePipeline.__call__` and the inpaint
 //! variant's per-step blending) as a library function: schedule, true CFG (cond and uncond batched into one
-//! transformer pass), Euler steps, a per-step callback that can stop the loop.
+//! transformer pass), Euler steps, a per-step callback that can stop the loop. Instruction editing
+//! (`QwenImageEditPlusPipeline`) adds reference latents after the noise tokens ([`denoise_with_references`]).
 
 use candle_core::{DType, Result, Tensor};
 
 use crate::controlnet::{self, ControlUnit};
+use crate::edit::ReferenceLatents;
 use crate::latents::true_cfg;
 use crate::rope::ImgShape;
 use crate::scheduler::Schedule;
@@ -142,11 +144,64 @@ pub fn predict(
     img_shapes: &[ImgShape],
     controlnet_residuals: &[Vec<Tensor>],
 ) -> Result<Tensor> {
-    let b = latents.dim(0)?;
+    predict_with_references(
+        model,
+        latents,
+        t_model,
+        positive,
+        negative,
+        true_cfg_scale,
+        img_shapes,
+        controlnet_residuals,
+        None,
+    )
+}
+
+/// [`predict`] with reference latents appended after the noise tokens (their shapes after `img_shapes`); the
+/// output keeps the noise tokens only (`noise_pred[:, : latents.size(1)]`, `QwenImageEditPlusPipeline`).
+#[allow(clippy::too_many_arguments)]
+pub fn predict_with_references(
+    model: &QwenImageTransformer,
+    latents: &Tensor,
+    t_model: f32,
+    positive: &Conditioning,
+    negative: Option<&Conditioning>,
+    true_cfg_scale: f64,
+    img_shapes: &[ImgShape],
+    controlnet_residuals: &[Vec<Tensor>],
+    references: Option<&ReferenceLatents>,
+) -> Result<Tensor> {
+    let (b, s, _) = latents.dims3()?;
     let device = latents.device();
+    let (input, shapes) = match references {
+        None => (latents.clone(), img_shapes.to_vec()),
+        Some(r) => {
+            if !controlnet_residuals.is_empty() {
+                candle_core::bail!("reference latents and ControlNet residuals cannot be combined");
+            }
+            let rb = r.latents.dim(0)?;
+            let refs = if rb == b {
+                r.latents.to_dtype(latents.dtype())?
+            } else if rb == 1 {
+                Tensor::cat(&vec![&r.latents; b], 0)?.to_dtype(latents.dtype())?
+            } else {
+                candle_core::bail!("reference latents have batch {rb}, the latents {b}");
+            };
+            let mut shapes = img_shapes.to_vec();
+            shapes.extend_from_slice(&r.shapes);
+            (Tensor::cat(&[latents, &refs], 1)?, shapes)
+        }
+    };
+    let noise_tokens = |out: Tensor| -> Result<Tensor> {
+        if references.is_some() {
+            out.narrow(1, 0, s)
+        } else {
+            Ok(out)
+        }
+    };
     if let Some(neg) = negative.filter(|_| cfg_active(negative, true_cfg_scale)) {
         let both = batch_conditioning(positive, neg)?;
-        let x2 = Tensor::cat(&[latents, latents], 0)?;
+        let x2 = Tensor::cat(&[&input, &input], 0)?;
         let t = Tensor::full(t_model, 2 * b, device)?;
         // the residuals (computed once with the positive prompt) serve both halves of the batch
         let res2: Vec<Vec<Tensor>> = controlnet_residuals
@@ -157,27 +212,27 @@ pub fn predict(
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        let out = model.forward(&TransformerInputs {
+        let out = noise_tokens(model.forward(&TransformerInputs {
             hidden_states: &x2,
             encoder_hidden_states: &both.embeds,
             encoder_mask: both.mask.as_ref(),
             timestep: &t,
-            img_shapes,
+            img_shapes: &shapes,
             controlnet_residuals: &res2,
-        })?;
+        })?)?;
         let cond = out.narrow(0, 0, b)?;
         let uncond = out.narrow(0, b, b)?;
         return true_cfg(&cond, &uncond, true_cfg_scale);
     }
     let t = Tensor::full(t_model, b, device)?;
-    model.forward(&TransformerInputs {
-        hidden_states: latents,
+    noise_tokens(model.forward(&TransformerInputs {
+        hidden_states: &input,
         encoder_hidden_states: &positive.embeds,
         encoder_mask: positive.mask.as_ref(),
         timestep: &t,
-        img_shapes,
+        img_shapes: &shapes,
         controlnet_residuals,
-    })
+    })?)
 }
 
 /// `scale_noise(sample, sigma, noise) = sigma·noise + (1 - sigma)·sample`.
@@ -189,8 +244,26 @@ pub fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor
 pub fn denoise(
     model: &QwenImageTransformer,
     p: &DenoiseParams,
+    on_step: impl FnMut(&StepInfo) -> Flow,
+) -> Result<Outcome> {
+    denoise_with_references(model, p, None, on_step)
+}
+
+/// [`denoise`] for instruction editing (`QwenImageEditPlusPipeline`): `references` are appended to the noise
+/// tokens at every transformer pass (`p.img_shapes` is the noise grid alone) and only the noise tokens'
+/// velocity is used. The schedule's `mu` must come from the noise tokens alone, as in the pipeline. Not
+/// combinable with ControlNets or inpaint blending.
+pub fn denoise_with_references(
+    model: &QwenImageTransformer,
+    p: &DenoiseParams,
+    references: Option<&ReferenceLatents>,
     mut on_step: impl FnMut(&StepInfo) -> Flow,
 ) -> Result<Outcome> {
+    if references.is_some() && (!p.controlnet.is_empty() || p.inpaint.is_some()) {
+        candle_core::bail!(
+            "reference latents cannot be combined with ControlNets or inpaint blending"
+        );
+    }
     let n = p.schedule.steps();
     if p.start_step >= n {
         candle_core::bail!(
@@ -218,7 +291,7 @@ pub fn denoise(
             };
             controlnet::residuals(p.controlnet, &inp, done, total)?
         };
-        let v = predict(
+        let v = predict_with_references(
             model,
             &latents,
             t_model,
@@ -227,6 +300,7 @@ pub fn denoise(
             p.true_cfg_scale,
             p.img_shapes,
             &residuals,
+            references,
         )?;
         // Euler step in f32: x + (sigma_{i+1} - sigma_i)·v
         let dt = p.schedule.dt(i) as f64;

@@ -8,6 +8,8 @@ pub mod controlnet;
 pub mod cpu_kernels;
 pub mod denoise;
 pub mod device;
+pub mod edit;
+pub mod edit_prompt;
 pub mod latents;
 pub mod nn;
 pub mod prompt;
@@ -19,6 +21,7 @@ pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
+pub mod vision;
 pub mod weights;
 
 pub use candle_core;

@@ -4,7 +4,11 @@
 //! `hidden_states[-1]`, which is the output AFTER the final norm (reference §2.2 and pitfall "post-norm").
 //!
 //! For text-only input the multimodal RoPE (mRoPE) reduces to ordinary 1-D RoPE with positions
-//! `0..L` (reference §2.3). The vision tower and `lm_head` are never loaded.
+//! `0..L` (reference §2.3). With pictures in the prompt (Qwen-Image-Edit), [`Qwen25VlTextModel::forward_embeds`]
+//! takes the spliced embeddings and 3-D positions (temporal, row, column; `get_rope_index`, see
+//! [`crate::edit_prompt`]), and the head dimension is split by `mrope_section` into the three axes
+//! (`Qwen2_5_VLRotaryEmbedding.recomposition_frequencies`). The vision tower lives in [`crate::vision`];
+//! `lm_head` is never loaded.
 
 use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
@@ -26,6 +30,8 @@ const DEFAULT_ROPE_THETA: f64 = 1_000_000.0;
 fn default_hidden_act() -> String {
     "silu".to_string()
 }
+/// `Qwen2_5_VLRotaryEmbedding`: `config.rope_parameters.get("mrope_section", [16, 24, 24])`.
+const DEFAULT_MROPE_SECTION: [usize; 3] = [16, 24, 24];
 
 /// The text part of `text_encoder/config.json`, same field names as `Qwen2_5_VLTextConfig`. Unknown keys are
 /// ignored.
@@ -94,6 +100,16 @@ impl TextConfig {
             .and_then(|t| t.as_f64())
             .or(self.rope_theta)
             .unwrap_or(DEFAULT_ROPE_THETA)
+    }
+
+    /// `mrope_section` (`rope_scaling` / `rope_parameters`), else `[16, 24, 24]`: how many of the `head_dim / 2`
+    /// frequencies follow the temporal, row and column position.
+    pub fn mrope_section(&self) -> Vec<usize> {
+        self.rope_params()
+            .and_then(|p| p.get("mrope_section"))
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .unwrap_or_else(|| DEFAULT_MROPE_SECTION.to_vec())
     }
 
     fn rope_params(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
@@ -201,6 +217,56 @@ pub fn rope_tables(
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }
 
+/// Multimodal RoPE position of one token: (temporal, row, column); text tokens have the same value thrice.
+pub type MropePosition = [u32; 3];
+
+/// mRoPE cos/sin tables `[B, L, head_dim/2]` for per-sample positions (`Qwen2_5_VLRotaryEmbedding.forward`):
+/// frequency `j` turns with axis `a(j)`, the chunk of `mrope_section` it falls in (`freq.split(mrope_section)`,
+/// chunk `i` taken from axis `i % 3`); angles `pos · inv_freq` in f32, then cast to the activation dtype.
+pub fn mrope_tables(
+    theta: f64,
+    head_dim: usize,
+    section: &[usize],
+    positions: &[Vec<MropePosition>],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    if section.iter().sum::<usize>() != half {
+        return Err(err(format!(
+            "text_encoder config: mrope_section {section:?} must sum to head_dim / 2 = {half}"
+        )));
+    }
+    let b = positions.len();
+    let l = positions.first().map_or(0, Vec::len);
+    if positions.iter().any(|p| p.len() != l) {
+        return Err(err("mrope positions: every sample needs the same length"));
+    }
+    let axis: Vec<usize> = section
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i % 3, n))
+        .collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|j| 1.0f32 / (theta as f32).powf((2 * j) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(b * l * half);
+    let mut sin = Vec::with_capacity(b * l * half);
+    for sample in positions {
+        for pos in sample {
+            for j in 0..half {
+                let a = pos[axis[j]] as f32 * inv_freq[j];
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (b, l, half), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (b, l, half), device)?.to_dtype(dtype)?,
+    ))
+}
+
 /// Additive attention bias `[B, 1, L, L]`: 0 where key `j <= i` and key `j` is a real token, -inf otherwise.
 pub fn causal_padding_bias(
     mask: Option<&Tensor>,
@@ -266,7 +332,7 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B, L, hidden]`, `cos`/`sin`: `[L, D/2]`, `bias`: `[B, 1, g L, L]` (the causal/padding bias tiled
+    /// `x`: `[B, L, hidden]`, `cos`/`sin`: `[L, D/2]` or `[B, L, D/2]` (mRoPE), `bias`: `[B, 1, g L, L]` (the causal/padding bias tiled
     /// `g = H / KV` times along the query rows, see [`Qwen25VlTextModel::forward`]). Returns `[B, L, hidden]`.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
@@ -439,10 +505,9 @@ impl Qwen25VlTextModel {
         &self.device
     }
 
-    /// `input_ids`: `[B, L]` (u32), `attention_mask`: optional `[B, L]` 0/1 (right padding only: positions
-    /// are `0..L` as in transformers 5). Returns `hidden_states[-1]`, `[B, L, hidden]`, in the model dtype.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, l) = input_ids.dims2()?;
+    /// Token embeddings `[B, L, hidden]` of `input_ids [B, L]`; ids outside the vocabulary are an error.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, l) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
         if l > 0 && max_id >= self.cfg.vocab_size {
@@ -451,14 +516,50 @@ impl Qwen25VlTextModel {
                 self.cfg.vocab_size
             )));
         }
-        let mut h = self.embed_tokens.forward(&ids, self.dtype)?; // [B, L, hidden]
-        let (cos, sin) = rope_tables(
-            self.cfg.rope_theta(),
-            self.cfg.head_dim(),
-            l,
-            self.dtype,
-            &self.device,
-        )?;
+        self.embed_tokens.forward(&ids, self.dtype)
+    }
+
+    /// `input_ids`: `[B, L]` (u32), `attention_mask`: optional `[B, L]` 0/1 (right padding only: positions
+    /// are `0..L` as in transformers 5). Returns `hidden_states[-1]`, `[B, L, hidden]`, in the model dtype.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.embed(input_ids)?; // [B, L, hidden]
+        self.forward_embeds(h, attention_mask, None)
+    }
+
+    /// The decoder layers and final norm over given input embeddings `[B, L, hidden]` (e.g. with vision
+    /// embeddings spliced in). `positions`: per-sample mRoPE positions (`[B][L]`), or `None` for `0..L` on all
+    /// three axes (what transformers does when it gets no `position_ids`).
+    pub fn forward_embeds(
+        &self,
+        mut h: Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&[Vec<MropePosition>]>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = h.dims3()?;
+        let (cos, sin) = match positions {
+            None => rope_tables(
+                self.cfg.rope_theta(),
+                self.cfg.head_dim(),
+                l,
+                self.dtype,
+                &self.device,
+            )?,
+            Some(p) => {
+                if p.len() != b || p.iter().any(|s| s.len() != l) {
+                    return Err(err(format!(
+                        "mrope positions must be [{b}][{l}] for embeddings [{b}, {l}, _]"
+                    )));
+                }
+                mrope_tables(
+                    self.cfg.rope_theta(),
+                    self.cfg.head_dim(),
+                    &self.cfg.mrope_section(),
+                    p,
+                    self.dtype,
+                    &self.device,
+                )?
+            }
+        };
         let bias = causal_padding_bias(attention_mask, b, l, self.dtype, &self.device)?; // [B, 1, L, L]
         // Tiled for the grouped query rows of `Attention::forward`: [B, 1, g L, L] (row r is query r mod L).
         let group = self.cfg.num_attention_heads / self.cfg.num_kv_heads();

@@ -60,7 +60,8 @@ pub struct TransformerConfig {
     pub guidance_embeds: bool,
     #[serde(default = "default_axes")]
     pub axes_dims_rope: Vec<usize>,
-    /// Qwen-Image-Edit-2511 only; not supported here.
+    /// Qwen-Image-Edit-2511: the image tokens after the first picture of `img_shapes` (the reference latents)
+    /// are modulated as at timestep 0 (`QwenImageTransformerBlock._modulate` with `modulate_index`).
     #[serde(default)]
     pub zero_cond_t: bool,
     /// Qwen-Image-Layered only; not supported here.
@@ -110,10 +111,10 @@ impl TransformerConfig {
 
     /// Rejects configurations this implementation does not compute.
     pub fn validate(&self) -> Result<()> {
-        if self.zero_cond_t || self.use_additional_t_cond || self.use_layer3d_rope {
+        if self.use_additional_t_cond || self.use_layer3d_rope {
             candle_core::bail!(
-                "transformer config uses zero_cond_t / use_additional_t_cond / use_layer3d_rope (Edit-2511 or Layered \
-                 models), which this server does not support"
+                "transformer config uses use_additional_t_cond / use_layer3d_rope (Qwen-Image-Layered), which this \
+                 server does not support"
             );
         }
         if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim {
@@ -234,6 +235,44 @@ pub struct BlockInputs<'a> {
     pub rope: &'a RopeTables,
     /// Additive key bias `[B, 1, 1, L + S]` or `None` when no key is masked.
     pub key_bias: Option<&'a Tensor>,
+    /// `zero_cond_t` (Edit-2511): the timestep-0 embedding for the image tokens from `start` on.
+    pub zero_cond: Option<ZeroCond<'a>>,
+}
+
+/// The condition-token half of a `zero_cond_t` forward.
+#[derive(Clone, Copy)]
+pub struct ZeroCond<'a> {
+    /// Timestep embedding at t = 0, `[B, D]`.
+    pub temb: &'a Tensor,
+    /// First image token that belongs to a condition picture (the noise tokens of `img_shapes[0]` come first).
+    pub start: usize,
+}
+
+/// Image-stream modulation vectors (`[shift1 | scale1 | gate1 | shift2 | scale2 | gate2]`, each `[B, D]`): one set
+/// for every token, or with `zero_cond_t` a second set for the tokens from `start` on (`modulate_index == 1`).
+struct ImgModulation {
+    main: Vec<Tensor>,
+    cond: Option<(Vec<Tensor>, usize)>,
+}
+
+impl ImgModulation {
+    /// Applies `f(tokens, params)` to the noise tokens with the main set and to the condition tokens with the
+    /// timestep-0 set, and joins them again.
+    fn apply(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Tensor, &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match &self.cond {
+            Some((cond, start)) if *start < x.dim(1)? => {
+                let s = x.dim(1)?;
+                let a = f(&x.narrow(1, 0, *start)?, &self.main)?;
+                let b = f(&x.narrow(1, *start, s - start)?, cond)?;
+                Tensor::cat(&[&a, &b], 1)
+            }
+            _ => f(x, &self.main),
+        }
+    }
 }
 
 impl TransformerBlock {
@@ -280,10 +319,19 @@ impl TransformerBlock {
         let (b, l, dim) = c.dims3()?;
         let silu_t = inp.temb.silu()?;
         // 6D modulation vector: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2]
-        let im = self.img_mod.forward(&silu_t)?.chunk(6, D::Minus1)?;
+        let im = ImgModulation {
+            main: self.img_mod.forward(&silu_t)?.chunk(6, D::Minus1)?,
+            cond: match &inp.zero_cond {
+                Some(z) => Some((
+                    self.img_mod.forward(&z.temb.silu()?)?.chunk(6, D::Minus1)?,
+                    z.start,
+                )),
+                None => None,
+            },
+        };
         let tm = self.txt_mod.forward(&silu_t)?.chunk(6, D::Minus1)?;
 
-        let xm = modulate(&self.ln.forward(x)?, &im[0], &im[1])?;
+        let xm = im.apply(&self.ln.forward(x)?, |t, p| modulate(t, &p[0], &p[1]))?;
         let cm = modulate(&self.ln.forward(c)?, &tm[0], &tm[1])?;
 
         // joint attention, text first
@@ -325,15 +373,14 @@ impl TransformerBlock {
         let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
         let img_attn = self.to_out.forward(&o.narrow(1, l, s)?)?;
 
-        let x = (x + img_attn.broadcast_mul(&im[2].unsqueeze(1)?)?)?;
+        let x = (x + im.apply(&img_attn, |t, p| t.broadcast_mul(&p[2].unsqueeze(1)?))?)?;
         let c = (c + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
 
-        let xm2 = modulate(&self.ln.forward(&x)?, &im[3], &im[4])?;
+        let xm2 = im.apply(&self.ln.forward(&x)?, |t, p| modulate(t, &p[3], &p[4]))?;
         let x = (&x
-            + self
-                .img_mlp
-                .forward(&xm2)?
-                .broadcast_mul(&im[5].unsqueeze(1)?)?)?;
+            + im.apply(&self.img_mlp.forward(&xm2)?, |t, p| {
+                t.broadcast_mul(&p[5].unsqueeze(1)?)
+            })?)?;
         let cm2 = modulate(&self.ln.forward(&c)?, &tm[3], &tm[4])?;
         let c = (&c
             + self
@@ -387,6 +434,8 @@ pub struct Prepared {
     pub x: Tensor,
     pub c: Tensor,
     pub temb: Tensor,
+    /// `zero_cond_t`: the timestep-0 embedding and the first condition token (`None` otherwise).
+    pub zero_cond: Option<(Tensor, usize)>,
     pub rope: RopeTables,
     pub key_bias: Option<Tensor>,
 }
@@ -425,6 +474,15 @@ pub fn prepare(
         .txt_in
         .forward(&emb.txt_norm.forward(inp.encoder_hidden_states)?)?;
     let temb = emb.time_text_embed.forward(inp.timestep, dtype)?;
+    // transformer_qwenimage.py: timestep = cat([timestep, timestep * 0]); modulate_index 0 for the tokens of
+    // img_shapes[0], 1 for the rest
+    let zero_cond = if cfg.zero_cond_t {
+        let start = inp.img_shapes.first().map_or(0, |(f, h, w)| f * h * w);
+        let t0 = inp.timestep.zeros_like()?;
+        Some((emb.time_text_embed.forward(&t0, dtype)?, start))
+    } else {
+        None
+    };
     let rope = rope::rope_tables(&cfg.axes_dims_rope, inp.img_shapes, l, device)?;
     let key_bias = match inp.encoder_mask {
         None => None,
@@ -447,6 +505,7 @@ pub fn prepare(
         x,
         c,
         temb,
+        zero_cond,
         rope,
         key_bias,
     })
@@ -515,6 +574,10 @@ impl QwenImageTransformer {
             temb: &p.temb,
             rope: &p.rope,
             key_bias: p.key_bias.as_ref(),
+            zero_cond: p.zero_cond.as_ref().map(|(temb, start)| ZeroCond {
+                temb,
+                start: *start,
+            }),
         };
         let (mut x, mut c) = (p.x, p.c);
         for res in inp.controlnet_residuals {

@@ -126,13 +126,15 @@ fn bad_config_is_named_and_unknown_keys_are_ignored() {
 
 #[test]
 fn unsupported_variants_are_rejected() {
+    // Qwen-Image-Edit-2511's zero_cond_t is supported (crates/model/tests/edit.rs); the Layered flags are not
     let cfg: TransformerConfig = serde_json::from_str(r#"{"zero_cond_t": true}"#).expect("parse");
-    assert!(
-        cfg.validate()
-            .unwrap_err()
-            .to_string()
-            .contains("zero_cond_t")
-    );
+    cfg.validate().expect("zero_cond_t is supported");
+    for flag in ["use_additional_t_cond", "use_layer3d_rope"] {
+        let cfg: TransformerConfig =
+            serde_json::from_str(&format!(r#"{{"{flag}": true}}"#)).expect("parse");
+        let e = cfg.validate().expect_err("Layered flags are rejected");
+        assert!(e.to_string().contains(flag));
+    }
     let cfg: TransformerConfig =
         serde_json::from_str(r#"{"attention_head_dim": 64}"#).expect("parse");
     assert!(cfg.validate().is_err(), "axes must sum to the head dim");

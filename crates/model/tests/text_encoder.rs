@@ -2,6 +2,9 @@
 //! t2i dumps), plus the loader variants: no tokenizer.json, transformers-5 config, `model.language_model.*`
 //! weight names, a missing tensor, over-long prompts.
 
+mod common;
+use common::{ints, rel_err};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -46,42 +49,9 @@ impl Dump {
     }
 }
 
-/// max|a-b| / max|b|
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-12);
-    d / s
-}
-
 fn assert_close(name: &str, a: &Tensor, b: &Tensor) {
     let r = rel_err(a, b);
     assert!(r <= TOL, "{name}: relative error {r:e} > {TOL:e}");
-}
-
-fn ints(t: &Tensor) -> Vec<i64> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn encoder(snapshot: &Path) -> PromptEncoder {
