@@ -17,11 +17,11 @@
 //! Weights: `visual.*` (released snapshot) or `model.visual.*` (transformers 5 native names) in `text_encoder/`.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use crate::nn::{Linear, RmsNorm, attention, linear};
 use crate::snapshot::{Snapshot, Weights};
+use crate::weights::VarBuilder;
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(msg.to_string())
@@ -254,7 +254,7 @@ impl VisionTower {
         let raw: serde_json::Value = snapshot.config("text_encoder", "config.json")?;
         let cfg = VisionConfig::from_text_encoder_config(&raw)?;
         let dir = snapshot.component_dir("text_encoder")?;
-        let weights = Weights::open(&dir)?;
+        let weights = Weights::open_dir(&dir)?;
         let prefix = detect_prefix(&weights).ok_or_else(|| {
             err(format!(
                 "{}: no vision tower weights (`visual.patch_embed.proj.weight` or \
@@ -262,7 +262,7 @@ impl VisionTower {
                 dir.display()
             ))
         })?;
-        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let vb = VarBuilder::from_store(weights, dtype, device);
         Self::new(&cfg, vb.pp(prefix))
     }
 
