@@ -237,6 +237,9 @@ def test_gpu_overlays_put_the_denoiser_and_text_encoder_on_a_gpu_and_cpu_has_non
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
         if not gpu:
             assert "nvidia.com/gpu" not in limits and device == "cpu", f"{name}: {comp}"
+    # The gateway loads no model: the CPU image, no GPU, on any node.
+    gw = container(deployment(docs, "gateway"))
+    assert gw["image"].endswith(":cpu") and "nvidia.com/gpu" not in gw["resources"].get("limits", {})
 
 
 def allowed_peers(docs, labels, direction):
