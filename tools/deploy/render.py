@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Render each kustomize overlay in deploy/k8s/overlays without a cluster, as `kubectl kustomize` would.
+"""Render each kustomize overlay in deploy/k8s/overlays (and deploy/k8s/model-download) without a cluster, as
+`kubectl kustomize` would.
 
 Rendering uses the real kustomize (its Go API, bundled by the PyPI package pykustomize), not a re-implementation.
-Usage: render.py OUT_DIR   -> writes OUT_DIR/<overlay>.yaml for every overlay folder, prints the paths.
+Usage: render.py OUT_DIR   -> writes OUT_DIR/<name>.yaml for each of them, prints the paths.
 """
 
 import asyncio
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pykustomize
 
-OVERLAYS = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "overlays"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+OVERLAYS = K8S / "overlays"
+# Applied on its own, beside an overlay.
+EXTRAS = [K8S / "model-download"]
 
 
 def overlays() -> list[Path]:
@@ -30,7 +34,7 @@ def main() -> int:
         return 2
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    for overlay in overlays():
+    for overlay in overlays() + EXTRAS:
         try:
             text = asyncio.run(render(overlay))
         except pykustomize.KustomizeError as e:
