@@ -346,3 +346,25 @@ def test_tls_certificates_match_the_names_and_mounts_the_services_use(overlay):
             assert any(a.startswith("--tls-client-ca=") for a in c["args"]), f"{comp}: no mutual TLS"
             url = gw_env["QWEN_IMAGE_" + comp.upper().replace("-", "_")]
             assert url.startswith("https://")
+
+
+def test_hpa_metrics_are_served_by_the_adapter_and_scraped(overlay):
+    """Every HPA metric has a Prometheus Adapter rule; each service's metrics port is the one Prometheus scrapes
+    (annotation, containerPort, QWEN_IMAGE_METRICS_LISTEN) and the NetworkPolicies let Prometheus in."""
+    _, docs = overlay
+    values = yaml.safe_load((ROOT / "deploy/k8s/monitoring/prometheus-adapter-values.yaml").read_text())
+    served = {re.match(r"'?([a-z_]+)\{", r["seriesQuery"]).group(1) for r in values["rules"]["custom"]}
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        for m in hpa["spec"]["metrics"]:
+            assert m["pods"]["metric"]["name"] in served, f"no adapter rule for {m['pods']['metric']['name']}"
+    for comp in SERVICES:
+        dep = deployment(docs, comp)
+        c = container(dep)
+        annotations = dep["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == METRICS_PORT == container_port(c, "metrics")
+        assert env_of(dep, docs)["QWEN_IMAGE_METRICS_LISTEN"].endswith(f":{METRICS_PORT}")
+        monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+        assert any(peer and selects(peer.get("namespaceSelector"), monitoring)
+                   and METRICS_PORT in port_numbers(c, ports or [])
+                   for peer, ports in allowed_peers(docs, pod_labels(dep), "Ingress")), comp
