@@ -65,10 +65,15 @@ async fn gguf_transformers_through_the_denoiser_match_diffusers_gguf_pipeline() 
         let diff = max_level_diff(&r.png[0], &diffusers_png, q);
         eprintln!("{q}: max {diff} levels from diffusers' GGUF pipeline PNG");
         assert!(diff <= GGUF_LEVELS, "{q}: {diff} levels (allowed {GGUF_LEVELS})");
-        // the quantized weights were really used: the f32 model's picture differs
+        // the quantized weights were really used: the f32 model's picture differs (diffusers' Q8_0 PNG by
+        // at most 1 level on 7 % of the values, its Q4_0 PNG by 14 levels)
         let from_f32 = max_level_diff(&r.png[0], &f32_png, q);
         eprintln!("{q}: max {from_f32} levels from the f32 model's PNG");
-        assert!(from_f32 > 0, "{q}: same picture as the f32 snapshot");
+        let min_from_f32 = if q == "Q4_0" { GGUF_LEVELS + 1 } else { 1 };
+        assert!(
+            from_f32 >= min_from_f32,
+            "{q}: {from_f32} levels from the f32 snapshot's picture"
+        );
 
         // Describe: the file's format, and a digest that is not the snapshot's transformer digest
         let d = describe(&stack.denoiser.url()).await;
