@@ -110,7 +110,11 @@ fn check_flags(args: &ServeArgs) -> Result<()> {
             args.text_encoder.tokenizer.is_some(),
             StageKind::TextEncoder,
         ),
-        ("--vae-weights", args.vae.vae_weights.is_some(), StageKind::Vae),
+        (
+            "--vae-weights",
+            args.vae.vae_weights.is_some(),
+            StageKind::Vae,
+        ),
     ];
     for (flag, given, kind) in own {
         if given && args.stage.is_some() && args.stage != Some(kind) {
@@ -193,8 +197,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await?;
         }
         Some(kind) => {
-            let (model, options) =
-                stage_options(args.stage_args, args.denoiser, args.text_encoder, args.vae, None)?;
+            let (model, options) = stage_options(
+                args.stage_args,
+                args.denoiser,
+                args.text_encoder,
+                args.vae,
+                None,
+            )?;
             let listener = bind().await?;
             run_stage(
                 kind,

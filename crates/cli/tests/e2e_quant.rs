@@ -56,15 +56,17 @@ async fn gguf_transformers_through_the_denoiser_match_diffusers_gguf_pipeline() 
     for (q, format) in [("Q8_0", "gguf Q8_0 + F32"), ("Q4_0", "gguf Q4_0 + F32")] {
         let file = quant(&format!("transformer/{q}.gguf"));
         let stack = stack_on_transformer_file(&file).await;
-        let (req, diffusers_png) =
-            reference_at(&quant("refs").join(format!("t2i_64_{q}")));
+        let (req, diffusers_png) = reference_at(&quant("refs").join(format!("t2i_64_{q}")));
         let mut c = client(&stack.gateway_url()).await;
         let r = generate(&mut c, t2i(req))
             .await
             .unwrap_or_else(|e| panic!("{q}: {e:?}"));
         let diff = max_level_diff(&r.png[0], &diffusers_png, q);
         eprintln!("{q}: max {diff} levels from diffusers' GGUF pipeline PNG");
-        assert!(diff <= GGUF_LEVELS, "{q}: {diff} levels (allowed {GGUF_LEVELS})");
+        assert!(
+            diff <= GGUF_LEVELS,
+            "{q}: {diff} levels (allowed {GGUF_LEVELS})"
+        );
         // the quantized weights were really used: the f32 model's picture differs (diffusers' Q8_0 PNG by
         // at most 1 level on 7 % of the values, its Q4_0 PNG by 14 levels)
         let from_f32 = max_level_diff(&r.png[0], &f32_png, q);
@@ -128,7 +130,9 @@ async fn stages_report_weight_memory_at_startup_and_in_metrics() {
         (&stack.denoiser, "denoiser", "transformer"),
         (&stack.vae, "vae", "vae"),
     ] {
-        let text = scrape(p.metrics_addr.expect("metrics")).await.expect("scrape");
+        let text = scrape(p.metrics_addr.expect("metrics"))
+            .await
+            .expect("scrape");
         let bytes = sample(
             &text,
             "qwen_image_weights_resident_bytes",
@@ -146,7 +150,10 @@ async fn stages_report_weight_memory_at_startup_and_in_metrics() {
             &[("service", service)],
         )
         .expect("peak RSS");
-        assert!(rss > bytes, "{service}: peak RSS {rss} below the weights {bytes}");
+        assert!(
+            rss > bytes,
+            "{service}: peak RSS {rss} below the weights {bytes}"
+        );
         let log = p.log_lines().join("\n");
         assert!(
             log.contains("memory: weights") && log.contains("peak"),
@@ -253,7 +260,11 @@ async fn wrong_weight_files_are_refused_at_startup() {
     assert_ne!(code, Some(0));
     assert_has(
         &err,
-        &[&s(&other), "`qwen2vl` model", "expected a Qwen-Image transformer"],
+        &[
+            &s(&other),
+            "`qwen2vl` model",
+            "expected a Qwen-Image transformer",
+        ],
     );
 
     // a truncated file: the tensor whose bytes are missing is named
@@ -284,7 +295,11 @@ async fn wrong_weight_files_are_refused_at_startup() {
     assert_ne!(code, Some(0));
     assert_has(
         &err,
-        &["transformer/Q8_0.gguf", "not a Qwen-Image (Wan 2.1) VAE", "decoder.conv_in.weight"],
+        &[
+            "transformer/Q8_0.gguf",
+            "not a Qwen-Image (Wan 2.1) VAE",
+            "decoder.conv_in.weight",
+        ],
     );
     let mut args = vec!["serve".to_string(), "--stage".into(), "text-encoder".into()];
     args.extend(base(
@@ -293,7 +308,10 @@ async fn wrong_weight_files_are_refused_at_startup() {
     ));
     let (code, err) = refused(&cli, &args).await;
     assert_ne!(code, Some(0));
-    assert_has(&err, &["transformer/Q8_0.gguf", "`qwen_image` model", "Qwen2.5-VL"]);
+    assert_has(
+        &err,
+        &["transformer/Q8_0.gguf", "`qwen_image` model", "Qwen2.5-VL"],
+    );
 
     // the released config (no --model) against the tiny file: the tensor and both shapes are named
     let args = vec![
@@ -308,7 +326,10 @@ async fn wrong_weight_files_are_refused_at_startup() {
 
     // a flag of another stage is refused by `serve --stage`
     let mut args = vec!["serve".to_string(), "--stage".into(), "vae".into()];
-    args.extend(base("--transformer-weights", &quant("transformer/Q8_0.gguf")));
+    args.extend(base(
+        "--transformer-weights",
+        &quant("transformer/Q8_0.gguf"),
+    ));
     let (code, err) = refused(&cli, &args).await;
     assert_ne!(code, Some(0));
     assert_has(&err, &["--transformer-weights is a denoiser flag"]);

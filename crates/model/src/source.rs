@@ -188,7 +188,8 @@ fn open_transformer(weights: &WeightsSource) -> Result<WeightStore> {
 
 /// The transformer config `config` names (the released sizes for [`ConfigSource::Released`]).
 pub fn transformer_config(config: &ConfigSource) -> Result<TransformerConfig> {
-    Ok(read_config(config, "transformer", "config.json")?.unwrap_or_else(TransformerConfig::qwen_image))
+    Ok(read_config(config, "transformer", "config.json")?
+        .unwrap_or_else(TransformerConfig::qwen_image))
 }
 
 /// Checks a transformer's weights without loading them (headers only) and describes their format

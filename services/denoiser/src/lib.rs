@@ -14,9 +14,9 @@ use qwen_image_common::stage::describe::{component_digest, digest, file_label};
 use qwen_image_common::stage::{
     Preparation, StageConfig, StageDef, StageError, StageHandle, WeightsUsage,
 };
-use qwen_image_model::source::{self, ConfigSource, WeightsSource};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::first_line;
+use qwen_image_model::source::{self, ConfigSource, WeightsSource};
 use qwen_image_model::transformer::TransformerConfig;
 use qwen_image_proto::v1::denoiser_server::DenoiserServer;
 use qwen_image_proto::v1::{

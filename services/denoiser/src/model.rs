@@ -10,8 +10,8 @@ use qwen_image_model::source::{self, ConfigSource, LoadOptions};
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 use qwen_image_model::weights::MemoryReport;
 
-use crate::{DenoiserConfig, DenoiserState};
 use crate::validate::{ControlNetInfo, ModelShape};
+use crate::{DenoiserConfig, DenoiserState};
 
 /// Transformer, scheduler config and device, living on the worker thread.
 pub struct LoadedModel {

@@ -118,7 +118,11 @@ impl StageDef for TextEncoder {
                 model_id: model_id.clone(),
             },
             description: StageDescription {
-                model_id: if snapshot.is_some() { String::new() } else { model_id },
+                model_id: if snapshot.is_some() {
+                    String::new()
+                } else {
+                    model_id
+                },
                 weights_format,
                 text_encoder: Some(TextEncoderDescription {
                     digest,

@@ -24,7 +24,11 @@ pub fn load(cfg: &VaeServiceConfig, state: &VaeState) -> candle_core::Result<Loa
         cfg.device.cuda_ordinal(),
         cfg.device.compute_dtype() == ComputeDtype::Bf16,
     )?;
-    let loaded = source::load_vae(&state.weights, &state.config, &LoadOptions::new(dtype, &device))?;
+    let loaded = source::load_vae(
+        &state.weights,
+        &state.config,
+        &LoadOptions::new(dtype, &device),
+    )?;
     let m = LoadedModel {
         vae: loaded.model,
         device,

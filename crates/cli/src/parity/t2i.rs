@@ -2,12 +2,12 @@
 //! dump's own initial latents and prompt embeddings), then the text-encoder and decode parts.
 
 use anyhow::{Context, Result};
-use qwen_image_model::candle_core::{DType, Device, Tensor};
+use qwen_image_model::candle_core::Tensor;
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::rope::ImgShape;
 use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
 use qwen_image_model::snapshot::Snapshot;
-use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig, TransformerInputs};
+use qwen_image_model::transformer::{QwenImageTransformer, TransformerInputs};
 
 use super::{ParityArgs, Reference, Report, textenc, vae};
 

@@ -3,9 +3,8 @@
 //! `negative_prompt_embeds`, masks and the `*_mask_is_none` flags).
 
 use anyhow::{Context, Result};
-use qwen_image_model::candle_core::{DType, Device, Tensor};
+use qwen_image_model::candle_core::{DType, Tensor};
 use qwen_image_model::prompt::{PromptEncoder, TemplateBatch};
-use qwen_image_model::snapshot::Snapshot;
 
 use super::{ParityArgs, Reference, Report};
 

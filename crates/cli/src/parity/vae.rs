@@ -4,7 +4,6 @@
 use anyhow::{Context, Result};
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::latents;
-use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::vae::{self, AutoencoderKLQwenImage};
 
 use super::{ParityArgs, Reference, Report};
@@ -14,7 +13,8 @@ const U8_LEVELS: u8 = 1;
 
 /// The VAE of the snapshot, or of `--vae-weights` (config from the snapshot).
 pub fn load_vae(args: &ParityArgs) -> Result<AutoencoderKLQwenImage> {
-    let (weights, config) = args.sources(args.weights.vae.vae_weights.as_deref(), "--vae-weights")?;
+    let (weights, config) =
+        args.sources(args.weights.vae.vae_weights.as_deref(), "--vae-weights")?;
     let loaded = qwen_image_model::source::load_vae(&weights, &config, &args.load_options())?;
     println!("vae weights: {}", loaded.memory);
     Ok(loaded.model)

@@ -158,9 +158,9 @@ impl LocalStack {
             let options = options.clone();
             tasks.push((
                 kind.name(),
-                tokio::spawn(
-                    async move { run_stage(kind, model.as_deref(), listener, shutdown, options).await },
-                ),
+                tokio::spawn(async move {
+                    run_stage(kind, model.as_deref(), listener, shutdown, options).await
+                }),
             ));
             stage_addrs.push((kind, addr));
         }

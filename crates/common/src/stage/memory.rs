@@ -64,7 +64,15 @@ pub fn record_weights(service: &'static str, usage: &[WeightsUsage]) {
     let params: u64 = usage.iter().map(|u| u.params).sum();
     let formats = usage
         .iter()
-        .map(|u| format!("{} {} {} ({} tensors)", u.component, u.format, mib(u.bytes), u.tensors))
+        .map(|u| {
+            format!(
+                "{} {} {} ({} tensors)",
+                u.component,
+                u.format,
+                mib(u.bytes),
+                u.tensors
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let (rss, peak) = rss_bytes().unwrap_or((0, 0));
