@@ -2,7 +2,7 @@
 //! dump's own initial latents and prompt embeddings), then the text-encoder and decode parts.
 
 use anyhow::{Context, Result};
-use qwen_image_model::candle_core::Tensor;
+use qwen_image_model::candle_core::{Device, Tensor};
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::rope::ImgShape;
 use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
