@@ -11,6 +11,7 @@ pub mod service;
 pub mod validate;
 
 use qwen_image_common::stage::describe::{component_digest, digest, file_label};
+use qwen_image_common::stage::memory;
 use qwen_image_common::stage::{
     Preparation, StageConfig, StageDef, StageError, StageHandle, WeightsUsage,
 };
@@ -132,12 +133,7 @@ impl StageDef for Denoiser {
     }
 
     fn weights(model: &model::LoadedModel) -> Vec<WeightsUsage> {
-        model
-            .memory
-            .by_format
-            .iter()
-            .map(|(f, u)| WeightsUsage::new("transformer", f, u.tensors, u.params, u.bytes))
-            .collect()
+        memory::usage("transformer", model.memory.entries())
     }
 
     fn probe(model: &mut model::LoadedModel) -> Result<(), String> {

@@ -11,6 +11,7 @@ pub mod validate;
 use std::path::{Path, PathBuf};
 
 use qwen_image_common::stage::describe::{component_digest, file_label};
+use qwen_image_common::stage::memory;
 use qwen_image_common::stage::{
     Preparation, StageConfig, StageDef, StageError, StageHandle, WeightsUsage,
 };
@@ -147,12 +148,7 @@ impl StageDef for TextEncoder {
     }
 
     fn weights(model: &model::LoadedModel) -> Vec<WeightsUsage> {
-        model
-            .memory
-            .by_format
-            .iter()
-            .map(|(f, u)| WeightsUsage::new("text_encoder", f, u.tensors, u.params, u.bytes))
-            .collect()
+        memory::usage("text_encoder", model.memory.entries())
     }
 
     fn probe(model: &mut model::LoadedModel) -> Result<(), String> {

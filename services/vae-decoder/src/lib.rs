@@ -11,6 +11,7 @@ pub mod validate;
 use std::path::PathBuf;
 
 use qwen_image_common::stage::describe::{component_digest, file_label};
+use qwen_image_common::stage::memory;
 use qwen_image_common::stage::{
     Preparation, StageConfig, StageDef, StageError, StageHandle, WeightsUsage,
 };
@@ -102,12 +103,7 @@ impl StageDef for Vae {
     }
 
     fn weights(model: &model::LoadedModel) -> Vec<WeightsUsage> {
-        model
-            .memory
-            .by_format
-            .iter()
-            .map(|(f, u)| WeightsUsage::new("vae", f, u.tensors, u.params, u.bytes))
-            .collect()
+        memory::usage("vae", model.memory.entries())
     }
 
     fn probe(model: &mut model::LoadedModel) -> Result<(), String> {

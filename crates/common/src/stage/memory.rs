@@ -29,6 +29,18 @@ impl WeightsUsage {
     }
 }
 
+/// The usage of one component from `(format, tensors, params, bytes)` entries (the model crate's
+/// `MemoryReport::entries`).
+pub fn usage<'a>(
+    component: &str,
+    entries: impl IntoIterator<Item = (&'a str, usize, u64, u64)>,
+) -> Vec<WeightsUsage> {
+    entries
+        .into_iter()
+        .map(|(f, t, p, b)| WeightsUsage::new(component, f, t, p, b))
+        .collect()
+}
+
 /// Resident and peak resident set size of this process in bytes (`VmRSS`, `VmHWM` of
 /// `/proc/self/status`); `None` where that file does not exist (not Linux).
 pub fn rss_bytes() -> Option<(u64, u64)> {
