@@ -378,3 +378,79 @@ fn parity_with_a_gguf_transformer_file() {
     assert!(!ok, "the f32 snapshot passes the GGUF dump:\n{text}");
     assert_has(&text, &["FAIL  step.0.transformer.cond.out"]);
 }
+
+/// Two denoiser replicas on the same snapshot, one with `--transformer-weights Q8_0.gguf`: their digests
+/// differ, so the gateway accepts one, refuses the other naming both weight formats, and serves on.
+#[tokio::test]
+async fn replicas_on_different_weight_files_are_told_apart() {
+    let model = s(&snapshot());
+    let stage = |bin: &str, extra: &[&str]| {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--model", model.as_str()];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let bin = workspace_binary(bin);
+        async move {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            ServiceProcess::spawn(&bin, &a, &[("RUST_LOG", "warn")], GUARD)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let gguf = s(&quant("transformer/Q8_0.gguf"));
+    let te = stage("qwen-image-text-encoder", &[]).await;
+    let dn_f32 = stage("qwen-image-denoiser", &[]).await;
+    let dn_q8 = stage("qwen-image-denoiser", &["--transformer-weights", &gguf]).await;
+    let vae = stage("qwen-image-vae", &[]).await;
+    let (a, b) = (
+        describe(&dn_f32.url()).await.transformer.expect("t").digest,
+        describe(&dn_q8.url()).await.transformer.expect("t").digest,
+    );
+    assert_ne!(a, b, "same digest for the snapshot's weights and the GGUF");
+    let denoisers = format!("{},{}", dn_f32.url(), dn_q8.url());
+    let gw = ServiceProcess::spawn(
+        &workspace_binary("qwen-image-gateway"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--text-encoder",
+            &te.url(),
+            "--denoiser",
+            &denoisers,
+            "--vae",
+            &vae.url(),
+        ],
+        &[("RUST_LOG", "warn")],
+        GUARD,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    qwen_image_testkit::process::wait_serving(&gw.url(), GUARD)
+        .await
+        .expect("gateway SERVING");
+    // A request is served (by the accepted replica) whichever replica the gateway met first.
+    let (req, _) = reference("t2i_64");
+    let mut c = client(&gw.url()).await;
+    generate(&mut c, t2i(req)).await.expect("served");
+    // The refusal is logged once the gateway has described both replicas (it reviews them on its own
+    // schedule): wait for the line, bounded by the guard.
+    let deadline = std::time::Instant::now() + GUARD;
+    let line = loop {
+        if let Some(l) = gw
+            .log_lines()
+            .into_iter()
+            .find(|l| l.contains("serves another"))
+        {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_has(
+        &line,
+        &[
+            "weights gguf Q8_0 + F32",
+            "weights safetensors F32",
+            "digest",
+        ],
+    );
+}
