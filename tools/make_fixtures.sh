@@ -80,6 +80,12 @@ rm -f "$F"/tiny/refs/*.log
 # --- quantized / single-file weights (GGUF, fp8, ComfyUI layouts) made from the tiny snapshot, with diffusers'
 # and transformers' own loaders' outputs on them (tools/refharness/ref_quant.py)
 rm -rf "$F/quant" && "$PY" "$H/ref_quant.py" "$F/tiny/snapshot" "$F/quant" > /dev/null && echo "ok $F/quant"
+# diffusers' QwenImagePipeline with those GGUF transformers (from_single_file + GGUFQuantizationConfig): the
+# PNGs the services must give with `--transformer-weights` (crates/cli/tests/e2e_quant.rs)
+for q in Q8_0 Q4_0; do
+  "$PY" "$H/reference.py" "$F/tiny/snapshot" "$F/quant/refs/t2i_64_$q" --force \
+    --transformer-file "$F/quant/transformer/$q.gguf" > /dev/null && echo "ok $F/quant/refs/t2i_64_$q"
+done
 
 # --- tiny in bf16, sharded into many small files, without tokenizer.json (the released snapshot's shape)
 "$PY" "$H/make_tiny.py" "$F/tiny-bf16-sharded/snapshot" --preset tiny --seed 7 --dtype bf16 --max-shard-size 60KB \

@@ -68,9 +68,14 @@ pub struct TargetArgs {
     /// A running gateway (e.g. http://127.0.0.1:50051). Without it, a local stack is started for the call.
     #[arg(long, env = "QWEN_IMAGE_GATEWAY")]
     pub gateway: Option<String>,
-    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model.
+    /// Model for the local stack (diffusers snapshot directory). Default: the embedded default model, or
+    /// none when weight files are given (the released Qwen-Image configs).
     #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "gateway")]
     pub model: Option<PathBuf>,
+    /// Single weight files for the local stack's stages (`--transformer-weights`, `--text-encoder-weights`,
+    /// `--tokenizer`, `--vae-weights`; the same flags as `serve`'s).
+    #[command(flatten)]
+    pub weights: crate::weights::WeightFilesArgs,
     /// Give up after this many seconds.
     #[arg(long, env = "QWEN_IMAGE_TIMEOUT_SECS", default_value_t = 3600)]
     pub timeout_secs: u64,
@@ -80,14 +85,15 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    /// The target for a local stack on `model` with `options`, or the gateway when one is named.
+    /// The target for a local stack on `model` with `options` (and the weight-file flags), or the gateway
+    /// when one is named.
     pub fn to_target(&self, model: Option<PathBuf>, options: StageOptions) -> Target {
         Target {
             gateway: self.gateway.clone(),
             model,
             timeout: Duration::from_secs(self.timeout_secs),
             quiet: self.quiet,
-            options,
+            options: options.with_weight_files(&self.weights),
         }
     }
 }
@@ -178,13 +184,21 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
         Some(url) => send(url, request, timeout, quiet, out).await?,
         None => {
             let model = match &target.model {
-                Some(m) => m.clone(),
-                None => default_model_dir()?,
+                Some(m) => Some(m.clone()),
+                // weight files alone: the released configs, no snapshot
+                None if target.options.has_weight_files() => None,
+                None => Some(default_model_dir()?),
             };
             if !quiet {
-                eprintln!("starting a local stack on {} ...", model.display());
+                match &model {
+                    Some(m) => eprintln!("starting a local stack on {} ...", m.display()),
+                    None => eprintln!("starting a local stack on the weight files ..."),
+                }
             }
-            let request = with_model_default_size(request, &model);
+            let request = match &model {
+                Some(m) => with_model_default_size(request, m),
+                None => request,
+            };
             let mut stack =
                 LocalStack::start_with(model, "127.0.0.1:0", target.options.clone()).await?;
             let out = async {

@@ -11,6 +11,7 @@ mod pose;
 mod serve;
 mod settings;
 mod stack;
+mod weights;
 
 /// Qwen-Image serving system command line.
 #[derive(Parser)]

@@ -94,6 +94,7 @@ pub fn resolve_controlnet(
     let options = StageOptions {
         denoiser: qwen_image_denoiser::DenoiserArgs {
             controlnets: vec![spec],
+            ..Default::default()
         },
         ..StageOptions::default()
     };

@@ -11,6 +11,7 @@ use qwen_image_common::stage::StageArgs;
 use qwen_image_denoiser::{ControlNetSpec, DenoiserArgs};
 use qwen_image_gateway::GatewayArgs;
 use qwen_image_text_encoder::TextEncoderArgs;
+use qwen_image_vae::VaeArgs;
 use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
@@ -32,13 +33,18 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub stage_args: StageArgs,
 
-    /// The text encoder's flags (`--embedding-cache-mb`): whole stack or `--stage text-encoder`.
+    /// The denoiser's flags (`--transformer-weights`, `--controlnet`): whole stack or `--stage denoiser`.
+    #[command(flatten)]
+    pub denoiser: DenoiserArgs,
+
+    /// The text encoder's flags (`--text-encoder-weights`, `--tokenizer`, `--embedding-cache-mb`): whole stack or
+    /// `--stage text-encoder`.
     #[command(flatten)]
     pub text_encoder: TextEncoderArgs,
 
-    /// The denoiser's flags (`--controlnet`): whole stack or `--stage denoiser`.
+    /// The VAE's flags (`--vae-weights`): whole stack or `--stage vae`.
     #[command(flatten)]
-    pub denoiser: DenoiserArgs,
+    pub vae: VaeArgs,
 
     /// The gateway's flags: its stage endpoints with `--stage gateway`; its limits in both modes.
     #[command(flatten)]
@@ -50,13 +56,15 @@ pub struct ServeArgs {
 }
 
 /// The model to serve and the ControlNets to load: without `--model`, the embedded default model, with its
-/// pose ControlNet (`controlnet/`, requests name it `controlnet`) unless `--controlnet` names others.
+/// pose ControlNet (`controlnet/`, requests name it `controlnet`) unless `--controlnet` names others; but no
+/// snapshot at all when weight files are given (`--transformer-weights`, ...: the released configs).
 fn model_and_controlnets(
     model: Option<PathBuf>,
     controlnets: Vec<ControlNetSpec>,
-) -> Result<(PathBuf, Vec<ControlNetSpec>)> {
-    if let Some(m) = model {
-        return Ok((m, controlnets));
+    weight_files: bool,
+) -> Result<(Option<PathBuf>, Vec<ControlNetSpec>)> {
+    if model.is_some() || weight_files {
+        return Ok((model, controlnets));
     }
     let model = default_model_dir()?;
     let dir = model.join("controlnet");
@@ -65,9 +73,9 @@ fn model_and_controlnets(
             id: "controlnet".into(),
             dir,
         };
-        return Ok((model, vec![spec]));
+        return Ok((Some(model), vec![spec]));
     }
-    Ok((model, controlnets))
+    Ok((Some(model), controlnets))
 }
 
 /// Flags that only one service takes are refused for the others (rather than ignored).
@@ -81,14 +89,67 @@ fn check_flags(args: &ServeArgs) -> Result<()> {
         ),
         _ => {}
     }
-    if !args.denoiser.controlnets.is_empty()
-        && !matches!(args.stage, None | Some(StageKind::Denoiser))
-    {
-        bail!(
-            "--controlnet is a denoiser flag: use it with `--stage denoiser` or for the whole stack"
-        );
+    let own = [
+        (
+            "--controlnet",
+            !args.denoiser.controlnets.is_empty(),
+            StageKind::Denoiser,
+        ),
+        (
+            "--transformer-weights",
+            args.denoiser.weights.transformer_weights.is_some(),
+            StageKind::Denoiser,
+        ),
+        (
+            "--text-encoder-weights",
+            args.text_encoder.text_encoder_weights.is_some(),
+            StageKind::TextEncoder,
+        ),
+        (
+            "--tokenizer",
+            args.text_encoder.tokenizer.is_some(),
+            StageKind::TextEncoder,
+        ),
+        (
+            "--vae-weights",
+            args.vae.vae_weights.is_some(),
+            StageKind::Vae,
+        ),
+    ];
+    for (flag, given, kind) in own {
+        if given && args.stage.is_some() && args.stage != Some(kind) {
+            bail!(
+                "{flag} is a {} flag: use it with `--stage {}` or for the whole stack",
+                kind.name(),
+                kind.name()
+            );
+        }
     }
     Ok(())
+}
+
+/// The snapshot (see [`model_and_controlnets`]) and the stage options from the stage flags.
+fn stage_options(
+    stage: StageArgs,
+    denoiser: DenoiserArgs,
+    text_encoder: TextEncoderArgs,
+    vae: VaeArgs,
+    gateway: Option<GatewayArgs>,
+) -> Result<(Option<PathBuf>, StageOptions)> {
+    let mut options = StageOptions {
+        stage,
+        denoiser,
+        text_encoder,
+        vae,
+        gateway,
+    };
+    let (model, controlnets) = model_and_controlnets(
+        options.stage.model.clone(),
+        std::mem::take(&mut options.denoiser.controlnets),
+        options.has_weight_files(),
+    )?;
+    options.denoiser.controlnets = controlnets;
+    Ok((model, options))
 }
 
 /// `service.name` of the traces: the binary name of the one service, or `qwen-image` for the whole stack
@@ -136,18 +197,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .await?;
         }
         Some(kind) => {
-            let (model, controlnets) =
-                model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
-            let options = StageOptions {
-                stage: args.stage_args,
-                text_encoder: args.text_encoder,
-                denoiser: DenoiserArgs { controlnets },
-                gateway: None,
-            };
+            let (model, options) = stage_options(
+                args.stage_args,
+                args.denoiser,
+                args.text_encoder,
+                args.vae,
+                None,
+            )?;
             let listener = bind().await?;
             run_stage(
                 kind,
-                &model,
+                model.as_deref(),
                 listener,
                 qwen_image_common::shutdown::signal(),
                 options,
@@ -155,20 +215,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .await?;
         }
         None => {
-            let (model, controlnets) =
-                model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
-            let options = StageOptions {
-                stage: args.stage_args,
-                text_encoder: args.text_encoder,
-                denoiser: DenoiserArgs { controlnets },
-                gateway: Some(args.gateway),
-            };
+            let (model, options) = stage_options(
+                args.stage_args,
+                args.denoiser,
+                args.text_encoder,
+                args.vae,
+                Some(args.gateway),
+            )?;
             let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;
             for (kind, addr) in &stack.stage_addrs {
                 println!("{} listening on {addr}", kind.name());
             }
             println!("listening on {}", stack.gateway_addr);
-            eprintln!("loading {} ...", model.display());
+            match &model {
+                Some(m) => eprintln!("loading {} ...", m.display()),
+                None => eprintln!("loading the weight files (released Qwen-Image configs) ..."),
+            }
             let stop = qwen_image_common::shutdown::signal();
             tokio::pin!(stop);
             tokio::select! {

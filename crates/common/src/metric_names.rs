@@ -37,6 +37,18 @@ pub const MODEL_LOAD_SECONDS: &str = "qwen_image_model_load_duration_seconds";
 /// Counter: jobs that ended early. Labels: service, outcome (`cancelled` | `deadline_exceeded`).
 pub const JOBS_STOPPED_TOTAL: &str = "qwen_image_jobs_stopped_total";
 
+// ---- memory (`crate::stage::memory`) ----
+
+/// Gauge: weight bytes a stage's model keeps resident (stage-dtype copies of dense tensors, the file's
+/// blocks for GGUF-quantized and fp8 ones). Labels: service, component (`transformer`, `text_encoder`,
+/// `vae`), format (`F32`, `BF16`, `F8_E4M3`, `Q8_0`, `Q4_K`, ...).
+pub const WEIGHTS_RESIDENT_BYTES: &str = "qwen_image_weights_resident_bytes";
+/// Gauge: peak resident set size of the process (`VmHWM`), set after loading and after every job.
+/// Labels: service (in `qwen-image serve` all stages share one process and report the same value).
+pub const PROCESS_PEAK_RSS_BYTES: &str = "qwen_image_process_peak_rss_bytes";
+/// Gauge: resident set size of the process (`VmRSS`) at the same moments. Labels: service.
+pub const PROCESS_RSS_BYTES: &str = "qwen_image_process_rss_bytes";
+
 // ---- denoiser ----
 
 /// Counter: denoising steps run. Labels: service.

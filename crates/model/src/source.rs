@@ -21,7 +21,7 @@ use crate::tokenizer::QwenTokenizer;
 use crate::transformer::{QwenImageTransformer, TransformerConfig};
 use crate::vae::{AutoencoderKLQwenImage, VaeConfig};
 use crate::weights::naming::{self, COMFY_DIFFUSION_PREFIX, COMFY_VAE_PREFIX};
-use crate::weights::store::TensorFile;
+use crate::weights::store::{Encoding, TensorFile, dtype_label};
 use crate::weights::{MemoryReport, QuantMatmul, VarBuilder, WeightStore};
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
@@ -167,14 +167,8 @@ fn check_keys(store: &WeightStore, required: &[&str], what: &str) -> Result<()> 
     )))
 }
 
-/// Loads `QwenImageTransformer2DModel`.
-pub fn load_transformer(
-    weights: &WeightsSource,
-    config: &ConfigSource,
-    opts: &LoadOptions,
-) -> Result<Loaded<QwenImageTransformer>> {
-    let cfg: TransformerConfig = read_config(config, "transformer", "config.json")?
-        .unwrap_or_else(TransformerConfig::qwen_image);
+/// Opens a transformer's weights (headers only) and checks they are a Qwen-Image transformer.
+fn open_transformer(weights: &WeightsSource) -> Result<WeightStore> {
     let store = open_store(weights, "transformer", &|names| {
         let prefix = naming::detect_prefix(names, &[COMFY_DIFFUSION_PREFIX]).map(str::to_string);
         Box::new(move |n| naming::strip_prefix(prefix.as_deref(), n))
@@ -189,6 +183,29 @@ pub fn load_transformer(
         ],
         "a Qwen-Image transformer",
     )?;
+    Ok(store)
+}
+
+/// The transformer config `config` names (the released sizes for [`ConfigSource::Released`]).
+pub fn transformer_config(config: &ConfigSource) -> Result<TransformerConfig> {
+    Ok(read_config(config, "transformer", "config.json")?
+        .unwrap_or_else(TransformerConfig::qwen_image))
+}
+
+/// Checks a transformer's weights without loading them (headers only) and describes their format
+/// ([`weights_format`]): what a stage reports before its worker loads.
+pub fn inspect_transformer(weights: &WeightsSource) -> Result<String> {
+    open_transformer(weights).map(|s| weights_format(&s))
+}
+
+/// Loads `QwenImageTransformer2DModel`.
+pub fn load_transformer(
+    weights: &WeightsSource,
+    config: &ConfigSource,
+    opts: &LoadOptions,
+) -> Result<Loaded<QwenImageTransformer>> {
+    let cfg = transformer_config(config)?;
+    let store = open_transformer(weights)?;
     let files = files_of(&store);
     let vb = VarBuilder::from_store(store, opts.dtype, &opts.device)
         .with_quant_matmul(opts.quant_matmul);
@@ -240,12 +257,12 @@ fn text_config_from_gguf(store: &WeightStore) -> Result<Option<TextConfig>> {
         .map_err(|e| err(format!("{}: GGUF metadata: {e}", store.label())))
 }
 
-/// Loads the Qwen2.5-VL text model (text weights only; `visual.*` and `lm_head` / `output` are never read).
-pub fn load_text_encoder(
+/// Opens a text encoder's weights (headers only), checks they are a Qwen2.5-VL text model, and reads its
+/// config: `config`, else the GGUF's own metadata, else the released 7B sizes.
+fn open_text_encoder(
     weights: &WeightsSource,
     config: &ConfigSource,
-    opts: &LoadOptions,
-) -> Result<Loaded<Qwen25VlTextModel>> {
+) -> Result<(WeightStore, WeightNaming, TextConfig)> {
     let store = open_store(weights, "text_encoder", &|names| {
         if names.iter().any(|n| n.starts_with("blk.")) || names.contains(&"token_embd.weight") {
             Box::new(naming::llama_cpp_to_transformers)
@@ -268,6 +285,26 @@ pub fn load_text_encoder(
         Some(c) => c.text,
         None => text_config_from_gguf(&store)?.unwrap_or_else(TextConfig::qwen25_vl_7b),
     };
+    Ok((store, naming, cfg))
+}
+
+/// Checks a text encoder's weights without loading them (headers only): its config (as
+/// [`load_text_encoder`] would use it) and its format ([`weights_format`]).
+pub fn inspect_text_encoder(
+    weights: &WeightsSource,
+    config: &ConfigSource,
+) -> Result<(TextConfig, String)> {
+    let (store, _, cfg) = open_text_encoder(weights, config)?;
+    Ok((cfg, weights_format(&store)))
+}
+
+/// Loads the Qwen2.5-VL text model (text weights only; `visual.*` and `lm_head` / `output` are never read).
+pub fn load_text_encoder(
+    weights: &WeightsSource,
+    config: &ConfigSource,
+    opts: &LoadOptions,
+) -> Result<Loaded<Qwen25VlTextModel>> {
+    let (store, naming, cfg) = open_text_encoder(weights, config)?;
     let files = files_of(&store);
     let vb = VarBuilder::from_store(store, opts.dtype, &opts.device)
         .with_quant_matmul(opts.quant_matmul);
@@ -295,18 +332,8 @@ pub fn load_prompt_encoder(
     })
 }
 
-/// Loads `AutoencoderKLQwenImage` (f32 or f16 on the CPU, see [`AutoencoderKLQwenImage::load`]).
-pub fn load_vae(
-    weights: &WeightsSource,
-    config: &ConfigSource,
-    opts: &LoadOptions,
-) -> Result<Loaded<AutoencoderKLQwenImage>> {
-    if opts.device.is_cpu() && opts.dtype == DType::BF16 {
-        return Err(err(
-            "vae: bf16 is not supported on the CPU (candle has no bf16 conv there); load it in F32 or F16",
-        ));
-    }
-    let cfg: VaeConfig = read_config(config, "vae", "config.json")?.unwrap_or_default();
+/// Opens a VAE's weights (headers only), renaming Wan 2.1 names, and checks they are a Qwen-Image VAE.
+fn open_vae(weights: &WeightsSource, cfg: &VaeConfig) -> Result<WeightStore> {
     let nrb = cfg.num_res_blocks;
     let store = open_store(weights, "vae", &move |names| {
         let prefix = naming::detect_prefix(names, &[COMFY_VAE_PREFIX]).map(str::to_string);
@@ -330,6 +357,32 @@ pub fn load_vae(
         &["decoder.conv_in.weight", "post_quant_conv.weight"],
         "a Qwen-Image (Wan 2.1) VAE",
     )?;
+    Ok(store)
+}
+
+/// The VAE config `config` names (the released one for [`ConfigSource::Released`]).
+pub fn vae_config(config: &ConfigSource) -> Result<VaeConfig> {
+    Ok(read_config(config, "vae", "config.json")?.unwrap_or_default())
+}
+
+/// Checks a VAE's weights without loading them (headers only) and describes their format.
+pub fn inspect_vae(weights: &WeightsSource, config: &ConfigSource) -> Result<String> {
+    open_vae(weights, &vae_config(config)?).map(|s| weights_format(&s))
+}
+
+/// Loads `AutoencoderKLQwenImage` (f32 or f16 on the CPU, see [`AutoencoderKLQwenImage::load`]).
+pub fn load_vae(
+    weights: &WeightsSource,
+    config: &ConfigSource,
+    opts: &LoadOptions,
+) -> Result<Loaded<AutoencoderKLQwenImage>> {
+    if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+        return Err(err(
+            "vae: bf16 is not supported on the CPU (candle has no bf16 conv there); load it in F32 or F16",
+        ));
+    }
+    let cfg = vae_config(config)?;
+    let store = open_vae(weights, &cfg)?;
     let files = files_of(&store);
     let vb = VarBuilder::from_store(store, opts.dtype, &opts.device);
     let model = AutoencoderKLQwenImage::new(&cfg, vb.clone())?;
@@ -338,4 +391,66 @@ pub fn load_vae(
         memory: vb.report(),
         files,
     })
+}
+
+/// The weights and config of one component from a stage's flags: `FILE` of its `--<component>-weights`
+/// flag (`flag`) when given, else the component folder of the `--model` snapshot; the config from the
+/// snapshot, else the released sizes ([`ConfigSource::Released`]).
+pub fn sources(
+    file: Option<&Path>,
+    snapshot: Option<&Path>,
+    flag: &str,
+) -> std::result::Result<(WeightsSource, ConfigSource), String> {
+    let weights = match (file, snapshot) {
+        (Some(f), _) => WeightsSource::File(f.to_path_buf()),
+        (None, Some(dir)) => WeightsSource::Snapshot(dir.to_path_buf()),
+        (None, None) => {
+            return Err(format!(
+                "no weights: give --model DIR (a diffusers snapshot) or {flag} FILE"
+            ));
+        }
+    };
+    let config = snapshot.map_or(ConfigSource::Released, |d| {
+        ConfigSource::Snapshot(d.to_path_buf())
+    });
+    Ok((weights, config))
+}
+
+/// The storage format of a component's weights as a stage reports it: the container, the type holding
+/// most parameters, the other types, and whether ComfyUI scales are applied: `gguf Q8_0 + F32`,
+/// `safetensors F32`, `safetensors F8_E4M3 + BF16, scaled`.
+pub fn weights_format(store: &WeightStore) -> String {
+    use std::collections::BTreeMap;
+    let mut params: BTreeMap<String, u64> = BTreeMap::new();
+    let mut scaled = false;
+    for name in store.names() {
+        if name.ends_with(".scale_weight") || name.ends_with(".weight_scale") {
+            scaled = true;
+            continue;
+        }
+        if name == "scaled_fp8" {
+            continue;
+        }
+        let Ok(info) = store.stored(name) else {
+            continue;
+        };
+        let label = match info.encoding {
+            Encoding::Plain(d) => dtype_label(d),
+            Encoding::Ggml(g, _) => g.name.to_string(),
+            Encoding::Unsupported(s) => s,
+        };
+        *params.entry(label).or_default() += info.shape.iter().product::<usize>() as u64;
+    }
+    let mut types: Vec<(String, u64)> = params.into_iter().collect();
+    types.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let container = match store.files().first() {
+        Some(TensorFile::Gguf(_)) => "gguf",
+        _ => "safetensors",
+    };
+    let names: Vec<&str> = types.iter().map(|(t, _)| t.as_str()).collect();
+    let mut out = format!("{container} {}", names.join(" + "));
+    if scaled {
+        out.push_str(", scaled");
+    }
+    out
 }

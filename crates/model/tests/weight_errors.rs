@@ -9,6 +9,7 @@ use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::source::{
     ConfigSource, LoadOptions, WeightsSource, load_text_encoder, load_transformer,
 };
+use qwen_image_testkit::files::{gguf_type_offset, patched_copy};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -40,28 +41,6 @@ fn assert_has(msg: &str, parts: &[&str]) {
     for p in parts {
         assert!(msg.contains(p), "`{p}` not in: {msg}");
     }
-}
-
-/// Byte offset of the type id of tensor `name` in a GGUF header (after `len name n_dims dims`).
-fn gguf_type_offset(bytes: &[u8], name: &str) -> usize {
-    let mut pat = (name.len() as u64).to_le_bytes().to_vec();
-    pat.extend_from_slice(name.as_bytes());
-    let at = bytes
-        .windows(pat.len())
-        .position(|w| w == pat.as_slice())
-        .unwrap_or_else(|| panic!("{name} not in header"));
-    let dims_at = at + pat.len();
-    let n_dims =
-        u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().expect("4 bytes")) as usize;
-    dims_at + 4 + 8 * n_dims
-}
-
-fn patched_copy(src: &Path, dir: &Path, f: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
-    let mut bytes = std::fs::read(src).expect("read");
-    f(&mut bytes);
-    let out = dir.join(src.file_name().expect("name"));
-    std::fs::write(&out, bytes).expect("write");
-    out
 }
 
 #[test]

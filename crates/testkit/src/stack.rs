@@ -16,14 +16,16 @@ pub enum Launcher {
     Cli(PathBuf),
 }
 
-/// What to start: a model per stage (`None` = no `--model`: only with [`Launcher::Cli`], the default
-/// model) and extra flags per service.
+/// What to start: a model per stage (`None` = no `--model`: with [`Launcher::Cli`] the default model,
+/// or the stage's weight files given in its extra flags) and extra flags per service.
 #[derive(Debug, Clone, Default)]
 pub struct StackSpec {
     pub text_encoder_model: Option<PathBuf>,
     pub denoiser_model: Option<PathBuf>,
     pub vae_model: Option<PathBuf>,
+    pub text_encoder_args: Vec<String>,
     pub denoiser_args: Vec<String>,
+    pub vae_args: Vec<String>,
     pub gateway_args: Vec<String>,
     /// Environment of every service (e.g. `RUST_LOG`, an OTLP endpoint).
     pub env: Vec<(String, String)>,
@@ -84,17 +86,15 @@ fn model_flag(model: &Option<PathBuf>) -> Vec<String> {
 impl ProcessStack {
     /// Starts the four services; does not wait for SERVING.
     pub async fn start(launcher: Launcher, spec: &StackSpec) -> Result<Self, String> {
-        let te = spawn(
-            &launcher,
-            "text-encoder",
-            model_flag(&spec.text_encoder_model),
-            spec,
-        )
-        .await?;
+        let mut te_args = model_flag(&spec.text_encoder_model);
+        te_args.extend(spec.text_encoder_args.iter().cloned());
+        let te = spawn(&launcher, "text-encoder", te_args, spec).await?;
         let mut dn_args = model_flag(&spec.denoiser_model);
         dn_args.extend(spec.denoiser_args.iter().cloned());
         let dn = spawn(&launcher, "denoiser", dn_args, spec).await?;
-        let vae = spawn(&launcher, "vae", model_flag(&spec.vae_model), spec).await?;
+        let mut vae_args = model_flag(&spec.vae_model);
+        vae_args.extend(spec.vae_args.iter().cloned());
+        let vae = spawn(&launcher, "vae", vae_args, spec).await?;
         let mut gw_args = vec![
             "--text-encoder".to_string(),
             te.url(),

@@ -1,14 +1,30 @@
-//! The denoiser's own flags (beside the shared stage flags): the ControlNets it loads.
+//! The denoiser's own flags (beside the shared stage flags): the transformer's weights file and the
+//! ControlNets it loads.
 
 use std::path::PathBuf;
 
 /// Denoiser flags (also flattened into `qwen-image serve`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DenoiserArgs {
+    #[command(flatten)]
+    pub weights: TransformerWeightsArgs,
+
     /// A ControlNet to load at startup (diffusers folder with config.json + safetensors, e.g. InstantX's
     /// Qwen-Image-ControlNet-Union), as `DIR` (id = the folder name) or `NAME=DIR`. Repeatable.
     #[arg(long = "controlnet", env = "QWEN_IMAGE_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     pub controlnets: Vec<ControlNetSpec>,
+}
+
+/// Where the transformer's weights come from besides the snapshot (its own struct so that commands that
+/// start a local stack take it without the denoiser's other flags).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TransformerWeightsArgs {
+    /// The transformer's weights as one file instead of the snapshot's `transformer/`: a GGUF (city96 /
+    /// QuantStack: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...), Comfy-Org's fp8 e4m3fn or ComfyUI's scaled-fp8
+    /// safetensors, or any ComfyUI single file of the transformer. The config comes from `--model`, or is
+    /// the released Qwen-Image's without it.
+    #[arg(long, env = "QWEN_IMAGE_TRANSFORMER_WEIGHTS", value_name = "FILE")]
+    pub transformer_weights: Option<PathBuf>,
 }
 
 /// One `--controlnet`: the id requests name it by and its folder.

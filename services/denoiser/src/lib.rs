@@ -10,10 +10,14 @@ pub mod model;
 pub mod service;
 pub mod validate;
 
-use qwen_image_common::stage::describe::digest;
-use qwen_image_common::stage::{Preparation, StageConfig, StageDef, StageError, StageHandle};
+use qwen_image_common::stage::describe::{component_digest, digest, file_label};
+use qwen_image_common::stage::memory;
+use qwen_image_common::stage::{
+    Preparation, StageConfig, StageDef, StageError, StageHandle, WeightsUsage,
+};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::first_line;
+use qwen_image_model::source::{self, ConfigSource, WeightsSource};
 use qwen_image_model::transformer::TransformerConfig;
 use qwen_image_proto::v1::denoiser_server::DenoiserServer;
 use qwen_image_proto::v1::{
@@ -21,7 +25,7 @@ use qwen_image_proto::v1::{
 };
 use tonic::service::Routes;
 
-pub use args::{ControlNetSpec, DenoiserArgs};
+pub use args::{ControlNetSpec, DenoiserArgs, TransformerWeightsArgs};
 pub use qwen_image_common::stage::{Stats, StatsSnapshot};
 
 use crate::validate::{ControlNetInfo, ModelShape};
@@ -43,6 +47,9 @@ pub struct DenoiserState {
     pub controlnets: Vec<ControlNetInfo>,
     pub transformer: TransformerConfig,
     pub scheduler: SchedulerConfig,
+    /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
+    pub weights: WeightsSource,
+    pub config: ConfigSource,
 }
 
 impl StageDef for Denoiser {
@@ -58,11 +65,21 @@ impl StageDef for Denoiser {
     const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
     fn prepare(config: &DenoiserConfig) -> Result<Preparation<DenoiserState>, String> {
-        let (shape, transformer, scheduler) = model::read_shape(config)?;
+        let file = config.own.weights.transformer_weights.as_deref();
+        let (weights, tconfig) =
+            source::sources(file, config.model_dir.as_deref(), "--transformer-weights")?;
+        let (shape, transformer, scheduler) = model::read_shape(config, &tconfig)?;
+        // The weights' headers: a wrong file is refused here, before the service listens.
+        let weights_format = source::inspect_transformer(&weights).map_err(|e| first_line(&e))?;
         let controlnets = model::read_controlnets(config, &transformer)?;
         let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
-        let transformer_digest = digest(&config.model_dir, &["transformer", "scheduler"], false)
-            .map_err(|e| io("transformer", e))?;
+        let transformer_digest = component_digest(
+            config.model_dir.as_deref(),
+            &["transformer", "scheduler"],
+            file,
+            &[],
+        )
+        .map_err(|e| io("transformer", e))?;
         let nets = config
             .own
             .controlnets
@@ -89,6 +106,8 @@ impl StageDef for Denoiser {
                 max_steps: validate::MAX_STEPS as u32,
             }),
             controlnets: nets,
+            weights_format,
+            model_id: file.map(file_label).unwrap_or_default(),
             limits: Some(StageLimits {
                 max_batch: validate::MAX_BATCH as u32,
                 // Bounded in latent cells (validate::MAX_LATENT_SIDE); pixels depend on the VAE.
@@ -102,13 +121,19 @@ impl StageDef for Denoiser {
                 controlnets,
                 transformer,
                 scheduler,
+                weights,
+                config: tconfig,
             },
             description,
         })
     }
 
     fn load(config: &DenoiserConfig, state: &DenoiserState) -> Result<model::LoadedModel, String> {
-        model::load(config, &state.transformer, state.scheduler.clone()).map_err(|e| first_line(&e))
+        model::load(config, state).map_err(|e| first_line(&e))
+    }
+
+    fn weights(model: &model::LoadedModel) -> Vec<WeightsUsage> {
+        memory::usage("transformer", model.memory.entries())
     }
 
     fn probe(model: &mut model::LoadedModel) -> Result<(), String> {

@@ -6,10 +6,12 @@ use qwen_image_model::controlnet::{ControlNetConfig, QwenImageControlNet};
 use qwen_image_model::denoise::{Conditioning, predict};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::{Snapshot, first_line};
+use qwen_image_model::source::{self, ConfigSource, LoadOptions};
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
+use qwen_image_model::weights::MemoryReport;
 
-use crate::DenoiserConfig;
 use crate::validate::{ControlNetInfo, ModelShape};
+use crate::{DenoiserConfig, DenoiserState};
 
 /// Transformer, scheduler config and device, living on the worker thread.
 pub struct LoadedModel {
@@ -19,6 +21,8 @@ pub struct LoadedModel {
     /// The `--controlnet` nets, in flag order, by id.
     pub controlnets: Vec<(String, QwenImageControlNet)>,
     pub shape: ModelShape,
+    /// The transformer's resident weights, by format.
+    pub memory: MemoryReport,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -72,18 +76,19 @@ pub fn read_controlnets(
 }
 
 /// The configs `run` reads before starting the worker (cheap JSON reads): they fix what requests are
-/// validated against.
+/// validated against. Without a snapshot, the released Qwen-Image transformer and scheduler configs.
 pub fn read_shape(
     cfg: &DenoiserConfig,
+    tconfig: &ConfigSource,
 ) -> Result<(ModelShape, TransformerConfig, SchedulerConfig), String> {
-    let snapshot = Snapshot::open(&cfg.model_dir).map_err(|e| first_line(&e))?;
-    let tcfg: TransformerConfig = snapshot
-        .config("transformer", "config.json")
-        .map_err(|e| first_line(&e))?;
+    let tcfg = source::transformer_config(tconfig).map_err(|e| first_line(&e))?;
     tcfg.validate().map_err(|e| first_line(&e))?;
-    let scfg: SchedulerConfig = snapshot
-        .config("scheduler", "scheduler_config.json")
-        .map_err(|e| first_line(&e))?;
+    let scfg: SchedulerConfig = match &cfg.model_dir {
+        Some(dir) => Snapshot::open(dir)
+            .and_then(|s| s.config("scheduler", "scheduler_config.json"))
+            .map_err(|e| first_line(&e))?,
+        None => SchedulerConfig::qwen_image(),
+    };
     scfg.validate()?;
     let shape = ModelShape {
         joint_attention_dim: tcfg.joint_attention_dim,
@@ -92,19 +97,19 @@ pub fn read_shape(
     Ok((shape, tcfg, scfg))
 }
 
-/// Loads the transformer on the configured device and runs one warm-up prediction. Runs on the worker.
-pub fn load(
-    cfg: &DenoiserConfig,
-    tcfg: &TransformerConfig,
-    scheduler: SchedulerConfig,
-) -> candle_core::Result<LoadedModel> {
+/// Loads the transformer (from the snapshot or `--transformer-weights`) on the configured device and runs
+/// one warm-up prediction. Runs on the worker.
+pub fn load(cfg: &DenoiserConfig, state: &DenoiserState) -> candle_core::Result<LoadedModel> {
     let (device, dtype) = qwen_image_model::device::open(
         cfg.device.cuda_ordinal(),
         cfg.device.compute_dtype() == ComputeDtype::Bf16,
     )?;
-    let snapshot = Snapshot::open(&cfg.model_dir)?;
-    let vb = snapshot.weights("transformer", dtype, &device)?;
-    let transformer = QwenImageTransformer::new(tcfg, vb)?;
+    let loaded = source::load_transformer(
+        &state.weights,
+        &state.config,
+        &LoadOptions::new(dtype, &device),
+    )?;
+    let tcfg = &state.transformer;
     let controlnets = cfg
         .own
         .controlnets
@@ -116,14 +121,15 @@ pub fn load(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let model = LoadedModel {
-        transformer,
-        scheduler,
+        transformer: loaded.model,
+        scheduler: state.scheduler.clone(),
         device,
         controlnets,
         shape: ModelShape {
             joint_attention_dim: tcfg.joint_attention_dim,
             latent_channels: tcfg.latent_channels(),
         },
+        memory: loaded.memory,
     };
     warm_up(&model)?;
     Ok(model)

@@ -123,13 +123,24 @@ pub fn check_same_component(
     Err(Mismatch {
         field: "digest",
         message: format!(
-            "{stage} replica {uri} serves another {} (digest {}) than replica {first_uri} (digest {}); \
-             start every {stage} replica from the same files",
+            "{stage} replica {uri} serves another {} (digest {}, weights {}) than replica {first_uri} (digest {}, \
+             weights {}); start every {stage} replica from the same files",
             component(stage),
             short(&mine),
-            short(&theirs)
+            format_or_unknown(d),
+            short(&theirs),
+            format_or_unknown(first)
         ),
     })
+}
+
+/// The replica's weight format (`StageDescription.weights_format`), `unknown` from older stages.
+fn format_or_unknown(d: &StageDescription) -> &str {
+    if d.weights_format.is_empty() {
+        "unknown"
+    } else {
+        &d.weights_format
+    }
 }
 
 fn component(stage: StageName) -> &'static str {

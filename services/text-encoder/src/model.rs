@@ -4,36 +4,40 @@
 use candle_core::{DType, Tensor};
 use qwen_image_common::stage::ComputeDtype;
 use qwen_image_model::prompt::{EncodedPrompts, PromptEncoder};
-use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::source::{self, LoadOptions};
+use qwen_image_model::weights::MemoryReport;
 
-use crate::TextEncoderConfig;
 use crate::cache::EmbeddingCache;
+use crate::{TextEncoderConfig, TextEncoderState};
 
 /// Encoder living on the worker thread.
 pub struct LoadedModel {
     pub encoder: PromptEncoder,
-    /// Identifier reported in responses (the snapshot directory's name).
+    /// Identifier reported in responses (the snapshot directory's name, or the weights file's).
     pub model_id: String,
+    /// The text model's resident weights, by format.
+    pub memory: MemoryReport,
     /// Prompt embeddings already computed by this model.
     pub cache: EmbeddingCache,
 }
 
-/// Loads tokenizer and text encoder and encodes one short prompt (warm-up). Runs on the worker.
-pub fn load(cfg: &TextEncoderConfig) -> candle_core::Result<LoadedModel> {
+/// Loads tokenizer and text encoder (from the snapshot or `--text-encoder-weights` / `--tokenizer`) and
+/// encodes one short prompt (warm-up). Runs on the worker.
+pub fn load(cfg: &TextEncoderConfig, state: &TextEncoderState) -> candle_core::Result<LoadedModel> {
     let (device, dtype) = qwen_image_model::device::open(
         cfg.device.cuda_ordinal(),
         cfg.device.compute_dtype() == ComputeDtype::Bf16,
     )?;
-    let snapshot = Snapshot::open(&cfg.model_dir)?;
-    let encoder = PromptEncoder::load(&snapshot, dtype, &device)?;
-    let model_id = cfg
-        .model_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| cfg.model_dir.display().to_string());
+    let loaded = source::load_prompt_encoder(
+        &state.weights,
+        &state.config,
+        &state.tokenizer_dir,
+        &LoadOptions::new(dtype, &device),
+    )?;
     let model = LoadedModel {
-        encoder,
-        model_id,
+        encoder: loaded.model,
+        model_id: state.model_id.clone(),
+        memory: loaded.memory,
         cache: EmbeddingCache::new(cfg.own.embedding_cache_mb.saturating_mul(1 << 20)),
     };
     warm_up(&model)?;

@@ -4,25 +4,36 @@
 use candle_core::{DType, Device, Tensor};
 use qwen_image_common::stage::ComputeDtype;
 use qwen_image_common::tensor::HostTensor;
-use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::source::{self, LoadOptions};
 use qwen_image_model::vae::{AutoencoderKLQwenImage, Posterior, from_rgb8, to_rgb8};
+use qwen_image_model::weights::MemoryReport;
 
-use crate::VaeServiceConfig;
+use crate::{VaeServiceConfig, VaeState};
 
 pub struct LoadedModel {
     pub vae: AutoencoderKLQwenImage,
     pub device: Device,
+    /// The VAE's resident weights, by format.
+    pub memory: MemoryReport,
 }
 
-/// Loads the VAE and decodes + encodes one small image (warm-up). Runs on the worker.
-pub fn load(cfg: &VaeServiceConfig) -> candle_core::Result<LoadedModel> {
+/// Loads the VAE (from the snapshot or `--vae-weights`) and decodes + encodes one small image (warm-up).
+/// Runs on the worker.
+pub fn load(cfg: &VaeServiceConfig, state: &VaeState) -> candle_core::Result<LoadedModel> {
     let (device, dtype) = qwen_image_model::device::open(
         cfg.device.cuda_ordinal(),
         cfg.device.compute_dtype() == ComputeDtype::Bf16,
     )?;
-    let snapshot = Snapshot::open(&cfg.model_dir)?;
-    let vae = AutoencoderKLQwenImage::load(&snapshot, dtype, &device)?;
-    let m = LoadedModel { vae, device };
+    let loaded = source::load_vae(
+        &state.weights,
+        &state.config,
+        &LoadOptions::new(dtype, &device),
+    )?;
+    let m = LoadedModel {
+        vae: loaded.model,
+        device,
+        memory: loaded.memory,
+    };
     warm_up(&m)?;
     Ok(m)
 }

@@ -22,7 +22,7 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     };
     let net = QwenImageControlNet::load(&cn_dir, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading the ControlNet from {}", cn_dir.display()))?;
-    let model = load_transformer(&snapshot)?;
+    let model = load_transformer(args)?;
     let sched_cfg: SchedulerConfig = snapshot.config("scheduler", "scheduler_config.json")?;
     let scale = reference.arg("conditioning_scale").as_f64().unwrap_or(1.0);
     let shapes = img_shapes(reference.scalar("step.0.transformer.cond.img_shapes"))?;

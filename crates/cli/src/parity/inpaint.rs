@@ -13,7 +13,7 @@ use super::{ParityArgs, Reference, Report, image_prep, textenc, vae};
 
 pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> Result<()> {
     let snapshot = Snapshot::open(&args.snapshot)?;
-    let model = load_transformer(&snapshot)?;
+    let model = load_transformer(args)?;
     let sched_cfg: SchedulerConfig = snapshot.config("scheduler", "scheduler_config.json")?;
     let steps = reference
         .arg("steps")

@@ -30,6 +30,30 @@ pub struct ParityArgs {
     /// Relative tolerance for tensors at the end of a multi-step loop (final latents).
     #[arg(long, default_value_t = 1e-3)]
     pub loop_tol: f64,
+    /// Single weight files replacing the snapshot's (`--transformer-weights`, `--text-encoder-weights`,
+    /// `--tokenizer`, `--vae-weights`; configs still from `--snapshot`), for references made on those files.
+    #[command(flatten)]
+    pub weights: crate::weights::WeightFilesArgs,
+}
+
+impl ParityArgs {
+    /// The weights and config of a component: the `file` flag's file when given, else the snapshot's.
+    pub fn sources(
+        &self,
+        file: Option<&Path>,
+        flag: &str,
+    ) -> Result<(
+        qwen_image_model::source::WeightsSource,
+        qwen_image_model::source::ConfigSource,
+    )> {
+        qwen_image_model::source::sources(file, Some(&self.snapshot), flag)
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// f32 on the CPU, the reference's precision.
+    pub fn load_options(&self) -> qwen_image_model::source::LoadOptions {
+        qwen_image_model::source::LoadOptions::new(DType::F32, &Device::Cpu)
+    }
 }
 
 /// A loaded reference dump.

@@ -2,12 +2,12 @@
 //! dump's own initial latents and prompt embeddings), then the text-encoder and decode parts.
 
 use anyhow::{Context, Result};
-use qwen_image_model::candle_core::{DType, Device, Tensor};
+use qwen_image_model::candle_core::{Device, Tensor};
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::rope::ImgShape;
 use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
 use qwen_image_model::snapshot::Snapshot;
-use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig, TransformerInputs};
+use qwen_image_model::transformer::{QwenImageTransformer, TransformerInputs};
 
 use super::{ParityArgs, Reference, Report, textenc, vae};
 
@@ -55,16 +55,20 @@ pub fn conditioning(reference: &Reference, name: &str) -> Result<Conditioning> {
     Ok(Conditioning { embeds, mask })
 }
 
-pub fn load_transformer(snapshot: &Snapshot) -> Result<QwenImageTransformer> {
-    let cfg: TransformerConfig = snapshot.config("transformer", "config.json")?;
-    let vb = snapshot.weights("transformer", DType::F32, &Device::Cpu)?;
-    Ok(QwenImageTransformer::new(&cfg, vb)?)
+/// The transformer of the snapshot, or of `--transformer-weights` (config from the snapshot).
+pub fn load_transformer(args: &ParityArgs) -> Result<QwenImageTransformer> {
+    let file = args.weights.transformer.transformer_weights.as_deref();
+    let (weights, config) = args.sources(file, "--transformer-weights")?;
+    let loaded =
+        qwen_image_model::source::load_transformer(&weights, &config, &args.load_options())?;
+    println!("transformer weights: {}", loaded.memory);
+    Ok(loaded.model)
 }
 
 pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> Result<()> {
     let snapshot = Snapshot::open(&args.snapshot)?;
     let sched_cfg: SchedulerConfig = snapshot.config("scheduler", "scheduler_config.json")?;
-    let model = load_transformer(&snapshot)?;
+    let model = load_transformer(args)?;
 
     // --- schedule
     let latents0 = reference.f32("latents_init_packed")?;

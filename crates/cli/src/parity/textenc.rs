@@ -3,15 +3,27 @@
 //! `negative_prompt_embeds`, masks and the `*_mask_is_none` flags).
 
 use anyhow::{Context, Result};
-use qwen_image_model::candle_core::{DType, Device, Tensor};
+use qwen_image_model::candle_core::{DType, Tensor};
 use qwen_image_model::prompt::{PromptEncoder, TemplateBatch};
-use qwen_image_model::snapshot::Snapshot;
 
 use super::{ParityArgs, Reference, Report};
 
+/// The snapshot's prompt encoder, or `--text-encoder-weights` / `--tokenizer` (config from the snapshot).
 fn load_encoder(args: &ParityArgs) -> Result<PromptEncoder> {
-    let snapshot = Snapshot::open(&args.snapshot)?;
-    Ok(PromptEncoder::load(&snapshot, DType::F32, &Device::Cpu)?)
+    let te = &args.weights.text_encoder;
+    let (weights, config) =
+        args.sources(te.text_encoder_weights.as_deref(), "--text-encoder-weights")?;
+    let tokenizer =
+        qwen_image_text_encoder::tokenizer_dir(te.tokenizer.as_deref(), Some(&args.snapshot))
+            .map_err(anyhow::Error::msg)?;
+    let loaded = qwen_image_model::source::load_prompt_encoder(
+        &weights,
+        &config,
+        &tokenizer,
+        &args.load_options(),
+    )?;
+    println!("text encoder weights: {}", loaded.memory);
+    Ok(loaded.model)
 }
 
 fn ids_of(t: &Tensor) -> Result<Vec<i64>> {

@@ -4,7 +4,6 @@
 use anyhow::{Context, Result};
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::latents;
-use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::vae::{self, AutoencoderKLQwenImage};
 
 use super::{ParityArgs, Reference, Report};
@@ -12,13 +11,13 @@ use super::{ParityArgs, Reference, Report};
 /// 8-bit images may differ by one level where the f32 value sits on a rounding boundary.
 const U8_LEVELS: u8 = 1;
 
+/// The VAE of the snapshot, or of `--vae-weights` (config from the snapshot).
 pub fn load_vae(args: &ParityArgs) -> Result<AutoencoderKLQwenImage> {
-    let snapshot = Snapshot::open(&args.snapshot)?;
-    Ok(AutoencoderKLQwenImage::load(
-        &snapshot,
-        DType::F32,
-        &Device::Cpu,
-    )?)
+    let (weights, config) =
+        args.sources(args.weights.vae.vae_weights.as_deref(), "--vae-weights")?;
+    let loaded = qwen_image_model::source::load_vae(&weights, &config, &args.load_options())?;
+    println!("vae weights: {}", loaded.memory);
+    Ok(loaded.model)
 }
 
 /// Flattened uint8 bytes of a `[B, H, W, 3]` reference.

@@ -41,31 +41,52 @@ impl StageKind {
 }
 
 /// The flags of the stack's services: the stages' shared flags (queue capacity, device; the model is the
-/// stack's), the denoiser's own (its ControlNets), and the gateway's limits.
+/// stack's), their own (the denoiser's ControlNets, each stage's weights file, the tokenizer), and the
+/// gateway's limits.
 #[derive(Debug, Clone, Default)]
 pub struct StageOptions {
     pub stage: StageArgs,
-    pub text_encoder: TextEncoderArgs,
     pub denoiser: DenoiserArgs,
+    pub text_encoder: TextEncoderArgs,
+    pub vae: VaeArgs,
     /// Gateway flags whose endpoints are ignored (the stack's own stages are used).
     pub gateway: Option<GatewayArgs>,
 }
 
-/// The configuration of stage `D` on `model` from the shared and its own flags.
+impl StageOptions {
+    /// These options with the weight-file flags of `files` (the denoiser's other flags kept).
+    pub fn with_weight_files(mut self, files: &crate::weights::WeightFilesArgs) -> Self {
+        self.denoiser.weights = files.transformer.clone();
+        self.text_encoder = files.text_encoder.clone();
+        self.vae = files.vae.clone();
+        self
+    }
+
+    /// Whether a stage reads a weights file or tokenizer given apart from the snapshot.
+    pub fn has_weight_files(&self) -> bool {
+        self.denoiser.weights.transformer_weights.is_some()
+            || self.text_encoder.text_encoder_weights.is_some()
+            || self.text_encoder.tokenizer.is_some()
+            || self.vae.vae_weights.is_some()
+    }
+}
+
+/// The configuration of stage `D` on `model` (none: single weight files with the released configs) from
+/// the shared and its own flags.
 fn config<D: StageDef>(
-    model: &Path,
+    model: Option<&Path>,
     stage: &StageArgs,
     own: D::Args,
 ) -> Result<StageConfig<D::Args>> {
     let mut stage = stage.clone();
-    stage.model = Some(model.to_path_buf());
+    stage.model = model.map(Path::to_path_buf);
     D::config_from(&stage, own).map_err(anyhow::Error::msg)
 }
 
 /// Runs one model stage on `listener` until `shutdown`, through the stage library's own `run`.
 pub async fn run_stage(
     kind: StageKind,
-    model: &Path,
+    model: Option<&Path>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: StageOptions,
@@ -81,7 +102,7 @@ pub async fn run_stage(
             qwen_image_denoiser::run(c, listener, shutdown).await?;
         }
         StageKind::Vae => {
-            let c = config::<Vae>(model, s, VaeArgs {})?;
+            let c = config::<Vae>(model, s, options.vae)?;
             qwen_image_vae::run(c, listener, shutdown).await?;
         }
         StageKind::Gateway => {
@@ -115,15 +136,16 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
 }
 
 impl LocalStack {
-    /// Starts the three stages on `127.0.0.1:0` and the gateway on `gateway_listen`.
+    /// Starts the three stages on `127.0.0.1:0` and the gateway on `gateway_listen`; `model` is the
+    /// snapshot (`None`: every stage reads a weights file given in the options).
     #[allow(dead_code)] // the no-options entry point; current callers pass options
-    pub async fn start(model: PathBuf, gateway_listen: &str) -> Result<Self> {
+    pub async fn start(model: Option<PathBuf>, gateway_listen: &str) -> Result<Self> {
         Self::start_with(model, gateway_listen, StageOptions::default()).await
     }
 
     /// [`start`](Self::start) with stage options (queue capacity, the denoiser's ControlNets).
     pub async fn start_with(
-        model: PathBuf,
+        model: Option<PathBuf>,
         gateway_listen: &str,
         options: StageOptions,
     ) -> Result<Self> {
@@ -136,9 +158,9 @@ impl LocalStack {
             let options = options.clone();
             tasks.push((
                 kind.name(),
-                tokio::spawn(
-                    async move { run_stage(kind, &model, listener, shutdown, options).await },
-                ),
+                tokio::spawn(async move {
+                    run_stage(kind, model.as_deref(), listener, shutdown, options).await
+                }),
             ));
             stage_addrs.push((kind, addr));
         }

@@ -87,6 +87,61 @@ pub fn digest(root: &Path, dirs: &[&str], text_only: bool) -> std::io::Result<St
     Ok(hex(&h.finalize()))
 }
 
+/// Marker digested in place of the config files when a stage runs the released model's config (no snapshot).
+pub const RELEASED_CONFIG: &str = "released-config";
+
+/// Digest of a component whose weights may come from a single file (`--transformer-weights FILE`, ...):
+/// without `file`, [`digest`] of the snapshot folders `dirs`; with it, the snapshot's text files of `dirs`
+/// (configs; [`RELEASED_CONFIG`] without a snapshot), then the file by size and both ends under a fixed name
+/// (two copies of one file in different places agree), then `extra` folders or files (a tokenizer) by their
+/// own digest.
+pub fn component_digest(
+    snapshot: Option<&Path>,
+    dirs: &[&str],
+    file: Option<&Path>,
+    extra: &[&Path],
+) -> std::io::Result<String> {
+    let Some(file) = file else {
+        if let Some(root) = snapshot
+            && extra.is_empty()
+        {
+            return digest(root, dirs, false);
+        }
+        let mut h = Sha256::new();
+        if let Some(root) = snapshot {
+            h.update(digest(root, dirs, false)?.as_bytes());
+        }
+        feed_extra(&mut h, extra)?;
+        return Ok(hex(&h.finalize()));
+    };
+    let mut h = Sha256::new();
+    match snapshot {
+        Some(root) => h.update(digest(root, dirs, true)?.as_bytes()),
+        None => h.update(RELEASED_CONFIG.as_bytes()),
+    }
+    feed_file(&mut h, file, "weights-file", false)?;
+    feed_extra(&mut h, extra)?;
+    Ok(hex(&h.finalize()))
+}
+
+fn feed_extra(h: &mut Sha256, extra: &[&Path]) -> std::io::Result<()> {
+    for p in extra {
+        let d = match (p.parent(), p.file_name().and_then(|n| n.to_str())) {
+            (Some(parent), Some(name)) => digest(parent, &[name], false)?,
+            _ => digest(p, &["."], false)?,
+        };
+        h.update(d.as_bytes());
+    }
+    Ok(())
+}
+
+/// What a stage without a snapshot calls its model: the weights file's name.
+pub fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 /// The snapshot's identity: its `model_index.json` and every config and tokenizer file of its folders
 /// (not the weights), so every stage started from one snapshot reports the same value.
 pub fn snapshot_digest(snapshot: &Path) -> std::io::Result<String> {
@@ -124,6 +179,37 @@ mod tests {
         );
         std::fs::write(dir.join("vae/config.json"), b"{\"z_dim\": 4}").expect("write");
         assert_ne!(configs, snapshot_digest(&dir).expect("configs count"));
+        // a single weights file: its content counts, not its place or name; the config counts too
+        let a = dir.join("a.gguf");
+        std::fs::write(&a, &mid).expect("write");
+        let other = dir.join("vae/b.gguf");
+        std::fs::write(&other, &mid).expect("write");
+        let one = component_digest(Some(&dir), &["vae"], Some(&a), &[]).expect("digest");
+        assert_eq!(
+            one,
+            component_digest(Some(&dir), &["vae"], Some(&other), &[]).expect("copy")
+        );
+        let released = component_digest(None, &["vae"], Some(&a), &[]).expect("released");
+        assert_ne!(one, released);
+        std::fs::write(&other, &end).expect("write");
+        assert_ne!(
+            one,
+            component_digest(Some(&dir), &["vae"], Some(&other), &[]).expect("other file")
+        );
+        // the tokenizer folder given apart counts
+        let tok = dir.join("tok");
+        std::fs::create_dir_all(&tok).expect("mkdir");
+        std::fs::write(tok.join("tokenizer.json"), b"{}").expect("write");
+        let with_tok = component_digest(None, &[], Some(&a), &[&tok]).expect("tok");
+        std::fs::write(tok.join("tokenizer.json"), b"{\"x\": 1}").expect("write");
+        assert_ne!(
+            with_tok,
+            component_digest(None, &[], Some(&a), &[&tok]).expect("tok")
+        );
+        assert_eq!(
+            digest(&dir, &["vae"], false).expect("digest"),
+            component_digest(Some(&dir), &["vae"], None, &[]).expect("snapshot only")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

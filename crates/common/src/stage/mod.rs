@@ -12,6 +12,7 @@ pub mod args;
 pub mod describe;
 pub mod error;
 pub mod handle;
+pub mod memory;
 pub mod serve;
 pub mod worker;
 
@@ -25,6 +26,7 @@ use tonic::service::Routes;
 pub use args::{ComputeDtype, DeviceSpec, StageArgs};
 pub use error::StageError;
 pub use handle::StageHandle;
+pub use memory::WeightsUsage;
 pub use serve::run;
 pub use worker::{Faults, JobCtx, Stats, StatsSnapshot};
 
@@ -33,8 +35,9 @@ use crate::args::CommonArgs;
 /// What `run` needs besides the listener and the shutdown signal.
 #[derive(Debug, Clone)]
 pub struct StageConfig<A> {
-    /// Diffusers snapshot directory.
-    pub model_dir: PathBuf,
+    /// Diffusers snapshot directory (`--model`); `None` when the stage's weights come from a single file
+    /// (`--transformer-weights`, ...) with the released model's config.
+    pub model_dir: Option<PathBuf>,
     /// Requests admitted at once (running + waiting), at least 1.
     pub queue_capacity: usize,
     pub device: DeviceSpec,
@@ -83,11 +86,16 @@ pub trait StageDef: 'static {
     fn probe(model: &mut Self::Model) -> Result<(), String>;
     /// Adds the stage's gRPC service(s), whose handlers admit jobs through `handle`.
     fn routes(routes: Routes, handle: StageHandle<Self::Model>, state: Self::State) -> Routes;
+    /// The weight memory the loaded model keeps resident, by component and format (reported in `/metrics`
+    /// and logged once loaded, see [`memory`]).
+    fn weights(_model: &Self::Model) -> Vec<WeightsUsage> {
+        Vec::new()
+    }
 
     /// A CPU configuration of `model_dir` with the default queue capacity and default own flags.
     fn config(model_dir: impl Into<PathBuf>) -> StageConfig<Self::Args> {
         StageConfig {
-            model_dir: model_dir.into(),
+            model_dir: Some(model_dir.into()),
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
             device: DeviceSpec::Cpu,
             own: Self::Args::default(),
@@ -96,16 +104,16 @@ pub trait StageDef: 'static {
         }
     }
 
-    /// The configuration from the shared stage flags and the stage's own.
+    /// The configuration from the shared stage flags and the stage's own. Without `--model` the stage's
+    /// `prepare` needs its weights file flag (and says so).
     fn config_from(stage: &StageArgs, own: Self::Args) -> Result<StageConfig<Self::Args>, String> {
-        let model_dir = stage.model.clone().ok_or_else(|| {
-            "--model DIR (a diffusers snapshot directory) is required".to_string()
-        })?;
         Ok(StageConfig {
+            model_dir: stage.model.clone(),
             queue_capacity: stage.queue_capacity.unwrap_or(Self::DEFAULT_QUEUE_CAPACITY),
             device: stage.device.check_built(Self::CUDA_BUILT)?,
             own,
-            ..Self::config(model_dir)
+            stats: Stats::default(),
+            faults: Faults::default(),
         })
     }
 }

@@ -18,6 +18,7 @@ use crate::stage::args::ComputeDtype;
 use crate::stage::describe::snapshot_digest;
 use crate::stage::error::StageError;
 use crate::stage::handle::{Readiness, StageHandle};
+use crate::stage::memory;
 use crate::stage::worker::{self, WorkerSpec};
 use crate::stage::{StageConfig, StageDef};
 
@@ -48,14 +49,15 @@ fn describe<D: StageDef>(
     mut description: StageDescription,
 ) -> Result<StageDescription, StageError> {
     description.kind = D::KIND as i32;
-    description.model_id = config
-        .model_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| config.model_dir.display().to_string());
-    description.snapshot_digest = snapshot_digest(&config.model_dir).map_err(|e| {
-        StageError::Config(format!("cannot read {}: {e}", config.model_dir.display()))
-    })?;
+    // Without a snapshot the stage names its model itself (its weights file) in `prepare`.
+    if let Some(dir) = &config.model_dir {
+        description.model_id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        description.snapshot_digest = snapshot_digest(dir)
+            .map_err(|e| StageError::Config(format!("cannot read {}: {e}", dir.display())))?;
+    }
     description.compute_dtype = match config.device.compute_dtype() {
         ComputeDtype::F32 => DataType::F32,
         ComputeDtype::Bf16 => DataType::Bf16,
@@ -83,7 +85,11 @@ pub async fn run<D: StageDef>(
     let spec = WorkerSpec::new(
         name,
         config.queue_capacity,
-        move || D::load(&load_cfg, &load_state),
+        move || {
+            let model = D::load(&load_cfg, &load_state)?;
+            memory::record_weights(name, &D::weights(&model));
+            Ok(model)
+        },
         D::probe,
         config.stats.clone(),
         config.faults.clone(),
@@ -95,7 +101,7 @@ pub async fn run<D: StageDef>(
 
     let (v1, v1alpha) = crate::transport::reflection().map_err(StageError::Server)?;
     let routes = Routes::new(health_service)
-        .add_service(StageInfoServer::new(Describe(description)))
+        .add_service(StageInfoServer::new(Describe(description.clone())))
         .add_service(v1)
         .add_service(v1alpha);
     let routes = D::routes(routes, handle, prepared.state);
@@ -103,8 +109,8 @@ pub async fn run<D: StageDef>(
     let addr = listener
         .local_addr()
         .map_err(|e| StageError::Server(e.to_string()))?;
-    tracing::info!(%addr, stage = name, model = %config.model_dir.display(), device = %config.device,
-        queue_capacity = config.queue_capacity, "listening; loading the model");
+    tracing::info!(%addr, stage = name, model = %description.model_id, weights = %description.weights_format,
+        device = %config.device, queue_capacity = config.queue_capacity, "listening; loading the model");
 
     // SERVING once loaded; the first of shutdown / load failure / worker exit stops the server.
     let (stop_tx, stop_rx) = oneshot::channel::<Stop>();

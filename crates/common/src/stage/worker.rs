@@ -417,6 +417,7 @@ where
                     job.run(&mut model, &ctx, queued.slot, &faults)
                 };
                 record(service, rpc, ended, started, &stats);
+                crate::stage::memory::record_rss(service);
                 last_job_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 if ended == Ended::Panicked {
                     let checked = if faults.model_broken() {

@@ -38,6 +38,13 @@ impl MemoryReport {
         }
     }
 
+    /// `(format, tensors, params, bytes)` per format, in format order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, usize, u64, u64)> {
+        self.by_format
+            .iter()
+            .map(|(f, u)| (f.as_str(), u.tensors, u.params, u.bytes))
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.by_format.values().map(|u| u.bytes).sum()
     }

@@ -34,7 +34,7 @@ async fn read(stage: StageName, replica: &Replica) {
         Ok(Ok(resp)) => {
             let d = Arc::new(resp.into_inner());
             tracing::info!(%stage, uri = %replica.uri, model = %d.model_id, snapshot = %d.snapshot_digest,
-                device = %d.device, queue_capacity = d.queue_capacity, "stage replica described its model");
+                weights = %d.weights_format, device = %d.device, queue_capacity = d.queue_capacity, "stage replica described its model");
             // Accepted provisionally; `review` checks it against the others right after.
             replica.set_described(Described::Accepted(d));
         }
