@@ -286,6 +286,7 @@ pub fn attention(
     let mut outs = Vec::with_capacity(sq.div_ceil(QUERY_CHUNK));
     let mut start = 0;
     while start < sq {
+        crate::interrupt::check()?;
         let len = QUERY_CHUNK.min(sq - start);
         let qc = q.narrow(2, start, len)?.contiguous()?; // [B, H, len, D]
         let mut scores = (qc.matmul(&kt)? * scale)?; // [B, H, len, Sk]
