@@ -319,3 +319,12 @@ pub fn key_bias_from_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)?
         .reshape((b, 1, 1, s))
 }
+
+/// True when every element of `t` is finite (its f32 sum is: NaN and infinities propagate; a sum that
+/// overflows counts as non-finite too, which only values near f32::MAX can cause).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .is_finite())
+}

@@ -61,6 +61,8 @@ pub struct HostInpaint {
 pub const MAX_CONTROL_INPUTS: usize = 8;
 /// Largest |conditioning_scale| accepted (diffusers has no cap; beyond this the output is noise).
 pub const MAX_CONDITIONING_SCALE: f32 = 100.0;
+/// Largest `true_cfg_scale` (diffusers' default is 4.0; a huge scale only overflows the guided velocity).
+pub const MAX_TRUE_CFG_SCALE: f32 = 100.0;
 
 /// What a request's ControlInputs are checked against: one loaded ControlNet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +151,9 @@ pub fn validate_with_controlnets(
         None => None,
     };
     let scale = req.true_cfg_scale;
-    if !scale.is_finite() || scale < 0.0 {
+    if !scale.is_finite() || !(0.0..=MAX_TRUE_CFG_SCALE).contains(&scale) {
         return Err(invalid(format!(
-            "`true_cfg_scale` is {scale}; send a finite value >= 0 (<= 1 disables CFG)"
+            "`true_cfg_scale` is {scale}; send a value in 0..={MAX_TRUE_CFG_SCALE} (<= 1 disables CFG)"
         )));
     }
     let latents = latents(
@@ -588,6 +590,11 @@ mod tests {
         let mut r = good();
         r.true_cfg_scale = f32::NAN;
         assert!(err(&r).contains("true_cfg_scale"));
+        r.true_cfg_scale = 3.4e38;
+        assert!(err(&r).contains("true_cfg_scale"));
+        let mut r = good();
+        r.latents = Some(from_f32(&[1, 16, 2, 2], &[1e30; 64]));
+        assert!(err(&r).contains("within"), "{}", err(&r));
         let mut r = good();
         r.prompt_embeds_mask = Some(from_f32(&[1, 3], &[1.0, 0.5, 0.0]));
         assert!(err(&r).contains("0 or 1"));

@@ -2,6 +2,8 @@
 
 use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor;
+use qwen_image_model::interrupt;
+use qwen_image_model::nn::all_finite;
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::EncodeResponse;
 
@@ -10,7 +12,9 @@ use crate::validate::EncodeInputs;
 
 fn internal(e: candle_core::Error) -> StageError {
     let msg = first_line(&e);
-    tracing::error!(error = %msg, "encoding failed");
+    if !interrupt::is_interrupted(&e) {
+        tracing::error!(error = %msg, "encoding failed");
+    }
     StageError::Model(msg)
 }
 
@@ -28,6 +32,9 @@ pub fn encode(model: &LoadedModel, inputs: &EncodeInputs) -> Result<EncodeRespon
         }
     }
     let enc = model::encode(model, &prompts, max).map_err(internal)?;
+    if !all_finite(&enc.embeds).map_err(internal)? {
+        return Err(StageError::non_finite_output("prompt embeddings"));
+    }
     let (shape, embeds) = model::host_f32(&enc.embeds).map_err(internal)?;
     let (mask_shape, mask) = model::host_f32(&enc.mask).map_err(internal)?;
     let mask_u8: Vec<u8> = mask.iter().map(|&v| u8::from(v >= 0.5)).collect();

@@ -24,7 +24,7 @@ use tonic::service::Routes;
 
 pub use args::{ComputeDtype, DeviceSpec, StageArgs};
 pub use error::StageError;
-pub use handle::StageHandle;
+pub use handle::{JobStream, StageHandle};
 pub use serve::run;
 pub use worker::{Faults, JobCtx, Stats, StatsSnapshot};
 
@@ -38,6 +38,8 @@ pub struct StageConfig<A> {
     /// Requests admitted at once (running + waiting), at least 1.
     pub queue_capacity: usize,
     pub device: DeviceSpec,
+    /// Most image pixels per request, summed over the batch (`--max-pixels`).
+    pub max_pixels: u64,
     /// The stage's own flags.
     pub own: A,
     /// The worker's counters (tests observe them).
@@ -90,6 +92,7 @@ pub trait StageDef: 'static {
             model_dir: model_dir.into(),
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
             device: DeviceSpec::Cpu,
+            max_pixels: DeviceSpec::Cpu.default_max_pixels(),
             own: Self::Args::default(),
             stats: Stats::default(),
             faults: Faults::default(),
@@ -101,9 +104,11 @@ pub trait StageDef: 'static {
         let model_dir = stage.model.clone().ok_or_else(|| {
             "--model DIR (a diffusers snapshot directory) is required".to_string()
         })?;
+        let device = stage.device.check_built(Self::CUDA_BUILT)?;
         Ok(StageConfig {
             queue_capacity: stage.queue_capacity.unwrap_or(Self::DEFAULT_QUEUE_CAPACITY),
-            device: stage.device.check_built(Self::CUDA_BUILT)?,
+            device,
+            max_pixels: stage.max_pixels.unwrap_or(device.default_max_pixels()),
             own,
             ..Self::config(model_dir)
         })
