@@ -593,7 +593,7 @@ mod tests {
         r.true_cfg_scale = 3.4e38;
         assert!(err(&r).contains("true_cfg_scale"));
         let mut r = good();
-        r.latents = Some(from_f32(&[1, 16, 2, 2], &[1e30; 64]));
+        r.latents = Some(from_f32(&[1, 1, 16, 2, 4], &[1e30; 128]));
         assert!(err(&r).contains("within"), "{}", err(&r));
         let mut r = good();
         r.prompt_embeds_mask = Some(from_f32(&[1, 3], &[1.0, 0.5, 0.0]));
