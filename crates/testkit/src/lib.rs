@@ -5,5 +5,6 @@
 pub mod judge;
 pub mod otlp_sink;
 pub mod process;
+pub mod raw;
 pub mod service;
 pub mod stack;

@@ -1,6 +1,7 @@
 //! Checks a `DenoiseRequest` against the loaded model and turns it into host tensors. Every problem is an
 //! INVALID_ARGUMENT whose message names the field and what to send instead.
 
+use qwen_image_common::wire_guard::clip;
 use qwen_image_common::tensor::{
     self, HostTensor, TensorError, expect_binary, expect_dim, required,
 };
@@ -61,6 +62,8 @@ pub struct HostInpaint {
 pub const MAX_CONTROL_INPUTS: usize = 8;
 /// Largest |conditioning_scale| accepted (diffusers has no cap; beyond this the output is noise).
 pub const MAX_CONDITIONING_SCALE: f32 = 100.0;
+/// Longest piece of a client string echoed in an error.
+const ECHO_BYTES: usize = 200;
 /// Largest `true_cfg_scale` (diffusers' default is 4.0; a huge scale only overflows the guided velocity).
 pub const MAX_TRUE_CFG_SCALE: f32 = 100.0;
 
@@ -222,7 +225,7 @@ fn control(
         let which = if c.controlnet_id.is_empty() {
             "a ControlNet".to_string()
         } else {
-            format!("ControlNet `{}`", c.controlnet_id)
+            format!("ControlNet `{}`", clip(&c.controlnet_id, ECHO_BYTES))
         };
         return Err(StageError::FailedPrecondition(format!(
             "`control[{k}]` asks for {which} but the denoiser has none loaded, it has [] (start it with \
@@ -245,7 +248,7 @@ fn control(
             .ok_or_else(|| {
                 StageError::FailedPrecondition(format!(
                     "the denoiser has no ControlNet `{}`; it has {} (start it with --controlnet [NAME=]DIR)",
-                    c.controlnet_id,
+                    clip(&c.controlnet_id, ECHO_BYTES),
                     ids()
                 ))
             })?
