@@ -2,6 +2,7 @@
 //! processes and waits for SERVING ([`service`], [`process`], [`stack`]), an OTLP receiver, the demo
 //! judge.
 
+pub mod fuzz;
 pub mod judge;
 pub mod otlp_sink;
 pub mod process;
