@@ -79,6 +79,11 @@ impl Rng {
     }
 }
 
+/// `seed` encoded, mutated ([`Rng::mutate`]) and decoded again: `None` when the bytes no longer decode.
+pub fn mutated<M: prost::Message + Default>(rng: &mut Rng, seed: &M) -> Option<M> {
+    M::decode(rng.mutate(&seed.encode_to_vec()).as_slice()).ok()
+}
+
 /// Runs `case` with fresh generators (seeds `seed`, `seed + 1`, ...) until `budget` has passed or
 /// `max_cases` ran; a panic fails with the seed of the case. Returns the number of cases run.
 pub fn run(seed: u64, budget: Duration, max_cases: usize, mut case: impl FnMut(&mut Rng)) -> usize {

@@ -348,6 +348,32 @@ mod tests {
         assert!(decode("image", &jpeg(64, 64)).is_ok());
     }
 
+    /// Bounded fuzzing: mutated PNGs and JPEGs never panic, and what decodes is within the size limit.
+    #[test]
+    fn mutated_pictures_never_panic() {
+        let seeds = [
+            png(DynamicImage::ImageRgba8(image::RgbaImage::from_fn(24, 16, |x, y| {
+                image::Rgba([x as u8, y as u8, 3, 200])
+            }))),
+            jpeg(32, 24),
+        ];
+        let cases = qwen_image_testkit::fuzz::run(
+            71,
+            std::time::Duration::from_secs(5),
+            5_000,
+            |rng| {
+                let bytes = rng.mutate(&seeds[rng.below(seeds.len())]);
+                if let Ok(img) = decode("image", &bytes) {
+                    assert!(img.width() <= MAX_INPUT_SIDE_PX && img.height() <= MAX_INPUT_SIDE_PX);
+                    let rgb = to_rgb(&img).expect("rgb");
+                    assert_eq!(rgb.data.len(), rgb.width * rgb.height * 3);
+                    to_l(&img).expect("l");
+                }
+            },
+        );
+        assert!(cases > 100, "only {cases} cases ran");
+    }
+
     const G: Geometry = Geometry {
         latent_channels: 16,
         vae_scale_factor: 8,
