@@ -39,7 +39,12 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
     big.set_timeout(timeout);
     let deadline = Instant::now() + timeout;
     let err = client.decode(big).await.expect_err("past its deadline");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // tonic's client enforces the timeout itself (CANCELLED "Timeout expired", and it resets the call)
+    // when its timer fires before the stage's DEADLINE_EXCEEDED arrives.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
 
     let small = client
         .decode(decode_request(8))
@@ -53,9 +58,10 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
         late < Duration::from_secs(2),
         "the next request was answered {late:?} after the big one's deadline"
     );
-    // The worker ran the big job and stopped it for its deadline (it did not finish it).
+    // The worker ran the big job and stopped it (for its deadline, or for the reset that tonic's client
+    // sends at the same moment): it did not finish it.
     let s = stats.snapshot();
-    assert_eq!(s.jobs_deadline_exceeded, 1, "{s:?}");
+    assert_eq!(s.jobs_deadline_exceeded + s.jobs_cancelled, 1, "{s:?}");
     assert_eq!(s.jobs_started, 2, "{s:?}");
 
     // The caller of a running big Decode (no deadline) goes away.
@@ -77,7 +83,8 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
         late < Duration::from_secs(2),
         "the next request was answered {late:?} after the big one's caller went away"
     );
-    assert_eq!(stats.snapshot().jobs_cancelled, 1);
+    let s = stats.snapshot();
+    assert_eq!(s.jobs_deadline_exceeded + s.jobs_cancelled, 2, "{s:?}");
 
     drop(client);
     assert!(service.stop().await.is_ok());
