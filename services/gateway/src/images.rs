@@ -61,22 +61,37 @@ impl Drop for DecodeSlot {
     }
 }
 
-/// Decodes a JPEG strictly (every scan complete, no marker out of place) and drops the pixels: the image
-/// crate fills a cut or corrupt JPEG with grey instead of failing.
+/// Checks that a JPEG holds all its pixels, then decodes it strictly (every scan complete, no marker out of
+/// place) and drops the pixels: the image crate fills a cut or corrupt JPEG with grey instead of failing.
+///
+/// A header claiming more pixels than the file can hold is refused before any pixel is allocated: every
+/// 8x8 luma block costs at least one bit of Huffman-coded data (its DC code, in baseline and progressive
+/// JPEGs alike), so a JPEG of `w` x `h` pixels has at least `ceil(w/8)·ceil(h/8)/8` bytes.
 fn check_jpeg(field: &str, bytes: &[u8]) -> Result<(), GatewayError> {
+    let corrupt = |e: zune_jpeg::errors::DecodeErrors| {
+        invalid(format!(
+            "`{field}` is a cut or corrupt JPEG ({}); send the complete file",
+            qwen_image_common::wire_guard::clip(&format!("{e:?}"), 200)
+        ))
+    };
     let options = zune_core::options::DecoderOptions::default()
         .set_strict_mode(true)
         .set_max_width(MAX_INPUT_SIDE_PX as usize)
         .set_max_height(MAX_INPUT_SIDE_PX as usize);
-    zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options)
-        .decode()
-        .map(drop)
-        .map_err(|e| {
-            invalid(format!(
-                "`{field}` is a cut or corrupt JPEG ({}); send the complete file",
-                qwen_image_common::wire_guard::clip(&format!("{e:?}"), 200)
-            ))
-        })
+    let mut decoder =
+        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(corrupt)?;
+    if let Some((w, h)) = decoder.dimensions() {
+        let min_bytes = w.div_ceil(8) * h.div_ceil(8) / 8;
+        if bytes.len() < min_bytes {
+            return Err(invalid(format!(
+                "`{field}` is a cut or corrupt JPEG: its header claims {w}x{h} px but the file has only {} \
+                 bytes, fewer than the {min_bytes} such a picture needs; send the complete file",
+                bytes.len()
+            )));
+        }
+    }
+    decoder.decode().map(drop).map_err(corrupt)
 }
 
 /// Decodes PNG or JPEG bytes; `field` names the request field in errors. At most [`DECODE_SLOTS`]
@@ -329,7 +344,8 @@ mod tests {
     fn rejects_cut_and_lying_jpegs() {
         let msg = |r: Result<DynamicImage, GatewayError>| match r {
             Err(GatewayError::InvalidArgument(m)) => m,
-            other => panic!("expected InvalidArgument, got {other:?}"),
+            Err(e) => panic!("expected InvalidArgument, got {e:?}"),
+            Ok(img) => panic!("expected InvalidArgument, got a {}x{} picture", img.width(), img.height()),
         };
         // A JPEG cut in half (the image crate alone decodes it, filling the rest with grey).
         let mut cut = jpeg(64, 64);
@@ -362,7 +378,8 @@ mod tests {
             std::time::Duration::from_secs(5),
             5_000,
             |rng| {
-                let bytes = rng.mutate(&seeds[rng.below(seeds.len())]);
+                let seed = &seeds[rng.below(seeds.len())];
+                let bytes = rng.mutate(seed);
                 if let Ok(img) = decode("image", &bytes) {
                     assert!(img.width() <= MAX_INPUT_SIDE_PX && img.height() <= MAX_INPUT_SIDE_PX);
                     let rgb = to_rgb(&img).expect("rgb");

@@ -58,19 +58,19 @@ fn mutated_requests_of_every_flow_never_panic() {
         },
         Img2ImgRequest {
             settings: Some(settings()),
-            image: picture.clone(),
+            image: picture.clone().into(),
             strength: Some(0.6),
         },
         InpaintRequest {
             settings: Some(settings()),
-            image: picture.clone(),
-            mask: picture.clone(),
+            image: picture.clone().into(),
+            mask: picture.clone().into(),
             strength: Some(0.9),
             paste_back: true,
         },
         OutpaintRequest {
             settings: Some(settings()),
-            image: picture.clone(),
+            image: picture.clone().into(),
             left_px: 16,
             ..Default::default()
         },
@@ -81,8 +81,8 @@ fn mutated_requests_of_every_flow_never_panic() {
         },
         ControlNetInpaintRequest {
             settings: Some(settings()),
-            image: picture.clone(),
-            mask: picture,
+            image: picture.clone().into(),
+            mask: picture.into(),
             control,
         },
     );

@@ -171,7 +171,7 @@ pub fn convert(
     let true_cfg_scale = s.true_cfg_scale.unwrap_or(DEFAULT_TRUE_CFG_SCALE);
     if !true_cfg_scale.is_finite() || !(0.0..=MAX_TRUE_CFG_SCALE).contains(&true_cfg_scale) {
         return Err(invalid(format!(
-            "true_cfg_scale {true_cfg_scale} is not allowed; send a value in 0..={MAX_TRUE_CFG_SCALE} (e.g. 4.0)"
+            "true_cfg_scale {true_cfg_scale} is not allowed; send a finite value in 0..={MAX_TRUE_CFG_SCALE} (e.g. 4.0)"
         )));
     }
     let num_images = match s.num_images {
@@ -365,7 +365,7 @@ mod tests {
                 },
                 wh
             )
-            .contains(">= 0")
+            .contains("in 0..=100")
         );
         assert!(
             err(
