@@ -113,8 +113,9 @@ pub fn fix_status(h: &mut HeaderMap, before_any_message: bool) {
         .and_then(|v| v.to_str().ok())
         .map(crate::grpc::percent_decode)
         .unwrap_or_default();
-    let undecodable =
-        internal && before_any_message && DECODE_ERROR_PREFIXES.iter().any(|p| message.starts_with(p));
+    let undecodable = internal
+        && before_any_message
+        && DECODE_ERROR_PREFIXES.iter().any(|p| message.starts_with(p));
     let new_message = if undecodable {
         h.insert(
             "grpc-status",
@@ -210,7 +211,10 @@ mod tests {
         assert_eq!(rpc_label("qwen_image.v1.Denoiser", "Denoise"), "Denoise");
         assert_eq!(rpc_label("grpc.health.v1.Health", "Check"), "Check");
         assert_eq!(
-            rpc_label("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
+            rpc_label(
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo"
+            ),
             "ServerReflectionInfo"
         );
         assert_eq!(rpc_label("qwen_image.v1.Denoiser", "Nope"), UNKNOWN_RPC);

@@ -30,8 +30,18 @@ fn mutated_pose_files_never_panic() {
 #[test]
 fn extreme_numbers_never_panic() {
     const NUMBERS: [&str; 12] = [
-        "0", "-0", "1e308", "-1e308", "1e-320", "4294967296", "18446744073709551616", "-1", "0.5",
-        "16384", "16385", "1.0000000000000002",
+        "0",
+        "-0",
+        "1e308",
+        "-1e308",
+        "1e-320",
+        "4294967296",
+        "18446744073709551616",
+        "-1",
+        "0.5",
+        "16384",
+        "16385",
+        "1.0000000000000002",
     ];
     let cases = fuzz::run(2, Duration::from_secs(3), 5_000, |rng| {
         let mut pick = || NUMBERS[rng.below(NUMBERS.len())];

@@ -123,7 +123,9 @@ mod tests {
             flag.store(true, Ordering::Relaxed);
             let e = check().expect_err("stopped");
             assert!(is_interrupted(&e), "{e}");
-            let e = check().expect_err("still stopped").context("while decoding");
+            let e = check()
+                .expect_err("still stopped")
+                .context("while decoding");
             assert!(is_interrupted(&e), "{e}");
         });
         assert!(check().is_ok(), "the scope ends with its closure");

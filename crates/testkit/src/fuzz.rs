@@ -34,7 +34,18 @@ impl Rng {
 
     /// A value a parser is likely to mishandle.
     pub fn edge_u64(&mut self) -> u64 {
-        const EDGES: [u64; 10] = [0, 1, 2, 255, 256, 65_535, 1 << 31, u32::MAX as u64, 1 << 62, u64::MAX];
+        const EDGES: [u64; 10] = [
+            0,
+            1,
+            2,
+            255,
+            256,
+            65_535,
+            1 << 31,
+            u32::MAX as u64,
+            1 << 62,
+            u64::MAX,
+        ];
         EDGES[self.below(EDGES.len())]
     }
 

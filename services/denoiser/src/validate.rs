@@ -1,10 +1,10 @@
 //! Checks a `DenoiseRequest` against the loaded model and turns it into host tensors. Every problem is an
 //! INVALID_ARGUMENT whose message names the field and what to send instead.
 
-use qwen_image_common::wire_guard::clip;
 use qwen_image_common::tensor::{
     self, HostTensor, TensorError, expect_binary, expect_dim, required,
 };
+use qwen_image_common::wire_guard::clip;
 use qwen_image_proto::v1::{ControlInput, DataType, DenoiseRequest, InpaintInputs, Tensor};
 
 use qwen_image_common::stage::StageError;

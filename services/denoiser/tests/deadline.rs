@@ -20,10 +20,7 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixture
 fn request(side: usize, steps: u32) -> DenoiseRequest {
     DenoiseRequest {
         prompt_embeds: Some(from_f32(&[1, 4, 32], &[0.1; 4 * 32])),
-        latents: Some(from_f32(
-            &[1, 16, side, side],
-            &vec![0.5; 16 * side * side],
-        )),
+        latents: Some(from_f32(&[1, 16, side, side], &vec![0.5; 16 * side * side])),
         steps,
         ..Default::default()
     }

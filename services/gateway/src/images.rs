@@ -44,10 +44,7 @@ impl DecodeSlot {
     fn acquire() -> Self {
         let mut free = DECODERS.free.lock().unwrap_or_else(|e| e.into_inner());
         while *free == 0 {
-            free = DECODERS
-                .freed
-                .wait(free)
-                .unwrap_or_else(|e| e.into_inner());
+            free = DECODERS.freed.wait(free).unwrap_or_else(|e| e.into_inner());
         }
         *free -= 1;
         DecodeSlot
@@ -78,8 +75,10 @@ fn check_jpeg(field: &str, bytes: &[u8]) -> Result<(), GatewayError> {
         .set_strict_mode(true)
         .set_max_width(MAX_INPUT_SIDE_PX as usize)
         .set_max_height(MAX_INPUT_SIDE_PX as usize);
-    let mut decoder =
-        zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
     decoder.decode_headers().map_err(corrupt)?;
     if let Some((w, h)) = decoder.dimensions() {
         let min_bytes = w.div_ceil(8) * h.div_ceil(8) / 8;
@@ -332,7 +331,8 @@ mod tests {
     }
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
-        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 9]));
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 9]));
         let mut out = Cursor::new(Vec::new());
         DynamicImage::ImageRgb8(img)
             .write_to(&mut out, ImageFormat::Jpeg)
@@ -345,7 +345,11 @@ mod tests {
         let msg = |r: Result<DynamicImage, GatewayError>| match r {
             Err(GatewayError::InvalidArgument(m)) => m,
             Err(e) => panic!("expected InvalidArgument, got {e:?}"),
-            Ok(img) => panic!("expected InvalidArgument, got a {}x{} picture", img.width(), img.height()),
+            Ok(img) => panic!(
+                "expected InvalidArgument, got a {}x{} picture",
+                img.width(),
+                img.height()
+            ),
         };
         // A JPEG cut in half (the image crate alone decodes it, filling the rest with grey).
         let mut cut = jpeg(64, 64);
@@ -368,16 +372,15 @@ mod tests {
     #[test]
     fn mutated_pictures_never_panic() {
         let seeds = [
-            png(DynamicImage::ImageRgba8(image::RgbaImage::from_fn(24, 16, |x, y| {
-                image::Rgba([x as u8, y as u8, 3, 200])
-            }))),
+            png(DynamicImage::ImageRgba8(image::RgbaImage::from_fn(
+                24,
+                16,
+                |x, y| image::Rgba([x as u8, y as u8, 3, 200]),
+            ))),
             jpeg(32, 24),
         ];
-        let cases = qwen_image_testkit::fuzz::run(
-            71,
-            std::time::Duration::from_secs(5),
-            5_000,
-            |rng| {
+        let cases =
+            qwen_image_testkit::fuzz::run(71, std::time::Duration::from_secs(5), 5_000, |rng| {
                 let seed = &seeds[rng.below(seeds.len())];
                 let bytes = rng.mutate(seed);
                 if let Ok(img) = decode("image", &bytes) {
@@ -386,8 +389,7 @@ mod tests {
                     assert_eq!(rgb.data.len(), rgb.width * rgb.height * 3);
                     to_l(&img).expect("l");
                 }
-            },
-        );
+            });
         assert!(cases > 100, "only {cases} cases ran");
     }
 

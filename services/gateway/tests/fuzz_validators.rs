@@ -9,8 +9,8 @@ use qwen_image_gateway::request::settings::Limits;
 use qwen_image_gateway::request::{Geometry, cn_inpaint, edit, pose, t2i};
 use qwen_image_proto::v1::pose_request::Pose;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, ControlNetSettings, GenerationSettings, Img2ImgRequest, InpaintRequest,
-    OutpaintRequest, PoseRequest, TextToImageRequest,
+    ControlNetInpaintRequest, ControlNetSettings, GenerationSettings, Img2ImgRequest,
+    InpaintRequest, OutpaintRequest, PoseRequest, TextToImageRequest,
 };
 use qwen_image_testkit::fuzz;
 
@@ -109,7 +109,10 @@ fn mutated_requests_of_every_flow_never_panic() {
                 .map(|p| (p.settings.width_px, p.settings.height_px)),
         };
         if let Some((w, h)) = size {
-            assert!(w <= limits.max_side_px && h <= limits.max_side_px, "{w}x{h}");
+            assert!(
+                w <= limits.max_side_px && h <= limits.max_side_px,
+                "{w}x{h}"
+            );
         }
     });
     assert!(cases > 50, "only {cases} cases ran");

@@ -13,9 +13,7 @@ use crate::validate::{VaeShape, validate_decode, validate_encode};
 
 /// `n` images of `w` x `h` pixels.
 fn pixels(n: usize, w: usize, h: usize) -> u64 {
-    (n as u64)
-        .saturating_mul(w as u64)
-        .saturating_mul(h as u64)
+    (n as u64).saturating_mul(w as u64).saturating_mul(h as u64)
 }
 
 pub struct VaeService {
@@ -37,8 +35,10 @@ impl Vae for VaeService {
         let s = &inputs.latents.shape; // [B, C, h, w]
         let f = self.shape.scale_factor;
         let (b, h, w) = (s[0], s[2] * f, s[3] * f);
-        self.stage
-            .check_pixels(pixels(b, w, h), &format!("decoding {b} image(s) of {w}x{h}"))?;
+        self.stage.check_pixels(
+            pixels(b, w, h),
+            &format!("decoding {b} image(s) of {w}x{h}"),
+        )?;
         let out = self
             .stage
             .unary("Decode", deadline, move |m, ctx| {
@@ -59,8 +59,10 @@ impl Vae for VaeService {
             .stage
             .checked(validate_encode(request.get_ref(), self.shape))?;
         let (n, w, h) = (inputs.images.len(), inputs.width_px, inputs.height_px);
-        self.stage
-            .check_pixels(pixels(n, w, h), &format!("encoding {n} image(s) of {w}x{h}"))?;
+        self.stage.check_pixels(
+            pixels(n, w, h),
+            &format!("encoding {n} image(s) of {w}x{h}"),
+        )?;
         let out = self
             .stage
             .unary("Encode", deadline, move |m, ctx| {

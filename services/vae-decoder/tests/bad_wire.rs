@@ -75,7 +75,10 @@ async fn broken_wire_input_gets_client_errors_and_harms_no_other_call() {
             .await
             .expect_err(what);
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
-        assert!(err.message().contains("cannot be decoded"), "{what}: {err:?}");
+        assert!(
+            err.message().contains("cannot be decoded"),
+            "{what}: {err:?}"
+        );
     }
 
     // A 64 KiB x-request-id: INVALID_ARGUMENT for that call, while a call in flight on the same
@@ -97,7 +100,10 @@ async fn broken_wire_input_gets_client_errors_and_harms_no_other_call() {
     let err = client(&channel).decode(big).await.expect_err("too big");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("x-request-id"), "{err:?}");
-    let done = in_flight.await.expect("task").expect("the other call completes");
+    let done = in_flight
+        .await
+        .expect("task")
+        .expect("the other call completes");
     assert_eq!(done.into_inner().images.len(), 1);
 
     // Made-up method paths are UNIMPLEMENTED and counted under rpc="unknown".

@@ -53,7 +53,10 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
         .into_inner();
     let late = Instant::now().saturating_duration_since(deadline);
     assert_eq!(small.images.len(), 1);
-    assert_eq!((small.images[0].width_px, small.images[0].height_px), (64, 64));
+    assert_eq!(
+        (small.images[0].width_px, small.images[0].height_px),
+        (64, 64)
+    );
     assert!(
         late < Duration::from_secs(2),
         "the next request was answered {late:?} after the big one's deadline"

@@ -32,7 +32,10 @@ fn mutated_vae_requests_never_panic() {
             if let Some(r) = fuzz::mutated(rng, &decode)
                 && let Ok(d) = validate_decode(&r, V)
             {
-                assert_eq!(d.latents.data.len(), d.latents.shape.iter().product::<usize>());
+                assert_eq!(
+                    d.latents.data.len(),
+                    d.latents.shape.iter().product::<usize>()
+                );
             }
         } else if let Some(r) = fuzz::mutated(rng, &encode)
             && let Ok(e) = validate_encode(&r, V)

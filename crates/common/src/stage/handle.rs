@@ -194,7 +194,10 @@ mod tests {
     fn the_pixel_budget_refuses_only_what_exceeds_it() {
         assert!(pixel_budget(100, 100, "the batch").is_ok());
         let e = pixel_budget(101, 100, "2 images of 64x64").expect_err("over");
-        assert!(matches!(&e, StageError::InvalidArgument(m)
-            if m.contains("2 images of 64x64 is 101 pixels") && m.contains("--max-pixels")), "{e}");
+        assert!(
+            matches!(&e, StageError::InvalidArgument(m)
+            if m.contains("2 images of 64x64 is 101 pixels") && m.contains("--max-pixels")),
+            "{e}"
+        );
     }
 }

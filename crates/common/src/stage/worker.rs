@@ -201,7 +201,8 @@ where
                 if ctx.past_deadline() {
                     (
                         Err(StageError::DeadlineExceeded(
-                            "while running; allow more time (grpc-timeout) or ask for less work".into(),
+                            "while running; allow more time (grpc-timeout) or ask for less work"
+                                .into(),
                         )),
                         Ended::DeadlineExceeded,
                     )
