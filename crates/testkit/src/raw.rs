@@ -44,22 +44,28 @@ impl Codec for RawCodec {
     }
 }
 
+async fn ready(channel: Channel) -> Result<tonic::client::Grpc<Channel>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
+    Ok(grpc)
+}
+
 /// Calls `path` (`/package.Service/Method`) with `message` as the raw request bytes (unary).
 pub async fn unary(
     channel: Channel,
     path: &'static str,
     request: Request<Vec<u8>>,
 ) -> Result<Response<Vec<u8>>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
+    ready(channel)
+        .await?
+        .unary(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
         .await
-        .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
-    grpc.unary(
-        request,
-        tonic::codegen::http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
 }
 
 /// Calls a server-streaming `path` with raw request bytes and reads the stream to its end.
@@ -68,11 +74,8 @@ pub async fn server_streaming(
     path: &'static str,
     request: Request<Vec<u8>>,
 ) -> Result<Vec<Vec<u8>>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
-    let mut stream = grpc
+    let mut stream = ready(channel)
+        .await?
         .server_streaming(
             request,
             tonic::codegen::http::uri::PathAndQuery::from_static(path),

@@ -5,12 +5,12 @@
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_common::stage::StageDef;
 use qwen_image_common::tensor::from_f32;
-use qwen_image_denoiser::{Denoiser, SERVICE_NAME, run};
+use qwen_image_denoiser::{Denoiser, run};
 use qwen_image_proto::v1::denoise_event::Event;
 use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::stage_info_client::StageInfoClient;
 use qwen_image_proto::v1::{ControlInput, DenoiseRequest, DescribeRequest};
-use qwen_image_testkit::service::{GUARD, InProcess, wait_serving};
+use qwen_image_testkit::service::InProcess;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -44,10 +44,7 @@ async fn outcome(
 async fn extreme_values_one_step_schedules_long_ids_and_big_grids_are_client_errors() {
     let mut config = Denoiser::config(format!("{FIXTURES}/snapshot"));
     config.max_pixels = MAX_PIXELS;
-    let service = InProcess::start(|l, stop| run(config, l, stop)).await;
-    wait_serving(&service.url(), SERVICE_NAME, GUARD)
-        .await
-        .expect("SERVING in time");
+    let service = InProcess::serving(|l, stop| run(config, l, stop)).await;
     let mut client = DenoiserClient::new(service.channel())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_common::stage::StageDef;
 use qwen_image_common::tensor::from_f32;
-use qwen_image_denoiser::{Denoiser, SERVICE_NAME, run};
+use qwen_image_denoiser::{Denoiser, run};
 use qwen_image_proto::v1::denoise_event::Event;
 use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::{DenoiseRequest, DenoiseResult};
-use qwen_image_testkit::service::{GUARD, InProcess, wait_serving};
+use qwen_image_testkit::service::InProcess;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -40,10 +40,7 @@ async fn result(client: &mut DenoiserClient<Channel>, req: DenoiseRequest) -> De
 async fn the_largest_grid_past_its_deadline_or_abandoned_frees_the_stage_within_two_seconds() {
     let config = Denoiser::config(format!("{FIXTURES}/snapshot"));
     let stats = config.stats.clone();
-    let service = InProcess::start(|l, stop| run(config, l, stop)).await;
-    wait_serving(&service.url(), SERVICE_NAME, GUARD)
-        .await
-        .expect("SERVING in time");
+    let service = InProcess::serving(|l, stop| run(config, l, stop)).await;
     let mut client = DenoiserClient::new(service.channel())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
