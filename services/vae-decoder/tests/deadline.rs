@@ -52,6 +52,7 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
         .expect("the small request is served")
         .into_inner();
     let late = Instant::now().saturating_duration_since(deadline);
+    eprintln!("next request answered {late:?} after the big one's deadline");
     assert_eq!(small.images.len(), 1);
     assert_eq!(
         (small.images[0].width_px, small.images[0].height_px),
@@ -82,6 +83,7 @@ async fn a_4096px_decode_past_its_deadline_or_abandoned_frees_the_stage_within_t
         .await
         .expect("the small request is served");
     let late = gone.elapsed();
+    eprintln!("next request answered {late:?} after the big one's caller went away");
     assert!(
         late < Duration::from_secs(2),
         "the next request was answered {late:?} after the big one's caller went away"
