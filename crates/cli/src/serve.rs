@@ -10,6 +10,7 @@ use qwen_image_common::args::CommonArgs;
 use qwen_image_common::stage::StageArgs;
 use qwen_image_denoiser::{ControlNetSpec, DenoiserArgs};
 use qwen_image_gateway::GatewayArgs;
+use qwen_image_text_encoder::TextEncoderArgs;
 use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
@@ -30,6 +31,10 @@ pub struct ServeArgs {
     /// The stages' flags (`--model`, default: the embedded default model; `--queue-capacity`; `--device`).
     #[command(flatten)]
     pub stage_args: StageArgs,
+
+    /// The text encoder's flags (`--embedding-cache-mb`): whole stack or `--stage text-encoder`.
+    #[command(flatten)]
+    pub text_encoder: TextEncoderArgs,
 
     /// The denoiser's flags (`--controlnet`): whole stack or `--stage denoiser`.
     #[command(flatten)]
@@ -135,6 +140,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
             let options = StageOptions {
                 stage: args.stage_args,
+                text_encoder: args.text_encoder,
                 denoiser: DenoiserArgs { controlnets },
                 gateway: None,
             };
@@ -153,6 +159,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 model_and_controlnets(args.stage_args.model.clone(), args.denoiser.controlnets)?;
             let options = StageOptions {
                 stage: args.stage_args,
+                text_encoder: args.text_encoder,
                 denoiser: DenoiserArgs { controlnets },
                 gateway: Some(args.gateway),
             };

@@ -44,6 +44,9 @@ fn assert_passes(suite: &str, reference: &str) {
             "final latents",
         ],
         "controlnet" => &[
+            "gateway: control_image",
+            "gateway: rng.0",
+            "vae: controlnet_cond",
             "step.0.controlnet.0.block_samples.0",
             "step.0.transformer.uncond.out",
             "final latents",
@@ -178,7 +181,12 @@ fn default_model_matches_diffusers() {
         ),
         (
             "controlnet_pose_64",
-            &["step.0.controlnet.0.block_samples.0", "final latents"][..],
+            &[
+                "gateway: control_image",
+                "vae: controlnet_cond",
+                "step.0.controlnet.0.block_samples.0",
+                "final latents",
+            ][..],
         ),
     ] {
         let (ok, text) = parity(&snapshot, &fixtures().join("demo/refs").join(reference));

@@ -44,6 +44,18 @@ pub const DENOISE_STEPS_TOTAL: &str = "qwen_image_denoise_steps_total";
 /// Histogram: duration of one denoising step (transformer passes + scheduler update). Labels: service.
 pub const DENOISE_STEP_SECONDS: &str = "qwen_image_denoise_step_duration_seconds";
 
+// ---- text encoder ----
+
+/// Counter: prompt-embedding cache lookups, one per prompt of a request. Labels: service, outcome (`hit` |
+/// `miss`).
+pub const EMBEDDING_CACHE_LOOKUPS_TOTAL: &str = "qwen_image_embedding_cache_lookups_total";
+/// Counter: prompts dropped from the embedding cache to stay within its bound. Labels: service.
+pub const EMBEDDING_CACHE_EVICTIONS_TOTAL: &str = "qwen_image_embedding_cache_evictions_total";
+/// Gauge: bytes the embedding cache holds. Labels: service.
+pub const EMBEDDING_CACHE_BYTES: &str = "qwen_image_embedding_cache_bytes";
+/// Gauge: prompts the embedding cache holds. Labels: service.
+pub const EMBEDDING_CACHE_ENTRIES: &str = "qwen_image_embedding_cache_entries";
+
 // ---- gateway ----
 
 /// Histogram: one stage call as the gateway sees it (network + queue + work), per attempt.

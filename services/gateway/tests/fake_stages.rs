@@ -66,6 +66,7 @@ impl TextEncoder for Fake {
             token_counts: vec![l as u32],
             truncated: vec![false],
             model_id: "fake-model".into(),
+            from_cache: vec![false],
         }))
     }
 }

@@ -1,4 +1,6 @@
-//! The Encode work on the worker thread.
+//! The Encode work on the worker thread: each prompt from the embedding cache or encoded alone (as
+//! diffusers' `encode_prompt` encodes the prompt and the negative prompt in calls of their own), then the
+//! batch padded to its longest prompt with the mask, as `_get_qwen_prompt_embeds` pads.
 
 use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor;
@@ -7,6 +9,7 @@ use qwen_image_model::nn::all_finite;
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::EncodeResponse;
 
+use crate::cache::PromptRows;
 use crate::model::{self, LoadedModel};
 use crate::validate::EncodeInputs;
 
@@ -18,32 +21,69 @@ fn internal(e: candle_core::Error) -> StageError {
     StageError::Model(msg)
 }
 
-pub fn encode(model: &LoadedModel, inputs: &EncodeInputs) -> Result<EncodeResponse, StageError> {
-    let prompts: Vec<&str> = inputs.prompts.iter().map(String::as_str).collect();
-    let max = inputs.max_sequence_length;
-    if !inputs.truncate {
-        let counts = model::token_counts(model, &prompts).map_err(internal)?;
-        if let Some(i) = counts.iter().position(|&n| n > max) {
-            return Err(StageError::InvalidArgument(format!(
-                "`prompts[{i}]` is {} tokens long (template suffix included), more than max_sequence_length {max}; \
-                 shorten it, raise max_sequence_length (up to 1024) or set overlong_policy TRUNCATE",
-                counts[i]
-            )));
-        }
-    }
-    let enc = model::encode(model, &prompts, max).map_err(internal)?;
+/// One prompt through the text model: its rows, token count and truncation.
+fn encode_one(m: &LoadedModel, prompt: &str, max: usize) -> Result<PromptRows, StageError> {
+    let enc = model::encode(m, &[prompt], max).map_err(internal)?;
+    // never answered, nor cached, with NaN or infinity in it
     if !all_finite(&enc.embeds).map_err(internal)? {
         return Err(StageError::non_finite_output("prompt embeddings"));
     }
-    let (shape, embeds) = model::host_f32(&enc.embeds).map_err(internal)?;
-    let (mask_shape, mask) = model::host_f32(&enc.mask).map_err(internal)?;
-    let mask_u8: Vec<u8> = mask.iter().map(|&v| u8::from(v >= 0.5)).collect();
+    let (shape, values) = model::host_f32(&enc.embeds).map_err(internal)?;
+    Ok(PromptRows {
+        values,
+        rows: shape[1],
+        token_count: enc.token_counts[0],
+        truncated: enc.truncated[0],
+    })
+}
+
+pub fn encode(m: &mut LoadedModel, inputs: &EncodeInputs) -> Result<EncodeResponse, StageError> {
+    let max = inputs.max_sequence_length;
+    let cached: Vec<Option<PromptRows>> =
+        inputs.prompts.iter().map(|p| m.cache.get(p, max)).collect();
+    if !inputs.truncate {
+        for (i, (p, c)) in inputs.prompts.iter().zip(&cached).enumerate() {
+            let count = match c {
+                Some(rows) => rows.token_count,
+                None => model::token_counts(m, &[p.as_str()]).map_err(internal)?[0],
+            };
+            if count > max {
+                return Err(StageError::InvalidArgument(format!(
+                    "`prompts[{i}]` is {count} tokens long (template suffix included), more than max_sequence_length \
+                     {max}; shorten it, raise max_sequence_length (up to 1024) or set overlong_policy TRUNCATE"
+                )));
+            }
+        }
+    }
+    let mut from_cache = Vec::with_capacity(cached.len());
+    let mut all = Vec::with_capacity(cached.len());
+    for (p, c) in inputs.prompts.iter().zip(cached) {
+        from_cache.push(c.is_some());
+        let rows = match c {
+            Some(rows) => rows,
+            None => {
+                let rows = encode_one(m, p, max)?;
+                m.cache.insert(p, max, rows.clone());
+                rows
+            }
+        };
+        all.push(rows);
+    }
+    let hidden = m.encoder.hidden_size();
+    let width = all.iter().map(|r| r.rows).max().unwrap_or(0);
+    let mut embeds = vec![0f32; all.len() * width * hidden];
+    let mut mask = vec![0u8; all.len() * width];
+    for (i, r) in all.iter().enumerate() {
+        embeds[i * width * hidden..][..r.values.len()].copy_from_slice(&r.values);
+        mask[i * width..][..r.rows].fill(1);
+    }
     Ok(EncodeResponse {
-        prompt_embeds: Some(tensor::from_f32(&shape, &embeds)),
-        prompt_embeds_mask: Some(tensor::from_u8(&mask_shape, mask_u8)),
-        mask_all_ones: enc.mask_all_ones,
-        token_counts: enc.token_counts.iter().map(|&n| n as u32).collect(),
-        truncated: enc.truncated,
-        model_id: model.model_id.clone(),
+        prompt_embeds: Some(tensor::from_f32(&[all.len(), width, hidden], &embeds)),
+        prompt_embeds_mask: Some(tensor::from_u8(&[all.len(), width], mask)),
+        mask_all_ones: all.iter().all(|r| r.rows == width),
+        token_counts: all.iter().map(|r| r.token_count as u32).collect(),
+        truncated: all.iter().map(|r| r.truncated).collect(),
+        model_id: m.model_id.clone(),
+        from_cache,
     })
 }

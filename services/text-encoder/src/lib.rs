@@ -3,6 +3,7 @@
 //! only the model call ([`model`], [`job`]), the request checks ([`validate`]) and the handler
 //! ([`service`]); `main.rs` is the skeleton's `main`.
 
+pub mod cache;
 pub mod job;
 pub mod model;
 pub mod service;
@@ -20,9 +21,21 @@ pub use qwen_image_common::stage::StageArgs;
 /// Full proto name of the service, as health checks name it.
 pub const SERVICE_NAME: &str = "qwen_image.v1.TextEncoder";
 
-/// The text encoder's own flags (it has none besides the shared stage flags).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct TextEncoderArgs {}
+/// The text encoder's own flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TextEncoderArgs {
+    /// Bound of the prompt-embedding cache in MiB (prompts sent again skip the text model; 0 = off).
+    #[arg(long, env = "QWEN_IMAGE_EMBEDDING_CACHE_MB", default_value_t = 256)]
+    pub embedding_cache_mb: usize,
+}
+
+impl Default for TextEncoderArgs {
+    fn default() -> Self {
+        Self {
+            embedding_cache_mb: 256,
+        }
+    }
+}
 
 /// The text-encoder stage.
 pub struct TextEncoder;

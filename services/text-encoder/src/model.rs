@@ -7,12 +7,15 @@ use qwen_image_model::prompt::{EncodedPrompts, PromptEncoder};
 use qwen_image_model::snapshot::Snapshot;
 
 use crate::TextEncoderConfig;
+use crate::cache::EmbeddingCache;
 
 /// Encoder living on the worker thread.
 pub struct LoadedModel {
     pub encoder: PromptEncoder,
     /// Identifier reported in responses (the snapshot directory's name).
     pub model_id: String,
+    /// Prompt embeddings already computed by this model.
+    pub cache: EmbeddingCache,
 }
 
 /// Loads tokenizer and text encoder and encodes one short prompt (warm-up). Runs on the worker.
@@ -28,7 +31,11 @@ pub fn load(cfg: &TextEncoderConfig) -> candle_core::Result<LoadedModel> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| cfg.model_dir.display().to_string());
-    let model = LoadedModel { encoder, model_id };
+    let model = LoadedModel {
+        encoder,
+        model_id,
+        cache: EmbeddingCache::new(cfg.own.embedding_cache_mb.saturating_mul(1 << 20)),
+    };
     warm_up(&model)?;
     Ok(model)
 }

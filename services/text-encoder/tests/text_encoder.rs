@@ -249,3 +249,124 @@ async fn a_worker_that_cannot_go_on_turns_not_serving_and_run_fails() {
         "{ended:?}"
     );
 }
+
+fn f32s(t: &qwen_image_proto::v1::Tensor) -> Vec<f32> {
+    t.data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The six prompts of the fixture's batch (tools/refharness/reference.py DEFAULT_TEXTENC_PROMPTS).
+fn batch_prompts() -> Vec<String> {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{FIXTURES}/refs/textenc/manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    manifest["scalars"]["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| p.as_str().expect("string").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_embedding_cache_serves_repeated_prompts_with_the_same_numbers() {
+    let h = Harness::start().await;
+    let prompts = batch_prompts();
+    let request = EncodeRequest {
+        prompts: prompts.clone(),
+        ..Default::default()
+    };
+    let first = h
+        .client()
+        .encode(request.clone())
+        .await
+        .expect("encoded")
+        .into_inner();
+    assert_eq!(first.from_cache, vec![false; prompts.len()]);
+    // Each prompt encoded alone and padded matches diffusers' batched encoding (padding + mask).
+    let (shape, expected) = reference("batch.prompt_embeds");
+    let embeds = first.prompt_embeds.clone().expect("embeds");
+    assert_eq!(embeds.shape, shape);
+    let ours = f32s(&embeds);
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
+    // diffusers' mask is int64
+    let bytes =
+        std::fs::read(format!("{FIXTURES}/refs/textenc/tensors.safetensors")).expect("fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let expected_mask: Vec<u8> = st
+        .tensor("batch.prompt_embeds_mask")
+        .expect("mask")
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u8)
+        .collect();
+    let mask = first.prompt_embeds_mask.clone().expect("mask");
+    assert_eq!(mask.data, expected_mask);
+    assert!(!first.mask_all_ones);
+
+    // The same prompts again: all from the cache, byte for byte the same answer.
+    let second = h
+        .client()
+        .encode(request)
+        .await
+        .expect("encoded")
+        .into_inner();
+    assert_eq!(second.from_cache, vec![true; prompts.len()]);
+    assert_eq!(second.prompt_embeds, first.prompt_embeds);
+    assert_eq!(second.prompt_embeds_mask, first.prompt_embeds_mask);
+    assert_eq!(second.token_counts, first.token_counts);
+
+    // A new prompt beside a cached one: only the new one is encoded; the cached one keeps its numbers, now
+    // padded to the new batch's width.
+    let mixed = h
+        .client()
+        .encode(EncodeRequest {
+            prompts: vec!["a brand new prompt".into(), prompts[0].clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("encoded")
+        .into_inner();
+    assert_eq!(mixed.from_cache, vec![false, true]);
+    let (_, single0) = reference("single.0.prompt_embeds");
+    let row = f32s(mixed.prompt_embeds.as_ref().expect("embeds"));
+    let width = mixed.prompt_embeds.as_ref().expect("embeds").shape[1] as usize;
+    let hidden = shape[2] as usize;
+    let cached_rows = &row[width * hidden..][..single0.len()];
+    let worst = cached_rows
+        .iter()
+        .zip(&single0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_the_cache_off_nothing_is_served_from_it() {
+    let mut config = TextEncoder::config(format!("{FIXTURES}/snapshot"));
+    config.own.embedding_cache_mb = 0;
+    let h = Harness::start_config(config).await;
+    for _ in 0..2 {
+        let r = h
+            .client()
+            .encode(EncodeRequest {
+                prompts: vec!["dance monkey".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("encoded")
+            .into_inner();
+        assert_eq!(r.from_cache, vec![false]);
+    }
+    h.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! ControlNet parity (`controlnet` mode): the ControlNet's residuals at step 0, the transformer passes that
-//! receive them, and the loop with per-step ControlNet runs, from the dump's own inputs.
+//! receive them, and the loop with per-step ControlNet runs, from the dump's own inputs; first the
+//! gateway-side preprocessing of the control picture (`image_prep::check_control`).
 
 use anyhow::{Context, Result};
 use qwen_image_model::candle_core::{DType, Device};
@@ -10,9 +11,10 @@ use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::TransformerInputs;
 
 use super::t2i::{conditioning, img_shapes, load_transformer};
-use super::{ParityArgs, Reference, Report, textenc, vae};
+use super::{ParityArgs, Reference, Report, image_prep, textenc, vae};
 
 pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> Result<()> {
+    image_prep::check_control(args, reference, report)?;
     let snapshot = Snapshot::open(&args.snapshot)?;
     let cn_dir = match reference.arg("controlnet").as_str() {
         Some(d) => std::path::PathBuf::from(d),

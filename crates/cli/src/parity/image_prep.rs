@@ -6,14 +6,19 @@
 //! snapshot's configs, as the stages describe it.
 
 use anyhow::{Context, Result};
-use qwen_image_gateway::request::edit::{EditParams, draws, validate_img2img, validate_inpaint};
+use qwen_image_gateway::request::edit::{
+    EditParams, draws, draws_for, validate_img2img, validate_inpaint,
+};
+use qwen_image_gateway::request::pose::validate_pose;
 use qwen_image_gateway::request::{Geometry, Limits};
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::latents;
 use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::TransformerConfig;
 use qwen_image_model::vae::{AutoencoderKLQwenImage, Posterior, VaeConfig};
-use qwen_image_proto::v1::{GenerationSettings, Img2ImgRequest, InpaintRequest};
+use qwen_image_proto::v1::{
+    GenerationSettings, Img2ImgRequest, InpaintRequest, PoseRequest, pose_request,
+};
 
 use super::{ParityArgs, Reference, Report};
 
@@ -47,16 +52,32 @@ pub fn geometry(snapshot: &Snapshot) -> Result<Geometry> {
     })
 }
 
-/// The gateway's parameters for the dump's request.
-fn params(reference: &Reference, g: &Geometry, inpaint: bool) -> Result<EditParams> {
-    let settings = GenerationSettings {
+/// The dump's size, steps and seed as the request's common settings.
+fn settings(reference: &Reference) -> Result<GenerationSettings> {
+    Ok(GenerationSettings {
         prompt: "parity".into(),
         width_px: reference.arg("width").as_u64().context("args.width")? as u32,
         height_px: reference.arg("height").as_u64().context("args.height")? as u32,
         steps: reference.arg("steps").as_u64().context("args.steps")? as u32,
         seed: Some(reference.arg("seed").as_u64().context("args.seed")?),
         ..Default::default()
-    };
+    })
+}
+
+/// RGB8 pixels as diffusers' `VaeImageProcessor.preprocess` hands them to the VAE: `[1, 3, H, W]`, 2x/255 - 1.
+fn to_unit_range(rgb: &[u8], w: usize, h: usize) -> Result<Tensor> {
+    let mut chw = vec![0f32; 3 * w * h];
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
+        for ch in 0..3 {
+            chw[ch * w * h + i] = 2.0 * (f32::from(px[ch]) / 255.0) - 1.0;
+        }
+    }
+    to_tensor(&chw, &[1, 3, h, w])
+}
+
+/// The gateway's parameters for the dump's request.
+fn params(reference: &Reference, g: &Geometry, inpaint: bool) -> Result<EditParams> {
+    let settings = settings(reference)?;
     let strength = reference.arg("strength").as_f64();
     let image = std::fs::read(reference.dir.join("input_image.png"))
         .context("input_image.png of the dump")?
@@ -98,15 +119,9 @@ pub fn check(
     let c = g.latent_channels;
 
     // init_image: RGB, LANCZOS to the working size, /255, 2x - 1
-    let mut chw = vec![0f32; 3 * w * h];
-    for (i, px) in p.image.data.chunks_exact(3).enumerate() {
-        for ch in 0..3 {
-            chw[ch * w * h + i] = 2.0 * (f32::from(px[ch]) / 255.0) - 1.0;
-        }
-    }
     report.compare(
         "gateway: init_image (RGB, LANCZOS, 2x/255 - 1)",
-        &to_tensor(&chw, &[1, 3, h, w])?,
+        &to_unit_range(&p.image.data, w, h)?,
         &reference.f32("init_image")?,
         1e-6,
     )?;
@@ -188,4 +203,75 @@ pub fn check(
         image_latents,
         noise,
     })
+}
+
+/// The gateway's side of the ControlNet pose flow (`controlnet` mode), through the gateway's request API:
+/// the control picture from the dump's `input_control.png` as `validate_pose` prepares it (LANCZOS to the
+/// output size) and as the VAE receives it, the generator's draws (the control posterior's eps, then the
+/// initial noise: QwenImageControlNetPipeline samples `retrieve_latents(vae.encode(control_image),
+/// generator)` before `prepare_latents`), then the VAE stage's side: the dump's posterior sampled with the
+/// gateway's eps, normalised and packed, which is the ControlNet's `controlnet_cond`.
+pub fn check_control(args: &ParityArgs, reference: &Reference, report: &mut Report) -> Result<()> {
+    let snapshot = Snapshot::open(&args.snapshot)?;
+    let g = geometry(&snapshot)?;
+    let image = std::fs::read(reference.dir.join("input_control.png"))
+        .context("input_control.png of the dump")?;
+    let req = PoseRequest {
+        settings: Some(settings(reference)?),
+        pose: Some(pose_request::Pose::PoseImage(image.into())),
+        ..Default::default()
+    };
+    let p = gateway(validate_pose(req, &g, &Limits::default(), 0))?;
+    let (w, h) = (p.settings.width_px as usize, p.settings.height_px as usize);
+    let (lh, lw) = p.settings.latent_hw(&g);
+    let c = g.latent_channels;
+    let control = to_unit_range(&p.control.data, w, h)?;
+    report.compare(
+        "gateway: control_image (RGB, LANCZOS, 2x/255 - 1)",
+        &control,
+        &reference.f32("control_image")?,
+        1e-6,
+    )?;
+    report.compare(
+        "gateway: vae.encode.0.in (the control image the VAE stage encodes)",
+        &control.unsqueeze(2)?,
+        &reference.f32("vae.encode.0.in")?,
+        1e-6,
+    )?;
+
+    let d = gateway(draws_for(p.settings.seed, c * lh * lw, 1, false))?;
+    let eps = to_tensor(&d.image_eps, &[1, c, 1, lh, lw])?;
+    report.compare(
+        "gateway: rng.0 (control posterior eps)",
+        &eps,
+        &reference.f32("rng.0")?,
+        RNG_TOL,
+    )?;
+    let noise = to_tensor(&d.noise, &[1, 1, c, lh, lw])?;
+    report.compare(
+        "gateway: rng.1 (noise)",
+        &noise,
+        &reference.f32("rng.1")?,
+        RNG_TOL,
+    )?;
+    report.compare(
+        "gateway: latents_init_packed",
+        &latents::pack(&noise)?,
+        &reference.f32("latents_init_packed")?,
+        RNG_TOL,
+    )?;
+
+    let vae = AutoencoderKLQwenImage::load(&snapshot, DType::F32, &Device::Cpu)?;
+    let posterior = Posterior {
+        mean: reference.f32("vae.encode.0.mean")?,
+        logvar: reference.f32("vae.encode.0.logvar")?,
+    };
+    let cond = latents::pack(&vae.normalize(&posterior.sample(&eps)?)?)?;
+    report.compare(
+        "vae: controlnet_cond (gateway eps, sampled, normalised, packed)",
+        &cond,
+        &reference.f32("step.0.controlnet.0.controlnet_cond")?,
+        args.tol,
+    )?;
+    Ok(())
 }

@@ -45,6 +45,7 @@ impl StageKind {
 #[derive(Debug, Clone, Default)]
 pub struct StageOptions {
     pub stage: StageArgs,
+    pub text_encoder: TextEncoderArgs,
     pub denoiser: DenoiserArgs,
     /// Gateway flags whose endpoints are ignored (the stack's own stages are used).
     pub gateway: Option<GatewayArgs>,
@@ -72,7 +73,7 @@ pub async fn run_stage(
     let s = &options.stage;
     match kind {
         StageKind::TextEncoder => {
-            let c = config::<TextEncoder>(model, s, TextEncoderArgs {})?;
+            let c = config::<TextEncoder>(model, s, options.text_encoder)?;
             qwen_image_text_encoder::run(c, listener, shutdown).await?;
         }
         StageKind::Denoiser => {

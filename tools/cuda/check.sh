@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# CI's GPU build check, without a GPU: builds the CUDA toolkit folder from NVIDIA's PyPI wheels
+# (tools/cuda/toolkit.sh, the recipe of ../shared/reference/cuda-build.md), compiles the stage binaries and the
+# CLI with `--features cuda`, then starts the denoiser with `--device cuda:0` against the stub driver and
+# requires a clean start-up error (exit status 1, a message naming CUDA), not a crash or a signal.
+#   tools/cuda/check.sh            # cache in ~/.cache/qwen-image-cuda (venv + its own target dir)
+# Cold: about 15 minutes on 2 idle cores (candle-kernels' nvcc is most of it); warm: seconds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+CACHE="${QWEN_IMAGE_CUDA_CACHE:-$HOME/.cache/qwen-image-cuda}"
+mkdir -p "$CACHE"
+"$ROOT/tools/cuda/toolkit.sh" "$CACHE/venv" > "$CACHE/toolkit-env.sh"
+# shellcheck disable=SC1091
+. "$CACHE/toolkit-env.sh"
+export LIBRARY_PATH="$CUDA_HOME/lib:$CUDA_HOME/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export CARGO_TARGET_DIR="$CACHE/target"
+
+cd "$ROOT"
+start=$(date +%s)
+cargo build --locked --features cuda \
+  -p qwen-image-denoiser -p qwen-image-text-encoder -p qwen-image-vae -p qwen-image-cli
+echo "cuda build: $(( $(date +%s) - start )) s (stages and CLI, --features cuda, compute capability $CUDA_COMPUTE_CAP)"
+
+# Start-up on a machine without a GPU driver: the stub libcuda answers CUDA_ERROR_STUB_LIBRARY (34).
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+LD_LIBRARY_PATH="$CUDA_HOME/lib/stubs:$CUDA_HOME/lib" timeout 120 \
+  "$CARGO_TARGET_DIR/debug/qwen-image-denoiser" --model "$ROOT/tests/fixtures/tiny/snapshot" \
+  --listen 127.0.0.1:0 --device cuda:0 >"$log" 2>&1
+status=$?
+set -e
+if [ "$status" -ne 1 ]; then
+  echo "the CUDA denoiser on the stub driver exited with $status (want 1, a clean start-up error):" >&2
+  cat "$log" >&2
+  exit 1
+fi
+if grep -qiE 'panicked|RUST_BACKTRACE' "$log" || ! grep -qi 'cuda' "$log"; then
+  echo "the CUDA denoiser's start-up error is not a clear CUDA message:" >&2
+  cat "$log" >&2
+  exit 1
+fi
+echo "cuda start-up on the stub driver: exit 1, $(grep -i cuda "$log" | tail -n1)"
