@@ -22,6 +22,7 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metric_names as m;
+use crate::wire_guard;
 
 /// Metadata key of the request id: optional in requests (the caller's own id is kept), always in
 /// responses.
@@ -186,7 +187,8 @@ where
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let (grpc_service, rpc) = split_path(parts.uri.path());
-        let rpc = rpc.to_string();
+        let rpc = wire_guard::rpc_label(grpc_service, rpc);
+        let oversized = wire_guard::oversized_headers(&parts.headers);
 
         let request_id = match parts
             .headers
@@ -243,7 +245,10 @@ where
             started,
             sent: 0,
         };
-        let fut = tracing::Instrument::instrument(inner.call(req), span);
+        let fut: BoxFuture<Result<Self::Response, Self::Error>> = match oversized {
+            Some(status) => Box::pin(std::future::ready(Ok(wire_guard::status_response(status)))),
+            None => Box::pin(tracing::Instrument::instrument(inner.call(req), span)),
+        };
         Box::pin(async move {
             let response = match fut.await {
                 Ok(r) => r,
@@ -258,6 +263,7 @@ where
             }
             // Trailers-only responses (errors before any message) carry the status in the headers:
             // recorded now, before the caller can see the answer.
+            wire_guard::fix_status(&mut parts.headers, true);
             let finish = match grpc_status(&parts.headers) {
                 Some((code, message)) => {
                     finish.done(code, message);
@@ -285,7 +291,7 @@ fn grpc_status(h: &HeaderMap) -> Option<(i32, Option<String>)> {
 }
 
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -398,7 +404,19 @@ impl HttpBody for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && frame.is_trailers()
+        {
+            let taken = std::mem::replace(frame, Frame::data(Bytes::new()));
+            *frame = match taken.into_trailers() {
+                Ok(mut trailers) => {
+                    wire_guard::fix_status(&mut trailers, false);
+                    Frame::trailers(trailers)
+                }
+                Err(other) => other,
+            };
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -16,3 +16,4 @@ pub mod status;
 pub mod telemetry;
 pub mod tensor;
 pub mod transport;
+pub mod wire_guard;

@@ -136,7 +136,13 @@ fn join(v: &[usize]) -> String {
         .join(" or ")
 }
 
-/// Decodes to f32 after [`check`]. F16/BF16/U8/I64 are widened; non-finite floats are rejected.
+/// Largest magnitude accepted in a float tensor. Latents are unit-variance noise or normalised image
+/// latents, prompt embeddings are normed hidden states (at most a few hundred); values near f32::MAX (1e30
+/// latents) only make the model's output NaN.
+pub const MAX_ABS_VALUE: f32 = 1e6;
+
+/// Decodes to f32 after [`check`]. F16/BF16/U8/I64 are widened; non-finite floats and magnitudes above
+/// [`MAX_ABS_VALUE`] are rejected.
 pub fn to_f32(
     t: &Tensor,
     field: &str,
@@ -169,6 +175,15 @@ pub fn to_f32(
         return Err(TensorError::new(
             field,
             format!("element {i} is not finite; send finite values"),
+        ));
+    }
+    if let Some(i) = data.iter().position(|v| v.abs() > MAX_ABS_VALUE) {
+        return Err(TensorError::new(
+            field,
+            format!(
+                "element {i} is {}; send values within ±{MAX_ABS_VALUE:e}",
+                data[i]
+            ),
         ));
     }
     Ok(HostTensor { shape, data })

@@ -10,11 +10,19 @@ use crate::grpc::ServerTelemetryLayer;
 /// TCP connect timeout of a client channel.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The gRPC server builder of every service: per-RPC telemetry (`service` is the metrics label).
+/// HTTP/2 header list limit of every server: far above [`crate::wire_guard::MAX_REQUEST_HEADER_BYTES`], so
+/// that an oversized request header (a 64 KiB `x-request-id`) reaches the telemetry layer and gets
+/// INVALID_ARGUMENT instead of a GOAWAY that would fail every call on the connection.
+pub const MAX_HEADER_LIST_BYTES: u32 = 1 << 20;
+
+/// The gRPC server builder of every service: per-RPC telemetry (`service` is the metrics label) and the
+/// wire checks of [`crate::wire_guard`].
 pub fn server(
     service: &'static str,
 ) -> Server<tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>> {
-    Server::builder().layer(ServerTelemetryLayer::new(service))
+    Server::builder()
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .layer(ServerTelemetryLayer::new(service))
 }
 
 /// gRPC reflection (v1 and v1alpha) over the qwen_image.v1 protos and grpc.health.v1.

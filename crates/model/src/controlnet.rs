@@ -121,6 +121,7 @@ impl QwenImageControlNet {
         let (mut x, mut c) = (p.x, p.c);
         let mut out = Vec::with_capacity(self.blocks.len());
         for (block, proj) in self.blocks.iter().zip(&self.controlnet_blocks) {
+            crate::interrupt::check()?;
             (c, x) = block.forward(&x, &c, &block_inp)?;
             out.push((proj.forward(&x)? * scale)?);
         }

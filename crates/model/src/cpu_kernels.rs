@@ -213,6 +213,9 @@ pub fn attention(
         ),
     };
     let scale = scale as f32;
+    // polled from the rayon threads: a stopped request skips its remaining query blocks
+    let interrupt = crate::interrupt::current();
+    let stopped = || interrupt.as_ref().is_some_and(|i| i.stopped());
     let run = |qd: &[f32], kd: &[f32], vd: &[f32], bias: Option<&[f32]>| {
         let mut out = vec![0f32; b * h * sq * d];
         out.par_chunks_mut(sq * d).enumerate().for_each(|(bh, o)| {
@@ -224,6 +227,9 @@ pub fn attention(
             o.par_chunks_mut(QUERY_BLOCK * d)
                 .enumerate()
                 .for_each(|(qb, ob)| {
+                    if stopped() {
+                        return;
+                    }
                     let rows = ob.len() / d;
                     let q0 = qb * QUERY_BLOCK;
                     let mut scores = vec![0f32; rows * sk];
@@ -265,6 +271,7 @@ pub fn attention(
             })
         })
     });
+    crate::interrupt::check()?;
     match out.flatten().flatten().flatten() {
         Some(out) => Ok(Some(Tensor::from_vec(out, (b, h, sq, d), q.device())?)),
         None => Ok(None),

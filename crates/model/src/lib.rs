@@ -10,6 +10,7 @@ pub mod denoise;
 pub mod device;
 pub mod edit;
 pub mod edit_prompt;
+pub mod interrupt;
 pub mod latents;
 pub mod nn;
 pub mod prompt;

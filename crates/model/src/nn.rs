@@ -286,6 +286,7 @@ pub fn attention(
     let mut outs = Vec::with_capacity(sq.div_ceil(QUERY_CHUNK));
     let mut start = 0;
     while start < sq {
+        crate::interrupt::check()?;
         let len = QUERY_CHUNK.min(sq - start);
         let qc = q.narrow(2, start, len)?.contiguous()?; // [B, H, len, D]
         let mut scores = (qc.matmul(&kt)? * scale)?; // [B, H, len, Sk]
@@ -317,4 +318,13 @@ pub fn key_bias_from_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     keep.where_cond(&zeros, &neg)?
         .to_dtype(dtype)?
         .reshape((b, 1, 1, s))
+}
+
+/// True when every element of `t` is finite (its f32 sum is: NaN and infinities propagate; a sum that
+/// overflows counts as non-finite too, which only values near f32::MAX can cause).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .is_finite())
 }

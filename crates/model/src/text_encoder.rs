@@ -569,6 +569,7 @@ impl Qwen25VlTextModel {
             bias
         };
         for layer in &self.layers {
+            crate::interrupt::check()?;
             h = layer.forward(&h, &cos, &sin, &bias)?;
         }
         self.norm.forward(&h)

@@ -589,6 +589,7 @@ impl QwenImageTransformer {
             }
         }
         for (i, block) in self.blocks.iter().enumerate() {
+            crate::interrupt::check()?;
             (c, x) = block.forward(&x, &c, &block_inp)?;
             for res in inp.controlnet_residuals.iter().filter(|r| !r.is_empty()) {
                 // transformer_qwenimage.py: interval_control = ceil(len(transformer_blocks) / len(samples))

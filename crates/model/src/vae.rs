@@ -312,6 +312,7 @@ impl Conv3x3 {
         let mut out = vec![0f32; h * w * o];
         let mut y0 = 0;
         while y0 < h {
+            crate::interrupt::check()?;
             let rows = rows_per_band.min(h - y0);
             let subs = im2col::with_f32(x, |xs| {
                 im2col::band_cols(
@@ -563,6 +564,7 @@ fn single_head_attention(
     let mut outs = Vec::with_capacity(s.div_ceil(rows));
     let mut start = 0;
     while start < s {
+        crate::interrupt::check()?;
         let len = rows.min(s - start);
         let scores = (q.narrow(0, start, len)?.matmul(kt)? * scale)?; // [len, S]
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -670,6 +672,7 @@ impl Encoder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = self.conv_in.forward(x, Prologue::None)?;
         for layer in &self.down {
+            crate::interrupt::check()?;
             x = match layer {
                 DownLayer::Res(r) => r.forward(&x)?,
                 DownLayer::Attn(a) => a.forward(&x)?,
@@ -757,6 +760,7 @@ impl Decoder {
         let mut x = self.mid.forward(&x)?;
         for block in &self.up_blocks {
             for r in &block.resnets {
+                crate::interrupt::check()?;
                 x = r.forward(&x)?;
             }
             if let Some(up) = &block.upsample {
@@ -1004,6 +1008,7 @@ impl AutoencoderKLQwenImage {
                     let t = zb
                         .narrow(1, i, min_h.min(h - i))?
                         .narrow(2, j, min_w.min(w - j))?;
+                    crate::interrupt::check()?;
                     let mut tile_img = self.decode_one(&t)?; // [3, th, tw]
                     // blend with the (already blended) tile above and the one to the left, as diffusers does in place
                     if let Some(above) = rows.last() {

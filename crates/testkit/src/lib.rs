@@ -3,8 +3,10 @@
 //! judge.
 
 pub mod files;
+pub mod fuzz;
 pub mod judge;
 pub mod otlp_sink;
 pub mod process;
+pub mod raw;
 pub mod service;
 pub mod stack;

@@ -1,5 +1,6 @@
-//! One Denoise job on the worker thread: the loop, a Progress event per step, the Result; stops within
-//! one step when the caller goes away or the deadline passes.
+//! One Denoise job on the worker thread: the loop, a Progress event per step, the Result. Stops when the
+//! caller goes away or the deadline passes: after the current step, or sooner at the model's next
+//! interrupt check (between transformer blocks and attention chunks).
 
 use std::time::Instant;
 
@@ -9,8 +10,10 @@ use qwen_image_common::stage::{JobCtx, StageError};
 use qwen_image_common::tensor::{self, HostTensor};
 use qwen_image_model::controlnet::ControlUnit;
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, InpaintBlend, Outcome};
+use qwen_image_model::interrupt::{self, Interrupt};
 use qwen_image_model::latents::{pack, unpack};
-use qwen_image_model::scheduler::Schedule;
+use qwen_image_model::nn::all_finite;
+use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseProgress, DenoiseResult, denoise_event::Event};
 use tokio::sync::mpsc;
@@ -26,6 +29,7 @@ pub type Events = mpsc::Sender<Result<DenoiseEvent, Status>>;
 
 enum Ended {
     Finished(DenoiseResult),
+    NonFinite,
     Cancelled,
     DeadlineExceeded { steps_done: usize },
 }
@@ -37,10 +41,12 @@ pub fn run(
     ctx: &JobCtx<'_>,
     events: &Events,
 ) -> Result<DenoiseEvent, StageError> {
-    match execute(model, inputs, ctx, events) {
+    let interrupt = Interrupt::new(ctx.cancel_flag(), ctx.deadline);
+    match interrupt::scoped(interrupt, || execute(model, inputs, ctx, events)) {
         Ok(Ended::Finished(result)) => Ok(DenoiseEvent {
             event: Some(Event::Result(result)),
         }),
+        Ok(Ended::NonFinite) => Err(StageError::non_finite_output("final latents")),
         Ok(Ended::Cancelled) => {
             tracing::info!("caller went away; job stopped");
             Err(StageError::Cancelled)
@@ -53,9 +59,21 @@ pub fn run(
         }
         Err(e) => {
             let msg = first_line(&e);
-            tracing::error!(error = %msg, "denoising failed");
+            if !interrupt::is_interrupted(&e) {
+                tracing::error!(error = %msg, "denoising failed");
+            }
             Err(StageError::Model(msg))
         }
+    }
+}
+
+/// The request's schedule (its `mu` from the packed token count); the handler builds it once at admission
+/// so that a schedule the scheduler refuses is INVALID_ARGUMENT.
+pub fn schedule(cfg: &SchedulerConfig, inp: &DenoiseInputs) -> Result<Schedule, String> {
+    let seq_len = (inp.latents.shape[2] / 2) * (inp.latents.shape[3] / 2);
+    match &inp.schedule {
+        ScheduleInput::Steps(n) => Schedule::for_pipeline(cfg, *n, seq_len),
+        ScheduleInput::Sigmas(s) => Schedule::new(cfg, s, Some(cfg.mu(seq_len))),
     }
 }
 
@@ -127,14 +145,7 @@ fn execute(
         .map(|n| conditioning(n, model))
         .transpose()?;
     let latents = pack(&device_tensor(&inp.latents, model)?)?; // [B, S, 4C]
-    let seq_len = (lh / 2) * (lw / 2);
-    let schedule = match &inp.schedule {
-        ScheduleInput::Steps(n) => Schedule::for_pipeline(&model.scheduler, *n, seq_len),
-        ScheduleInput::Sigmas(s) => {
-            Schedule::new(&model.scheduler, s, Some(model.scheduler.mu(seq_len)))
-        }
-    }
-    .map_err(candle_core::Error::Msg)?;
+    let schedule = schedule(&model.scheduler, inp).map_err(candle_core::Error::Msg)?;
     // img2img / inpaint: start from the image latents noised to sigma[start_step], in the model's dtype
     // (diffusers' prepare_latents: scheduler.scale_noise with begin_index = start_step).
     let latents = match &inp.start_noise {
@@ -235,6 +246,7 @@ fn execute(
         Flow::Continue
     })?;
     Ok(match outcome {
+        Outcome::Finished(final_latents) if !all_finite(&final_latents)? => Ended::NonFinite,
         Outcome::Finished(final_latents) => Ended::Finished(DenoiseResult {
             latents: Some(wire_latents(&final_latents, lh, lw)?),
             sigmas: schedule.sigmas.clone(),

@@ -112,6 +112,7 @@ impl StageDef for Denoiser {
                 max_batch: validate::MAX_BATCH as u32,
                 // Bounded in latent cells (validate::MAX_LATENT_SIDE); pixels depend on the VAE.
                 max_side_px: 0,
+                max_pixels: config.max_pixels,
             }),
             ..Default::default()
         };
@@ -150,6 +151,7 @@ impl StageDef for Denoiser {
                 stage: handle,
                 shape: state.shape,
                 controlnets: state.controlnets,
+                scheduler: state.scheduler,
             })
             .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),

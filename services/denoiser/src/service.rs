@@ -1,14 +1,28 @@
 //! The `qwen_image.v1.Denoiser` gRPC handler: validate, admit, stream the worker's events.
 
-use qwen_image_common::stage::StageHandle;
+use qwen_image_common::stage::{JobStream, StageHandle};
 use qwen_image_proto::v1::denoiser_server::Denoiser;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseRequest};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 
+use qwen_image_common::stage::StageError;
+use qwen_image_model::scheduler::SchedulerConfig;
+
 use crate::model::LoadedModel;
 use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
+
+/// Image pixels per latent cell counted against `--max-pixels`: the Qwen-Image VAE's 8x8 spatial
+/// compression (diffusers `QwenImagePipeline`: `vae_scale_factor = 2 ** len(vae.temperal_downsample)` = 8).
+pub const PIXELS_PER_LATENT_CELL: u64 = 64;
+
+/// The image pixels of a batch of `b` latent grids of `h` x `w` cells.
+pub fn pixel_count(b: usize, h: usize, w: usize) -> u64 {
+    (b as u64)
+        .saturating_mul(h as u64)
+        .saturating_mul(w as u64)
+        .saturating_mul(PIXELS_PER_LATENT_CELL)
+}
 
 /// Events buffered between the worker and a slow reader before the worker waits (backpressure).
 const EVENT_BUFFER: usize = 8;
@@ -18,11 +32,13 @@ pub struct DenoiserService {
     pub(crate) shape: ModelShape,
     /// The loaded ControlNets requests may name.
     pub(crate) controlnets: Vec<ControlNetInfo>,
+    /// What the request's schedule is built from (checked at admission).
+    pub(crate) scheduler: SchedulerConfig,
 }
 
 #[tonic::async_trait]
 impl Denoiser for DenoiserService {
-    type DenoiseStream = ReceiverStream<Result<DenoiseEvent, Status>>;
+    type DenoiseStream = JobStream<DenoiseEvent>;
 
     #[tracing::instrument(
         name = "Denoise",
@@ -40,6 +56,23 @@ impl Denoiser for DenoiserService {
             self.shape,
             &self.controlnets,
         ))?;
+        let (b, h, w) = (
+            inputs.latents.shape[0],
+            inputs.latents.shape[2],
+            inputs.latents.shape[3],
+        );
+        self.stage.check_pixels(
+            pixel_count(b, h, w),
+            &format!("a batch of {b} latent grids of {h}x{w} cells ({PIXELS_PER_LATENT_CELL} pixels each)"),
+        )?;
+        // A schedule the scheduler cannot build (a one-step schedule ending at sigma 1) is the request's fault.
+        self.stage.checked(
+            crate::job::schedule(&self.scheduler, &inputs)
+                .map(drop)
+                .map_err(|e| {
+                    StageError::InvalidArgument(format!("{e}; send `steps` >= 2 or other `sigmas`"))
+                }),
+        )?;
         let span = tracing::Span::current();
         span.record("batch", inputs.latents.shape[0]);
         span.record("latent_height", inputs.latents.shape[2]);

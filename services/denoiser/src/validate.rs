@@ -4,6 +4,7 @@
 use qwen_image_common::tensor::{
     self, HostTensor, TensorError, expect_binary, expect_dim, required,
 };
+use qwen_image_common::wire_guard::clip;
 use qwen_image_proto::v1::{ControlInput, DataType, DenoiseRequest, InpaintInputs, Tensor};
 
 use qwen_image_common::stage::StageError;
@@ -61,6 +62,10 @@ pub struct HostInpaint {
 pub const MAX_CONTROL_INPUTS: usize = 8;
 /// Largest |conditioning_scale| accepted (diffusers has no cap; beyond this the output is noise).
 pub const MAX_CONDITIONING_SCALE: f32 = 100.0;
+/// Longest piece of a client string echoed in an error.
+const ECHO_BYTES: usize = 200;
+/// Largest `true_cfg_scale` (diffusers' default is 4.0; a huge scale only overflows the guided velocity).
+pub const MAX_TRUE_CFG_SCALE: f32 = 100.0;
 
 /// What a request's ControlInputs are checked against: one loaded ControlNet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +154,9 @@ pub fn validate_with_controlnets(
         None => None,
     };
     let scale = req.true_cfg_scale;
-    if !scale.is_finite() || scale < 0.0 {
+    if !scale.is_finite() || !(0.0..=MAX_TRUE_CFG_SCALE).contains(&scale) {
         return Err(invalid(format!(
-            "`true_cfg_scale` is {scale}; send a finite value >= 0 (<= 1 disables CFG)"
+            "`true_cfg_scale` is {scale}; send a value in 0..={MAX_TRUE_CFG_SCALE} (<= 1 disables CFG)"
         )));
     }
     let latents = latents(
@@ -220,7 +225,7 @@ fn control(
         let which = if c.controlnet_id.is_empty() {
             "a ControlNet".to_string()
         } else {
-            format!("ControlNet `{}`", c.controlnet_id)
+            format!("ControlNet `{}`", clip(&c.controlnet_id, ECHO_BYTES))
         };
         return Err(StageError::FailedPrecondition(format!(
             "`control[{k}]` asks for {which} but the denoiser has none loaded, it has [] (start it with \
@@ -243,7 +248,7 @@ fn control(
             .ok_or_else(|| {
                 StageError::FailedPrecondition(format!(
                     "the denoiser has no ControlNet `{}`; it has {} (start it with --controlnet [NAME=]DIR)",
-                    c.controlnet_id,
+                    clip(&c.controlnet_id, ECHO_BYTES),
                     ids()
                 ))
             })?
@@ -588,6 +593,11 @@ mod tests {
         let mut r = good();
         r.true_cfg_scale = f32::NAN;
         assert!(err(&r).contains("true_cfg_scale"));
+        r.true_cfg_scale = 3.4e38;
+        assert!(err(&r).contains("true_cfg_scale"));
+        let mut r = good();
+        r.latents = Some(from_f32(&[1, 1, 16, 2, 4], &[1e30; 128]));
+        assert!(err(&r).contains("within"), "{}", err(&r));
         let mut r = good();
         r.prompt_embeds_mask = Some(from_f32(&[1, 3], &[1.0, 0.5, 0.0]));
         assert!(err(&r).contains("0 or 1"));

@@ -22,6 +22,9 @@ pub struct Geometry {
     pub vae_scale_factor: u32,
     /// Side of the latent patches the transformer packs into one token (2).
     pub patch_size: u32,
+    /// Most image pixels per request summed over its images (the smaller of the denoiser's and the VAE's
+    /// `--max-pixels`, `StageLimits.max_pixels`); 0 = not bounded by the stages.
+    pub max_pixels: u64,
 }
 
 impl Geometry {
@@ -223,10 +226,16 @@ pub fn geometry(anchor: &StageDescription, vae: &StageDescription) -> Option<Geo
     if t.patch_size == 0 || v.scale_factor == 0 || t.latent_channels == 0 {
         return None;
     }
+    let budget = |d: &StageDescription| d.limits.as_ref().map_or(0, |l| l.max_pixels);
     Some(Geometry {
         latent_channels: t.latent_channels as usize,
         vae_scale_factor: v.scale_factor,
         patch_size: t.patch_size,
+        max_pixels: [budget(anchor), budget(vae)]
+            .into_iter()
+            .filter(|&p| p > 0)
+            .min()
+            .unwrap_or(0),
     })
 }
 

@@ -3,6 +3,7 @@
 //! and latent-grid downsampling, the outpaint canvas, and the optional paste-back of the kept pixels.
 
 use std::io::Cursor;
+use std::sync::{Condvar, Mutex};
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 use qwen_image_imaging::{Image8, convert, mask, resize};
@@ -21,7 +22,80 @@ fn invalid(msg: impl Into<String>) -> GatewayError {
     GatewayError::InvalidArgument(msg.into())
 }
 
-/// Decodes PNG or JPEG bytes; `field` names the request field in errors.
+/// Pictures decoded at once across every request (each may hold up to [`MAX_DECODE_ALLOC_BYTES`]).
+pub const DECODE_SLOTS: usize = 2;
+
+/// A counting semaphore for the blocking threads that decode pictures.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+static DECODERS: Slots = Slots {
+    free: Mutex::new(DECODE_SLOTS),
+    freed: Condvar::new(),
+};
+
+/// One of the [`DECODE_SLOTS`], released when dropped.
+struct DecodeSlot;
+
+impl DecodeSlot {
+    /// Waits (on the calling blocking thread) for a free slot.
+    fn acquire() -> Self {
+        let mut free = DECODERS.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = DECODERS.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        DecodeSlot
+    }
+}
+
+impl Drop for DecodeSlot {
+    fn drop(&mut self) {
+        *DECODERS.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        DECODERS.freed.notify_one();
+    }
+}
+
+/// Checks that a JPEG holds all its pixels, then decodes it strictly (every scan complete, no marker out of
+/// place) and drops the pixels: the image crate fills a cut or corrupt JPEG with grey instead of failing.
+///
+/// A header claiming more pixels than the file can hold is refused before any pixel is allocated: every
+/// 8x8 luma block costs at least one bit of Huffman-coded data (its DC code, in baseline and progressive
+/// JPEGs alike), so a JPEG of `w` x `h` pixels has at least `ceil(w/8)·ceil(h/8)/8` bytes.
+fn check_jpeg(field: &str, bytes: &[u8]) -> Result<(), GatewayError> {
+    let corrupt = |e: zune_jpeg::errors::DecodeErrors| {
+        invalid(format!(
+            "`{field}` is a cut or corrupt JPEG ({}); send the complete file",
+            qwen_image_common::wire_guard::clip(&format!("{e:?}"), 200)
+        ))
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(MAX_INPUT_SIDE_PX as usize)
+        .set_max_height(MAX_INPUT_SIDE_PX as usize);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    decoder.decode_headers().map_err(corrupt)?;
+    if let Some((w, h)) = decoder.dimensions() {
+        let min_bytes = w.div_ceil(8) * h.div_ceil(8) / 8;
+        if bytes.len() < min_bytes {
+            return Err(invalid(format!(
+                "`{field}` is a cut or corrupt JPEG: its header claims {w}x{h} px but the file has only {} \
+                 bytes, fewer than the {min_bytes} such a picture needs; send the complete file",
+                bytes.len()
+            )));
+        }
+    }
+    decoder.decode().map(drop).map_err(corrupt)
+}
+
+/// Decodes PNG or JPEG bytes; `field` names the request field in errors. At most [`DECODE_SLOTS`]
+/// pictures are decoded at once (the caller's blocking thread waits for a slot), each within
+/// [`MAX_INPUT_SIDE_PX`] per side and [`MAX_DECODE_ALLOC_BYTES`], whatever the flow.
 pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
     if bytes.is_empty() {
         return Err(invalid(format!(
@@ -43,6 +117,10 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
                 "`{field}` is not a PNG or JPEG picture; send PNG or JPEG bytes"
             )));
         }
+    }
+    let _slot = DecodeSlot::acquire();
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        check_jpeg(field, bytes)?;
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE_PX);
@@ -252,10 +330,74 @@ mod tests {
         assert!(msg(decode("mask", &truncated)).contains("`mask` cannot be decoded"));
     }
 
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 9]));
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, ImageFormat::Jpeg)
+            .expect("encode");
+        out.into_inner()
+    }
+
+    #[test]
+    fn rejects_cut_and_lying_jpegs() {
+        let msg = |r: Result<DynamicImage, GatewayError>| match r {
+            Err(GatewayError::InvalidArgument(m)) => m,
+            Err(e) => panic!("expected InvalidArgument, got {e:?}"),
+            Ok(img) => panic!(
+                "expected InvalidArgument, got a {}x{} picture",
+                img.width(),
+                img.height()
+            ),
+        };
+        // A JPEG cut in half (the image crate alone decodes it, filling the rest with grey).
+        let mut cut = jpeg(64, 64);
+        cut.truncate(cut.len() / 2);
+        assert!(msg(decode("image", &cut)).contains("cut or corrupt JPEG"));
+        // A small JPEG whose frame header claims 4000x4000.
+        let mut lying = jpeg(16, 16);
+        let sof = lying
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("baseline SOF0");
+        // FF C0, length (2), precision (1), height (2), width (2)
+        lying[sof + 5..sof + 9].copy_from_slice(&[0x0F, 0xA0, 0x0F, 0xA0]);
+        assert!(msg(decode("image", &lying)).contains("cut or corrupt JPEG"));
+        // The complete file still decodes.
+        assert!(decode("image", &jpeg(64, 64)).is_ok());
+    }
+
+    /// Bounded fuzzing: mutated PNGs and JPEGs never panic, and what decodes is within the size limit.
+    #[test]
+    fn mutated_pictures_never_panic() {
+        let seeds = [
+            png(DynamicImage::ImageRgba8(image::RgbaImage::from_fn(
+                24,
+                16,
+                |x, y| image::Rgba([x as u8, y as u8, 3, 200]),
+            ))),
+            jpeg(32, 24),
+        ];
+        let cases =
+            qwen_image_testkit::fuzz::run(71, std::time::Duration::from_secs(5), 5_000, |rng| {
+                let seed = &seeds[rng.below(seeds.len())];
+                let bytes = rng.mutate(seed);
+                if let Ok(img) = decode("image", &bytes) {
+                    assert!(img.width() <= MAX_INPUT_SIDE_PX && img.height() <= MAX_INPUT_SIDE_PX);
+                    let rgb = to_rgb(&img).expect("rgb");
+                    assert_eq!(rgb.data.len(), rgb.width * rgb.height * 3);
+                    to_l(&img).expect("l");
+                }
+            });
+        assert!(cases > 100, "only {cases} cases ran");
+    }
+
     const G: Geometry = Geometry {
         latent_channels: 16,
         vae_scale_factor: 8,
         patch_size: 2,
+        max_pixels: 0,
     };
 
     #[test]

@@ -477,6 +477,11 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
             true_cfg_scale: Some(f32::NAN),
             ..settings()
         }),
+        // huge but finite: would overflow the guided velocity
+        with(GenerationSettings {
+            true_cfg_scale: Some(3.4e38),
+            ..settings()
+        }),
         TextToImageRequest {
             initial_latents: Some(bad_latents),
             ..request()
@@ -487,6 +492,30 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
         assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
         assert!(e.metadata().get(REQUEST_ID_KEY).is_some());
     }
+    // A JPEG cut in half (the image crate alone would fill the rest with grey).
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 90])
+    }))
+    .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+    .expect("encode");
+    let mut cut = jpeg.into_inner();
+    cut.truncate(cut.len() / 2);
+    let e = gw
+        .client
+        .img2_img(Img2ImgRequest {
+            settings: Some(settings()),
+            image: cut.into(),
+            strength: Some(0.6),
+        })
+        .await
+        .expect_err("rejected");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("cut or corrupt JPEG"),
+        "{}",
+        e.message()
+    );
     assert_eq!(
         c.encodes.load(Ordering::SeqCst),
         0,

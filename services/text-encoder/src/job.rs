@@ -4,6 +4,8 @@
 
 use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor;
+use qwen_image_model::interrupt;
+use qwen_image_model::nn::all_finite;
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::EncodeResponse;
 
@@ -13,13 +15,19 @@ use crate::validate::EncodeInputs;
 
 fn internal(e: candle_core::Error) -> StageError {
     let msg = first_line(&e);
-    tracing::error!(error = %msg, "encoding failed");
+    if !interrupt::is_interrupted(&e) {
+        tracing::error!(error = %msg, "encoding failed");
+    }
     StageError::Model(msg)
 }
 
 /// One prompt through the text model: its rows, token count and truncation.
 fn encode_one(m: &LoadedModel, prompt: &str, max: usize) -> Result<PromptRows, StageError> {
     let enc = model::encode(m, &[prompt], max).map_err(internal)?;
+    // never answered, nor cached, with NaN or infinity in it
+    if !all_finite(&enc.embeds).map_err(internal)? {
+        return Err(StageError::non_finite_output("prompt embeddings"));
+    }
     let (shape, values) = model::host_f32(&enc.embeds).map_err(internal)?;
     Ok(PromptRows {
         values,

@@ -1,6 +1,7 @@
 //! The `qwen_image.v1.TextEncoder` gRPC handler: validate, admit, answer.
 
 use qwen_image_common::stage::StageHandle;
+use qwen_image_model::interrupt::{self, Interrupt};
 use qwen_image_proto::v1::text_encoder_server::TextEncoder;
 use qwen_image_proto::v1::{EncodeRequest, EncodeResponse};
 use tonic::{Request, Response, Status};
@@ -28,8 +29,9 @@ impl TextEncoder for TextEncoderService {
         );
         let out = self
             .stage
-            .unary("Encode", deadline, move |m, _| {
-                crate::job::encode(m, &inputs)
+            .unary("Encode", deadline, move |m, ctx| {
+                let interrupt = Interrupt::new(ctx.cancel_flag(), ctx.deadline);
+                interrupt::scoped(interrupt, || crate::job::encode(m, &inputs))
             })
             .await?;
         Ok(Response::new(out))

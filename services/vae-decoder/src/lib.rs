@@ -92,6 +92,7 @@ impl StageDef for Vae {
                 limits: Some(StageLimits {
                     max_batch: validate::MAX_BATCH as u32,
                     max_side_px: validate::MAX_SIDE_PX as u32,
+                    max_pixels: config.max_pixels,
                 }),
                 ..Default::default()
             },

@@ -47,6 +47,8 @@ pub fn geometry(snapshot: &Snapshot) -> Result<Geometry> {
         latent_channels: vae.z_dim,
         vae_scale_factor: vae.scale_factor() as u32,
         patch_size: t.patch_size as u32,
+        // parity runs are not bounded by a stage's --max-pixels
+        max_pixels: 0,
     })
 }
 

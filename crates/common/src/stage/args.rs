@@ -23,6 +23,13 @@ pub struct StageArgs {
     /// `--features cuda`).
     #[arg(long, env = "QWEN_IMAGE_DEVICE", default_value = "cpu", value_parser = DeviceSpec::parse)]
     pub device: DeviceSpec,
+
+    /// Most image pixels one request may ask for, summed over its batch (width x height x images; the
+    /// denoiser counts 64 pixels per latent cell); larger requests get INVALID_ARGUMENT. Default: sized for
+    /// the device (cpu 4096x4096, cuda 2048x2048x2).
+    #[arg(long, env = "QWEN_IMAGE_MAX_PIXELS",
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub max_pixels: Option<u64>,
 }
 
 /// Where a stage runs its model: `cpu`, or `cuda:N` (`cuda` = `cuda:0`).
@@ -67,6 +74,16 @@ impl DeviceSpec {
         match self {
             Self::Cpu => None,
             Self::Cuda(n) => Some(n),
+        }
+    }
+
+    /// The default `--max-pixels`: on the CPU a 4096x4096 image (the VAE's largest side; about 3.4 GB peak
+    /// for the full-size VAE decode), on CUDA two 2048x2048 images (what a 24 GB card's activations
+    /// hold beside the bf16 weights).
+    pub fn default_max_pixels(self) -> u64 {
+        match self {
+            Self::Cpu => 4096 * 4096,
+            Self::Cuda(_) => 2 * 2048 * 2048,
         }
     }
 
@@ -122,6 +139,10 @@ mod tests {
             Probe::try_parse_from(["x", "--model", "/m", "--queue-capacity", "2"]).expect("valid");
         assert_eq!(p.stage.queue_capacity, Some(2));
         assert_eq!(p.stage.device, DeviceSpec::Cpu);
+        assert_eq!(p.stage.max_pixels, None);
+        let p = Probe::try_parse_from(["x", "--max-pixels", "65536"]).expect("valid");
+        assert_eq!(p.stage.max_pixels, Some(65536));
+        assert!(Probe::try_parse_from(["x", "--max-pixels", "0"]).is_err());
         assert!(Probe::try_parse_from(["x", "--queue-capacity", "0"]).is_err());
         assert!(Probe::try_parse_from(["x", "--device", "tpu"]).is_err());
     }

@@ -52,6 +52,15 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// The model produced non-finite values (`what`, e.g. "final latents") from a request that passed
+    /// validation: extreme but finite inputs; the answer is never OK with NaN or infinity in it.
+    pub fn non_finite_output(what: &str) -> Self {
+        Self::InvalidArgument(format!(
+            "the request's values made the {what} non-finite (NaN or infinity); send values of ordinary \
+             magnitude (e.g. latents and embeddings within a few hundred, true_cfg_scale within 1..=20)"
+        ))
+    }
+
     /// A deadline that passed before the job ran.
     pub fn deadline_before_start() -> Self {
         Self::DeadlineExceeded("before the work started; allow more time (grpc-timeout)".into())

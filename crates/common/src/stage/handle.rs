@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 use crate::deadline;
 use crate::queue::Admission;
 use crate::stage::error::StageError;
-use crate::stage::worker::{BoxedJob, JobCtx, Pending};
+use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending};
 
 /// Whether the stage accepts work: false while loading, after the worker stopped and while draining.
 #[derive(Clone, Default)]
@@ -32,6 +32,7 @@ impl Readiness {
 pub struct StageHandle<M> {
     admission: Admission<BoxedJob<M>>,
     readiness: Readiness,
+    max_pixels: u64,
 }
 
 impl<M> Clone for StageHandle<M> {
@@ -39,16 +40,28 @@ impl<M> Clone for StageHandle<M> {
         Self {
             admission: self.admission.clone(),
             readiness: self.readiness.clone(),
+            max_pixels: self.max_pixels,
         }
     }
 }
 
 impl<M: 'static> StageHandle<M> {
-    pub(crate) fn new(admission: Admission<BoxedJob<M>>, readiness: Readiness) -> Self {
+    pub(crate) fn new(
+        admission: Admission<BoxedJob<M>>,
+        readiness: Readiness,
+        max_pixels: u64,
+    ) -> Self {
         Self {
             admission,
             readiness,
+            max_pixels,
         }
+    }
+
+    /// Refuses a request of more than `--max-pixels` image pixels (summed over its batch), logged like
+    /// [`Self::checked`]. `pixels` is what the request asks for; `what` names it for the message.
+    pub fn check_pixels(&self, pixels: u64, what: &str) -> Result<(), StageError> {
+        self.checked(pixel_budget(pixels, self.max_pixels, what))
     }
 
     /// The prologue of every RPC: UNAVAILABLE unless SERVING; the caller's deadline (`grpc-timeout`), and
@@ -71,7 +84,8 @@ impl<M: 'static> StageHandle<M> {
     }
 
     /// Admits `work` and waits for its answer, at most until the deadline. Dropping this future (the
-    /// caller went away) closes the answer channel: the worker skips the job if it has not started.
+    /// caller went away) or giving up at the deadline sets the job's cancellation flag: the worker skips
+    /// the job if it has not started, and the model code stops at its next check if it has.
     pub async fn unary<T, W>(
         &self,
         rpc: &'static str,
@@ -83,13 +97,16 @@ impl<M: 'static> StageHandle<M> {
         W: FnOnce(&mut M, &JobCtx<'_>) -> Result<T, StageError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
+        let cancelled = Cancelled::default();
         let job: BoxedJob<M> = Box::new(Pending {
             rpc,
             deadline,
+            cancelled: cancelled.clone(),
             work: Box::new(work),
             reply,
         });
         self.admission.try_submit(job, tracing::Span::current())?;
+        let _cancel = CancelOnDrop(cancelled);
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| {
                 StageError::DeadlineExceeded(
@@ -109,14 +126,14 @@ impl<M: 'static> StageHandle<M> {
     /// Admits a streaming job and returns its stream at once. `work` sends its progress messages on the
     /// sender it is given (a failed send = the caller went away) and returns the last message; an error
     /// ends the stream with its status. `buffer` messages are buffered towards a slow reader before the
-    /// worker waits.
+    /// worker waits. Dropping the returned stream (the caller went away) sets the job's cancellation flag.
     pub fn stream<E, W>(
         &self,
         rpc: &'static str,
         deadline: Option<Instant>,
         buffer: usize,
         work: W,
-    ) -> Result<ReceiverStream<Result<E, Status>>, StageError>
+    ) -> Result<JobStream<E>, StageError>
     where
         E: Send + 'static,
         W: FnOnce(&mut M, &JobCtx<'_>, &mpsc::Sender<Result<E, Status>>) -> Result<E, StageError>
@@ -125,13 +142,62 @@ impl<M: 'static> StageHandle<M> {
     {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let events = tx.clone();
+        let cancelled = Cancelled::default();
         let job: BoxedJob<M> = Box::new(Pending {
             rpc,
             deadline,
+            cancelled: cancelled.clone(),
             work: Box::new(move |m: &mut M, ctx: &JobCtx<'_>| work(m, ctx, &events)),
             reply: tx,
         });
         self.admission.try_submit(job, tracing::Span::current())?;
-        Ok(ReceiverStream::new(rx))
+        Ok(JobStream {
+            inner: ReceiverStream::new(rx),
+            _cancel: CancelOnDrop(cancelled),
+        })
+    }
+}
+
+/// INVALID_ARGUMENT when `pixels` exceeds `max`.
+pub fn pixel_budget(pixels: u64, max: u64, what: &str) -> Result<(), StageError> {
+    if pixels <= max {
+        return Ok(());
+    }
+    Err(StageError::InvalidArgument(format!(
+        "{what} is {pixels} pixels; this stage takes at most {max} pixels per request (--max-pixels): \
+         send fewer or smaller images, or raise --max-pixels on the stage"
+    )))
+}
+
+/// The response stream of a streaming job: its events, and the job's cancellation when dropped.
+pub struct JobStream<E> {
+    inner: ReceiverStream<Result<E, Status>>,
+    _cancel: CancelOnDrop,
+}
+
+impl<E> tokio_stream::Stream for JobStream<E> {
+    type Item = Result<E, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pixel_budget_refuses_only_what_exceeds_it() {
+        assert!(pixel_budget(100, 100, "the batch").is_ok());
+        let e = pixel_budget(101, 100, "2 images of 64x64").expect_err("over");
+        assert!(
+            matches!(&e, StageError::InvalidArgument(m)
+            if m.contains("2 images of 64x64 is 101 pixels") && m.contains("--max-pixels")),
+            "{e}"
+        );
     }
 }

@@ -25,7 +25,7 @@ use tonic::service::Routes;
 
 pub use args::{ComputeDtype, DeviceSpec, StageArgs};
 pub use error::StageError;
-pub use handle::StageHandle;
+pub use handle::{JobStream, StageHandle};
 pub use memory::WeightsUsage;
 pub use serve::run;
 pub use worker::{Faults, JobCtx, Stats, StatsSnapshot};
@@ -41,6 +41,8 @@ pub struct StageConfig<A> {
     /// Requests admitted at once (running + waiting), at least 1.
     pub queue_capacity: usize,
     pub device: DeviceSpec,
+    /// Most image pixels per request, summed over the batch (`--max-pixels`).
+    pub max_pixels: u64,
     /// The stage's own flags.
     pub own: A,
     /// The worker's counters (tests observe them).
@@ -98,6 +100,7 @@ pub trait StageDef: 'static {
             model_dir: Some(model_dir.into()),
             queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
             device: DeviceSpec::Cpu,
+            max_pixels: DeviceSpec::Cpu.default_max_pixels(),
             own: Self::Args::default(),
             stats: Stats::default(),
             faults: Faults::default(),
@@ -107,10 +110,12 @@ pub trait StageDef: 'static {
     /// The configuration from the shared stage flags and the stage's own. Without `--model` the stage's
     /// `prepare` needs its weights file flag (and says so).
     fn config_from(stage: &StageArgs, own: Self::Args) -> Result<StageConfig<Self::Args>, String> {
+        let device = stage.device.check_built(Self::CUDA_BUILT)?;
         Ok(StageConfig {
             model_dir: stage.model.clone(),
             queue_capacity: stage.queue_capacity.unwrap_or(Self::DEFAULT_QUEUE_CAPACITY),
-            device: stage.device.check_built(Self::CUDA_BUILT)?,
+            device,
+            max_pixels: stage.max_pixels.unwrap_or(device.default_max_pixels()),
             own,
             stats: Stats::default(),
             faults: Faults::default(),

@@ -97,7 +97,7 @@ pub async fn run<D: StageDef>(
     let worker = worker::spawn(spec)
         .map_err(|e| StageError::Server(format!("cannot start the worker thread: {e}")))?;
     let readiness = Readiness::default();
-    let handle = StageHandle::new(worker.admission, readiness.clone());
+    let handle = StageHandle::new(worker.admission, readiness.clone(), config.max_pixels);
 
     let (v1, v1alpha) = crate::transport::reflection().map_err(StageError::Server)?;
     let routes = Routes::new(health_service)

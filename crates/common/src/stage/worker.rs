@@ -32,6 +32,8 @@ pub struct JobCtx<'a> {
     pub deadline: Option<Instant>,
     /// When the worker started this job.
     pub started: Instant,
+    /// Set by the handler when the caller goes away (see [`Cancelled`]).
+    cancelled: Cancelled,
     stats: &'a Stats,
 }
 
@@ -40,9 +42,46 @@ impl JobCtx<'_> {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
+    /// The flag set when the caller goes away, for model code to poll together with [`Self::deadline`]
+    /// (`qwen_image_model::interrupt`).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancelled.0.clone()
+    }
+
+    /// True once the caller has gone or the deadline has passed: the job's answer is no longer wanted.
+    pub fn stopped(&self) -> bool {
+        self.cancelled.is_set() || self.past_deadline()
+    }
+
     /// Counts one unit of progress (a denoising step) in [`Stats::steps_run`].
     pub fn step_done(&self) {
         self.stats.update(|s| s.steps_run += 1);
+    }
+}
+
+/// A job's cancellation flag: set when its caller goes away (the handler's future or the response stream
+/// is dropped, see [`CancelOnDrop`]), read by the model code between its pieces of work.
+#[derive(Clone, Default, Debug)]
+pub struct Cancelled(Arc<AtomicBool>);
+
+impl Cancelled {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sets a job's [`Cancelled`] flag when dropped: held by whatever lives exactly as long as the caller
+/// waits (the unary handler's future, the response stream).
+#[derive(Debug)]
+pub struct CancelOnDrop(pub Cancelled);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
     }
 }
 
@@ -106,6 +145,7 @@ pub trait Job<M>: Send {
     fn rpc(&self) -> &'static str;
     fn deadline(&self) -> Option<Instant>;
     fn caller_gone(&self) -> bool;
+    fn cancelled(&self) -> Cancelled;
     /// Answers `e` without running (the deadline passed while it waited).
     fn refuse(self: Box<Self>, e: StageError);
     /// Runs the work, catching a panic, releases `slot`, then answers.
@@ -116,6 +156,7 @@ pub trait Job<M>: Send {
 pub struct Pending<M, T, R> {
     pub rpc: &'static str,
     pub deadline: Option<Instant>,
+    pub cancelled: Cancelled,
     pub work: Work<M, T>,
     pub reply: R,
 }
@@ -134,7 +175,11 @@ where
     }
 
     fn caller_gone(&self) -> bool {
-        self.reply.is_closed()
+        self.cancelled.is_set() || self.reply.is_closed()
+    }
+
+    fn cancelled(&self) -> Cancelled {
+        self.cancelled.clone()
     }
 
     fn refuse(self: Box<Self>, e: StageError) {
@@ -149,6 +194,22 @@ where
         }));
         let (answer, ended) = match caught {
             Ok(Ok(v)) => (Ok(v), Ended::Finished),
+            // Whatever stopped the work once the request ended (typically the model's interrupt check),
+            // the answer is the request's end.
+            Ok(Err(e)) if ctx.stopped() && !matches!(e, StageError::InvalidArgument(_)) => {
+                tracing::info!(error = %e, "the request ended; job stopped");
+                if ctx.past_deadline() {
+                    (
+                        Err(StageError::DeadlineExceeded(
+                            "while running; allow more time (grpc-timeout) or ask for less work"
+                                .into(),
+                        )),
+                        Ended::DeadlineExceeded,
+                    )
+                } else {
+                    (Err(StageError::Cancelled), Ended::Cancelled)
+                }
+            }
             Ok(Err(e)) => {
                 let ended = match &e {
                     StageError::Cancelled => Ended::Cancelled,
@@ -412,6 +473,7 @@ where
                         rpc,
                         deadline: job.deadline(),
                         started,
+                        cancelled: job.cancelled(),
                         stats: &stats,
                     };
                     job.run(&mut model, &ctx, queued.slot, &faults)
@@ -483,6 +545,7 @@ mod tests {
         let job: BoxedJob<u32> = Box::new(Pending {
             rpc: "Test",
             deadline: None,
+            cancelled: Cancelled::default(),
             work: Box::new(|m: &mut u32, _ctx: &JobCtx<'_>| Ok(*m)),
             reply: tx,
         });

@@ -343,6 +343,7 @@ impl VisionTower {
         let (cos, sin) = (cos.index_select(&perm, 0)?, sin.index_select(&perm, 0)?);
         let cu_full = frame_seqlens(grids);
         for (i, block) in self.blocks.iter().enumerate() {
+            crate::interrupt::check()?;
             let segments = if cfg.fullatt_block_indexes.contains(&i) {
                 &cu_full
             } else {

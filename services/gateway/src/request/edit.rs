@@ -384,6 +384,7 @@ mod tests {
             latent_channels: 16,
             vae_scale_factor: 8,
             patch_size: 2,
+            max_pixels: 0,
         };
         let pad = |r: OutpaintRequest| outpaint_padding(&r, 64, 64, &g, &Limits::default());
         let p = pad(outpaint(0, 0, [16, 0, 8, 24], Anchor::Unspecified)).expect("ok");

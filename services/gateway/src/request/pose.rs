@@ -134,6 +134,7 @@ mod tests {
         latent_channels: 16,
         vae_scale_factor: 8,
         patch_size: 2,
+        max_pixels: 0,
     };
 
     fn req(pose: pose_request::Pose) -> PoseRequest {

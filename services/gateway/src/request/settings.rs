@@ -18,6 +18,9 @@ pub const MAX_STEPS: u32 = 1000;
 pub const MIN_STEPS: u32 = 2;
 /// diffusers' QwenImagePipeline default `true_cfg_scale`.
 pub const DEFAULT_TRUE_CFG_SCALE: f32 = 4.0;
+/// Largest `true_cfg_scale` (the denoiser's own bound; diffusers' default is 4.0, and a huge scale only
+/// overflows the guided velocity to NaN).
+pub const MAX_TRUE_CFG_SCALE: f32 = 100.0;
 /// Images per request (one batch).
 pub const MAX_IMAGES: u32 = 4;
 /// Longest prompt in bytes of UTF-8 (the text encoder's own limit).
@@ -166,9 +169,9 @@ pub fn convert(
         n => n,
     };
     let true_cfg_scale = s.true_cfg_scale.unwrap_or(DEFAULT_TRUE_CFG_SCALE);
-    if !true_cfg_scale.is_finite() || true_cfg_scale < 0.0 {
+    if !true_cfg_scale.is_finite() || !(0.0..=MAX_TRUE_CFG_SCALE).contains(&true_cfg_scale) {
         return Err(invalid(format!(
-            "true_cfg_scale {true_cfg_scale} is not allowed; send a finite value >= 0 (e.g. 4.0)"
+            "true_cfg_scale {true_cfg_scale} is not allowed; send a finite value in 0..={MAX_TRUE_CFG_SCALE} (e.g. 4.0)"
         )));
     }
     let num_images = match s.num_images {
@@ -180,6 +183,14 @@ pub fn convert(
         }
         n => n,
     };
+    let pixels = u64::from(width_px) * u64::from(height_px) * u64::from(num_images);
+    if g.max_pixels > 0 && pixels > g.max_pixels {
+        return Err(invalid(format!(
+            "{num_images} image(s) of {width_px}x{height_px} are {pixels} pixels; the stages take at most {} \
+             pixels per request (their --max-pixels): ask for fewer or smaller images",
+            g.max_pixels
+        )));
+    }
     let (seed, seed_was_random) = match s.seed {
         Some(seed) => (seed, false),
         None => (fallback_seed, true),
@@ -206,6 +217,7 @@ mod tests {
         latent_channels: 16,
         vae_scale_factor: 8,
         patch_size: 2,
+        max_pixels: 0,
     };
 
     fn settings() -> GenerationSettings {
@@ -264,6 +276,7 @@ mod tests {
             latent_channels: 4,
             vae_scale_factor: 4,
             patch_size: 2,
+            max_pixels: 0,
         };
         assert_eq!(p.noise_shape(&g4), [1, 1, 4, 16, 16]);
     }
@@ -288,8 +301,32 @@ mod tests {
             latent_channels: 4,
             vae_scale_factor: 4,
             patch_size: 2,
+            max_pixels: 0,
         };
         assert!(convert(settings(), (40, 72), "512", &g4, &Limits::default(), 0).is_ok());
+        // The stages' pixel budget: 2 images of 64x64 fit 8192 pixels, 3 do not.
+        let budget = Geometry {
+            max_pixels: 2 * 64 * 64,
+            ..G
+        };
+        let two = GenerationSettings {
+            num_images: 2,
+            ..settings()
+        };
+        assert!(convert(two, wh, "1024", &budget, &Limits::default(), 0).is_ok());
+        let three = GenerationSettings {
+            num_images: 3,
+            ..settings()
+        };
+        match convert(three, wh, "1024", &budget, &Limits::default(), 0) {
+            Err(GatewayError::InvalidArgument(m)) => assert!(m.contains("--max-pixels"), "{m}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        let huge_cfg = GenerationSettings {
+            true_cfg_scale: Some(3.4e38),
+            ..settings()
+        };
+        assert!(err(huge_cfg, wh).contains("true_cfg_scale"));
         assert!(
             err(
                 GenerationSettings {
@@ -328,7 +365,7 @@ mod tests {
                 },
                 wh
             )
-            .contains(">= 0")
+            .contains("in 0..=100")
         );
         assert!(
             err(

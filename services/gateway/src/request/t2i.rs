@@ -72,6 +72,7 @@ mod tests {
         latent_channels: 16,
         vae_scale_factor: 8,
         patch_size: 2,
+        max_pixels: 0,
     };
 
     fn req(initial_latents: Option<Tensor>) -> TextToImageRequest {
@@ -109,6 +110,7 @@ mod tests {
             latent_channels: 4,
             vae_scale_factor: 4,
             patch_size: 2,
+            max_pixels: 0,
         };
         let p = validate(bare.clone(), &g4, &Limits::default(), 1).expect("valid");
         assert_eq!((p.settings.width_px, p.settings.height_px), (512, 512));
