@@ -7,7 +7,6 @@ use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -110,7 +109,7 @@ pub async fn run(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(generator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(qwen_image_common::transport::incoming(listener), stop)
         .await
         .map_err(|e| GatewayError::Internal(format!("gRPC server failed: {e}")));
     checker.abort();
