@@ -91,6 +91,7 @@ pub async fn run(
     tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae, "gateway listening");
     let service = GatewayService {
         stages,
+        queue: crate::stages::admission::RequestQueue::new(config.max_queued),
         config: Arc::new(config),
     };
     let generator = ImageGeneratorServer::new(service)
