@@ -116,9 +116,7 @@ fn map_upstream(stage: StageName, status: &Status) -> Status {
         Code::Cancelled => Status::cancelled(format!("the {stage} stage call was cancelled")),
         // The stage lacks something the request names (e.g. a ControlNet id the denoiser has not loaded):
         // the caller can fix it, and the stage's message says how.
-        Code::FailedPrecondition => {
-            Status::failed_precondition(forwarded(stage, status.message()))
-        }
+        Code::FailedPrecondition => Status::failed_precondition(forwarded(stage, status.message())),
         // The stage found the request invalid (a check the gateway does not make, e.g. a ControlNet that
         // takes no mask): the caller can fix it, and the stage's message says how.
         Code::InvalidArgument => Status::invalid_argument(forwarded(stage, status.message())),
@@ -229,13 +227,20 @@ mod tests {
             Status::invalid_argument("controlnet `x` takes no mask; drop the mask"),
         ));
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.message(), "denoiser: controlnet `x` takes no mask; drop the mask");
+        assert_eq!(
+            s.message(),
+            "denoiser: controlnet `x` takes no mask; drop the mask"
+        );
         let long = "é".repeat(10_000);
         let s = Status::from(GatewayError::upstream(
             StageName::Vae,
             Status::failed_precondition(long),
         ));
-        assert!(s.message().len() < MAX_FORWARDED_MESSAGE_BYTES + 32, "{}", s.message().len());
+        assert!(
+            s.message().len() < MAX_FORWARDED_MESSAGE_BYTES + 32,
+            "{}",
+            s.message().len()
+        );
         assert!(s.message().ends_with("(cut)"));
     }
 

@@ -63,6 +63,12 @@ pub async fn run(
                 let now = pools.iter().all(|p| p.any_usable());
                 if serving != Some(now) {
                     if now {
+                        tracing::info!(
+                            text_encoder_slots = pools[0].capacity(),
+                            denoiser_slots = pools[1].capacity(),
+                            vae_slots = pools[2].capacity(),
+                            "every stage has a usable replica: SERVING"
+                        );
                         health.serving().await;
                     } else {
                         let down: Vec<String> = pools

@@ -174,7 +174,9 @@ async fn forward(
                     .await
             }
             Some(denoise_event::Event::Result(r)) => {
-                break r.latents.ok_or_else(|| contract("result without latents"))?;
+                break r
+                    .latents
+                    .ok_or_else(|| contract("result without latents"))?;
             }
             None => return Err(contract("empty event")),
         }

@@ -40,11 +40,7 @@ impl Drop for Admitted {
             .queue
             .mean_ms
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
-                Some(if m == 0 {
-                    ms.max(1)
-                } else {
-                    (m * 7 + ms) / 8
-                })
+                Some(if m == 0 { ms.max(1) } else { (m * 7 + ms) / 8 })
             });
     }
 }
@@ -70,12 +66,13 @@ impl RequestQueue {
             }),
             Err(_) => {
                 let hint = self.retry_hint();
-                tracing::info!(max_queued = self.max, retry_after_ms = hint.as_millis() as u64,
-                    "gateway queue full: request refused");
+                tracing::info!(
+                    max_queued = self.max,
+                    retry_after_ms = hint.as_millis() as u64,
+                    "gateway queue full: request refused"
+                );
                 Err(qwen_image_common::status::overloaded(
-                    "gateway",
-                    self.max,
-                    hint,
+                    "gateway", self.max, hint,
                 ))
             }
         }
@@ -101,10 +98,7 @@ mod tests {
         let _b = q.admit().expect("room");
         let e = q.admit().expect_err("full");
         assert_eq!(e.code(), Code::ResourceExhausted);
-        assert_eq!(
-            qwen_image_common::status::retry_after(&e),
-            Some(FIRST_HINT)
-        );
+        assert_eq!(qwen_image_common::status::retry_after(&e), Some(FIRST_HINT));
         assert!(e.message().contains("gateway"), "{}", e.message());
         drop(a);
         let _c = q.admit().expect("a place was freed");

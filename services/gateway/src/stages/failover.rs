@@ -180,10 +180,7 @@ mod tests {
     #[test]
     fn classifies_failures() {
         assert_eq!(classify(&Status::unavailable("down")), Failure::Dead);
-        assert_eq!(
-            classify(&Status::invalid_argument("bad")),
-            Failure::Final
-        );
+        assert_eq!(classify(&Status::invalid_argument("bad")), Failure::Final);
         assert_eq!(classify(&Status::internal("bug")), Failure::Final);
         let broken = Status::from_error(Box::new(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
@@ -213,7 +210,11 @@ mod tests {
         p.replicas()[0].set_healthy(false);
         for _ in 0..4 {
             let l = s.try_acquire(&[]).expect("room");
-            assert_ne!(l.index(), 0, "unhealthy replicas are skipped while healthy ones exist");
+            assert_ne!(
+                l.index(),
+                0,
+                "unhealthy replicas are skipped while healthy ones exist"
+            );
         }
         p.replicas()[1].set_described(Described::Refused {
             description: Arc::default(),
@@ -221,9 +222,17 @@ mod tests {
         });
         for _ in 0..4 {
             let l = s.try_acquire(&[2]).expect("room");
-            assert_eq!(l.index(), 2, "refused replicas are never picked; avoid ignored when nothing else");
+            assert_eq!(
+                l.index(),
+                2,
+                "refused replicas are never picked; avoid ignored when nothing else"
+            );
         }
-        assert!(p.refusals().expect("refused").contains("denoiser expects 16"));
+        assert!(
+            p.refusals()
+                .expect("refused")
+                .contains("denoiser expects 16")
+        );
         assert_eq!(p.capacity(), 2, "accepted replicas' capacities");
     }
 
@@ -238,8 +247,11 @@ mod tests {
         let p = Arc::new(pool(1, 1));
         let held = p.shared.try_acquire(&[]).expect("room");
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let places: Arc<Vec<Places>> =
-            Arc::new((0..3).map(|_| Places(std::sync::Mutex::new(Vec::new()))).collect());
+        let places: Arc<Vec<Places>> = Arc::new(
+            (0..3)
+                .map(|_| Places(std::sync::Mutex::new(Vec::new())))
+                .collect(),
+        );
         let mut tasks = Vec::new();
         for k in 0..3 {
             let (p, order, places) = (p.clone(), order.clone(), places.clone());
@@ -292,7 +304,10 @@ mod tests {
             .await
             .expect_err("no slot in time");
         assert!(matches!(e, GatewayError::DeadlineExceeded));
-        assert!(p.shared.queue.lock().expect("lock").is_empty(), "the waiter left the queue");
+        assert!(
+            p.shared.queue.lock().expect("lock").is_empty(),
+            "the waiter left the queue"
+        );
     }
 
     #[tokio::test]
@@ -338,7 +353,11 @@ mod tests {
         assert!(
             matches!(e, GatewayError::Upstream { ref status, .. } if status.code() == Code::InvalidArgument)
         );
-        assert_eq!(count.load(Ordering::Relaxed), 1, "the stage's own answers are not retried");
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            1,
+            "the stage's own answers are not retried"
+        );
         assert!(p.replicas().iter().all(|r| r.outstanding() == 0));
     }
 }

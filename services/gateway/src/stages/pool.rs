@@ -226,9 +226,10 @@ impl Shared {
     /// The error of a call for which no replica is accepted.
     pub(super) fn no_replica(&self) -> GatewayError {
         match self.refusals() {
-            Some(reasons) => {
-                GatewayError::FailedPrecondition(format!("no usable {} replica: {reasons}", self.stage))
-            }
+            Some(reasons) => GatewayError::FailedPrecondition(format!(
+                "no usable {} replica: {reasons}",
+                self.stage
+            )),
             None => GatewayError::Unavailable(format!(
                 "no {} replica is reachable right now (none has described its model); retry in a few seconds",
                 self.stage
@@ -338,4 +339,3 @@ impl Pool {
         back
     }
 }
-

@@ -19,8 +19,10 @@ pub trait QueueObserver: Sync {
 }
 
 /// An observer that ignores positions.
+#[cfg(test)]
 pub struct Unobserved;
 
+#[cfg(test)]
 impl QueueObserver for Unobserved {
     fn waiting(&self, _: StageName, _: usize) {}
 }
@@ -34,6 +36,7 @@ pub struct Queue {
 
 impl Queue {
     /// No call is waiting.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.waiters.is_empty()
     }
