@@ -209,10 +209,13 @@ async fn a_full_gateway_queue_refuses_at_once_and_the_admitted_complete() {
     let mut admitted = tokio::task::JoinSet::new();
     for i in 0..4u64 {
         let (c, tx) = (client.clone(), tx.clone());
-        admitted.spawn(async move { run(c, request(200, i), &format!("q-{i}"), Some((1, tx))).await });
+        admitted
+            .spawn(async move { run(c, request(200, i), &format!("q-{i}"), Some((1, tx))).await });
     }
     for _ in 0..4 {
-        rx.recv().await.expect("every admitted request starts denoising");
+        rx.recv()
+            .await
+            .expect("every admitted request starts denoising");
     }
     let mut refused = tokio::task::JoinSet::new();
     for i in 4..12u64 {

@@ -221,7 +221,7 @@ mod tests {
             reason: "vae latent channels 4, denoiser expects 16".into(),
         });
         for _ in 0..4 {
-            let l = s.try_acquire(&[2]).expect("room");
+            let l = s.try_acquire(&[0, 2]).expect("room");
             assert_eq!(
                 l.index(),
                 2,
@@ -254,12 +254,12 @@ mod tests {
         );
         let mut tasks = Vec::new();
         for k in 0..3 {
-            let (p, order, places) = (p.clone(), order.clone(), places.clone());
+            let (p, order, task_places) = (p.clone(), order.clone(), places.clone());
             let ticket = p.shared.ticket();
             tasks.push(tokio::spawn(async move {
                 let lease = p
                     .shared
-                    .acquire(ticket, &[], far(), &places[k])
+                    .acquire(ticket, &[], far(), &task_places[k])
                     .await
                     .expect("a slot");
                 order.lock().expect("lock").push(k);
