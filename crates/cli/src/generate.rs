@@ -329,7 +329,7 @@ async fn send(
                     std::fs::write(&path, &p.preview_png)
                         .with_context(|| format!("cannot write {}", path.display()))?;
                 }
-                bar.update(p.stage, p.step, p.total_steps, p.elapsed_ms)
+                bar.update(p.stage, p.step, p.total_steps, p.queue_position)
             }
             Some(generate_event::Event::Result(r)) => {
                 bar.finish();
@@ -372,7 +372,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, stage: i32, step: u32, total: u32, _elapsed_ms: u64) {
+    fn update(&mut self, stage: i32, step: u32, total: u32, queue_position: u32) {
         if self.quiet {
             return;
         }
@@ -383,6 +383,11 @@ impl Progress {
             Ok(Stage::Decode) => "decoding",
             Ok(Stage::Queued) => "queued",
             _ => "working",
+        };
+        let label = if queue_position > 0 {
+            format!("{label} (position {queue_position})")
+        } else {
+            label.to_string()
         };
         let filled = if total > 0 {
             (step.min(total) * Self::WIDTH) / total

@@ -3,12 +3,20 @@
 
 use std::time::Duration;
 
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 
 use crate::grpc::ServerTelemetryLayer;
 
 /// TCP connect timeout of a client channel.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 PING period on every channel and server connection, idle or not: a peer that vanished without
+/// closing its connection (host down, network cut) is noticed within interval + timeout.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection (and every call on it) is closed (UNAVAILABLE).
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Idle time before the OS sends TCP keepalive probes on every connection.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// HTTP/2 header list limit of every server: far above [`crate::wire_guard::MAX_REQUEST_HEADER_BYTES`], so
 /// that an oversized request header (a 64 KiB `x-request-id`) reaches the telemetry layer and gets
@@ -22,7 +30,17 @@ pub fn server(
 ) -> Server<tower::layer::util::Stack<ServerTelemetryLayer, tower::layer::util::Identity>> {
     Server::builder()
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(ServerTelemetryLayer::new(service))
+}
+
+/// The accepted connections of `listener` with TCP keepalive and no Nagle delay (the server's own
+/// `tcp_keepalive` only applies to listeners it binds itself).
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// gRPC reflection (v1 and v1alpha) over the qwen_image.v1 protos and grpc.health.v1.
@@ -53,5 +71,9 @@ pub fn endpoint(uri: &str) -> Result<Endpoint, String> {
         .map_err(|e| format!("`{uri}` is not a valid URL: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .http2_adaptive_window(true))
 }

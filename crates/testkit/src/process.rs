@@ -85,6 +85,11 @@ impl ServiceProcess {
         format!("http://{}", self.addr)
     }
 
+    /// Kills the process at once (SIGKILL, like `kill -9`: no drain, connections reset) and reaps it.
+    pub async fn kill(&mut self) -> Result<(), String> {
+        self.child.kill().await.map_err(|e| format!("kill: {e}"))
+    }
+
     /// Sends SIGTERM (graceful drain, telemetry flush) and waits for the exit.
     pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
         let pid = self.child.id().ok_or("already exited")?;

@@ -6,6 +6,8 @@ use qwen_image_common::args::CommonArgs;
 
 /// Default deadline of a request whose caller sent no `grpc-timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default bound of the requests in the gateway at once (running or waiting for a stage).
+pub const DEFAULT_MAX_QUEUED: u32 = 64;
 /// Default period of the stage health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 pub use crate::request::settings::MAX_SIDE_PX;
@@ -42,6 +44,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "QWEN_IMAGE_REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
     pub request_timeout_secs: u64,
 
+    /// Requests in the gateway at once, running or waiting for a stage slot; more are refused at once with
+    /// RESOURCE_EXHAUSTED and a `retry-after-ms` hint.
+    #[arg(long, env = "QWEN_IMAGE_MAX_QUEUED", default_value_t = DEFAULT_MAX_QUEUED,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_queued: u32,
+
     /// Period (milliseconds) of the health checks of every stage replica.
     #[arg(long, env = "QWEN_IMAGE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL.as_millis() as u64)]
     pub health_interval_ms: u64,
@@ -67,6 +75,8 @@ pub struct GatewayConfig {
     pub vae: Vec<String>,
     /// Deadline of a request whose caller sent none.
     pub request_timeout: Duration,
+    /// Requests in the gateway at once (running or waiting); more get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
     /// Period of the stage health checks.
     pub health_interval: Duration,
     /// Largest accepted width / height in pixels.
@@ -87,6 +97,7 @@ impl GatewayConfig {
             denoiser: vec![denoiser.into()],
             vae: vec![vae.into()],
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_queued: DEFAULT_MAX_QUEUED as usize,
             health_interval: DEFAULT_HEALTH_INTERVAL,
             max_side_px: MAX_SIDE_PX,
             model_name: None,
@@ -117,6 +128,7 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             denoiser: clean("denoiser", &a.denoiser)?,
             vae: clean("vae", &a.vae)?,
             request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
+            max_queued: a.max_queued as usize,
             health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
             max_side_px: a.max_side_px,
             model_name: a.model_name.clone(),
@@ -146,6 +158,7 @@ mod tests {
         let c = GatewayConfig::try_from(&a.gateway).expect("complete");
         assert_eq!(c.denoiser, vec!["http://d:1", "http://d:2"]);
         assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(c.max_queued, DEFAULT_MAX_QUEUED as usize);
         let partial = Args::try_parse_from(["x", "--denoiser", "http://d:1"]).expect("parses");
         let e = GatewayConfig::try_from(&partial.gateway).expect_err("incomplete");
         assert!(e.contains("--text-encoder is required"), "{e}");

@@ -65,8 +65,25 @@ impl GatewayError {
     }
 }
 
-/// Upstream codes are mapped on purpose: retryable conditions stay retryable for the caller, while a
-/// stage rejecting the gateway's own (already validated) request is a gateway bug, hence INTERNAL.
+/// Longest stage message passed on to the caller (a stage may echo a long client string; the status must
+/// fit in an HTTP/2 header).
+const MAX_FORWARDED_MESSAGE_BYTES: usize = 1024;
+
+/// `"{stage}: {message}"`, the message cut at [`MAX_FORWARDED_MESSAGE_BYTES`] (on a char boundary).
+fn forwarded(stage: StageName, message: &str) -> String {
+    if message.len() <= MAX_FORWARDED_MESSAGE_BYTES {
+        return format!("{stage}: {message}");
+    }
+    let mut end = MAX_FORWARDED_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{stage}: {}... (cut)", &message[..end])
+}
+
+/// Upstream codes are mapped on purpose: retryable conditions stay retryable for the caller (a dead
+/// replica is UNAVAILABLE), a stage's verdict on the request (INVALID_ARGUMENT, FAILED_PRECONDITION,
+/// OUT_OF_RANGE) keeps its code and message, and the rest is INTERNAL.
 fn map_upstream(stage: StageName, status: &Status) -> Status {
     let internal = || {
         Status::internal(format!(
@@ -99,13 +116,12 @@ fn map_upstream(stage: StageName, status: &Status) -> Status {
         Code::Cancelled => Status::cancelled(format!("the {stage} stage call was cancelled")),
         // The stage lacks something the request names (e.g. a ControlNet id the denoiser has not loaded):
         // the caller can fix it, and the stage's message says how.
-        Code::FailedPrecondition => {
-            Status::failed_precondition(format!("{stage}: {}", status.message()))
-        }
-        // Our own request was rejected or too large: a gateway bug (validation let it through).
-        Code::InvalidArgument
-        | Code::OutOfRange
-        | Code::Unimplemented
+        Code::FailedPrecondition => Status::failed_precondition(forwarded(stage, status.message())),
+        // The stage found the request invalid (a check the gateway does not make, e.g. a ControlNet that
+        // takes no mask): the caller can fix it, and the stage's message says how.
+        Code::InvalidArgument => Status::invalid_argument(forwarded(stage, status.message())),
+        Code::OutOfRange => Status::out_of_range(forwarded(stage, status.message())),
+        Code::Unimplemented
         | Code::NotFound
         | Code::AlreadyExists
         | Code::PermissionDenied
@@ -165,8 +181,8 @@ mod tests {
         assert_eq!(up(Code::ResourceExhausted), Code::ResourceExhausted);
         assert_eq!(up(Code::DeadlineExceeded), Code::DeadlineExceeded);
         assert_eq!(up(Code::Cancelled), Code::Cancelled);
-        assert_eq!(up(Code::InvalidArgument), Code::Internal);
-        assert_eq!(up(Code::OutOfRange), Code::Internal);
+        assert_eq!(up(Code::InvalidArgument), Code::InvalidArgument);
+        assert_eq!(up(Code::OutOfRange), Code::OutOfRange);
         assert_eq!(up(Code::FailedPrecondition), Code::FailedPrecondition);
         assert_eq!(up(Code::Internal), Code::Internal);
         assert_eq!(
@@ -202,6 +218,30 @@ mod tests {
             Some(std::time::Duration::from_millis(700))
         );
         assert!(s.message().contains("700 ms"), "{}", s.message());
+    }
+
+    #[test]
+    fn stage_verdicts_keep_their_message_cut_to_size() {
+        let s = Status::from(GatewayError::upstream(
+            StageName::Denoiser,
+            Status::invalid_argument("controlnet `x` takes no mask; drop the mask"),
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "denoiser: controlnet `x` takes no mask; drop the mask"
+        );
+        let long = "é".repeat(10_000);
+        let s = Status::from(GatewayError::upstream(
+            StageName::Vae,
+            Status::failed_precondition(long),
+        ));
+        assert!(
+            s.message().len() < MAX_FORWARDED_MESSAGE_BYTES + 32,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().ends_with("(cut)"));
     }
 
     #[test]

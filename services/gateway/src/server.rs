@@ -7,7 +7,6 @@ use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -64,6 +63,12 @@ pub async fn run(
                 let now = pools.iter().all(|p| p.any_usable());
                 if serving != Some(now) {
                     if now {
+                        tracing::info!(
+                            text_encoder_slots = pools[0].capacity(),
+                            denoiser_slots = pools[1].capacity(),
+                            vae_slots = pools[2].capacity(),
+                            "every stage has a usable replica: SERVING"
+                        );
                         health.serving().await;
                     } else {
                         let down: Vec<String> = pools
@@ -92,6 +97,7 @@ pub async fn run(
     tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae, "gateway listening");
     let service = GatewayService {
         stages,
+        queue: crate::stages::admission::RequestQueue::new(config.max_queued),
         config: Arc::new(config),
     };
     let generator = ImageGeneratorServer::new(service)
@@ -110,7 +116,7 @@ pub async fn run(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(generator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(qwen_image_common::transport::incoming(listener), stop)
         .await
         .map_err(|e| GatewayError::Internal(format!("gRPC server failed: {e}")));
     checker.abort();

@@ -27,6 +27,7 @@ use crate::request::pose::{PoseParams, validate_pose};
 use crate::request::t2i::{self, T2iParams};
 use crate::request::{Limits, Settings};
 use crate::stages::Stages;
+use crate::stages::admission::{Admitted, RequestQueue};
 
 /// Metadata key of the request id, in requests (optional, the caller's own id) and responses.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
@@ -36,6 +37,8 @@ const EVENT_BUFFER: usize = 16;
 pub struct GatewayService {
     pub stages: Arc<Stages>,
     pub config: Arc<GatewayConfig>,
+    /// The requests in the gateway (at most `config.max_queued`).
+    pub queue: Arc<RequestQueue>,
 }
 
 fn random_u64() -> u64 {
@@ -144,8 +147,10 @@ macro_rules! flow_span {
     };
 }
 
-/// What every request gets on arrival: its id, acceptance time, deadline, and the model's geometry.
+/// What every request gets on arrival: its place in the gateway, id, acceptance time, deadline, and the
+/// model's geometry.
 struct Admission {
+    admitted: Admitted,
     id: String,
     accepted: Instant,
     deadline: Instant,
@@ -155,20 +160,23 @@ struct Admission {
 type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
 impl GatewayService {
-    /// The request's id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the
-    /// stages do not serve one model, UNAVAILABLE before they have described it).
+    /// The request's place in the gateway (RESOURCE_EXHAUSTED at once when `--max-queued` requests are
+    /// in), id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the stages
+    /// do not serve one model, UNAVAILABLE before they have described it).
     async fn admit<T>(&self, request: &Request<T>) -> Result<Admission, Status> {
         let accepted = Instant::now();
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
             .map_or(default_deadline, |d| d.min(default_deadline));
         let id = request_id(request);
+        let admitted = self.queue.admit().map_err(|s| with_request_id(s, &id))?;
         let geometry = self
             .stages
             .geometry_by(deadline)
             .await
             .map_err(|e| with_request_id(e.into(), &id))?;
         Ok(Admission {
+            admitted,
             id,
             accepted,
             deadline,
@@ -205,6 +213,7 @@ impl GatewayService {
     fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
         flow.record(&span, self.config.model_name.as_deref());
         let Admission {
+            admitted,
             id,
             accepted,
             deadline,
@@ -246,6 +255,7 @@ impl GatewayService {
                     }
                 };
                 let _ = tx.send(event).await;
+                drop(admitted);
             }
             .instrument(span),
         ));

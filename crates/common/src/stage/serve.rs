@@ -9,7 +9,6 @@ use qwen_image_proto::v1::stage_info_server::{StageInfo, StageInfoServer};
 use qwen_image_proto::v1::{DataType, DescribeRequest, StageDescription};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
@@ -154,7 +153,7 @@ pub async fn run<D: StageDef>(
     };
     crate::transport::server(name)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(crate::transport::incoming(listener), stop)
         .await
         .map_err(|e| StageError::Server(format!("gRPC server failed: {e}")))?;
     watcher.abort();

@@ -8,6 +8,7 @@ use super::{Ctx, phase};
 use crate::error::{GatewayError, StageName};
 use crate::pngmeta;
 use crate::request::Settings;
+use crate::stages::Patience;
 
 /// A step on each decoded RGB8 image before PNG encoding.
 pub type PostProcess<'a> = dyn Fn(&mut [u8]) -> Result<(), String> + Sync + 'a;
@@ -46,6 +47,7 @@ pub async fn finish(
                 return_float: false,
             },
             ctx.deadline,
+            Patience::Wait(ctx),
         ),
     )
     .await?;

@@ -3,8 +3,10 @@
 
 use bytes::Bytes;
 use qwen_image_proto::v1::{
-    ControlInput, DecodeRequest, DenoiseRequest, InpaintInputs, Stage, Tensor, denoise_event,
+    ControlInput, DecodeRequest, DenoiseEvent, DenoiseRequest, InpaintInputs, Stage, Tensor,
+    denoise_event,
 };
+use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::prompts::Prompts;
@@ -12,6 +14,7 @@ use super::{Ctx, phase};
 use crate::error::{GatewayError, StageName};
 use crate::pngmeta;
 use crate::request::Settings;
+use crate::stages::Patience;
 
 /// How the denoising loop starts.
 pub struct Start {
@@ -68,7 +71,7 @@ pub const DEFAULT_PREVIEW_SIDE_PX: u32 = 256;
 
 /// A preview of the first image of the batch: the step's latents decoded by the VAE stage (a full decode),
 /// shrunk (LANCZOS) so that the longest side is at most `max_side` (never enlarged), as PNG. A failure only
-/// loses the preview.
+/// loses the preview, and so does a busy VAE (previews never wait for a slot).
 async fn preview_png(ctx: &Ctx<'_>, latents: Tensor, max_side: u32) -> Option<Bytes> {
     let first = first_of_batch(&latents)
         .map_err(|e| tracing::warn!(error = %e, "preview skipped"))
@@ -81,6 +84,7 @@ async fn preview_png(ctx: &Ctx<'_>, latents: Tensor, max_side: u32) -> Option<By
                 return_float: false,
             },
             ctx.deadline,
+            Patience::Now,
         )
         .instrument(tracing::info_span!("preview"))
         .await
@@ -129,28 +133,36 @@ fn first_of_batch(t: &Tensor) -> Result<Tensor, String> {
 }
 
 /// The denoising loop on a replica: forwards every progress event (with a preview PNG when the denoiser
-/// sent latents for one), returns the final latents.
+/// sent latents for one), returns the final latents. A replica that dies mid-loop is replaced and the loop
+/// runs again from step 1 (see [`crate::stages::Stages::denoise`]).
 async fn denoise_events(
     ctx: &Ctx<'_>,
     request: DenoiseRequest,
     preview_side: u32,
 ) -> Result<Tensor, GatewayError> {
-    let call = ctx.stages.denoise(request, ctx.deadline).await?;
-    let (mut rest, _lease) = (call.rest, call.lease);
-    let mut next = Some(call.first);
+    ctx.stages
+        .denoise(request, ctx.deadline, Patience::Wait(ctx), |stream| {
+            forward(ctx, stream, preview_side)
+        })
+        .await
+}
+
+/// Reads one denoiser stream to its end. A stream that ends without a result is a broken replica
+/// (UNAVAILABLE: the call is run again elsewhere); an event that breaks the API contract is INTERNAL.
+async fn forward(
+    ctx: &Ctx<'_>,
+    mut stream: Streaming<DenoiseEvent>,
+    preview_side: u32,
+) -> Result<Tensor, Status> {
+    let contract = |what: &str| {
+        tracing::error!(what, "denoiser event breaks the API contract");
+        Status::internal(format!("denoiser: {what}"))
+    };
     let final_latents = loop {
-        let ev = match next.take() {
-            Some(ev) => ev,
-            None => match rest.message().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    return Err(GatewayError::bad_response(
-                        StageName::Denoiser,
-                        "stream ended without a result",
-                    ));
-                }
-                Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
-            },
+        let Some(ev) = stream.message().await? else {
+            return Err(Status::unavailable(
+                "the denoiser stream ended without a result",
+            ));
         };
         match ev.event {
             Some(denoise_event::Event::Progress(pr)) => {
@@ -162,29 +174,17 @@ async fn denoise_events(
                     .await
             }
             Some(denoise_event::Event::Result(r)) => {
-                break r.latents.ok_or_else(|| {
-                    GatewayError::bad_response(StageName::Denoiser, "result without latents")
-                })?;
+                break r
+                    .latents
+                    .ok_or_else(|| contract("result without latents"))?;
             }
-            None => {
-                return Err(GatewayError::bad_response(
-                    StageName::Denoiser,
-                    "empty event",
-                ));
-            }
+            None => return Err(contract("empty event")),
         }
     };
     // Read the stream to its end (the trailers) so the denoiser sees the call complete with OK rather
     // than a reset stream (recorded as CANCELLED) and so an error status after the result is not lost.
-    match rest.message().await {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            return Err(GatewayError::bad_response(
-                StageName::Denoiser,
-                "an event came after the result",
-            ));
-        }
-        Err(status) => return Err(GatewayError::upstream(StageName::Denoiser, status)),
+    match stream.message().await? {
+        None => Ok(final_latents),
+        Some(_) => Err(contract("an event came after the result")),
     }
-    Ok(final_latents)
 }

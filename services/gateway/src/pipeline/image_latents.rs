@@ -7,6 +7,7 @@ use qwen_image_proto::v1::{DataType, EncodeImageRequest, Image, Stage, Tensor};
 
 use super::{Ctx, phase};
 use crate::error::{GatewayError, StageName};
+use crate::stages::Patience;
 
 /// Encodes `image` with `noise` (`[N, C, 1, h, w]`; `None` = the posterior mean) and returns the latents
 /// `[N, C, 1, h, w]`, checked against the model's geometry.
@@ -34,7 +35,8 @@ pub async fn encode(
         "encode_image",
         StageName::Vae,
         "Encode",
-        ctx.stages.encode_image(request, ctx.deadline),
+        ctx.stages
+            .encode_image(request, ctx.deadline, Patience::Wait(ctx)),
     )
     .await?;
     let bad = |d: String| GatewayError::bad_response(StageName::Vae, d);

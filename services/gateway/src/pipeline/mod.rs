@@ -25,7 +25,7 @@ use tracing::field::Empty;
 use crate::error::{GatewayError, StageName};
 use crate::geometry::Geometry;
 use crate::request::Settings;
-use crate::stages::Stages;
+use crate::stages::{QueueObserver, Stages};
 
 /// Where events go and what the request is bound by.
 pub struct Ctx<'a> {
@@ -65,6 +65,7 @@ impl Ctx<'_> {
             total_steps,
             elapsed_ms: self.elapsed_ms(),
             preview_png,
+            queue_position: 0,
         };
         let _ = self
             .events
@@ -72,6 +73,23 @@ impl Ctx<'_> {
                 event: Some(generate_event::Event::Progress(ev)),
             }))
             .await;
+    }
+}
+
+/// A request waiting for a stage slot tells its caller its place (`STAGE_QUEUED`, `queue_position`).
+/// The event is dropped when the caller lags (the next one carries the newer place).
+impl QueueObserver for Ctx<'_> {
+    fn waiting(&self, stage: StageName, position: usize) {
+        tracing::debug!(%stage, position, "waiting for a stage slot");
+        let ev = GenerateProgress {
+            stage: Stage::Queued as i32,
+            elapsed_ms: self.elapsed_ms(),
+            queue_position: u32::try_from(position).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        let _ = self.events.try_send(Ok(GenerateEvent {
+            event: Some(generate_event::Event::Progress(ev)),
+        }));
     }
 }
 

@@ -5,6 +5,7 @@ use qwen_image_proto::v1::{EncodeResponse, Stage, Tensor};
 use super::{Ctx, phase, repeat_batch};
 use crate::error::{GatewayError, StageName};
 use crate::request::Settings;
+use crate::stages::Patience;
 
 /// Conditioning for the denoiser: embeddings repeated to the batch, mask dropped when all ones (diffusers
 /// then passes `None`).
@@ -55,7 +56,7 @@ pub async fn encode(ctx: &Ctx<'_>, p: &Settings) -> Result<Prompts, GatewayError
             "encode_prompt",
             StageName::TextEncoder,
             "Encode",
-            stages.encode(&p.prompt, ctx.deadline)
+            stages.encode(&p.prompt, ctx.deadline, Patience::Wait(ctx))
         ),
         async {
             match negative {
@@ -63,7 +64,7 @@ pub async fn encode(ctx: &Ctx<'_>, p: &Settings) -> Result<Prompts, GatewayError
                     "encode_negative_prompt",
                     StageName::TextEncoder,
                     "Encode",
-                    stages.encode(n, ctx.deadline),
+                    stages.encode(n, ctx.deadline, Patience::Wait(ctx)),
                 )
                 .await
                 .map(Some),

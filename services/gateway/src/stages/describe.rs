@@ -107,6 +107,10 @@ impl Stages {
                 anchor = first;
             }
         }
+        // Replicas that came back (or went away) change where waiting calls can go.
+        for pool in self.pools() {
+            pool.dispatch();
+        }
         self.reviewed.send_modify(|n| *n += 1);
     }
 

@@ -1,9 +1,15 @@
-//! The stage clients: typed calls to the three stages (message-size limits, forwarded deadlines, retry on
-//! another replica), and what the stages describe (their model, checked to fit together: [`describe`]).
+//! The stage clients: typed calls to the three stages (message-size limits, forwarded deadlines), each
+//! waiting for a replica slot ([`slots`]) and failing over to another replica ([`failover`]); what the
+//! stages describe (their model, checked to fit together: [`describe`]); and the gateway's own bounded
+//! request queue ([`admission`]).
 
+pub mod admission;
 mod describe;
+pub mod failover;
 pub mod pool;
+pub mod slots;
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use qwen_image_common::grpc::InjectTraceContext;
@@ -19,7 +25,9 @@ use tonic::{Request, Status, Streaming};
 
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, StageName};
-use pool::{Lease, Pool};
+pub use failover::Patience;
+use pool::Pool;
+pub use slots::QueueObserver;
 
 /// The replicas of every stage.
 #[derive(Debug)]
@@ -30,14 +38,6 @@ pub struct Stages {
     /// Counts the reviews of the replicas' descriptions (a request that arrives before the stages have
     /// described themselves waits for the next one).
     reviewed: tokio::sync::watch::Sender<u64>,
-}
-
-/// A denoiser stream that has produced its first event (retries are over once progress flows).
-pub struct DenoiseCall {
-    pub first: DenoiseEvent,
-    pub rest: Streaming<DenoiseEvent>,
-    /// Keeps the replica's outstanding count while the stream lives.
-    pub lease: Lease,
 }
 
 fn remaining(deadline: Instant) -> Result<Duration, GatewayError> {
@@ -83,6 +83,7 @@ impl Stages {
         &self,
         prompt: &str,
         deadline: Instant,
+        patience: Patience<'_>,
     ) -> Result<EncodeResponse, GatewayError> {
         let msg = EncodeRequest {
             prompts: vec![prompt.to_string()],
@@ -91,7 +92,7 @@ impl Stages {
         };
         let (resp, _lease) = self
             .text_encoder
-            .call("Encode", |ch| {
+            .call("Encode", deadline, patience, |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
@@ -107,16 +108,25 @@ impl Stages {
         Ok(resp)
     }
 
-    /// Starts the denoising loop and waits for its first event; a replica that is down or busy before that
-    /// is replaced by another one.
-    pub async fn denoise(
+    /// Runs the denoising loop: `consume` reads the stream to the end and returns its result (it forwards
+    /// progress to the caller). A replica that dies or whose stream breaks is replaced by another and the
+    /// loop runs again from the start (same request, same result), so `consume` may see the early steps
+    /// again.
+    pub async fn denoise<T, F, Fut>(
         &self,
         msg: DenoiseRequest,
         deadline: Instant,
-    ) -> Result<DenoiseCall, GatewayError> {
-        let ((first, rest), lease) = self
+        patience: Patience<'_>,
+        consume: F,
+    ) -> Result<T, GatewayError>
+    where
+        F: Fn(Streaming<DenoiseEvent>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let consume = &consume;
+        let (result, _lease) = self
             .denoiser
-            .call("Denoise", |ch| {
+            .call("Denoise", deadline, patience, |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
@@ -125,27 +135,23 @@ impl Stages {
                     let mut client = DenoiserClient::with_interceptor(ch, InjectTraceContext)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                    let mut stream = client.denoise(req).await?.into_inner();
-                    match stream.message().await? {
-                        Some(first) => Ok((first, stream)),
-                        None => Err(Status::data_loss(
-                            "the denoiser stream ended without any event",
-                        )),
-                    }
+                    let stream = client.denoise(req).await?.into_inner();
+                    consume(stream).await
                 }
             })
             .await?;
-        Ok(DenoiseCall { first, rest, lease })
+        Ok(result)
     }
 
     pub async fn decode(
         &self,
         msg: DecodeRequest,
         deadline: Instant,
+        patience: Patience<'_>,
     ) -> Result<DecodeResponse, GatewayError> {
         let (resp, _lease) = self
             .vae
-            .call("Decode", |ch| {
+            .call("Decode", deadline, patience, |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {
@@ -166,10 +172,11 @@ impl Stages {
         &self,
         msg: EncodeImageRequest,
         deadline: Instant,
+        patience: Patience<'_>,
     ) -> Result<EncodeImageResponse, GatewayError> {
         let (resp, _lease) = self
             .vae
-            .call("Encode", |ch| {
+            .call("Encode", deadline, patience, |ch| {
                 let req = with_deadline(msg.clone(), deadline);
                 async move {
                     let req = req.map_err(|_| {

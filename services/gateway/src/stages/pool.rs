@@ -1,20 +1,19 @@
-//! Replicas of one stage: least-outstanding balancing, health checks, what each replica describes (and
-//! whether it was refused for not fitting the others), and retry on another replica.
+//! Replicas of one stage: health checks, what each replica describes (and whether it was refused for not
+//! fitting the others), how many calls each may take at once (the `queue_capacity` it describes), and
+//! which replica a call goes to (least outstanding among the healthy accepted ones with room). Waiting
+//! for a slot is [`super::slots`], retry on another replica [`super::failover`].
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qwen_image_proto::v1::StageDescription;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tracing::Instrument;
-use tracing::field::Empty;
 
+use super::slots::Queue;
 use crate::error::{GatewayError, StageName};
 
 /// Timeout of one health check.
@@ -29,6 +28,9 @@ pub struct Replica {
     healthy: AtomicBool,
     /// What the replica said it serves (read when it turns healthy), and whether it was refused.
     described: Mutex<Described>,
+    /// Until when the replica is considered full although the gateway counts room on it: it answered
+    /// RESOURCE_EXHAUSTED (other clients use it too, or it is still finishing a cancelled call).
+    saturated_until: Mutex<Option<Instant>>,
 }
 
 /// What is known about a replica's model.
@@ -56,7 +58,7 @@ impl Replica {
     }
 
     /// Records a health check; true when the replica just came back (or was seen for the first time).
-    fn set_healthy(&self, healthy: bool) -> bool {
+    pub(super) fn set_healthy(&self, healthy: bool) -> bool {
         let was = self.healthy.swap(healthy, Ordering::AcqRel);
         if was != healthy {
             tracing::info!(uri = %self.uri, healthy, "stage replica health changed");
@@ -79,30 +81,160 @@ impl Replica {
         matches!(self.described(), Described::Accepted(_))
     }
 
+    /// Calls the replica takes at once: the `queue_capacity` it describes (at least 1); 0 while it is not
+    /// accepted.
+    pub fn capacity(&self) -> usize {
+        match self.described() {
+            Described::Accepted(d) => (d.queue_capacity as usize).max(1),
+            _ => 0,
+        }
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
+
+    /// Considers the replica full for `period` (it answered RESOURCE_EXHAUSTED).
+    pub(super) fn saturate(&self, period: Duration) {
+        if let Ok(mut until) = self.saturated_until.lock() {
+            *until = Some(Instant::now() + period);
+        }
+    }
+
+    fn has_room(&self, now: Instant) -> bool {
+        let saturated = self
+            .saturated_until
+            .lock()
+            .map(|u| u.is_some_and(|t| t > now))
+            .unwrap_or(false);
+        !saturated && self.outstanding() < self.capacity()
+    }
 }
 
-/// A call in progress on a replica; counts as outstanding until dropped.
+/// What the pool can do for a call right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Choice {
+    /// This replica has room.
+    Go(usize),
+    /// Every replica the call may use is full: wait for a slot.
+    Wait,
+    /// No replica is accepted (none reachable, or all refused): waiting will not help.
+    NoReplica,
+}
+
+/// A call in progress on a replica; counts as outstanding until dropped, which lets the next waiting
+/// call in.
 #[derive(Debug)]
 pub struct Lease {
-    replica: Arc<Replica>,
+    shared: Arc<Shared>,
+    index: usize,
 }
 
 impl Lease {
     pub fn channel(&self) -> Channel {
-        self.replica.channel.clone()
+        self.replica().channel.clone()
     }
 
     pub fn uri(&self) -> &str {
-        &self.replica.uri
+        &self.replica().uri
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub(super) fn replica(&self) -> &Replica {
+        &self.shared.replicas[self.index]
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.replica.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.replica().outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.shared.dispatch();
+    }
+}
+
+/// What a pool and its leases share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) stage: StageName,
+    pub(super) replicas: Vec<Arc<Replica>>,
+    next: AtomicUsize,
+    /// Calls waiting for a slot, oldest first.
+    pub(super) queue: Mutex<Queue>,
+}
+
+impl Shared {
+    /// Where a call that should avoid the replicas in `avoid` (they failed it) can go now. Only accepted
+    /// replicas are used; `avoid` is ignored when it names all of them. Healthy replicas first (health
+    /// may be stale, so an unhealthy one is still used when no healthy one is left); among those with
+    /// room, the one with the fewest outstanding calls, ties round-robin.
+    pub(super) fn choose(&self, avoid: &[usize]) -> Choice {
+        let accepted: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| self.replicas[i].is_accepted())
+            .collect();
+        if accepted.is_empty() {
+            return Choice::NoReplica;
+        }
+        let mut allowed: Vec<usize> = accepted
+            .iter()
+            .copied()
+            .filter(|i| !avoid.contains(i))
+            .collect();
+        if allowed.is_empty() {
+            allowed = accepted;
+        }
+        let healthy: Vec<usize> = allowed
+            .iter()
+            .copied()
+            .filter(|&i| self.replicas[i].is_healthy())
+            .collect();
+        let candidates = if healthy.is_empty() { allowed } else { healthy };
+        let now = Instant::now();
+        let n = candidates.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|k| candidates[(start + k) % n])
+            .filter(|&i| self.replicas[i].has_room(now))
+            .min_by_key(|&i| self.replicas[i].outstanding())
+            .map_or(Choice::Wait, Choice::Go)
+    }
+
+    /// Counts a call on replica `i` (call with the queue locked, after [`Shared::choose`]).
+    pub(super) fn reserve(self: &Arc<Self>, i: usize) -> Lease {
+        self.replicas[i].outstanding.fetch_add(1, Ordering::AcqRel);
+        Lease {
+            shared: self.clone(),
+            index: i,
+        }
+    }
+
+    /// Why no replica can be used when some were refused: their reasons; `None` when none was refused.
+    pub(super) fn refusals(&self) -> Option<String> {
+        let reasons: Vec<String> = self
+            .replicas
+            .iter()
+            .filter_map(|r| match r.described() {
+                Described::Refused { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
+    /// The error of a call for which no replica is accepted.
+    pub(super) fn no_replica(&self) -> GatewayError {
+        match self.refusals() {
+            Some(reasons) => GatewayError::FailedPrecondition(format!(
+                "no usable {} replica: {reasons}",
+                self.stage
+            )),
+            None => GatewayError::Unavailable(format!(
+                "no {} replica is reachable right now (none has described its model); retry in a few seconds",
+                self.stage
+            )),
+        }
     }
 }
 
@@ -110,8 +242,7 @@ impl Drop for Lease {
 #[derive(Debug)]
 pub struct Pool {
     pub stage: StageName,
-    replicas: Vec<Arc<Replica>>,
-    next: AtomicUsize,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl Pool {
@@ -134,131 +265,45 @@ impl Pool {
                     outstanding: AtomicUsize::new(0),
                     healthy: AtomicBool::new(false),
                     described: Mutex::new(Described::Unknown),
+                    saturated_until: Mutex::new(None),
                 }))
             })
             .collect::<Result<Vec<_>, GatewayError>>()?;
         Ok(Self {
             stage,
-            replicas,
-            next: AtomicUsize::new(0),
+            shared: Arc::new(Shared {
+                stage,
+                replicas,
+                next: AtomicUsize::new(0),
+                queue: Mutex::new(Queue::default()),
+            }),
         })
     }
 
     pub fn replicas(&self) -> &[Arc<Replica>] {
-        &self.replicas
+        &self.shared.replicas
     }
 
     /// Some replica is healthy and its model fits the other stages.
     pub fn any_usable(&self) -> bool {
-        self.replicas
+        self.replicas()
             .iter()
             .any(|r| r.is_healthy() && r.is_accepted())
     }
 
     /// Why no replica can be used when some were refused: their reasons; `None` when none was refused.
     pub fn refusals(&self) -> Option<String> {
-        let reasons: Vec<String> = self
-            .replicas
-            .iter()
-            .filter_map(|r| match r.described() {
-                Described::Refused { reason, .. } => Some(reason),
-                _ => None,
-            })
-            .collect();
-        (!reasons.is_empty()).then(|| reasons.join("; "))
+        self.shared.refusals()
     }
 
-    /// The replica with the fewest outstanding calls among the accepted ones not in `tried`, healthy ones
-    /// first (health may be stale, so an unhealthy replica is still tried when nothing else is left). Ties
-    /// go round-robin. Replicas whose model is unknown or refused are never picked.
-    pub fn pick(&self, tried: &[usize]) -> Option<(usize, Lease)> {
-        let n = self.replicas.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best: Option<(bool, usize, usize)> = None; // (healthy, outstanding, index)
-        for k in 0..n {
-            let i = (start + k) % n;
-            let r = &self.replicas[i];
-            if tried.contains(&i) || !r.is_accepted() {
-                continue;
-            }
-            let key = (r.is_healthy(), r.outstanding(), i);
-            best = match best {
-                None => Some(key),
-                Some(b) if (key.0 && !b.0) || (key.0 == b.0 && key.1 < b.1) => Some(key),
-                keep => keep,
-            };
-        }
-        let (_, _, i) = best?;
-        let replica = self.replicas[i].clone();
-        replica.outstanding.fetch_add(1, Ordering::AcqRel);
-        Some((i, Lease { replica }))
+    /// Calls the stage takes at once: the sum of its accepted replicas' capacities.
+    pub fn capacity(&self) -> usize {
+        self.replicas().iter().map(|r| r.capacity()).sum()
     }
 
-    /// Runs `call` on a replica; when it fails with UNAVAILABLE (replica down) or RESOURCE_EXHAUSTED
-    /// (replica busy), tries the next replica, each at most once. `call` must not have streamed anything to
-    /// the caller when it fails, so that a retry is invisible. The lease is returned with the result so a
-    /// streaming call keeps counting as outstanding.
-    ///
-    /// Each attempt runs in a client span `stage.attempt` (stage, rpc, replica address, gRPC status) that
-    /// is current when `call` builds its request, so the trace context goes out with it.
-    pub async fn call<T, F, Fut>(
-        &self,
-        rpc: &'static str,
-        mut call: F,
-    ) -> Result<(T, Lease), GatewayError>
-    where
-        F: FnMut(Channel) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        let mut tried = Vec::with_capacity(self.replicas.len());
-        let mut last: Option<Status> = None;
-        while let Some((i, lease)) = self.pick(&tried) {
-            tried.push(i);
-            let span = tracing::info_span!(
-                "stage.attempt",
-                otel.name = %format_args!("{} {rpc}", self.stage),
-                otel.kind = "client",
-                stage = self.stage.as_str(),
-                rpc,
-                replica = lease.uri(),
-                attempt = tried.len(),
-                rpc.grpc.status_code = Empty,
-                otel.status_code = Empty,
-            );
-            let result = call(lease.channel()).instrument(span.clone()).await;
-            let code = result.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
-            span.record("rpc.grpc.status_code", code);
-            if code != 0 {
-                span.record("otel.status_code", "ERROR");
-            }
-            drop(span);
-            match result {
-                Ok(v) => return Ok((v, lease)),
-                Err(status)
-                    if matches!(status.code(), Code::Unavailable | Code::ResourceExhausted) =>
-                {
-                    if status.code() == Code::Unavailable {
-                        self.replicas[i].set_healthy(false);
-                    }
-                    tracing::warn!(stage = %self.stage, uri = lease.uri(), code = ?status.code(), message = status.message(), "stage replica failed; trying another");
-                    last = Some(status);
-                }
-                Err(status) => return Err(GatewayError::upstream(self.stage, status)),
-            }
-        }
-        if let Some(status) = last {
-            return Err(GatewayError::upstream(self.stage, status));
-        }
-        Err(match self.refusals() {
-            Some(reasons) => GatewayError::FailedPrecondition(format!(
-                "no usable {} replica: {reasons}",
-                self.stage
-            )),
-            None => GatewayError::Unavailable(format!(
-                "no {} replica has described its model yet; retry in a few seconds",
-                self.stage
-            )),
-        })
+    /// Hands free slots to waiting calls (after the replicas' health or descriptions changed).
+    pub fn dispatch(&self) {
+        self.shared.dispatch();
     }
 
     /// Checks every replica once, concurrently (grpc.health.v1 `Check` of the whole server, ""). Returns
@@ -266,7 +311,7 @@ impl Pool {
     /// again. A replica that is down forgets its description.
     pub async fn check_health(&self) -> Vec<Arc<Replica>> {
         let mut set = tokio::task::JoinSet::new();
-        for r in &self.replicas {
+        for r in self.replicas() {
             let r = r.clone();
             set.spawn(async move {
                 let mut client = HealthClient::new(r.channel.clone());
@@ -292,114 +337,5 @@ impl Pool {
             }
         }
         back
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pool(n: usize) -> Pool {
-        let uris: Vec<String> = (0..n)
-            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
-            .collect();
-        let p = Pool::new(StageName::Denoiser, &uris).expect("valid uris");
-        for r in p.replicas() {
-            r.set_described(Described::Accepted(Arc::default()));
-        }
-        p
-    }
-
-    #[tokio::test]
-    async fn balances_by_outstanding_and_prefers_healthy() {
-        let p = pool(3);
-        for r in p.replicas() {
-            r.set_healthy(true);
-        }
-        let (a, _la) = p.pick(&[]).expect("a replica");
-        let (b, _lb) = p.pick(&[]).expect("a replica");
-        let (c, lc) = p.pick(&[]).expect("a replica");
-        let mut all = vec![a, b, c];
-        all.sort();
-        assert_eq!(all, vec![0, 1, 2], "each replica gets one outstanding call");
-        drop(lc);
-        let (d, _ld) = p.pick(&[]).expect("a replica");
-        assert_eq!(
-            d, c,
-            "the replica whose call ended has the fewest outstanding"
-        );
-        p.replicas()[0].set_healthy(false);
-        for _ in 0..4 {
-            let (i, _l) = p.pick(&[]).expect("a replica");
-            assert_ne!(
-                i, 0,
-                "unhealthy replicas are skipped while healthy ones exist"
-            );
-        }
-        assert!(p.pick(&[0, 1, 2]).is_none());
-        p.replicas()[1].set_described(Described::Refused {
-            description: Arc::default(),
-            reason: "vae latent channels 4, denoiser expects 16".into(),
-        });
-        for _ in 0..4 {
-            let (i, _l) = p.pick(&[]).expect("a replica");
-            assert_eq!(i, 2, "refused replicas are never picked");
-        }
-        assert!(
-            p.refusals()
-                .expect("refused")
-                .contains("denoiser expects 16")
-        );
-    }
-
-    #[tokio::test]
-    async fn retries_unavailable_on_another_replica() {
-        let p = pool(2);
-        let calls = std::sync::Mutex::new(0);
-        let (v, lease) = p
-            .call("Test", |_ch| {
-                let n = {
-                    let mut c = calls.lock().expect("lock");
-                    *c += 1;
-                    *c
-                };
-                async move {
-                    if n == 1 {
-                        Err(Status::unavailable("down"))
-                    } else {
-                        Ok(n)
-                    }
-                }
-            })
-            .await
-            .expect("second replica answers");
-        assert_eq!(v, 2);
-        drop(lease);
-        let e = p
-            .call("Test", |_ch| async {
-                Err::<(), _>(Status::unavailable("down"))
-            })
-            .await
-            .expect_err("all down");
-        assert!(
-            matches!(e, GatewayError::Upstream { ref status, .. } if status.code() == Code::Unavailable)
-        );
-        let count = std::sync::atomic::AtomicUsize::new(0);
-        let e = p
-            .call("Test", |_ch| {
-                count.fetch_add(1, Ordering::Relaxed);
-                async { Err::<(), _>(Status::invalid_argument("bad")) }
-            })
-            .await
-            .expect_err("not retried");
-        assert!(
-            matches!(e, GatewayError::Upstream { ref status, .. } if status.code() == Code::InvalidArgument)
-        );
-        assert_eq!(
-            count.load(Ordering::Relaxed),
-            1,
-            "non-retryable errors are not retried"
-        );
-        assert!(p.replicas().iter().all(|r| r.outstanding() == 0));
     }
 }
