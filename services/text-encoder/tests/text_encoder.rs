@@ -87,11 +87,7 @@ async fn embeddings_match_diffusers_and_bad_requests_are_rejected() {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = ours
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(&ours, &expected);
     assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
     let mask = resp.prompt_embeds_mask.expect("mask");
     assert_eq!(mask.dtype, DataType::U8 as i32);
@@ -250,6 +246,13 @@ async fn a_worker_that_cannot_go_on_turns_not_serving_and_run_fails() {
     );
 }
 
+fn max_abs_diff(ours: &[f32], expected: &[f32]) -> f32 {
+    ours.iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 fn f32s(t: &qwen_image_proto::v1::Tensor) -> Vec<f32> {
     t.data
         .chunks_exact(4)
@@ -292,11 +295,7 @@ async fn the_embedding_cache_serves_repeated_prompts_with_the_same_numbers() {
     assert_eq!(embeds.shape, shape);
     let ours = f32s(&embeds);
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = ours
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(&ours, &expected);
     assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
     // diffusers' mask is int64
     let bytes =
@@ -342,11 +341,7 @@ async fn the_embedding_cache_serves_repeated_prompts_with_the_same_numbers() {
     let width = mixed.prompt_embeds.as_ref().expect("embeds").shape[1] as usize;
     let hidden = shape[2] as usize;
     let cached_rows = &row[width * hidden..][..single0.len()];
-    let worst = cached_rows
-        .iter()
-        .zip(&single0)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(cached_rows, &single0);
     assert!(worst <= 1e-4 * scale.max(1.0), "max abs diff {worst}");
     h.shutdown().await;
 }

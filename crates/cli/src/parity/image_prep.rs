@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result};
 use qwen_image_gateway::request::edit::{
-    EditParams, draws, draws_for, validate_img2img, validate_inpaint,
+    Draws, EditParams, draws, draws_for, validate_img2img, validate_inpaint,
 };
 use qwen_image_gateway::request::pose::validate_pose;
 use qwen_image_gateway::request::{Geometry, Limits};
@@ -73,6 +73,44 @@ fn to_unit_range(rgb: &[u8], w: usize, h: usize) -> Result<Tensor> {
         }
     }
     to_tensor(&chw, &[1, 3, h, w])
+}
+
+/// The generator's first two draws against the dump's: the posterior eps `[1, C, 1, h, w]` of the
+/// `what` picture, then the initial noise `[1, 1, C, h, w]` (torch's vectorised Box-Muller rounds differently
+/// in the last bit or two, hence RNG_TOL rather than 0).
+fn check_draws(
+    d: &Draws,
+    [c, lh, lw]: [usize; 3],
+    what: &str,
+    reference: &Reference,
+    report: &mut Report,
+) -> Result<(Tensor, Tensor)> {
+    let eps = to_tensor(&d.image_eps, &[1, c, 1, lh, lw])?;
+    report.compare(
+        &format!("gateway: rng.0 ({what} posterior eps)"),
+        &eps,
+        &reference.f32("rng.0")?,
+        RNG_TOL,
+    )?;
+    let noise = to_tensor(&d.noise, &[1, 1, c, lh, lw])?;
+    report.compare(
+        "gateway: rng.1 (noise)",
+        &noise,
+        &reference.f32("rng.1")?,
+        RNG_TOL,
+    )?;
+    Ok((eps, noise))
+}
+
+/// The VAE stage's encode from the dump's own posterior: sampled with the gateway's eps, normalised with the
+/// snapshot's statistics (`Posterior::sample` and `normalize`, as the VAE service computes), packed.
+fn sampled_latents(snapshot: &Snapshot, reference: &Reference, eps: &Tensor) -> Result<Tensor> {
+    let vae = AutoencoderKLQwenImage::load(snapshot, DType::F32, &Device::Cpu)?;
+    let posterior = Posterior {
+        mean: reference.f32("vae.encode.0.mean")?,
+        logvar: reference.f32("vae.encode.0.logvar")?,
+    };
+    Ok(latents::pack(&vae.normalize(&posterior.sample(eps)?)?)?)
 }
 
 /// The gateway's parameters for the dump's request.
@@ -147,23 +185,9 @@ pub fn check(
         )?;
     }
 
-    // generator draws in diffusers' order (torch's vectorised Box-Muller rounds differently in the last
-    // bit or two, hence RNG_TOL rather than 0)
+    // generator draws in diffusers' order
     let d = gateway(draws(&p, &g))?;
-    let eps = to_tensor(&d.image_eps, &[1, c, 1, lh, lw])?;
-    report.compare(
-        "gateway: rng.0 (image posterior eps)",
-        &eps,
-        &reference.f32("rng.0")?,
-        RNG_TOL,
-    )?;
-    let noise = to_tensor(&d.noise, &[1, 1, c, lh, lw])?;
-    report.compare(
-        "gateway: rng.1 (noise)",
-        &noise,
-        &reference.f32("rng.1")?,
-        RNG_TOL,
-    )?;
+    let (eps, noise) = check_draws(&d, [c, lh, lw], "image", reference, report)?;
     if let Some(m) = &d.masked_image_eps {
         report.compare(
             "gateway: rng.2 (masked-image eps, drawn and unused)",
@@ -173,15 +197,7 @@ pub fn check(
         )?;
     }
 
-    // The VAE stage's encode from the dump's own posterior: sampled with the gateway's eps, normalised
-    // with the snapshot's statistics (`Posterior::sample` and `normalize`, as the VAE service computes).
-    let vae = AutoencoderKLQwenImage::load(&snapshot, DType::F32, &Device::Cpu)?;
-    let posterior = Posterior {
-        mean: reference.f32("vae.encode.0.mean")?,
-        logvar: reference.f32("vae.encode.0.logvar")?,
-    };
-    let z = vae.normalize(&posterior.sample(&eps)?)?;
-    let image_latents = latents::pack(&z)?;
+    let image_latents = sampled_latents(&snapshot, reference, &eps)?;
     if reference.has("image_latents_packed") {
         report.compare(
             "vae: image_latents_packed (gateway eps, sampled, normalised)",
@@ -240,20 +256,7 @@ pub fn check_control(args: &ParityArgs, reference: &Reference, report: &mut Repo
     )?;
 
     let d = gateway(draws_for(p.settings.seed, c * lh * lw, 1, false))?;
-    let eps = to_tensor(&d.image_eps, &[1, c, 1, lh, lw])?;
-    report.compare(
-        "gateway: rng.0 (control posterior eps)",
-        &eps,
-        &reference.f32("rng.0")?,
-        RNG_TOL,
-    )?;
-    let noise = to_tensor(&d.noise, &[1, 1, c, lh, lw])?;
-    report.compare(
-        "gateway: rng.1 (noise)",
-        &noise,
-        &reference.f32("rng.1")?,
-        RNG_TOL,
-    )?;
+    let (eps, noise) = check_draws(&d, [c, lh, lw], "control", reference, report)?;
     report.compare(
         "gateway: latents_init_packed",
         &latents::pack(&noise)?,
@@ -261,12 +264,7 @@ pub fn check_control(args: &ParityArgs, reference: &Reference, report: &mut Repo
         RNG_TOL,
     )?;
 
-    let vae = AutoencoderKLQwenImage::load(&snapshot, DType::F32, &Device::Cpu)?;
-    let posterior = Posterior {
-        mean: reference.f32("vae.encode.0.mean")?,
-        logvar: reference.f32("vae.encode.0.logvar")?,
-    };
-    let cond = latents::pack(&vae.normalize(&posterior.sample(&eps)?)?)?;
+    let cond = sampled_latents(&snapshot, reference, &eps)?;
     report.compare(
         "vae: controlnet_cond (gateway eps, sampled, normalised, packed)",
         &cond,
