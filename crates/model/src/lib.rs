@@ -13,6 +13,7 @@ pub mod edit_prompt;
 pub mod interrupt;
 pub mod latents;
 pub mod nn;
+pub mod openpose;
 pub mod prompt;
 pub mod rope;
 pub mod scheduler;
