@@ -85,6 +85,11 @@ impl ServiceProcess {
         format!("http://{}", self.addr)
     }
 
+    /// The process id while it runs (`None` once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the process at once (SIGKILL, like `kill -9`: no drain, connections reset) and reaps it.
     pub async fn kill(&mut self) -> Result<(), String> {
         self.child.kill().await.map_err(|e| format!("kill: {e}"))

@@ -189,6 +189,7 @@ fn execute(
         controlnet: &units,
     };
     let every = inp.preview_every_n_steps;
+    let checkpoint_every = inp.checkpoint_every_n_steps;
     let mut stopped_for_deadline = false;
     // One span per step: entered before the step's compute, closed in the callback that ends it (the
     // callback runs on this thread right after the step) once it has recorded the step's timestep.
@@ -220,12 +221,30 @@ fn execute(
         } else {
             None
         };
+        // Checkpoints for a caller that may resume elsewhere: not on the last step (the Result has
+        // those latents) nor when the preview already carries them.
+        let checkpoint_latents = if checkpoint_every > 0
+            && done % checkpoint_every == 0
+            && done < s.total
+            && preview_latents.is_none()
+        {
+            match wire_latents(s.latents, lh, lw) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %first_line(&e), "checkpoint skipped");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let progress = DenoiseProgress {
             step: done as u32,
             total_steps: s.total as u32,
             elapsed_ms: started.elapsed().as_millis() as u64,
             timestep: s.timestep,
             preview_latents,
+            checkpoint_latents,
         };
         tracing::debug!(step = done, total = s.total, "denoise step");
         if events

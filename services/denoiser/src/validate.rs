@@ -105,6 +105,8 @@ pub struct DenoiseInputs {
     pub start_noise: Option<HostTensor<f32>>,
     /// 0 = no previews.
     pub preview_every_n_steps: usize,
+    /// 0 = no checkpoint latents.
+    pub checkpoint_every_n_steps: usize,
     pub inpaint: Option<HostInpaint>,
     /// ControlNets to run, in request order.
     pub control: Vec<HostControl>,
@@ -204,6 +206,7 @@ pub fn validate_with_controlnets(
         start_step,
         start_noise,
         preview_every_n_steps: req.preview_every_n_steps as usize,
+        checkpoint_every_n_steps: req.checkpoint_every_n_steps as usize,
         inpaint,
         control,
     })

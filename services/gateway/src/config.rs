@@ -54,6 +54,12 @@ pub struct GatewayArgs {
     #[arg(long, env = "QWEN_IMAGE_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL.as_millis() as u64)]
     pub health_interval_ms: u64,
 
+    /// Period (milliseconds) of the DNS lookups of stage endpoints given by name (a Kubernetes headless
+    /// Service): each address is one replica. 0 = names are not looked up (one replica per endpoint).
+    #[arg(long, env = "QWEN_IMAGE_RESOLVE_INTERVAL_MS",
+          default_value_t = crate::stages::discovery::DEFAULT_RESOLVE_INTERVAL.as_millis() as u64)]
+    pub resolve_interval_ms: u64,
+
     /// Largest accepted width and height in pixels (at most 2048; sizes are multiples of the model's size
     /// multiple below it).
     #[arg(long, env = "QWEN_IMAGE_MAX_SIDE_PX", default_value_t = MAX_SIDE_PX,
@@ -79,6 +85,8 @@ pub struct GatewayConfig {
     pub max_queued: usize,
     /// Period of the stage health checks.
     pub health_interval: Duration,
+    /// Period of the DNS lookups of endpoints given by name; zero = never looked up.
+    pub resolve_interval: Duration,
     /// Largest accepted width / height in pixels.
     pub max_side_px: u32,
     /// Model name for the PNG metadata; `None` = the text encoder's `model_id`.
@@ -99,6 +107,7 @@ impl GatewayConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_queued: DEFAULT_MAX_QUEUED as usize,
             health_interval: DEFAULT_HEALTH_INTERVAL,
+            resolve_interval: crate::stages::discovery::DEFAULT_RESOLVE_INTERVAL,
             max_side_px: MAX_SIDE_PX,
             model_name: None,
         }
@@ -130,6 +139,7 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
             max_queued: a.max_queued as usize,
             health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
+            resolve_interval: Duration::from_millis(a.resolve_interval_ms),
             max_side_px: a.max_side_px,
             model_name: a.model_name.clone(),
         })

@@ -226,17 +226,24 @@ pub fn geometry(anchor: &StageDescription, vae: &StageDescription) -> Option<Geo
     if t.patch_size == 0 || v.scale_factor == 0 || t.latent_channels == 0 {
         return None;
     }
-    let budget = |d: &StageDescription| d.limits.as_ref().map_or(0, |l| l.max_pixels);
     Some(Geometry {
         latent_channels: t.latent_channels as usize,
         vae_scale_factor: v.scale_factor,
         patch_size: t.patch_size,
-        max_pixels: [budget(anchor), budget(vae)]
-            .into_iter()
-            .filter(|&p| p > 0)
-            .min()
-            .unwrap_or(0),
+        max_pixels: smallest_max_pixels([anchor, vae]),
     })
+}
+
+/// The smallest `StageLimits.max_pixels` (`--max-pixels`) of `replicas`, ignoring those that set none;
+/// 0 when none does. A request may go to any accepted denoiser and VAE replica (and fail over to any
+/// other), so it must fit every one of them.
+pub fn smallest_max_pixels<'a>(replicas: impl IntoIterator<Item = &'a StageDescription>) -> u64 {
+    replicas
+        .into_iter()
+        .map(|d| d.limits.as_ref().map_or(0, |l| l.max_pixels))
+        .filter(|&p| p > 0)
+        .min()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -258,6 +265,20 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_smallest_replica_budget_bounds_requests() {
+        let limit = |p: u64| StageDescription {
+            limits: Some(qwen_image_proto::v1::StageLimits {
+                max_pixels: p,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (a, b, none) = (limit(4096), limit(1024), StageDescription::default());
+        assert_eq!(smallest_max_pixels([&a, &none, &b]), 1024);
+        assert_eq!(smallest_max_pixels([&none, &limit(0)]), 0, "unbounded");
     }
 
     #[test]

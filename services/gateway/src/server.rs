@@ -32,14 +32,25 @@ pub async fn run(
     let (stop_checks_tx, mut stop_checks_rx) = tokio::sync::watch::channel(false);
     let checker = {
         let (stages, health, interval) = (stages.clone(), health.clone(), config.health_interval);
+        let resolve_interval = config.resolve_interval;
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut serving = None;
+            // Stage endpoints given by DNS name: resolved before the first check, then periodically.
+            let mut resolved_at: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = stop_checks_rx.changed() => return,
+                }
+                if !resolve_interval.is_zero()
+                    && resolved_at.is_none_or(|t| t.elapsed() >= resolve_interval)
+                {
+                    stages
+                        .rediscover(&crate::stages::discovery::SystemResolver)
+                        .await;
+                    resolved_at = Some(tokio::time::Instant::now());
                 }
                 let pools = stages.pools();
                 let (te, dn, vae) = tokio::join!(

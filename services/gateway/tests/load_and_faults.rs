@@ -1,6 +1,7 @@
 //! Load and faults, with the real stage binaries as processes on the tiny snapshot: requests wait their
 //! turn for stage slots instead of bouncing, the gateway's own queue refuses at once when full, and a
-//! replica killed with SIGKILL mid-request is replaced without the caller noticing (same PNG bytes).
+//! replica killed with SIGKILL mid-request is replaced without the caller noticing (same PNG bytes; a
+//! denoising loop resumes from its last checkpoint latents).
 //!
 //! Needs the workspace's binaries (`cargo build --bins`, which `cargo test --workspace` does).
 
@@ -269,7 +270,7 @@ enum Victim {
 }
 
 /// Two replicas of `victim`'s stage; `n` requests run, one replica is killed with SIGKILL once every
-/// request is denoising, more requests arrive after; every request completes and its PNG is byte for byte
+/// request is past step 8 (a checkpoint at step 5 is behind it), more requests arrive after; every request completes and its PNG is byte for byte
 /// the one the same request gives undisturbed. The gateway's own health checks are slowed down so that it
 /// is the failed call itself that discovers the dead replica.
 async fn survives_a_killed_replica(victim: Victim) {
@@ -288,7 +289,7 @@ async fn survives_a_killed_replica(victim: Victim) {
         let (c, tx) = (client.clone(), tx.clone());
         tasks.spawn(async move {
             let id = format!("fault-{i}");
-            (i, run(c, request(steps, i), &id, Some((2, tx))).await)
+            (i, run(c, request(steps, i), &id, Some((8, tx))).await)
         });
     }
     for _ in 0..first_wave {
@@ -329,6 +330,20 @@ async fn survives_a_killed_replica(victim: Victim) {
         failovers >= 1,
         "{victim:?}: some call was on the killed replica and was run again elsewhere"
     );
+    if let Victim::Denoiser = victim {
+        // Each request was past step 2 when the replica died; the ones on it resume from their last
+        // checkpoint latents (every 5 steps) instead of step 1.
+        let resumed = cluster
+            .gateway
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("resuming the denoising loop from checkpoint latents"))
+            .count();
+        assert!(
+            resumed >= 1,
+            "a denoising loop on the killed replica resumed from its checkpoint latents"
+        );
+    }
     // The same requests undisturbed (on the surviving replicas): the same bytes.
     let results = Arc::new(results);
     for (i, disturbed) in results.iter() {

@@ -15,6 +15,7 @@ use crate::error::{GatewayError, StageName};
 use crate::pngmeta;
 use crate::request::Settings;
 use crate::stages::Patience;
+use crate::stages::resume::{Attempt, Resume};
 
 /// How the denoising loop starts.
 pub struct Start {
@@ -35,7 +36,7 @@ pub async fn run(
     prompts: Prompts,
     start: Start,
 ) -> Result<Tensor, GatewayError> {
-    let request = DenoiseRequest {
+    let mut request = DenoiseRequest {
         prompt_embeds: Some(prompts.prompt_embeds),
         prompt_embeds_mask: prompts.prompt_embeds_mask,
         negative_prompt_embeds: prompts.negative_prompt_embeds,
@@ -57,11 +58,12 @@ pub async fn run(
             s.max_side_px
         }
     });
+    let resume = Resume::prepare(&mut request);
     phase(
         "denoise",
         StageName::Denoiser,
         "Denoise",
-        denoise_events(ctx, request, preview_side),
+        denoise_events(ctx, request, &resume, preview_side),
     )
     .await
 }
@@ -134,16 +136,22 @@ fn first_of_batch(t: &Tensor) -> Result<Tensor, String> {
 
 /// The denoising loop on a replica: forwards every progress event (with a preview PNG when the denoiser
 /// sent latents for one), returns the final latents. A replica that dies mid-loop is replaced and the loop
-/// runs again from step 1 (see [`crate::stages::Stages::denoise`]).
+/// resumes from the last checkpoint latents, or runs again from step 1 (see
+/// [`crate::stages::Stages::denoise`]).
 async fn denoise_events(
     ctx: &Ctx<'_>,
     request: DenoiseRequest,
+    resume: &Resume,
     preview_side: u32,
 ) -> Result<Tensor, GatewayError> {
     ctx.stages
-        .denoise(request, ctx.deadline, Patience::Wait(ctx), |stream| {
-            forward(ctx, stream, preview_side)
-        })
+        .denoise(
+            request,
+            resume,
+            ctx.deadline,
+            Patience::Wait(ctx),
+            |stream, attempt| forward(ctx, stream, attempt, preview_side),
+        )
         .await
 }
 
@@ -152,6 +160,7 @@ async fn denoise_events(
 async fn forward(
     ctx: &Ctx<'_>,
     mut stream: Streaming<DenoiseEvent>,
+    attempt: Attempt<'_>,
     preview_side: u32,
 ) -> Result<Tensor, Status> {
     let contract = |what: &str| {
@@ -165,7 +174,8 @@ async fn forward(
             ));
         };
         match ev.event {
-            Some(denoise_event::Event::Progress(pr)) => {
+            Some(denoise_event::Event::Progress(mut pr)) => {
+                attempt.observe(&mut pr);
                 let png = match pr.preview_latents {
                     Some(l) => preview_png(ctx, l, preview_side).await.unwrap_or_default(),
                     None => Bytes::new(),

@@ -166,11 +166,22 @@ impl Stages {
                     .into(),
             ));
         };
-        geometry::geometry(&dn, &vae).ok_or_else(|| {
+        let mut g = geometry::geometry(&dn, &vae).ok_or_else(|| {
             GatewayError::FailedPrecondition(
                 "the denoiser or VAE describes a zero patch size, latent channel count or scale factor".into(),
             )
-        })
+        })?;
+        // Every replica's own --max-pixels, not only the first one's.
+        let mut all = Vec::new();
+        for stage in [StageName::Denoiser, StageName::Vae] {
+            for r in self.pool(stage).replicas().iter() {
+                if let Described::Accepted(d) = r.described() {
+                    all.push(d);
+                }
+            }
+        }
+        g.max_pixels = geometry::smallest_max_pixels(all.iter().map(|d| d.as_ref()));
+        Ok(g)
     }
 }
 

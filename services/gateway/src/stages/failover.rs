@@ -163,7 +163,7 @@ mod tests {
             .map(|i| format!("http://127.0.0.1:{}", 1 + i))
             .collect();
         let p = Pool::new(StageName::Denoiser, &uris).expect("valid uris");
-        for r in p.replicas() {
+        for r in p.replicas().iter() {
             r.set_described(Described::Accepted(Arc::new(StageDescription {
                 queue_capacity: capacity,
                 ..Default::default()

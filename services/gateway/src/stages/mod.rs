@@ -5,8 +5,10 @@
 
 pub mod admission;
 mod describe;
+pub mod discovery;
 pub mod failover;
 pub mod pool;
+pub mod resume;
 pub mod slots;
 
 use std::future::Future;
@@ -70,6 +72,16 @@ impl Stages {
         [&self.text_encoder, &self.denoiser, &self.vae]
     }
 
+    /// Resolves every stage's DNS names again ([`discovery`]); true when some stage's replicas changed.
+    pub async fn rediscover(&self, resolver: &dyn discovery::Resolve) -> bool {
+        let (a, b, c) = tokio::join!(
+            self.text_encoder.rediscover(resolver),
+            self.denoiser.rediscover(resolver),
+            self.vae.rediscover(resolver)
+        );
+        a || b || c
+    }
+
     pub fn pool(&self, stage: StageName) -> &Pool {
         match stage {
             StageName::TextEncoder => &self.text_encoder,
@@ -109,25 +121,28 @@ impl Stages {
     }
 
     /// Runs the denoising loop: `consume` reads the stream to the end and returns its result (it forwards
-    /// progress to the caller). A replica that dies or whose stream breaks is replaced by another and the
-    /// loop runs again from the start (same request, same result), so `consume` may see the early steps
-    /// again.
-    pub async fn denoise<T, F, Fut>(
+    /// progress to the caller, through the attempt's [`resume::Attempt::observe`]). A replica that dies or
+    /// whose stream breaks is replaced by another and the loop resumes from the last checkpoint latents
+    /// `resume` kept (or runs again from the start: same request, same result), so `consume` may see some
+    /// steps again.
+    pub async fn denoise<'r, T, F, Fut>(
         &self,
         msg: DenoiseRequest,
+        resume: &'r resume::Resume,
         deadline: Instant,
         patience: Patience<'_>,
         consume: F,
     ) -> Result<T, GatewayError>
     where
-        F: Fn(Streaming<DenoiseEvent>) -> Fut,
+        F: Fn(Streaming<DenoiseEvent>, resume::Attempt<'r>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let consume = &consume;
         let (result, _lease) = self
             .denoiser
             .call("Denoise", deadline, patience, |ch| {
-                let req = with_deadline(msg.clone(), deadline);
+                let (msg, attempt) = resume.attempt(&msg);
+                let req = with_deadline(msg, deadline);
                 async move {
                     let req = req.map_err(|_| {
                         Status::deadline_exceeded("deadline passed before the call")
@@ -136,7 +151,7 @@ impl Stages {
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
                     let stream = client.denoise(req).await?.into_inner();
-                    consume(stream).await
+                    consume(stream, attempt).await
                 }
             })
             .await?;

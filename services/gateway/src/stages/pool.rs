@@ -1,10 +1,11 @@
 //! Replicas of one stage: health checks, what each replica describes (and whether it was refused for not
 //! fitting the others), how many calls each may take at once (the `queue_capacity` it describes), and
 //! which replica a call goes to (least outstanding among the healthy accepted ones with room). Waiting
-//! for a slot is [`super::slots`], retry on another replica [`super::failover`].
+//! for a slot is [`super::slots`], retry on another replica [`super::failover`]; the replica list of a
+//! stage given by DNS name changes as the name resolves to other addresses ([`super::discovery`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use qwen_image_proto::v1::StageDescription;
@@ -22,6 +23,10 @@ const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// One replica of a stage.
 #[derive(Debug)]
 pub struct Replica {
+    /// Unique in its pool (0, 1, ... for the configured endpoints, in order; more as DNS names resolve).
+    pub id: usize,
+    /// Which configured endpoint it comes from (an address, or one address of a DNS name).
+    pub(super) target: usize,
     pub uri: String,
     channel: Channel,
     outstanding: AtomicUsize,
@@ -112,10 +117,10 @@ impl Replica {
 }
 
 /// What the pool can do for a call right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Choice {
     /// This replica has room.
-    Go(usize),
+    Go(Arc<Replica>),
     /// Every replica the call may use is full: wait for a slot.
     Wait,
     /// No replica is accepted (none reachable, or all refused): waiting will not help.
@@ -127,7 +132,7 @@ pub(super) enum Choice {
 #[derive(Debug)]
 pub struct Lease {
     shared: Arc<Shared>,
-    index: usize,
+    replica: Arc<Replica>,
 }
 
 impl Lease {
@@ -139,12 +144,13 @@ impl Lease {
         &self.replica().uri
     }
 
+    /// The replica's [`Replica::id`].
     pub fn index(&self) -> usize {
-        self.index
+        self.replica.id
     }
 
     pub(super) fn replica(&self) -> &Replica {
-        &self.shared.replicas[self.index]
+        &self.replica
     }
 }
 
@@ -159,20 +165,49 @@ impl Drop for Lease {
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) stage: StageName,
-    pub(super) replicas: Vec<Arc<Replica>>,
+    /// The current replicas (replaced as a whole when DNS names resolve differently; a replica that left
+    /// lives on in the leases of its calls in flight).
+    pub(super) replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    /// The next [`Replica::id`].
+    pub(super) next_id: AtomicUsize,
     next: AtomicUsize,
     /// Calls waiting for a slot, oldest first.
     pub(super) queue: Mutex<Queue>,
 }
 
 impl Shared {
+    /// The current replicas.
+    pub(super) fn list(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// A new replica at `uri` (lazily connected; unhealthy until its first health check passes).
+    pub(super) fn new_replica(&self, target: usize, uri: &str) -> Result<Arc<Replica>, GatewayError> {
+        let endpoint = qwen_image_common::transport::endpoint(uri)
+            .map_err(|e| GatewayError::Internal(format!("{} endpoint: {e}", self.stage)))?;
+        Ok(Arc::new(Replica {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            target,
+            uri: uri.to_string(),
+            channel: endpoint.connect_lazy(),
+            outstanding: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            described: Mutex::new(Described::Unknown),
+            saturated_until: Mutex::new(None),
+        }))
+    }
+
     /// Where a call that should avoid the replicas in `avoid` (they failed it) can go now. Only accepted
     /// replicas are used; `avoid` is ignored when it names all of them. Healthy replicas first (health
     /// may be stale, so an unhealthy one is still used when no healthy one is left); among those with
     /// room, the one with the fewest outstanding calls, ties round-robin.
     pub(super) fn choose(&self, avoid: &[usize]) -> Choice {
-        let accepted: Vec<usize> = (0..self.replicas.len())
-            .filter(|&i| self.replicas[i].is_accepted())
+        let replicas = self.list();
+        let accepted: Vec<usize> = (0..replicas.len())
+            .filter(|&i| replicas[i].is_accepted())
             .collect();
         if accepted.is_empty() {
             return Choice::NoReplica;
@@ -180,7 +215,7 @@ impl Shared {
         let mut allowed: Vec<usize> = accepted
             .iter()
             .copied()
-            .filter(|i| !avoid.contains(i))
+            .filter(|&i| !avoid.contains(&replicas[i].id))
             .collect();
         if allowed.is_empty() {
             allowed = accepted;
@@ -188,7 +223,7 @@ impl Shared {
         let healthy: Vec<usize> = allowed
             .iter()
             .copied()
-            .filter(|&i| self.replicas[i].is_healthy())
+            .filter(|&i| replicas[i].is_healthy())
             .collect();
         let candidates = if healthy.is_empty() { allowed } else { healthy };
         let now = Instant::now();
@@ -196,24 +231,24 @@ impl Shared {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|k| candidates[(start + k) % n])
-            .filter(|&i| self.replicas[i].has_room(now))
-            .min_by_key(|&i| self.replicas[i].outstanding())
-            .map_or(Choice::Wait, Choice::Go)
+            .filter(|&i| replicas[i].has_room(now))
+            .min_by_key(|&i| replicas[i].outstanding())
+            .map_or(Choice::Wait, |i| Choice::Go(replicas[i].clone()))
     }
 
-    /// Counts a call on replica `i` (call with the queue locked, after [`Shared::choose`]).
-    pub(super) fn reserve(self: &Arc<Self>, i: usize) -> Lease {
-        self.replicas[i].outstanding.fetch_add(1, Ordering::AcqRel);
+    /// Counts a call on `replica` (call with the queue locked, after [`Shared::choose`]).
+    pub(super) fn reserve(self: &Arc<Self>, replica: Arc<Replica>) -> Lease {
+        replica.outstanding.fetch_add(1, Ordering::AcqRel);
         Lease {
             shared: self.clone(),
-            index: i,
+            replica,
         }
     }
 
     /// Why no replica can be used when some were refused: their reasons; `None` when none was refused.
     pub(super) fn refusals(&self) -> Option<String> {
         let reasons: Vec<String> = self
-            .replicas
+            .list()
             .iter()
             .filter_map(|r| match r.described() {
                 Described::Refused { reason, .. } => Some(reason),
@@ -242,46 +277,46 @@ impl Shared {
 #[derive(Debug)]
 pub struct Pool {
     pub stage: StageName,
+    /// The configured endpoints (addresses or DNS names).
+    pub(super) targets: Vec<String>,
     pub(super) shared: Arc<Shared>,
 }
 
 impl Pool {
     /// Lazily connected channels to `uris` (nothing is dialled until the first call or health check).
-    /// Replicas start unhealthy until their first health check passes.
+    /// Replicas start unhealthy until their first health check passes. A URI whose host is a DNS name
+    /// is one replica until [`Pool::rediscover`] resolves it to one replica per address.
     pub fn new(stage: StageName, uris: &[String]) -> Result<Self, GatewayError> {
         if uris.is_empty() {
             return Err(GatewayError::Internal(format!(
                 "no endpoint configured for the {stage} stage"
             )));
         }
+        let shared = Arc::new(Shared {
+            stage,
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next_id: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+        });
         let replicas = uris
             .iter()
-            .map(|uri| {
-                let endpoint = qwen_image_common::transport::endpoint(uri)
-                    .map_err(|e| GatewayError::Internal(format!("{stage} endpoint: {e}")))?;
-                Ok(Arc::new(Replica {
-                    uri: uri.clone(),
-                    channel: endpoint.connect_lazy(),
-                    outstanding: AtomicUsize::new(0),
-                    healthy: AtomicBool::new(false),
-                    described: Mutex::new(Described::Unknown),
-                    saturated_until: Mutex::new(None),
-                }))
-            })
+            .enumerate()
+            .map(|(target, uri)| shared.new_replica(target, uri))
             .collect::<Result<Vec<_>, GatewayError>>()?;
+        if let Ok(mut l) = shared.replicas.write() {
+            *l = Arc::new(replicas);
+        }
         Ok(Self {
             stage,
-            shared: Arc::new(Shared {
-                stage,
-                replicas,
-                next: AtomicUsize::new(0),
-                queue: Mutex::new(Queue::default()),
-            }),
+            targets: uris.to_vec(),
+            shared,
         })
     }
 
-    pub fn replicas(&self) -> &[Arc<Replica>] {
-        &self.shared.replicas
+    /// The current replicas.
+    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.shared.list()
     }
 
     /// Some replica is healthy and its model fits the other stages.
@@ -311,7 +346,7 @@ impl Pool {
     /// again. A replica that is down forgets its description.
     pub async fn check_health(&self) -> Vec<Arc<Replica>> {
         let mut set = tokio::task::JoinSet::new();
-        for r in self.replicas() {
+        for r in self.replicas().iter() {
             let r = r.clone();
             set.spawn(async move {
                 let mut client = HealthClient::new(r.channel.clone());
