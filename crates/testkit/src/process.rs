@@ -113,6 +113,28 @@ impl ServiceProcess {
     }
 }
 
+/// The gateway's stage flags for these replicas: `--text-encoder URL,URL --denoiser ... --vae ...`.
+pub fn stage_flags(
+    text_encoder: &[ServiceProcess],
+    denoiser: &[ServiceProcess],
+    vae: &[ServiceProcess],
+) -> Vec<String> {
+    let urls = |set: &[ServiceProcess]| {
+        set.iter()
+            .map(ServiceProcess::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    vec![
+        "--text-encoder".into(),
+        urls(text_encoder),
+        "--denoiser".into(),
+        urls(denoiser),
+        "--vae".into(),
+        urls(vae),
+    ]
+}
+
 /// Waits until `url` reports SERVING (whole server); see [`crate::service::wait_serving`].
 pub async fn wait_serving(url: &str, timeout: Duration) -> Result<(), String> {
     crate::service::wait_serving(url, "", timeout).await

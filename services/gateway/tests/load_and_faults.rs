@@ -13,7 +13,7 @@ use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
     GenerateResult, GenerationSettings, Stage, TextToImageRequest, generate_event,
 };
-use qwen_image_testkit::process::{ServiceProcess, wait_serving, workspace_binary};
+use qwen_image_testkit::process::{ServiceProcess, stage_flags, wait_serving, workspace_binary};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -73,21 +73,8 @@ impl Cluster {
             }
             sets.push(set);
         }
-        let urls = |set: &[ServiceProcess]| {
-            set.iter()
-                .map(ServiceProcess::url)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let (te, dn, vae) = (urls(&sets[0]), urls(&sets[1]), urls(&sets[2]));
-        let mut args = vec![
-            "--text-encoder",
-            te.as_str(),
-            "--denoiser",
-            dn.as_str(),
-            "--vae",
-            vae.as_str(),
-        ];
+        let flags = stage_flags(&sets[0], &sets[1], &sets[2]);
+        let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
         args.extend_from_slice(gateway_args);
         let gateway = spawn("qwen-image-gateway", &args).await;
         wait_serving(&gateway.url(), GUARD)
@@ -282,7 +269,12 @@ async fn survives_a_killed_replica(victim: Victim) {
     let mut cluster = Cluster::start(replicas, &["--health-interval-ms", "60000"]).await;
     let client = cluster.client().await;
     let steps = 300;
-    let (first_wave, second_wave) = (4u64, 4u64);
+    // Denoiser: a replica runs one loop at a time (the others wait in its queue); two requests go one to
+    // each replica (fewest calls in flight), so the killed one has a loop past its first checkpoint.
+    let (first_wave, second_wave) = match victim {
+        Victim::Denoiser => (2u64, 4u64),
+        _ => (4u64, 4u64),
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..first_wave {
@@ -331,7 +323,7 @@ async fn survives_a_killed_replica(victim: Victim) {
         "{victim:?}: some call was on the killed replica and was run again elsewhere"
     );
     if let Victim::Denoiser = victim {
-        // Each request was past step 2 when the replica died; the ones on it resume from their last
+        // Each request was past step 8 when the replica died; the ones on it resume from their last
         // checkpoint latents (every 5 steps) instead of step 1.
         let resumed = cluster
             .gateway

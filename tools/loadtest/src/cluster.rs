@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_testkit::process::{ServiceProcess, scrape, wait_serving};
+use qwen_image_testkit::process::{ServiceProcess, scrape, stage_flags, wait_serving};
 use tonic::transport::Channel;
 
 /// Longest wait for a process to print its address and report SERVING (model loading included).
@@ -126,21 +126,8 @@ impl Cluster {
                 sets[stage.index()].push(p);
             }
         }
-        let urls = |set: &[ServiceProcess]| {
-            set.iter()
-                .map(ServiceProcess::url)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let (te, dn, vae) = (urls(&sets[0]), urls(&sets[1]), urls(&sets[2]));
-        let mut args = vec![
-            "--text-encoder",
-            te.as_str(),
-            "--denoiser",
-            dn.as_str(),
-            "--vae",
-            vae.as_str(),
-        ];
+        let flags = stage_flags(&sets[0], &sets[1], &sets[2]);
+        let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
         args.extend_from_slice(gateway_args);
         let gateway = start_process(setup, "qwen-image-gateway", "127.0.0.1:0", &args).await?;
         track(&memory, "gateway".into(), &gateway);
