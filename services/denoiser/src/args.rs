@@ -13,6 +13,13 @@ pub struct DenoiserArgs {
     /// Qwen-Image-ControlNet-Union), as `DIR` (id = the folder name) or `NAME=DIR`. Repeatable.
     #[arg(long = "controlnet", env = "QWEN_IMAGE_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     pub controlnets: Vec<ControlNetSpec>,
+
+    /// A LoRA adapter to load at startup, as `NAME=FILE` (a safetensors file in diffusers/PEFT, kohya or
+    /// ComfyUI naming) or `FILE` (name = the file name without extension); requests name it in `loras`.
+    /// `FILE` with `.safetensors` replaced by `.scheduler.json` beside it, when present, is the scheduler
+    /// config requests with this adapter use (e.g. Lightning's). Repeatable.
+    #[arg(long = "lora", env = "QWEN_IMAGE_LORAS", value_delimiter = ',', value_parser = crate::adapters::parse_lora)]
+    pub loras: Vec<crate::adapters::LoraSpec>,
 }
 
 /// Where the transformer's weights come from besides the snapshot (its own struct so that commands that

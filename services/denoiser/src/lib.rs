@@ -4,6 +4,7 @@
 //! checks ([`validate`]), its flags ([`args`]) and the handler ([`service`]); `main.rs` is the skeleton's
 //! `main`.
 
+pub mod adapters;
 pub mod args;
 pub mod job;
 pub mod model;
@@ -47,6 +48,8 @@ pub struct DenoiserState {
     pub controlnets: Vec<ControlNetInfo>,
     pub transformer: TransformerConfig,
     pub scheduler: SchedulerConfig,
+    /// The `--lora` adapters requests may name.
+    pub loras: adapters::LoraCatalog,
     /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
     pub weights: WeightsSource,
     pub config: ConfigSource,
@@ -72,6 +75,11 @@ impl StageDef for Denoiser {
         // The weights' headers: a wrong file is refused here, before the service listens.
         let weights_format = source::inspect_transformer(&weights).map_err(|e| first_line(&e))?;
         let controlnets = model::read_controlnets(config, &transformer)?;
+        let dtype_bytes = match config.device.compute_dtype() {
+            qwen_image_common::stage::ComputeDtype::Bf16 => 2,
+            _ => 4,
+        };
+        let (loras, lora_descriptions) = adapters::prepare(&config.own.loras, dtype_bytes)?;
         let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
         let transformer_digest = component_digest(
             config.model_dir.as_deref(),
@@ -106,6 +114,7 @@ impl StageDef for Denoiser {
                 max_steps: validate::MAX_STEPS as u32,
             }),
             controlnets: nets,
+            loras: lora_descriptions,
             weights_format,
             model_id: file.map(file_label).unwrap_or_default(),
             limits: Some(StageLimits {
@@ -122,6 +131,7 @@ impl StageDef for Denoiser {
                 controlnets,
                 transformer,
                 scheduler,
+                loras,
                 weights,
                 config: tconfig,
             },
@@ -152,6 +162,7 @@ impl StageDef for Denoiser {
                 shape: state.shape,
                 controlnets: state.controlnets,
                 scheduler: state.scheduler,
+                loras: state.loras,
             })
             .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
