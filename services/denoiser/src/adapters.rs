@@ -4,11 +4,13 @@
 //! adapters' terms attached; weights shared, see `qwen_image_model::lora`).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use qwen_image_common::stage::StageError;
 use qwen_image_common::stage::describe::digest;
-use qwen_image_model::candle_core::{self, DType, Device};
+use qwen_image_model::candle_core;
 use qwen_image_model::lora::{self, LoraAdapter};
 use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::snapshot::first_line;
@@ -48,67 +50,163 @@ pub fn parse_lora(s: &str) -> Result<LoraSpec, String> {
     Ok(LoraSpec { name, file })
 }
 
-/// What requests are checked against: each adapter's name and the scheduler config it came with.
-#[derive(Debug, Clone, Default)]
-pub struct LoraCatalog {
-    pub entries: Vec<(String, Option<SchedulerConfig>)>,
+/// One adapter as the handlers know it: its description, the scheduler config it came with, and when a request
+/// last named it (for the byte-bounded LRU).
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub description: LoraDescription,
+    pub scheduler: Option<SchedulerConfig>,
+    last_used: u64,
 }
 
+#[derive(Debug, Default)]
+struct Catalog {
+    entries: Vec<CatalogEntry>,
+    clock: u64,
+}
+
+/// The adapters requests may name, shared by the Denoise handler (checks, LRU clock) and the LoraAdmin handlers
+/// (which change it after the worker has); the worker holds the factors ([`HeldLoras`]).
+#[derive(Debug, Clone, Default)]
+pub struct LoraCatalog(Arc<RwLock<Catalog>>);
+
 impl LoraCatalog {
-    fn names(&self) -> String {
-        if self.entries.is_empty() {
-            return "none (start the denoiser with --lora NAME=FILE)".into();
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Catalog> {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `` `a`, `b` `` or a hint when none is loaded.
+    pub fn names(&self) -> String {
+        let c = self.read();
+        if c.entries.is_empty() {
+            return "none (start the denoiser with --lora NAME=FILE, or use LoraAdmin.LoadLora)".into();
         }
-        self.entries
+        c.entries
             .iter()
-            .map(|(n, _)| format!("`{n}`"))
+            .map(|e| format!("`{}`", e.description.name))
             .collect::<Vec<_>>()
             .join(", ")
     }
-}
 
-/// Reads the `--lora` headers and sidecars (cheap): refuses duplicate names and unreadable files before the
-/// service listens; returns the catalog and the `StageDescription.loras`.
-pub fn prepare(
-    specs: &[LoraSpec],
-    dtype_bytes: usize,
-) -> Result<(LoraCatalog, Vec<LoraDescription>), String> {
-    let mut catalog = LoraCatalog::default();
-    let mut described = Vec::new();
-    for spec in specs {
-        if catalog.entries.iter().any(|(n, _)| *n == spec.name) {
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().entries.iter().any(|e| e.description.name == name)
+    }
+
+    /// Descriptions, least recently used first.
+    pub fn list(&self) -> Vec<LoraDescription> {
+        let c = self.read();
+        let mut v: Vec<&CatalogEntry> = c.entries.iter().collect();
+        v.sort_by_key(|e| e.last_used);
+        v.into_iter().map(|e| e.description.clone()).collect()
+    }
+
+    pub fn insert(&self, mut entry: CatalogEntry) {
+        let mut c = self.write();
+        c.clock += 1;
+        entry.last_used = c.clock;
+        c.entries.retain(|e| e.description.name != entry.description.name);
+        c.entries.push(entry);
+    }
+
+    pub fn remove(&self, names: &[String]) {
+        self.write()
+            .entries
+            .retain(|e| !names.contains(&e.description.name));
+    }
+
+    /// The adapters to evict, least recently used first, so that `new_bytes` more fit within `budget` (0 =
+    /// unbounded); an error when the new adapter alone does not fit.
+    pub fn victims(&self, new_bytes: u64, budget: u64) -> Result<Vec<String>, String> {
+        if budget == 0 {
+            return Ok(Vec::new());
+        }
+        if new_bytes > budget {
             return Err(format!(
-                "two LoRA adapters are named `{}`; name them apart with --lora NAME=FILE",
-                spec.name
+                "the adapter takes {new_bytes} bytes, more than the whole LoRA budget ({budget} bytes,                  --lora-budget-mb)"
             ));
         }
-        let what = |e: &dyn std::fmt::Display| format!("LoRA `{}`: {e}", spec.name);
-        let (modules, values) = lora::inspect(&spec.file).map_err(|e| what(&first_line(&e)))?;
-        let sidecar = lora::sidecar_path(&spec.file);
-        let scheduler = if sidecar.is_file() {
-            let cfg: SchedulerConfig = qwen_image_model::snapshot::read_json(&sidecar)
-                .map_err(|e| what(&first_line(&e)))?;
-            cfg.validate()
-                .map_err(|e| what(&format!("{}: {e}", sidecar.display())))?;
-            Some(cfg)
-        } else {
-            None
-        };
-        let dir = spec.file.parent().unwrap_or(Path::new("."));
-        let mut files = vec![file_name(&spec.file)];
-        if scheduler.is_some() {
-            files.push(file_name(&sidecar));
+        let c = self.read();
+        let mut v: Vec<&CatalogEntry> = c.entries.iter().collect();
+        v.sort_by_key(|e| e.last_used);
+        let mut used: u64 = v.iter().map(|e| e.description.bytes).sum();
+        let mut out = Vec::new();
+        for e in v {
+            if used + new_bytes <= budget {
+                break;
+            }
+            used -= e.description.bytes;
+            out.push(e.description.name.clone());
         }
-        let files: Vec<&str> = files.iter().map(String::as_str).collect();
-        let digest = digest(dir, &files, false).map_err(|e| what(&e))?;
-        described.push(LoraDescription {
+        Ok(out)
+    }
+}
+
+/// Reads an adapter's header and sidecar (cheap): its description and scheduler config.
+pub fn describe(spec: &LoraSpec, dtype_bytes: usize) -> Result<CatalogEntry, String> {
+    let what = |e: &dyn std::fmt::Display| format!("LoRA `{}`: {e}", spec.name);
+    let (modules, values) = lora::inspect(&spec.file).map_err(|e| what(&first_line(&e)))?;
+    if modules == 0 {
+        return Err(what(&format!("{} holds no LoRA tensor", spec.file.display())));
+    }
+    let sidecar = lora::sidecar_path(&spec.file);
+    let scheduler = if sidecar.is_file() {
+        let cfg: SchedulerConfig =
+            qwen_image_model::snapshot::read_json(&sidecar).map_err(|e| what(&first_line(&e)))?;
+        cfg.validate()
+            .map_err(|e| what(&format!("{}: {e}", sidecar.display())))?;
+        Some(cfg)
+    } else {
+        None
+    };
+    let dir = spec.file.parent().unwrap_or(Path::new("."));
+    let mut files = vec![file_name(&spec.file)];
+    if scheduler.is_some() {
+        files.push(file_name(&sidecar));
+    }
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let digest = digest(dir, &files, false).map_err(|e| what(&e))?;
+    Ok(CatalogEntry {
+        description: LoraDescription {
             name: spec.name.clone(),
             digest,
             modules: modules as u32,
             bytes: (values * dtype_bytes) as u64,
             has_scheduler: scheduler.is_some(),
-        });
-        catalog.entries.push((spec.name.clone(), scheduler));
+        },
+        scheduler,
+        last_used: 0,
+    })
+}
+
+/// Reads the `--lora` headers and sidecars (cheap): refuses duplicate names, unreadable files and a set larger
+/// than `budget` bytes before the service listens; returns the catalog and the `StageDescription.loras`.
+pub fn prepare(
+    specs: &[LoraSpec],
+    dtype_bytes: usize,
+    budget: u64,
+) -> Result<(LoraCatalog, Vec<LoraDescription>), String> {
+    let catalog = LoraCatalog::default();
+    let mut described = Vec::new();
+    for spec in specs {
+        if catalog.contains(&spec.name) {
+            return Err(format!(
+                "two LoRA adapters are named `{}`; name them apart with --lora NAME=FILE",
+                spec.name
+            ));
+        }
+        let entry = describe(spec, dtype_bytes)?;
+        described.push(entry.description.clone());
+        catalog.insert(entry);
+    }
+    let total: u64 = described.iter().map(|d| d.bytes).sum();
+    if budget > 0 && total > budget {
+        return Err(format!(
+            "the --lora adapters take {total} bytes, more than --lora-budget-mb ({budget} bytes)"
+        ));
     }
     Ok((catalog, described))
 }
@@ -119,10 +217,11 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// A request's adapters (index in the catalog, scale) and the scheduler config its schedule is built from.
-#[derive(Debug, Clone)]
+/// A request's adapters (name, scale) and the scheduler config its schedule is built from. Requests with
+/// different values here must not share a transformer pass.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestLoras {
-    pub loras: Vec<(usize, f64)>,
+    pub loras: Vec<(String, f64)>,
     pub scheduler: SchedulerConfig,
 }
 
@@ -141,16 +240,25 @@ pub fn check(
             loras.len()
         )));
     }
-    let mut out = Vec::with_capacity(loras.len());
+    let mut out: Vec<(String, f64)> = Vec::with_capacity(loras.len());
+    let mut sidecar = None;
+    let mut c = catalog.write();
+    c.clock += 1;
+    let now = c.clock;
     for (i, r) in loras.iter().enumerate() {
-        let Some(idx) = catalog.entries.iter().position(|(n, _)| *n == r.name) else {
+        let Some(entry) = c.entries.iter_mut().find(|e| e.description.name == r.name) else {
+            drop(c);
             return Err(StageError::NotFound(format!(
                 "loras[{i}]: no LoRA adapter `{}` is loaded; loaded: {}",
                 r.name,
                 catalog.names()
             )));
         };
-        if out.iter().any(|(j, _)| *j == idx) {
+        entry.last_used = now;
+        if sidecar.is_none() {
+            sidecar = entry.scheduler.clone();
+        }
+        if out.iter().any(|(n, _)| *n == r.name) {
             return Err(StageError::InvalidArgument(format!(
                 "loras[{i}]: `{}` is named twice; give each adapter once with its scale",
                 r.name
@@ -163,12 +271,10 @@ pub fn check(
                 r.name
             )));
         }
-        out.push((idx, f64::from(scale)));
+        out.push((r.name.clone(), f64::from(scale)));
     }
-    let mut cfg = out
-        .iter()
-        .find_map(|(i, _)| catalog.entries[*i].1.clone())
-        .unwrap_or_else(|| served.clone());
+    drop(c);
+    let mut cfg = sidecar.unwrap_or_else(|| served.clone());
     if let Some(o) = scheduler {
         apply_override(&mut cfg, o)?;
     }
@@ -235,47 +341,86 @@ pub fn apply_override(cfg: &mut SchedulerConfig, o: &SchedulerOverride) -> Resul
         .map_err(|e| bad("time_shift_type", format!("{e}; send `exponential` or `linear`")))
 }
 
-/// Loads every `--lora` for `transformer` (on the worker): factors in the stage dtype on its device.
-pub fn load_all(
-    specs: &[LoraSpec],
+/// Loads one adapter for `transformer` (on the worker): factors in the transformer's dtype on its device.
+pub fn load_one(
+    spec: &LoraSpec,
     transformer: &QwenImageTransformer,
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<Vec<LoraAdapter>> {
+) -> candle_core::Result<Arc<LoraAdapter>> {
     let targets = lora::targets(transformer)?;
-    specs
-        .iter()
-        .map(|s| {
-            let a = LoraAdapter::load(&s.file, &targets, dtype, device).map_err(|e| {
-                candle_core::Error::Msg(format!("LoRA `{}`: {}", s.name, first_line(&e)))
-            })?;
-            tracing::info!(name = %s.name, file = %s.file.display(), modules = a.modules.len(), bytes = a.bytes,
-                           "LoRA adapter loaded");
-            Ok(a)
-        })
-        .collect()
+    let a = LoraAdapter::load(&spec.file, &targets, transformer.dtype(), transformer.device())
+        .map_err(|e| candle_core::Error::Msg(format!("LoRA `{}`: {}", spec.name, first_line(&e))))?;
+    tracing::info!(name = %spec.name, file = %spec.file.display(), modules = a.modules.len(), bytes = a.bytes,
+                   "LoRA adapter loaded");
+    Ok(Arc::new(a))
 }
 
-/// The transformer a request runs: the base one, or a copy (weights shared) with its adapters attached.
-pub fn transformer_for<'a>(
-    base: &'a QwenImageTransformer,
-    adapters: &[LoraAdapter],
-    req: &RequestLoras,
-) -> candle_core::Result<Cow<'a, QwenImageTransformer>> {
-    if req.loras.is_empty() {
-        return Ok(Cow::Borrowed(base));
+/// The adapters the worker holds, by name.
+#[derive(Debug, Default)]
+pub struct HeldLoras(BTreeMap<String, Arc<LoraAdapter>>);
+
+impl HeldLoras {
+    /// Loads every `--lora` (startup).
+    pub fn load_all(
+        specs: &[LoraSpec],
+        transformer: &QwenImageTransformer,
+    ) -> candle_core::Result<Self> {
+        let mut held = BTreeMap::new();
+        for s in specs {
+            held.insert(s.name.clone(), load_one(s, transformer)?);
+        }
+        Ok(Self(held))
     }
-    let list: Vec<(&LoraAdapter, f64)> = req
-        .loras
-        .iter()
-        .map(|(i, s)| {
-            adapters
-                .get(*i)
-                .map(|a| (a, *s))
-                .ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter #{i}")))
+
+    pub fn insert(&mut self, name: String, adapter: Arc<LoraAdapter>) {
+        self.0.insert(name, adapter);
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.0.remove(name).is_some()
+    }
+
+    /// The adapters `req` names with their scales; NOT_FOUND when one was unloaded since admission.
+    pub fn activate(&self, req: &RequestLoras) -> Result<ActiveLoras, StageError> {
+        let adapters = req
+            .loras
+            .iter()
+            .map(|(name, scale)| {
+                self.0.get(name).map(|a| (a.clone(), *scale)).ok_or_else(|| {
+                    StageError::NotFound(format!(
+                        "LoRA adapter `{name}` was unloaded before this request ran; loaded: {}",
+                        self.0.keys().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ActiveLoras {
+            adapters,
+            scheduler: req.scheduler.clone(),
         })
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Cow::Owned(lora::apply(base, &list)?))
+    }
+}
+
+/// What one job runs with: the adapters (held for the job's duration even if unloaded meanwhile) and the
+/// scheduler config.
+#[derive(Debug, Clone)]
+pub struct ActiveLoras {
+    pub adapters: Vec<(Arc<LoraAdapter>, f64)>,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ActiveLoras {
+    /// The transformer the job runs: `base`, or a copy (weights shared) with the adapters attached.
+    pub fn transformer<'a>(
+        &self,
+        base: &'a QwenImageTransformer,
+    ) -> candle_core::Result<Cow<'a, QwenImageTransformer>> {
+        if self.adapters.is_empty() {
+            return Ok(Cow::Borrowed(base));
+        }
+        let list: Vec<(&LoraAdapter, f64)> =
+            self.adapters.iter().map(|(a, s)| (a.as_ref(), *s)).collect();
+        Ok(Cow::Owned(lora::apply(base, &list)?))
+    }
 }
 
 #[cfg(test)]
@@ -283,14 +428,41 @@ mod tests {
     use super::*;
     use tonic::Code;
 
+    fn entry(name: &str, bytes: u64, scheduler: Option<SchedulerConfig>) -> CatalogEntry {
+        CatalogEntry {
+            description: LoraDescription {
+                name: name.into(),
+                bytes,
+                ..Default::default()
+            },
+            scheduler,
+            last_used: 0,
+        }
+    }
+
     fn catalog() -> LoraCatalog {
         let mut light = SchedulerConfig::qwen_image();
         light.base_shift = 3f64.ln();
         light.max_shift = 3f64.ln();
         light.shift_terminal = None;
-        LoraCatalog {
-            entries: vec![("style".into(), None), ("lightning".into(), Some(light))],
-        }
+        let c = LoraCatalog::default();
+        c.insert(entry("style", 10, None));
+        c.insert(entry("lightning", 20, Some(light)));
+        c
+    }
+
+    #[test]
+    fn lru_victims_fit_the_budget() {
+        let c = catalog();
+        assert_eq!(c.victims(5, 0).expect("unbounded"), Vec::<String>::new());
+        assert_eq!(c.victims(5, 40).expect("fits"), Vec::<String>::new());
+        assert_eq!(c.victims(15, 40).expect("one"), vec!["style".to_string()]);
+        // naming `style` in a request makes `lightning` the least recently used
+        check(&[r("style", None)], None, &c, &SchedulerConfig::qwen_image()).expect("ok");
+        assert_eq!(c.victims(15, 40).expect("one"), vec!["lightning".to_string()]);
+        assert_eq!(c.list().iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["lightning", "style"]);
+        assert_eq!(c.victims(35, 40).expect("both").len(), 2);
+        assert!(c.victims(41, 40).is_err());
     }
 
     fn r(name: &str, scale: Option<f32>) -> LoraRef {
@@ -324,6 +496,7 @@ mod tests {
         let (c, m) = code(check(&[r("x", None)], None, &LoraCatalog::default(), &served).expect_err("none"));
         assert_eq!(c, Code::NotFound);
         assert!(m.contains("--lora NAME=FILE"), "{m}");
+        assert!(m.contains("LoadLora"), "{m}");
     }
 
     #[test]
@@ -345,7 +518,7 @@ mod tests {
         let served = SchedulerConfig::qwen_image();
         let got = check(&[r("style", Some(0.5)), r("lightning", None)], None, &catalog(), &served)
             .expect("ok");
-        assert_eq!(got.loras, vec![(0, 0.5), (1, 1.0)]);
+        assert_eq!(got.loras, vec![("style".to_string(), 0.5), ("lightning".to_string(), 1.0)]);
         assert_eq!(got.scheduler.max_shift, 3f64.ln());
         assert_eq!(got.scheduler.shift_terminal, None);
         let plain = check(&[r("style", None)], None, &catalog(), &served).expect("ok");

@@ -19,7 +19,7 @@ use qwen_image_proto::v1::{DenoiseEvent, DenoiseProgress, DenoiseResult, denoise
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::adapters::{RequestLoras, transformer_for};
+use crate::adapters::ActiveLoras;
 use crate::model::LoadedModel;
 use crate::validate::{DenoiseInputs, HostConditioning, HostControl, ScheduleInput};
 
@@ -39,7 +39,7 @@ enum Ended {
 pub fn run(
     model: &LoadedModel,
     inputs: &DenoiseInputs,
-    loras: &RequestLoras,
+    loras: &ActiveLoras,
     ctx: &JobCtx<'_>,
     events: &Events,
 ) -> Result<DenoiseEvent, StageError> {
@@ -135,7 +135,7 @@ fn control_unit<'a>(
 fn execute(
     model: &LoadedModel,
     inp: &DenoiseInputs,
-    loras: &RequestLoras,
+    loras: &ActiveLoras,
     ctx: &JobCtx<'_>,
     events: &Events,
 ) -> candle_core::Result<Ended> {
@@ -149,7 +149,7 @@ fn execute(
         .transpose()?;
     let latents = pack(&device_tensor(&inp.latents, model)?)?; // [B, S, 4C]
     let schedule = schedule(&loras.scheduler, inp).map_err(candle_core::Error::Msg)?;
-    let transformer = transformer_for(&model.transformer, &model.loras, loras)?;
+    let transformer = loras.transformer(&model.transformer)?;
     // img2img / inpaint: start from the image latents noised to sigma[start_step], in the model's dtype
     // (diffusers' prepare_latents: scheduler.scale_noise with begin_index = start_step).
     let latents = match &inp.start_noise {

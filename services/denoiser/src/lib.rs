@@ -5,6 +5,7 @@
 //! `main`.
 
 pub mod adapters;
+pub mod admin;
 pub mod args;
 pub mod job;
 pub mod model;
@@ -21,6 +22,7 @@ use qwen_image_model::snapshot::first_line;
 use qwen_image_model::source::{self, ConfigSource, WeightsSource};
 use qwen_image_model::transformer::TransformerConfig;
 use qwen_image_proto::v1::denoiser_server::DenoiserServer;
+use qwen_image_proto::v1::lora_admin_server::LoraAdminServer;
 use qwen_image_proto::v1::{
     ControlNetDescription, StageDescription, StageKind, StageLimits, TransformerDescription,
 };
@@ -48,8 +50,12 @@ pub struct DenoiserState {
     pub controlnets: Vec<ControlNetInfo>,
     pub transformer: TransformerConfig,
     pub scheduler: SchedulerConfig,
-    /// The `--lora` adapters requests may name.
+    /// The adapters requests may name (the `--lora` ones, then LoraAdmin's changes).
     pub loras: adapters::LoraCatalog,
+    /// Bytes per adapter value in the stage dtype (4 for f32, 2 for bf16).
+    pub dtype_bytes: usize,
+    /// `--lora-budget-mb` in bytes (0 = unbounded).
+    pub lora_budget: u64,
     /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
     pub weights: WeightsSource,
     pub config: ConfigSource,
@@ -79,7 +85,8 @@ impl StageDef for Denoiser {
             qwen_image_common::stage::ComputeDtype::Bf16 => 2,
             _ => 4,
         };
-        let (loras, lora_descriptions) = adapters::prepare(&config.own.loras, dtype_bytes)?;
+        let (loras, lora_descriptions) =
+            adapters::prepare(&config.own.loras, dtype_bytes, config.own.lora_budget_bytes())?;
         let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
         let transformer_digest = component_digest(
             config.model_dir.as_deref(),
@@ -132,6 +139,8 @@ impl StageDef for Denoiser {
                 transformer,
                 scheduler,
                 loras,
+                dtype_bytes,
+                lora_budget: config.own.lora_budget_bytes(),
                 weights,
                 config: tconfig,
             },
@@ -156,17 +165,25 @@ impl StageDef for Denoiser {
         handle: StageHandle<model::LoadedModel>,
         state: DenoiserState,
     ) -> Routes {
-        routes.add_service(
-            DenoiserServer::new(service::DenoiserService {
-                stage: handle,
-                shape: state.shape,
-                controlnets: state.controlnets,
-                scheduler: state.scheduler,
-                loras: state.loras,
-            })
-            .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
-        )
+        let admin = admin::LoraAdminService {
+            stage: handle.clone(),
+            catalog: state.loras.clone(),
+            dtype_bytes: state.dtype_bytes,
+            budget: state.lora_budget,
+        };
+        routes
+            .add_service(
+                DenoiserServer::new(service::DenoiserService {
+                    stage: handle,
+                    shape: state.shape,
+                    controlnets: state.controlnets,
+                    scheduler: state.scheduler,
+                    loras: state.loras,
+                })
+                .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
+            )
+            .add_service(LoraAdminServer::new(admin))
     }
 }
 

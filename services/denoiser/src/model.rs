@@ -23,8 +23,8 @@ pub struct LoadedModel {
     pub shape: ModelShape,
     /// The transformer's resident weights, by format.
     pub memory: MemoryReport,
-    /// The `--lora` adapters, in flag order (the catalog's order).
-    pub loras: Vec<qwen_image_model::lora::LoraAdapter>,
+    /// The LoRA adapters held (the `--lora` ones, then LoraAdmin's changes).
+    pub loras: crate::adapters::HeldLoras,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -122,7 +122,7 @@ pub fn load(cfg: &DenoiserConfig, state: &DenoiserState) -> candle_core::Result<
             Ok((c.id.clone(), net))
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let loras = crate::adapters::load_all(&cfg.own.loras, &loaded.model, dtype, &device)?;
+    let loras = crate::adapters::HeldLoras::load_all(&cfg.own.loras, &loaded.model)?;
     let model = LoadedModel {
         loras,
         transformer: loaded.model,

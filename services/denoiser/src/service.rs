@@ -96,7 +96,8 @@ impl Denoiser for DenoiserService {
         let stream =
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {
-                    crate::job::run(m, &inputs, &loras, ctx, events)
+                    let active = m.loras.activate(&loras)?;
+                    crate::job::run(m, &inputs, &active, ctx, events)
                 })?;
         Ok(Response::new(stream))
     }
