@@ -210,7 +210,7 @@ fn adapters_apply_to_a_quantized_transformer() {
         WeightsSource::File(fixtures().join("quant/transformer/Q8_0.gguf")),
         QuantMatmul::Dequantize,
     );
-    let e = check(&q, "peft", &[("peft", 1.0)], 3e-3);
+    let e = check(&q, "peft", &[("peft", 1.0)], 5e-3);
     assert!(e > 0.0);
 }
 
