@@ -24,27 +24,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "refharness"))
 
 import scene as S  # noqa: E402
+from _common import LIGHTNING_SCHEDULER_CONFIG  # noqa: E402
 
-# lightx2v/Qwen-Image-Lightning README ("scheduler_config" of its diffusers example): shift 3 in distillation.
-LIGHTNING_SCHEDULER = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "base_image_seq_len": 256,
-    "base_shift": math.log(3),
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": math.log(3),
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": None,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+LIGHTNING_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", **LIGHTNING_SCHEDULER_CONFIG}
 STEPS = 4
 
 

@@ -45,27 +45,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import dump_json, setup_torch, versions  # noqa: E402
+from _common import LIGHTNING_SCHEDULER_CONFIG, dump_json, setup_torch, versions  # noqa: E402
 
 torch = None  # set in main()
 
-# lightx2v/Qwen-Image-Lightning README ("scheduler_config" of its diffusers example): shift 3 in distillation.
-LIGHTNING_SCHEDULER = {
-    "base_image_seq_len": 256,
-    "base_shift": math.log(3),
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": math.log(3),
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": None,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+LIGHTNING_SCHEDULER = LIGHTNING_SCHEDULER_CONFIG
 
 
 def linears(snapshot: Path) -> dict:

@@ -198,7 +198,8 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
             };
             let mut options = target.options.clone();
             if let Some(m) = &model {
-                options.denoiser.loras = crate::model_dir::model_loras(m, &options.denoiser.loras, &request);
+                options.denoiser.loras =
+                    crate::model_dir::model_loras(m, &options.denoiser.loras, &request);
             }
             let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {

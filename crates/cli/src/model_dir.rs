@@ -125,7 +125,11 @@ pub fn model_loras(
     request: &crate::generate::ApiRequest,
 ) -> Vec<qwen_image_denoiser::adapters::LoraSpec> {
     let mut out = given.to_vec();
-    for r in request.settings().map(|s| s.loras.as_slice()).unwrap_or_default() {
+    for r in request
+        .settings()
+        .map(|s| s.loras.as_slice())
+        .unwrap_or_default()
+    {
         let file = model.join("loras").join(format!("{}.safetensors", r.name));
         if !out.iter().any(|l| l.name == r.name) && file.is_file() {
             out.push(qwen_image_denoiser::adapters::LoraSpec {

@@ -58,9 +58,9 @@ pub struct LoraArg {
 pub fn parse_lora_arg(s: &str) -> Result<LoraArg, String> {
     let (target, scale) = match s.rsplit_once(':') {
         Some((t, v)) => {
-            let scale: f32 = v
-                .parse()
-                .map_err(|_| format!("`{s}`: the scale after `:` must be a number (e.g. lightning:0.8)"))?;
+            let scale: f32 = v.parse().map_err(|_| {
+                format!("`{s}`: the scale after `:` must be a number (e.g. lightning:0.8)")
+            })?;
             if !scale.is_finite() {
                 return Err(format!("`{s}`: the scale must be finite"));
             }
@@ -121,10 +121,12 @@ impl SettingsArgs {
         self.lora
             .iter()
             .filter_map(|l| {
-                l.file.as_ref().map(|f| qwen_image_denoiser::adapters::LoraSpec {
-                    name: l.name.clone(),
-                    file: f.clone(),
-                })
+                l.file
+                    .as_ref()
+                    .map(|f| qwen_image_denoiser::adapters::LoraSpec {
+                        name: l.name.clone(),
+                        file: f.clone(),
+                    })
             })
             .collect()
     }
@@ -137,12 +139,18 @@ mod tests {
     #[test]
     fn parses_lora_args() {
         let a = parse_lora_arg("lightning").expect("name");
-        assert_eq!((a.name.as_str(), a.scale, a.file), ("lightning", None, None));
+        assert_eq!(
+            (a.name.as_str(), a.scale, a.file),
+            ("lightning", None, None)
+        );
         let a = parse_lora_arg("style:-0.5").expect("scale");
         assert_eq!((a.name.as_str(), a.scale), ("style", Some(-0.5)));
         let a = parse_lora_arg("/x/Lightning-4steps.safetensors:0.8").expect("file");
         assert_eq!(a.name, "Lightning-4steps");
-        assert_eq!(a.file.as_deref(), Some(std::path::Path::new("/x/Lightning-4steps.safetensors")));
+        assert_eq!(
+            a.file.as_deref(),
+            Some(std::path::Path::new("/x/Lightning-4steps.safetensors"))
+        );
         assert!(parse_lora_arg("style:abc").is_err());
         assert!(parse_lora_arg(":1").is_err());
         assert!(parse_lora_arg("style:inf").is_err());

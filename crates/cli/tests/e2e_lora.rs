@@ -50,12 +50,18 @@ async fn lora_requests_through_the_services_match_diffusers() {
         .await
         .expect("peft");
     assert_close(&r.png[0], &png("peft"), "one adapter");
-    assert!(max_level_diff(&r.png[0], &base_png, "peft vs base") > 10, "the adapter changes the picture");
+    assert!(
+        max_level_diff(&r.png[0], &base_png, "peft vs base") > 10,
+        "the adapter changes the picture"
+    );
     assert_eq!(r.parameters.expect("parameters").loras.len(), 1);
 
     let r = generate(
         &mut c,
-        t2i(with(base.clone(), &[("peft", Some(0.7)), ("kohya", Some(-0.5))])),
+        t2i(with(
+            base.clone(),
+            &[("peft", Some(0.7)), ("kohya", Some(-0.5))],
+        )),
     )
     .await
     .expect("two");
@@ -65,8 +71,14 @@ async fn lora_requests_through_the_services_match_diffusers() {
     let mut light_req = with(base.clone(), &[("lightning", Some(1.0))]);
     light_req.negative_prompt = None;
     light_req.true_cfg_scale = Some(1.0);
-    let r = generate(&mut c, t2i(light_req.clone())).await.expect("lightning");
-    assert_close(&r.png[0], &png("lightning_4"), "lightning, 4 steps, sidecar scheduler");
+    let r = generate(&mut c, t2i(light_req.clone()))
+        .await
+        .expect("lightning");
+    assert_close(
+        &r.png[0],
+        &png("lightning_4"),
+        "lightning, 4 steps, sidecar scheduler",
+    );
     // the same settings given as a request override give the same picture; other settings do not
     let mut overridden = light_req.clone();
     overridden.scheduler = Some(SchedulerOverride {
@@ -75,13 +87,17 @@ async fn lora_requests_through_the_services_match_diffusers() {
         shift_terminal: Some(0.0),
         ..Default::default()
     });
-    let same = generate(&mut c, t2i(overridden.clone())).await.expect("override");
+    let same = generate(&mut c, t2i(overridden.clone()))
+        .await
+        .expect("override");
     assert_eq!(decode_rgb(&same.png[0]).2, decode_rgb(&r.png[0]).2);
     overridden.scheduler = Some(SchedulerOverride {
         shift_terminal: Some(0.02),
         ..Default::default()
     });
-    let other = generate(&mut c, t2i(overridden)).await.expect("other schedule");
+    let other = generate(&mut c, t2i(overridden))
+        .await
+        .expect("other schedule");
     assert!(max_level_diff(&other.png[0], &r.png[0], "terminal stretch") > 0);
 
     // requests without adapters are the base model's, before and after adapter requests
@@ -112,9 +128,20 @@ async fn lora_requests_through_the_services_match_diffusers() {
         .await
         .expect("describe")
         .into_inner();
-    let names: Vec<(&str, bool)> = d.loras.iter().map(|l| (l.name.as_str(), l.has_scheduler)).collect();
-    assert_eq!(names, [("peft", false), ("kohya", false), ("lightning", true)]);
-    assert!(d.loras.iter().all(|l| l.modules > 0 && l.bytes > 0 && l.digest.len() == 64));
+    let names: Vec<(&str, bool)> = d
+        .loras
+        .iter()
+        .map(|l| (l.name.as_str(), l.has_scheduler))
+        .collect();
+    assert_eq!(
+        names,
+        [("peft", false), ("kohya", false), ("lightning", true)]
+    );
+    assert!(
+        d.loras
+            .iter()
+            .all(|l| l.modules > 0 && l.bytes > 0 && l.digest.len() == 64)
+    );
 }
 
 #[tokio::test]

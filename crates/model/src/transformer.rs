@@ -196,7 +196,10 @@ impl FeedForward {
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 2] {
-        [("net.0.proj", &mut self.proj_in), ("net.2", &mut self.proj_out)]
+        [
+            ("net.0.proj", &mut self.proj_in),
+            ("net.2", &mut self.proj_out),
+        ]
     }
 }
 
@@ -321,7 +324,10 @@ impl TransformerBlock {
             ("attn.to_out.0".into(), &mut self.to_out),
             ("attn.to_add_out".into(), &mut self.to_add_out),
         ];
-        for (prefix, ff) in [("img_mlp", &mut self.img_mlp), ("txt_mlp", &mut self.txt_mlp)] {
+        for (prefix, ff) in [
+            ("img_mlp", &mut self.img_mlp),
+            ("txt_mlp", &mut self.txt_mlp),
+        ] {
             for (name, l) in ff.linears_mut() {
                 out.push((format!("{prefix}.{name}"), l));
             }

@@ -4,9 +4,12 @@
 //! adapters at different scales, and a Lightning-style adapter with its scheduler sidecar at 4 and 8 steps, CFG 1.
 //! Errors are relative L2 of the final packed latents.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use common::rel_l2 as rel;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::lora::{self, LoraAdapter};
@@ -34,23 +37,6 @@ fn refs() -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .expect("refs.safetensors")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).expect("f64");
-    let b = b.to_dtype(DType::F64).expect("f64");
-    let d = (&a - &b)
-        .and_then(|d| d.sqr())
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("diff");
-    let n = b
-        .sqr()
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("norm");
-    (d / n.max(1e-30)).sqrt()
 }
 
 fn model(weights: WeightsSource, mode: QuantMatmul) -> QwenImageTransformer {
@@ -116,14 +102,20 @@ fn final_latents(
 /// Runs `adapters` (file stem, scale) on `base` with 3 steps, CFG 4, and compares with diffusers' `case`.
 fn check(base: &QwenImageTransformer, case: &str, adapters: &[(&str, f64)], bound: f64) -> f64 {
     let r = refs();
-    let loaded: Vec<(LoraAdapter, f64)> = adapters.iter().map(|(s, w)| (load(base, s), *w)).collect();
+    let loaded: Vec<(LoraAdapter, f64)> =
+        adapters.iter().map(|(s, w)| (load(base, s), *w)).collect();
     let refs_: Vec<(&LoraAdapter, f64)> = loaded.iter().map(|(a, w)| (a, *w)).collect();
     let m = lora::apply(base, &refs_).expect("apply");
     let fin = final_latents(&m, &r, 3, 4.0, None);
     let e = rel(&fin, &r[&format!("{case}.final")]);
     let moved = rel(&r[&format!("{case}.final")], &r["base.final"]);
-    eprintln!("{case}: final latents error {e:.2e} vs diffusers (the adapters move them by {moved:.2e})");
-    assert!(moved > 100.0 * bound, "{case}: the adapters barely change the result");
+    eprintln!(
+        "{case}: final latents error {e:.2e} vs diffusers (the adapters move them by {moved:.2e})"
+    );
+    assert!(
+        moved > 100.0 * bound,
+        "{case}: the adapters barely change the result"
+    );
     assert!(e < bound, "{case}: error {e:.3e} >= {bound:.0e}");
     e
 }
@@ -144,7 +136,10 @@ fn peft_names_with_lora_config_metadata_match_diffusers() {
     assert_eq!(a.modules["img_in"].rank, 2);
     assert_eq!(a.modules["img_in"].alpha_over_rank, 4.0);
     assert_eq!(a.modules["proj_out"].alpha_over_rank, 0.75);
-    assert_eq!(a.modules["transformer_blocks.1.attn.to_q"].alpha_over_rank, 2.0);
+    assert_eq!(
+        a.modules["transformer_blocks.1.attn.to_q"].alpha_over_rank,
+        2.0
+    );
     check(&m, "peft", &[("peft", 1.0)], 1e-4);
 }
 
@@ -153,7 +148,10 @@ fn kohya_names_match_diffusers() {
     let m = dense();
     let a = load(&m, "kohya");
     assert!(a.modules.contains_key("norm_out.linear"));
-    assert!(a.modules.contains_key("time_text_embed.timestep_embedder.linear_1"));
+    assert!(
+        a.modules
+            .contains_key("time_text_embed.timestep_embedder.linear_1")
+    );
     check(&m, "kohya", &[("kohya", 1.0)], 1e-4);
 }
 
@@ -172,7 +170,10 @@ fn lightning_sidecar_scheduler_at_4_and_8_steps_cfg_1_matches_diffusers() {
     let r = refs();
     let m = dense();
     let a = load(&m, "lightning");
-    let sched = a.scheduler.clone().expect("lightning.scheduler.json is read");
+    let sched = a
+        .scheduler
+        .clone()
+        .expect("lightning.scheduler.json is read");
     assert_eq!(sched.base_shift, 3f64.ln());
     assert_eq!(sched.max_shift, 3f64.ln());
     assert_eq!(sched.shift_terminal, None);
@@ -215,7 +216,10 @@ fn adapters_apply_to_a_quantized_transformer() {
 }
 
 fn write(path: &Path, tensors: Vec<(&str, Tensor)>) {
-    let map: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     qwen_image_model::candle_core::safetensors::save(&map, path).expect("write");
 }
 
@@ -239,19 +243,31 @@ fn unmatched_and_malformed_files_are_errors_naming_the_tensors() {
         vec![
             (good_a, z(&[4, 32])),
             (good_b, z(&[32, 4])),
-            ("transformer.transformer_blocks.9.attn.to_q.lora_A.weight", z(&[4, 32])),
-            ("transformer.transformer_blocks.0.attn.to_q.lora_B.bias", z(&[32])),
+            (
+                "transformer.transformer_blocks.9.attn.to_q.lora_A.weight",
+                z(&[4, 32]),
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.bias",
+                z(&[32]),
+            ),
         ],
     );
     let e = load_err(&p);
     assert!(e.contains("2 tensor(s)"), "{e}");
-    assert!(e.contains("transformer_blocks.9.attn.to_q.lora_A.weight"), "{e}");
+    assert!(
+        e.contains("transformer_blocks.9.attn.to_q.lora_A.weight"),
+        "{e}"
+    );
     assert!(e.contains("lora_B.bias"), "{e}");
 
     let p = dir.path().join("half.safetensors");
     write(&p, vec![(good_a, z(&[4, 32]))]);
     let e = load_err(&p);
-    assert!(e.contains("needs both a down (lora_A) and an up (lora_B)"), "{e}");
+    assert!(
+        e.contains("needs both a down (lora_A) and an up (lora_B)"),
+        "{e}"
+    );
 
     let p = dir.path().join("shape.safetensors");
     write(&p, vec![(good_a, z(&[4, 16])), (good_b, z(&[32, 4]))]);
@@ -264,8 +280,14 @@ fn unmatched_and_malformed_files_are_errors_naming_the_tensors() {
         vec![
             (good_a, z(&[4, 32])),
             (good_b, z(&[32, 4])),
-            ("lora_unet_transformer_blocks_1_attn_to_q.lora_down.weight", z(&[4, 32])),
-            ("lora_unet_transformer_blocks_1_attn_to_q.lora_up.weight", z(&[32, 4])),
+            (
+                "lora_unet_transformer_blocks_1_attn_to_q.lora_down.weight",
+                z(&[4, 32]),
+            ),
+            (
+                "lora_unet_transformer_blocks_1_attn_to_q.lora_up.weight",
+                z(&[32, 4]),
+            ),
         ],
     );
     assert!(load_err(&p).contains("mixes"));

@@ -11,9 +11,12 @@
 //! Errors are relative L2 (`‖ours − ref‖ / ‖ref‖`); the bounds are the measured errors with headroom (README
 //! "Quantized weights" gives the measured values).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::rel_l2 as rel;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
@@ -40,23 +43,6 @@ fn tiny() -> PathBuf {
 fn refs() -> HashMap<String, Tensor> {
     qwen_image_model::candle_core::safetensors::load(quant().join("refs.safetensors"), &Device::Cpu)
         .expect("refs.safetensors")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).expect("f64");
-    let b = b.to_dtype(DType::F64).expect("f64");
-    let d = (&a - &b)
-        .and_then(|d| d.sqr())
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("diff");
-    let n = b
-        .sqr()
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("norm");
-    (d / n.max(1e-30)).sqrt()
 }
 
 fn opts(mode: QuantMatmul) -> LoadOptions {

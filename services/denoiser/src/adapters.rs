@@ -72,18 +72,23 @@ pub struct LoraCatalog(Arc<RwLock<Catalog>>);
 
 impl LoraCatalog {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Catalog> {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `` `a`, `b` `` or a hint when none is loaded.
     pub fn names(&self) -> String {
         let c = self.read();
         if c.entries.is_empty() {
-            return "none (start the denoiser with --lora NAME=FILE, or use LoraAdmin.LoadLora)".into();
+            return "none (start the denoiser with --lora NAME=FILE, or use LoraAdmin.LoadLora)"
+                .into();
         }
         c.entries
             .iter()
@@ -93,7 +98,10 @@ impl LoraCatalog {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.read().entries.iter().any(|e| e.description.name == name)
+        self.read()
+            .entries
+            .iter()
+            .any(|e| e.description.name == name)
     }
 
     /// Descriptions, least recently used first.
@@ -108,7 +116,8 @@ impl LoraCatalog {
         let mut c = self.write();
         c.clock += 1;
         entry.last_used = c.clock;
-        c.entries.retain(|e| e.description.name != entry.description.name);
+        c.entries
+            .retain(|e| e.description.name != entry.description.name);
         c.entries.push(entry);
     }
 
@@ -150,7 +159,10 @@ pub fn describe(spec: &LoraSpec, dtype_bytes: usize) -> Result<CatalogEntry, Str
     let what = |e: &dyn std::fmt::Display| format!("LoRA `{}`: {e}", spec.name);
     let (modules, values) = lora::inspect(&spec.file).map_err(|e| what(&first_line(&e)))?;
     if modules == 0 {
-        return Err(what(&format!("{} holds no LoRA tensor", spec.file.display())));
+        return Err(what(&format!(
+            "{} holds no LoRA tensor",
+            spec.file.display()
+        )));
     }
     let sidecar = lora::sidecar_path(&spec.file);
     let scheduler = if sidecar.is_file() {
@@ -330,15 +342,22 @@ pub fn apply_override(cfg: &mut SchedulerConfig, o: &SchedulerOverride) -> Resul
     if let Some(v) = o.shift_terminal {
         let v = finite("shift_terminal", v)?;
         if !(0.0..1.0).contains(&v) {
-            return Err(bad("shift_terminal", format!("{v}; send 0 (none) or a value in (0, 1)")));
+            return Err(bad(
+                "shift_terminal",
+                format!("{v}; send 0 (none) or a value in (0, 1)"),
+            ));
         }
         cfg.shift_terminal = (v != 0.0).then_some(v);
     }
     if let Some(v) = &o.time_shift_type {
         cfg.time_shift_type = v.clone();
     }
-    cfg.validate()
-        .map_err(|e| bad("time_shift_type", format!("{e}; send `exponential` or `linear`")))
+    cfg.validate().map_err(|e| {
+        bad(
+            "time_shift_type",
+            format!("{e}; send `exponential` or `linear`"),
+        )
+    })
 }
 
 /// Loads one adapter for `transformer` (on the worker): factors in the transformer's dtype on its device.
@@ -347,8 +366,13 @@ pub fn load_one(
     transformer: &QwenImageTransformer,
 ) -> candle_core::Result<Arc<LoraAdapter>> {
     let targets = lora::targets(transformer)?;
-    let a = LoraAdapter::load(&spec.file, &targets, transformer.dtype(), transformer.device())
-        .map_err(|e| candle_core::Error::Msg(format!("LoRA `{}`: {}", spec.name, first_line(&e))))?;
+    let a = LoraAdapter::load(
+        &spec.file,
+        &targets,
+        transformer.dtype(),
+        transformer.device(),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("LoRA `{}`: {}", spec.name, first_line(&e))))?;
     tracing::info!(name = %spec.name, file = %spec.file.display(), modules = a.modules.len(), bytes = a.bytes,
                    "LoRA adapter loaded");
     Ok(Arc::new(a))
@@ -417,8 +441,11 @@ impl ActiveLoras {
         if self.adapters.is_empty() {
             return Ok(Cow::Borrowed(base));
         }
-        let list: Vec<(&LoraAdapter, f64)> =
-            self.adapters.iter().map(|(a, s)| (a.as_ref(), *s)).collect();
+        let list: Vec<(&LoraAdapter, f64)> = self
+            .adapters
+            .iter()
+            .map(|(a, s)| (a.as_ref(), *s))
+            .collect();
         Ok(Cow::Owned(lora::apply(base, &list)?))
     }
 }
@@ -458,9 +485,21 @@ mod tests {
         assert_eq!(c.victims(5, 40).expect("fits"), Vec::<String>::new());
         assert_eq!(c.victims(15, 40).expect("one"), vec!["style".to_string()]);
         // naming `style` in a request makes `lightning` the least recently used
-        check(&[r("style", None)], None, &c, &SchedulerConfig::qwen_image()).expect("ok");
-        assert_eq!(c.victims(15, 40).expect("one"), vec!["lightning".to_string()]);
-        assert_eq!(c.list().iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["lightning", "style"]);
+        check(
+            &[r("style", None)],
+            None,
+            &c,
+            &SchedulerConfig::qwen_image(),
+        )
+        .expect("ok");
+        assert_eq!(
+            c.victims(15, 40).expect("one"),
+            vec!["lightning".to_string()]
+        );
+        assert_eq!(
+            c.list().iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["lightning", "style"]
+        );
         assert_eq!(c.victims(35, 40).expect("both").len(), 2);
         assert!(c.victims(41, 40).is_err());
     }
@@ -480,8 +519,14 @@ mod tests {
     #[test]
     fn parses_lora_flags() {
         let s = parse_lora("light=/x/a.safetensors").expect("ok");
-        assert_eq!((s.name.as_str(), s.file.as_path()), ("light", Path::new("/x/a.safetensors")));
-        assert_eq!(parse_lora("/x/Lightning-4.safetensors").expect("ok").name, "Lightning-4");
+        assert_eq!(
+            (s.name.as_str(), s.file.as_path()),
+            ("light", Path::new("/x/a.safetensors"))
+        );
+        assert_eq!(
+            parse_lora("/x/Lightning-4.safetensors").expect("ok").name,
+            "Lightning-4"
+        );
         assert!(parse_lora("=/x").is_err());
         assert!(parse_lora("a=").is_err());
     }
@@ -492,8 +537,12 @@ mod tests {
         let e = check(&[r("nope", None)], None, &catalog(), &served).expect_err("unknown");
         let (c, m) = code(e);
         assert_eq!(c, Code::NotFound);
-        assert!(m.contains("`nope`") && m.contains("`style`, `lightning`"), "{m}");
-        let (c, m) = code(check(&[r("x", None)], None, &LoraCatalog::default(), &served).expect_err("none"));
+        assert!(
+            m.contains("`nope`") && m.contains("`style`, `lightning`"),
+            "{m}"
+        );
+        let (c, m) =
+            code(check(&[r("x", None)], None, &LoraCatalog::default(), &served).expect_err("none"));
         assert_eq!(c, Code::NotFound);
         assert!(m.contains("--lora NAME=FILE"), "{m}");
         assert!(m.contains("LoadLora"), "{m}");
@@ -516,9 +565,17 @@ mod tests {
     #[test]
     fn scheduler_comes_from_the_first_adapter_with_a_sidecar_then_the_override() {
         let served = SchedulerConfig::qwen_image();
-        let got = check(&[r("style", Some(0.5)), r("lightning", None)], None, &catalog(), &served)
-            .expect("ok");
-        assert_eq!(got.loras, vec![("style".to_string(), 0.5), ("lightning".to_string(), 1.0)]);
+        let got = check(
+            &[r("style", Some(0.5)), r("lightning", None)],
+            None,
+            &catalog(),
+            &served,
+        )
+        .expect("ok");
+        assert_eq!(
+            got.loras,
+            vec![("style".to_string(), 0.5), ("lightning".to_string(), 1.0)]
+        );
         assert_eq!(got.scheduler.max_shift, 3f64.ln());
         assert_eq!(got.scheduler.shift_terminal, None);
         let plain = check(&[r("style", None)], None, &catalog(), &served).expect("ok");
@@ -530,7 +587,10 @@ mod tests {
             ..Default::default()
         };
         let over = check(&[], Some(&o), &catalog(), &served).expect("ok");
-        assert_eq!((over.scheduler.base_shift, over.scheduler.shift_terminal), (1.0, None));
+        assert_eq!(
+            (over.scheduler.base_shift, over.scheduler.shift_terminal),
+            (1.0, None)
+        );
         for bad in [
             SchedulerOverride {
                 time_shift_type: Some("cubic".into()),

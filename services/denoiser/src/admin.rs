@@ -28,7 +28,9 @@ pub struct LoraAdminService {
 fn check_name(name: &str) -> Result<(), StageError> {
     if name.is_empty()
         || name.len() > MAX_NAME
-        || name.chars().any(|c| c.is_control() || matches!(c, '=' | ',' | ':'))
+        || name
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '=' | ',' | ':'))
     {
         return Err(StageError::InvalidArgument(format!(
             "name `{}`: send 1..={MAX_NAME} characters without control characters, `=`, `,` or `:`",
@@ -49,9 +51,11 @@ impl LoraAdmin for LoraAdminService {
         let LoadLoraRequest { name, path } = request.into_inner();
         self.stage.checked(check_name(&name))?;
         if path.is_empty() {
-            self.stage.checked(Err::<(), _>(StageError::InvalidArgument(
-                "path is empty; send the adapter's safetensors file on the denoiser's machine".into(),
-            )))?;
+            self.stage
+                .checked(Err::<(), _>(StageError::InvalidArgument(
+                    "path is empty; send the adapter's safetensors file on the denoiser's machine"
+                        .into(),
+                )))?;
         }
         if self.catalog.contains(&name) {
             return Err(StageError::FailedPrecondition(format!(

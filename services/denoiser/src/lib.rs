@@ -85,8 +85,11 @@ impl StageDef for Denoiser {
             qwen_image_common::stage::ComputeDtype::Bf16 => 2,
             _ => 4,
         };
-        let (loras, lora_descriptions) =
-            adapters::prepare(&config.own.loras, dtype_bytes, config.own.lora_budget_bytes())?;
+        let (loras, lora_descriptions) = adapters::prepare(
+            &config.own.loras,
+            dtype_bytes,
+            config.own.lora_budget_bytes(),
+        )?;
         let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
         let transformer_digest = component_digest(
             config.model_dir.as_deref(),

@@ -92,7 +92,11 @@ impl Denoiser for DenoiserService {
             "cfg",
             inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
-        tracing::info!(controlnets = inputs.control.len(), loras = loras.loras.len(), "admitting");
+        tracing::info!(
+            controlnets = inputs.control.len(),
+            loras = loras.loras.len(),
+            "admitting"
+        );
         let stream =
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {

@@ -12,8 +12,7 @@ use qwen_image_proto::v1::denoise_event::Event;
 use qwen_image_proto::v1::denoiser_client::DenoiserClient;
 use qwen_image_proto::v1::lora_admin_client::LoraAdminClient;
 use qwen_image_proto::v1::{
-    DataType, DenoiseRequest, ListLorasRequest, LoadLoraRequest, LoraRef, Tensor,
-    UnloadLoraRequest,
+    DataType, DenoiseRequest, ListLorasRequest, LoadLoraRequest, LoraRef, Tensor, UnloadLoraRequest,
 };
 use qwen_image_testkit::service::{InProcess, wait_serving};
 use tonic::Code;
@@ -135,7 +134,10 @@ async fn adapters_load_unload_and_evict_at_run_time_without_touching_base_reques
     assert_ne!(with_kohya, base);
 
     // `peft` used last: loading `lightning` evicts `kohya`, the least recently used
-    assert_eq!(denoise(&ch, &["peft"]).await.expect("peft again"), with_peft);
+    assert_eq!(
+        denoise(&ch, &["peft"]).await.expect("peft again"),
+        with_peft
+    );
     let loaded = admin
         .load_lora(LoadLoraRequest {
             name: "lightning".into(),
@@ -149,7 +151,11 @@ async fn adapters_load_unload_and_evict_at_run_time_without_touching_base_reques
     assert_eq!(names(&mut admin).await, ["peft", "lightning"]);
     let e = denoise(&ch, &["kohya"]).await.expect_err("evicted");
     assert_eq!(e.code(), Code::NotFound);
-    assert!(e.message().contains("`peft`, `lightning`") || e.message().contains("`lightning`, `peft`"), "{}", e.message());
+    assert!(
+        e.message().contains("`peft`, `lightning`") || e.message().contains("`lightning`, `peft`"),
+        "{}",
+        e.message()
+    );
 
     // unload; a second unload and a load under a taken name are refused, a bad file is INVALID_ARGUMENT
     admin
@@ -158,7 +164,10 @@ async fn adapters_load_unload_and_evict_at_run_time_without_touching_base_reques
         })
         .await
         .expect("unload");
-    assert_eq!(denoise(&ch, &["peft"]).await.expect_err("gone").code(), Code::NotFound);
+    assert_eq!(
+        denoise(&ch, &["peft"]).await.expect_err("gone").code(),
+        Code::NotFound
+    );
     let e = admin
         .unload_lora(UnloadLoraRequest {
             name: "peft".into(),
@@ -177,13 +186,20 @@ async fn adapters_load_unload_and_evict_at_run_time_without_touching_base_reques
     let e = admin
         .load_lora(LoadLoraRequest {
             name: "snapshot".into(),
-            path: format!("{FIXTURES}/tiny/snapshot/transformer/diffusion_pytorch_model.safetensors"),
+            path: format!(
+                "{FIXTURES}/tiny/snapshot/transformer/diffusion_pytorch_model.safetensors"
+            ),
         })
         .await
         .expect_err("not a LoRA");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    for (i, b) in background.await.expect("background").into_iter().enumerate() {
+    for (i, b) in background
+        .await
+        .expect("background")
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(b, base, "background base request {i} changed");
     }
     assert_eq!(denoise(&ch, &[]).await.expect("base after"), base);

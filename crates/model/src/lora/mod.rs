@@ -162,12 +162,8 @@ fn read_meta(store: &WeightStore, path: &Path) -> Result<Option<PeftMeta>> {
     if own.is_empty() {
         return Ok(None);
     }
-    let meta: PeftMeta = serde_json::from_value(serde_json::Value::Object(own)).map_err(|e| {
-        err(format!(
-            "{}: lora_adapter_metadata: {e}",
-            path.display()
-        ))
-    })?;
+    let meta: PeftMeta = serde_json::from_value(serde_json::Value::Object(own))
+        .map_err(|e| err(format!("{}: lora_adapter_metadata: {e}", path.display())))?;
     if meta.use_dora {
         return Err(err(format!(
             "{}: DoRA adapters (use_dora) are not supported",
@@ -179,7 +175,12 @@ fn read_meta(store: &WeightStore, path: &Path) -> Result<Option<PeftMeta>> {
 
 fn list(names: &[String]) -> String {
     const SHOWN: usize = 12;
-    let mut s = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(" and {} more", names.len() - SHOWN));
     }
@@ -219,7 +220,11 @@ impl LoraAdapter {
                 Some(Family::Kohya) => families.1 = true,
                 None => {}
             }
-            if let Some(prev) = groups.entry(p.module.clone()).or_default().insert(p.role, n.clone()) {
+            if let Some(prev) = groups
+                .entry(p.module.clone())
+                .or_default()
+                .insert(p.role, n.clone())
+            {
                 return Err(err(format!(
                     "{}: tensors `{prev}` and `{n}` are the same LoRA factor of `{}`",
                     path.display(),
@@ -258,7 +263,11 @@ impl LoraAdapter {
             let a = store.dense(down, dtype, device)?;
             let b = store.dense(up, dtype, device)?;
             let (rank, a_in) = a.dims2().map_err(|_| {
-                err(format!("{}: `{down}` must be 2-D [rank, {in_dim}], got {:?}", path.display(), a.dims()))
+                err(format!(
+                    "{}: `{down}` must be 2-D [rank, {in_dim}], got {:?}",
+                    path.display(),
+                    a.dims()
+                ))
             })?;
             if a_in != in_dim || b.dims() != [out_dim, rank] || rank == 0 {
                 return Err(err(format!(
@@ -278,7 +287,10 @@ impl LoraAdapter {
                         .flatten_all()?
                         .to_vec1::<f32>()?;
                     let [alpha] = alpha[..] else {
-                        return Err(err(format!("{}: `{name}` must hold one value", path.display())));
+                        return Err(err(format!(
+                            "{}: `{name}` must hold one value",
+                            path.display()
+                        )));
                     };
                     alpha as f64 / rank as f64
                 }
@@ -288,11 +300,18 @@ impl LoraAdapter {
             if let Some(meta) = &meta {
                 if let Some(alpha) = pattern_alpha(meta, &module).or(meta.lora_alpha) {
                     let r = rank as f64;
-                    alpha_over_rank *= if meta.use_rslora { alpha / r.sqrt() } else { alpha / r };
+                    alpha_over_rank *= if meta.use_rslora {
+                        alpha / r.sqrt()
+                    } else {
+                        alpha / r
+                    };
                 }
             }
             if !alpha_over_rank.is_finite() {
-                return Err(err(format!("{}: `{module}` has a non-finite alpha", path.display())));
+                return Err(err(format!(
+                    "{}: `{module}` has a non-finite alpha",
+                    path.display()
+                )));
             }
             bytes += (a.elem_count() + b.elem_count()) * dtype.size_in_bytes();
             modules.insert(

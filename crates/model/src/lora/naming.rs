@@ -110,7 +110,10 @@ pub fn parse(key: &str) -> Option<Parsed> {
         (".alpha", Role::Alpha, None),
     ]
     .into_iter()
-    .find_map(|(suffix, role, family)| k.strip_suffix(suffix).map(|s| (s.to_string(), role, family)))?;
+    .find_map(|(suffix, role, family)| {
+        k.strip_suffix(suffix)
+            .map(|s| (s.to_string(), role, family))
+    })?;
     let module = match stem.strip_prefix("lora_unet_") {
         Some(kohya) => {
             // kohya keys put the whole module path before the first dot
@@ -160,13 +163,34 @@ mod tests {
     #[test]
     fn kohya_names() {
         for (k, want) in [
-            ("lora_unet_transformer_blocks_0_attn_to_q", "transformer_blocks.0.attn.to_q"),
-            ("lora_unet_transformer_blocks_12_attn_add_k_proj", "transformer_blocks.12.attn.add_k_proj"),
-            ("lora_unet_transformer_blocks_1_attn_to_add_out", "transformer_blocks.1.attn.to_add_out"),
-            ("lora_unet_transformer_blocks_1_attn_to_out_0", "transformer_blocks.1.attn.to_out.0"),
-            ("lora_unet_transformer_blocks_2_img_mlp_net_0_proj", "transformer_blocks.2.img_mlp.net.0.proj"),
-            ("lora_unet_transformer_blocks_2_txt_mlp_net_2", "transformer_blocks.2.txt_mlp.net.2"),
-            ("lora_unet_transformer_blocks_5_img_mod_1", "transformer_blocks.5.img_mod.1"),
+            (
+                "lora_unet_transformer_blocks_0_attn_to_q",
+                "transformer_blocks.0.attn.to_q",
+            ),
+            (
+                "lora_unet_transformer_blocks_12_attn_add_k_proj",
+                "transformer_blocks.12.attn.add_k_proj",
+            ),
+            (
+                "lora_unet_transformer_blocks_1_attn_to_add_out",
+                "transformer_blocks.1.attn.to_add_out",
+            ),
+            (
+                "lora_unet_transformer_blocks_1_attn_to_out_0",
+                "transformer_blocks.1.attn.to_out.0",
+            ),
+            (
+                "lora_unet_transformer_blocks_2_img_mlp_net_0_proj",
+                "transformer_blocks.2.img_mlp.net.0.proj",
+            ),
+            (
+                "lora_unet_transformer_blocks_2_txt_mlp_net_2",
+                "transformer_blocks.2.txt_mlp.net.2",
+            ),
+            (
+                "lora_unet_transformer_blocks_5_img_mod_1",
+                "transformer_blocks.5.img_mod.1",
+            ),
             ("lora_unet_norm_out_linear", "norm_out.linear"),
             ("lora_unet_img_in", "img_in"),
             (
@@ -174,7 +198,10 @@ mod tests {
                 "time_text_embed.timestep_embedder.linear_2",
             ),
         ] {
-            assert_eq!(m(&format!("{k}.lora_down.weight")), (want.into(), Role::Down));
+            assert_eq!(
+                m(&format!("{k}.lora_down.weight")),
+                (want.into(), Role::Down)
+            );
             assert_eq!(m(&format!("{k}.lora_up.weight")), (want.into(), Role::Up));
             assert_eq!(m(&format!("{k}.alpha")), (want.into(), Role::Alpha));
         }
