@@ -117,6 +117,42 @@ async fn lora_requests_through_the_services_match_diffusers() {
         .expect_err("nan scale");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
+    // the CLI names adapters with --lora NAME[:SCALE]
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("cat.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-image"))
+        .args(["generate", "--quiet", "--gateway", &stack.gateway.url])
+        .args([
+            "--prompt",
+            &base.prompt,
+            "--negative-prompt",
+            " ",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .args([
+            "--steps",
+            "4",
+            "--seed",
+            "0",
+            "--lora",
+            "peft:0.7",
+            "--lora",
+            "kohya:-0.5",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .expect("qwen-image runs");
+    assert!(status.success());
+    assert_close(
+        &std::fs::read(&out).expect("png"),
+        &png("two"),
+        "CLI --lora peft:0.7 --lora kohya:-0.5",
+    );
+
     // the denoiser describes what it holds
     let ch = Channel::from_shared(stack.stages[1].url.clone())
         .expect("url")
