@@ -22,7 +22,7 @@ Writes into OUT_DIR:
         a PEFT-named adapter without the `transformer.` prefix (rank 4, `.alpha` tensors = 2: scale 1/2) with the scheduler config the lightx2v
         Qwen-Image-Lightning LoRAs are used with (their README: FlowMatchEulerDiscreteScheduler with
         base_shift = max_shift = ln 3, shift_terminal None, use_dynamic_shifting, exponential time shift).
-  refs.safetensors, manifest.json
+  tensors.safetensors, manifest.json (mode "lora": `qwen-image parity --reference OUT_DIR` recomputes every case)
         `denoise.*`: the pipeline inputs (prompt / negative embeddings and masks, packed start latents; 64x64);
         `<case>.final`: QwenImagePipeline's final packed latents (output_type="latent") for each case of
         manifest["cases"]: adapters and scales, steps, CFG, scheduler.
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     lin = linears(args.snapshot)
     cfg = json.loads((args.snapshot / "transformer" / "config.json").read_text())
-    manifest = {"versions": {**versions(), "peft": peft.__version__}, "adapters": make_adapters(lin, args.out),
+    manifest = {"mode": "lora", "versions": {**versions(), "peft": peft.__version__},
+                "adapters": make_adapters(lin, args.out),
                 "cases": {}}
     inp = denoise_inputs(cfg["joint_attention_dim"], cfg["in_channels"])
     refs = {f"denoise.{k}": v for k, v in inp.items()}
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to(torch.float32).contiguous() for k, v in sorted(refs.items())},
-              str(args.out / "refs.safetensors"))
+              str(args.out / "tensors.safetensors"))
     dump_json(args.out / "manifest.json", manifest)
     print(json.dumps(manifest["cases"], indent=1))
     return 0

@@ -33,7 +33,7 @@ fn tiny() -> PathBuf {
 
 fn refs() -> HashMap<String, Tensor> {
     qwen_image_model::candle_core::safetensors::load(
-        fixtures().join("lora/refs.safetensors"),
+        fixtures().join("lora/tensors.safetensors"),
         &Device::Cpu,
     )
     .expect("refs.safetensors")
