@@ -141,19 +141,6 @@ def make_adapters(lin: dict, out: Path) -> dict:
     return info
 
 
-def denoise_inputs(joint: int, in_channels: int) -> dict:
-    g = torch.Generator().manual_seed(7)
-    neg_mask = torch.ones(1, 6)
-    neg_mask[0, 4:] = 0
-    return {
-        "prompt_embeds": torch.randn(1, 9, joint, generator=g),
-        "prompt_embeds_mask": torch.ones(1, 9),
-        "negative_prompt_embeds": torch.randn(1, 6, joint, generator=g),
-        "negative_prompt_embeds_mask": neg_mask,
-        "latents": torch.randn(1, 16, in_channels, generator=g),
-    }
-
-
 # name -> (adapters [(file stem, scale)], steps, true_cfg_scale, scheduler: None = the snapshot's)
 CASES = {
     "base": ([], 3, 4.0, None),
@@ -229,7 +216,11 @@ def main(argv=None) -> int:
     manifest = {"mode": "lora", "versions": {**versions(), "peft": peft.__version__},
                 "adapters": make_adapters(lin, args.out),
                 "cases": {}}
-    inp = denoise_inputs(cfg["joint_attention_dim"], cfg["in_channels"])
+    # ref_quant's QwenImagePipeline inputs (64x64, a padded negative prompt), drawn from manual_seed(7)
+    import ref_quant
+
+    ref_quant.torch = torch
+    inp = ref_quant.denoise_inputs(cfg, 6)
     refs = {f"denoise.{k}": v for k, v in inp.items()}
     base = None
     for name, (adapters, steps, true_cfg, scheduler) in CASES.items():

@@ -11,10 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::rel_l2 as rel;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
-use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
 use qwen_image_model::lora::{self, LoraAdapter};
-use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
-use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::scheduler::SchedulerConfig;
 use qwen_image_model::source::{ConfigSource, LoadOptions, WeightsSource, load_transformer};
 use qwen_image_model::transformer::QwenImageTransformer;
 use qwen_image_model::weights::QuantMatmul;
@@ -59,8 +57,8 @@ fn load(m: &QwenImageTransformer, stem: &str) -> LoraAdapter {
         .unwrap_or_else(|e| panic!("{stem}: {e}"))
 }
 
-/// Our loop on the dumped pipeline inputs (64x64, 16 packed tokens): true CFG with the negative prompt when
-/// `cfg > 1`, the snapshot's scheduler unless `scheduler` is given.
+/// Our loop on the dumped pipeline inputs (64x64): true CFG with the negative prompt when `cfg > 1`, the
+/// snapshot's scheduler unless `scheduler` is given.
 fn final_latents(
     m: &QwenImageTransformer,
     r: &HashMap<String, Tensor>,
@@ -68,35 +66,8 @@ fn final_latents(
     cfg: f64,
     scheduler: Option<&SchedulerConfig>,
 ) -> Tensor {
-    let t = |k: &str| r[&format!("denoise.{k}")].clone();
-    let pos = Conditioning {
-        embeds: t("prompt_embeds"),
-        mask: None, // all ones: diffusers passes None
-    };
-    let neg = Conditioning {
-        embeds: t("negative_prompt_embeds"),
-        mask: Some(t("negative_prompt_embeds_mask")),
-    };
-    let snap: SchedulerConfig = Snapshot::open(tiny())
-        .and_then(|s| s.config("scheduler", "scheduler_config.json"))
-        .expect("scheduler config");
-    let schedule = Schedule::for_pipeline(scheduler.unwrap_or(&snap), steps, 16).expect("schedule");
-    let shapes = [(1, 4, 4)];
-    let p = DenoiseParams {
-        positive: &pos,
-        negative: (cfg > 1.0).then_some(&neg),
-        true_cfg_scale: cfg,
-        latents: t("latents"),
-        img_shapes: &shapes,
-        schedule: &schedule,
-        start_step: 0,
-        inpaint: None,
-        controlnet: &[],
-    };
-    match denoise::denoise(m, &p, |_| Flow::Continue).expect("denoise") {
-        Outcome::Finished(x) => x,
-        Outcome::Stopped { .. } => panic!("stopped"),
-    }
+    let snap = common::snapshot_scheduler(&tiny());
+    common::final_latents(m, r, "", steps, cfg, scheduler.unwrap_or(&snap))
 }
 
 /// Runs `adapters` (file stem, scale) on `base` with 3 steps, CFG 4, and compares with diffusers' `case`.
