@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     print(f"4-step student after training: mse {after:.4f} (before {base_loss:.4f})", flush=True)
 
     sd = get_peft_model_state_dict(tr)
-    sd = {f"transformer.{k}": v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    sd = {f"transformer.{k}": v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}  # bf16: half the bytes
     a.out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(a.out / "lightning.safetensors"), metadata={"format": "pt"})
     (a.out / "lightning.scheduler.json").write_text(json.dumps(LIGHTNING_SCHEDULER, indent=2, sort_keys=True) + "\n")

@@ -198,3 +198,28 @@ async fn a_bad_adapter_file_stops_the_denoiser_at_startup() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("LoRA `bad`"), "{err}");
 }
+
+#[test]
+fn the_default_model_ships_a_4_step_lightning_adapter() {
+    // local stack on the default model: MODEL/loras/lightning.safetensors and its scheduler sidecar are loaded
+    // because the request names `lightning`
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (light, base) = (dir.path().join("light.png"), dir.path().join("base.png"));
+    let prompt = "a purple stick figure jumping on a gray background, with the moon";
+    let run = |extra: &[&str], out: &std::path::Path| {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_qwen-image"))
+            .args(["generate", "--quiet", "--prompt", prompt, "--seed", "1"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .status()
+            .expect("qwen-image runs");
+        assert!(status.success(), "{extra:?}");
+    };
+    run(&["--lora", "lightning", "--steps", "4"], &light);
+    run(&["--steps", "4"], &base);
+    let (w, h, with) = decode_rgb(&std::fs::read(&light).expect("png"));
+    assert_eq!((w, h), (64, 64));
+    let (_, _, without) = decode_rgb(&std::fs::read(&base).expect("png"));
+    assert_ne!(with, without, "the adapter is applied");
+}
