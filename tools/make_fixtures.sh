@@ -87,6 +87,10 @@ for q in Q8_0 Q4_0; do
     --transformer-file "$F/quant/transformer/$q.gguf" > /dev/null && echo "ok $F/quant/refs/t2i_64_$q"
 done
 
+# --- LoRA adapters in every naming diffusers' Qwen-Image loader reads, made for the tiny snapshot, with
+# QwenImagePipeline.load_lora_weights + set_adapters results (crates/model/tests/lora.rs, crates/cli/tests/e2e_lora.rs)
+rm -rf "$F/lora" && "$PY" "$H/ref_lora.py" "$F/tiny/snapshot" "$F/lora" > /dev/null && echo "ok $F/lora"
+
 # --- tiny in bf16, sharded into many small files, without tokenizer.json (the released snapshot's shape)
 "$PY" "$H/make_tiny.py" "$F/tiny-bf16-sharded/snapshot" --preset tiny --seed 7 --dtype bf16 --max-shard-size 60KB \
     --no-tokenizer-json --force > /dev/null

@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet conditioning scale")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora", type=Path, help="a LoRA (safetensors) to load; its STEM.scheduler.json, when present, "
+                    "replaces the scheduler (e.g. loras/lightning.safetensors with --steps 4 --cfg 1)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--images", type=Path, help="write contact sheets here")
     a = ap.parse_args(argv)
@@ -84,6 +86,13 @@ def main(argv=None) -> int:
     net = J.load(a.judge)
     pipe = QwenImagePipeline.from_pretrained(str(a.snapshot), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if a.lora:
+        pipe.load_lora_weights(str(a.lora), adapter_name="lora")
+        sidecar = a.lora.with_suffix(".scheduler.json")
+        if sidecar.is_file():
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads(sidecar.read_text()))
     cn = QwenImageControlNetModel.from_pretrained(str(a.snapshot / "controlnet"), torch_dtype=torch.float32)
     cpipe = QwenImageControlNetPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
                                         tokenizer=pipe.tokenizer, transformer=pipe.transformer, controlnet=cn)
@@ -92,12 +101,13 @@ def main(argv=None) -> int:
     common = dict(height=S.SIZE, width=S.SIZE, num_inference_steps=a.steps, true_cfg_scale=a.cfg,
                   negative_prompt=" ", output_type="np")
     modes = a.modes.split(",")
-    report = {"steps": a.steps, "true_cfg_scale": a.cfg, "conditioning_scale": a.conditioning_scale, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
+    report = {"steps": a.steps, "true_cfg_scale": a.cfg, "lora": str(a.lora) if a.lora else None, "conditioning_scale": a.conditioning_scale, "size": S.SIZE, "held_out_triples": S.held_out_triples()}
     t0 = time.time()
     sheets = {}
     confusion = {m: np.zeros((len(S.POSE_NAMES), len(S.POSE_NAMES)), np.int64) for m in modes}
     for mode in modes:
         report[mode] = {}
+        t_mode = time.time()
         for lang in LANGS:
             sub = [c for c in cases if c[0] == lang]
             want = np.array([c[1] for c in sub])
@@ -118,6 +128,7 @@ def main(argv=None) -> int:
                                            minlength=len(S.POSE_NAMES) ** 2).reshape(len(S.POSE_NAMES), -1)
             sheets[(mode, lang)] = imgs
             print(f"{mode:20s} {lang:5s} {report[mode][lang]} ({time.time() - t0:.0f}s)", flush=True)
+        report[mode]["seconds_per_image"] = (time.time() - t_mode) / len(cases)
     for mode in modes:
         allp = [report[mode][lang] for lang in LANGS]
         report[mode]["total"] = {k: float(np.mean([x[k] for x in allp])) for k in allp[0] if k != "n"}

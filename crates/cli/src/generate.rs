@@ -50,12 +50,9 @@ pub fn run(args: GenerateArgs) -> Result<std::process::ExitCode> {
 async fn generate(args: GenerateArgs) -> Result<()> {
     let request = ApiRequest::TextToImage(build_request(&args)?);
     let t = &args.target;
-    execute(
-        request,
-        &t.to_target(t.model.clone(), StageOptions::default()),
-        &t.out,
-    )
-    .await?;
+    let mut options = StageOptions::default();
+    options.denoiser.loras = args.settings.lora_files();
+    execute(request, &t.to_target(t.model.clone(), options), &t.out).await?;
     Ok(())
 }
 
@@ -199,8 +196,12 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
                 Some(m) => with_model_default_size(request, m),
                 None => request,
             };
-            let mut stack =
-                LocalStack::start_with(model, "127.0.0.1:0", target.options.clone()).await?;
+            let mut options = target.options.clone();
+            if let Some(m) = &model {
+                options.denoiser.loras =
+                    crate::model_dir::model_loras(m, &options.denoiser.loras, &request);
+            }
+            let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
                 send(&stack.gateway_url(), request, timeout, quiet, out).await
@@ -224,6 +225,20 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
         result.elapsed_ms as f64 / 1000.0
     );
     Ok(result)
+}
+
+impl ApiRequest {
+    /// The request's common settings.
+    pub fn settings(&self) -> Option<&qwen_image_proto::v1::GenerationSettings> {
+        match self {
+            Self::TextToImage(r) => r.settings.as_ref(),
+            Self::Img2Img(r) => r.settings.as_ref(),
+            Self::Inpaint(r) => r.settings.as_ref(),
+            Self::Outpaint(r) => r.settings.as_ref(),
+            Self::Pose(r) => r.settings.as_ref(),
+            Self::ControlNetInpaint(r) => r.settings.as_ref(),
+        }
+    }
 }
 
 /// `out.png`, `out-1.png`, `out-2.png`, ...

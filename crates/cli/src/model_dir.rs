@@ -115,3 +115,28 @@ mod tests {
         assert_eq!(model_default_size(&dir), Some((64, 64)));
     }
 }
+
+/// The adapters a local stack's denoiser loads for `request`: `given` (the `--lora FILE` ones), then for each
+/// adapter the request names that `given` lacks, `MODEL/loras/NAME.safetensors` when it exists (a name found
+/// nowhere reaches the denoiser, which answers NOT_FOUND naming what it loaded).
+pub fn model_loras(
+    model: &Path,
+    given: &[qwen_image_denoiser::adapters::LoraSpec],
+    request: &crate::generate::ApiRequest,
+) -> Vec<qwen_image_denoiser::adapters::LoraSpec> {
+    let mut out = given.to_vec();
+    for r in request
+        .settings()
+        .map(|s| s.loras.as_slice())
+        .unwrap_or_default()
+    {
+        let file = model.join("loras").join(format!("{}.safetensors", r.name));
+        if !out.iter().any(|l| l.name == r.name) && file.is_file() {
+            out.push(qwen_image_denoiser::adapters::LoraSpec {
+                name: r.name.clone(),
+                file,
+            });
+        }
+    }
+    out
+}

@@ -203,3 +203,24 @@ fn default_model_matches_diffusers() {
         }
     }
 }
+
+#[test]
+fn lora_mode_matches_diffusers_for_every_adapter_case() {
+    let f = fixtures();
+    let (ok, text) = parity(&f.join("tiny/snapshot"), &f.join("lora"));
+    assert!(ok, "parity failed for lora:\n{text}");
+    assert!(!text.contains("FAIL "), "{text}");
+    for case in [
+        "peft",
+        "kohya",
+        "comfy_0.8",
+        "two",
+        "lightning_4",
+        "lightning_8",
+    ] {
+        assert!(
+            text.contains(&format!("PASS  {case}.final")),
+            "{case} not compared:\n{text}"
+        );
+    }
+}

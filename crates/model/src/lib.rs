@@ -12,6 +12,7 @@ pub mod edit;
 pub mod edit_prompt;
 pub mod interrupt;
 pub mod latents;
+pub mod lora;
 pub mod nn;
 pub mod openpose;
 pub mod prompt;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
+use crate::lora::LoraTerm;
 use crate::weights::{EmbeddingTable, LinearWeight, PackedWeight, Part, QuantMatmul, VarBuilder};
 
 /// How a [`Linear`] holds its weight.
@@ -23,11 +24,13 @@ enum Weight {
     Packed(Arc<PackedWeight>),
 }
 
-/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out, in]` weight layout.
+/// A linear layer `y = x Wᵀ + b` with PyTorch's `[out, in]` weight layout, plus the LoRA terms attached to
+/// this copy of the layer ([`Linear::with_lora`]; the base weight is shared, never copied).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    lora: Vec<LoraTerm>,
 }
 
 impl Linear {
@@ -38,6 +41,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::DenseT(wt),
             bias,
+            lora: Vec::new(),
         })
     }
 
@@ -54,7 +58,35 @@ impl Linear {
                 Weight::Packed(Arc::new(PackedWeight::new(parts, in_dim, matmul)?))
             }
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: Vec::new(),
+        })
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.weight {
+            Weight::Dense(l) => {
+                let (out, inp) = l.weight().dims2()?;
+                (inp, out)
+            }
+            Weight::DenseT(wt) => wt.dims2()?,
+            Weight::Packed(p) => (p.in_dim(), p.out_dim()),
+        })
+    }
+
+    /// This layer with `terms` added to its LoRA terms (the base weight and bias are shared with `self`).
+    pub fn with_lora(&self, terms: impl IntoIterator<Item = LoraTerm>) -> Self {
+        let mut out = self.clone();
+        out.lora.extend(terms);
+        out
+    }
+
+    /// The LoRA terms attached to this layer.
+    pub fn lora_terms(&self) -> &[LoraTerm] {
+        &self.lora
     }
 
     /// The packed weight when this layer is quantized or fp8.
@@ -71,11 +103,15 @@ impl Linear {
             Weight::DenseT(wt) => x.broadcast_matmul(wt)?, // [.., in] x [in, out] -> [.., out]
             Weight::Packed(p) => p.matmul(x)?,
         };
-        // A per-layer adapter (LoRA) would add its `x Aᵀ Bᵀ · scale` to `y` here.
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let mut y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        // PEFT's LoRA Linear: `result = base_layer(x)`, then `result += lora_B(lora_A(x)) · scaling` per adapter
+        for term in &self.lora {
+            y = (y + term.delta(x)?)?;
         }
+        Ok(y)
     }
 }
 

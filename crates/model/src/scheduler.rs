@@ -31,7 +31,7 @@ fn d_exponential() -> String {
 /// `scheduler/scheduler_config.json`. Defaults are diffusers' class defaults (which differ from the
 /// released Qwen-Image config: that one sets `max_image_seq_len 8192`, `max_shift 0.9`,
 /// `shift_terminal 0.02`, `use_dynamic_shifting true`). Unknown keys are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(default = "d_1000")]
     pub num_train_timesteps: usize,

@@ -194,6 +194,13 @@ impl FeedForward {
         self.proj_out
             .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
     }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 2] {
+        [
+            ("net.0.proj", &mut self.proj_in),
+            ("net.2", &mut self.proj_out),
+        ]
+    }
 }
 
 /// `x · (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
@@ -301,6 +308,31 @@ impl TransformerBlock {
             heads: cfg.num_attention_heads,
             head_dim: hd,
         })
+    }
+
+    /// Every linear with its diffusers module name relative to the block (`attn.to_q`, `img_mlp.net.2`, ...).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out: Vec<(String, &mut Linear)> = vec![
+            ("img_mod.1".into(), &mut self.img_mod),
+            ("txt_mod.1".into(), &mut self.txt_mod),
+            ("attn.to_q".into(), &mut self.to_q),
+            ("attn.to_k".into(), &mut self.to_k),
+            ("attn.to_v".into(), &mut self.to_v),
+            ("attn.add_q_proj".into(), &mut self.add_q),
+            ("attn.add_k_proj".into(), &mut self.add_k),
+            ("attn.add_v_proj".into(), &mut self.add_v),
+            ("attn.to_out.0".into(), &mut self.to_out),
+            ("attn.to_add_out".into(), &mut self.to_add_out),
+        ];
+        for (prefix, ff) in [
+            ("img_mlp", &mut self.img_mlp),
+            ("txt_mlp", &mut self.txt_mlp),
+        ] {
+            for (name, l) in ff.linears_mut() {
+                out.push((format!("{prefix}.{name}"), l));
+            }
+        }
+        out
     }
 
     /// `[B, S, H·D]` → `[B, H, S, D]` after the per-head RMSNorm.
@@ -546,6 +578,31 @@ impl QwenImageTransformer {
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// Every linear with its diffusers module name (`transformer_blocks.3.attn.to_q`, `proj_out`, ...): what
+    /// LoRA adapters target ([`crate::lora`]).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out: Vec<(String, &mut Linear)> = vec![
+            ("img_in".into(), &mut self.emb.img_in),
+            ("txt_in".into(), &mut self.emb.txt_in),
+            (
+                "time_text_embed.timestep_embedder.linear_1".into(),
+                &mut self.emb.time_text_embed.linear_1,
+            ),
+            (
+                "time_text_embed.timestep_embedder.linear_2".into(),
+                &mut self.emb.time_text_embed.linear_2,
+            ),
+            ("norm_out.linear".into(), &mut self.norm_out_linear),
+            ("proj_out".into(), &mut self.proj_out),
+        ];
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for (name, l) in block.linears_mut() {
+                out.push((format!("transformer_blocks.{i}.{name}"), l));
+            }
+        }
+        out
     }
 
     pub fn dtype(&self) -> DType {

@@ -11,13 +11,13 @@
 //! Errors are relative L2 (`‖ours − ref‖ / ‖ref‖`); the bounds are the measured errors with headroom (README
 //! "Quantized weights" gives the measured values).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::rel_l2 as rel;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
-use qwen_image_model::denoise::{self, Conditioning, DenoiseParams, Flow, Outcome};
-use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
-use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::source::{
     self, ConfigSource, LoadOptions, WeightsSource, load_prompt_encoder, load_text_encoder,
     load_transformer,
@@ -40,23 +40,6 @@ fn tiny() -> PathBuf {
 fn refs() -> HashMap<String, Tensor> {
     qwen_image_model::candle_core::safetensors::load(quant().join("refs.safetensors"), &Device::Cpu)
         .expect("refs.safetensors")
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).expect("f64");
-    let b = b.to_dtype(DType::F64).expect("f64");
-    let d = (&a - &b)
-        .and_then(|d| d.sqr())
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("diff");
-    let n = b
-        .sqr()
-        .and_then(|d| d.sum_all())
-        .and_then(|d| d.to_scalar::<f64>())
-        .expect("norm");
-    (d / n.max(1e-30)).sqrt()
 }
 
 fn opts(mode: QuantMatmul) -> LoadOptions {
@@ -86,35 +69,8 @@ fn transformer_out(model: &QwenImageTransformer, r: &HashMap<String, Tensor>, m:
 
 /// Our denoising loop on the dumped pipeline inputs (`{model}.denoise.*`): 3 steps, true CFG 4, 64x64.
 fn final_latents(model: &QwenImageTransformer, r: &HashMap<String, Tensor>, m: &str) -> Tensor {
-    let t = |k: &str| r[&format!("{m}.denoise.{k}")].clone();
-    let pos = Conditioning {
-        embeds: t("prompt_embeds"),
-        mask: None, // all ones: diffusers passes None
-    };
-    let neg = Conditioning {
-        embeds: t("negative_prompt_embeds"),
-        mask: Some(t("negative_prompt_embeds_mask")),
-    };
-    let sched: SchedulerConfig = Snapshot::open(tiny())
-        .and_then(|s| s.config("scheduler", "scheduler_config.json"))
-        .expect("scheduler config");
-    let schedule = Schedule::for_pipeline(&sched, 3, 16).expect("schedule");
-    let shapes = [(1, 4, 4)];
-    let p = DenoiseParams {
-        positive: &pos,
-        negative: Some(&neg),
-        true_cfg_scale: 4.0,
-        latents: t("latents"),
-        img_shapes: &shapes,
-        schedule: &schedule,
-        start_step: 0,
-        inpaint: None,
-        controlnet: &[],
-    };
-    match denoise::denoise(model, &p, |_| Flow::Continue).expect("denoise") {
-        Outcome::Finished(x) => x,
-        Outcome::Stopped { .. } => panic!("stopped"),
-    }
+    let sched = common::snapshot_scheduler(&tiny());
+    common::final_latents(model, r, &format!("{m}."), 3, 4.0, &sched)
 }
 
 /// Loads `file` both ways (dequantize-then-matmul and candle's QMatMul) and compares one transformer pass and

@@ -13,6 +13,29 @@ pub struct DenoiserArgs {
     /// Qwen-Image-ControlNet-Union), as `DIR` (id = the folder name) or `NAME=DIR`. Repeatable.
     #[arg(long = "controlnet", env = "QWEN_IMAGE_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     pub controlnets: Vec<ControlNetSpec>,
+
+    /// A LoRA adapter to load at startup, as `NAME=FILE` (a safetensors file in diffusers/PEFT, kohya or
+    /// ComfyUI naming) or `FILE` (name = the file name without extension); requests name it in `loras`.
+    /// `FILE` with `.safetensors` replaced by `.scheduler.json` beside it, when present, is the scheduler
+    /// config requests with this adapter use (e.g. Lightning's). Repeatable.
+    #[arg(long = "lora", env = "QWEN_IMAGE_LORAS", value_delimiter = ',', value_parser = crate::adapters::parse_lora)]
+    pub loras: Vec<crate::adapters::LoraSpec>,
+
+    /// Bytes of LoRA factors the denoiser holds at most, in MiB (fractions allowed; 0 = unbounded):
+    /// `LoraAdmin.LoadLora` evicts the least recently used adapters beyond it; the `--lora` adapters must fit.
+    #[arg(long, env = "QWEN_IMAGE_LORA_BUDGET_MB", default_value_t = 0.0)]
+    pub lora_budget_mb: f64,
+}
+
+impl DenoiserArgs {
+    /// `--lora-budget-mb` in bytes (0 = unbounded).
+    pub fn lora_budget_bytes(&self) -> u64 {
+        if self.lora_budget_mb.is_finite() && self.lora_budget_mb > 0.0 {
+            (self.lora_budget_mb * (1u64 << 20) as f64) as u64
+        } else {
+            0
+        }
+    }
 }
 
 /// Where the transformer's weights come from besides the snapshot (its own struct so that commands that

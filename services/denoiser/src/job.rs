@@ -19,6 +19,7 @@ use qwen_image_proto::v1::{DenoiseEvent, DenoiseProgress, DenoiseResult, denoise
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::adapters::ActiveLoras;
 use crate::model::LoadedModel;
 use crate::validate::{DenoiseInputs, HostConditioning, HostControl, ScheduleInput};
 
@@ -38,11 +39,12 @@ enum Ended {
 pub fn run(
     model: &LoadedModel,
     inputs: &DenoiseInputs,
+    loras: &ActiveLoras,
     ctx: &JobCtx<'_>,
     events: &Events,
 ) -> Result<DenoiseEvent, StageError> {
     let interrupt = Interrupt::new(ctx.cancel_flag(), ctx.deadline);
-    match interrupt::scoped(interrupt, || execute(model, inputs, ctx, events)) {
+    match interrupt::scoped(interrupt, || execute(model, inputs, loras, ctx, events)) {
         Ok(Ended::Finished(result)) => Ok(DenoiseEvent {
             event: Some(Event::Result(result)),
         }),
@@ -133,6 +135,7 @@ fn control_unit<'a>(
 fn execute(
     model: &LoadedModel,
     inp: &DenoiseInputs,
+    loras: &ActiveLoras,
     ctx: &JobCtx<'_>,
     events: &Events,
 ) -> candle_core::Result<Ended> {
@@ -145,7 +148,8 @@ fn execute(
         .map(|n| conditioning(n, model))
         .transpose()?;
     let latents = pack(&device_tensor(&inp.latents, model)?)?; // [B, S, 4C]
-    let schedule = schedule(&model.scheduler, inp).map_err(candle_core::Error::Msg)?;
+    let schedule = schedule(&loras.scheduler, inp).map_err(candle_core::Error::Msg)?;
+    let transformer = loras.transformer(&model.transformer)?;
     // img2img / inpaint: start from the image latents noised to sigma[start_step], in the model's dtype
     // (diffusers' prepare_latents: scheduler.scale_noise with begin_index = start_step).
     let latents = match &inp.start_noise {
@@ -202,7 +206,7 @@ fn execute(
     let step_seconds = metrics::histogram!(m::DENOISE_STEP_SECONDS, "service" => SERVICE);
     let steps_total = metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE);
     let mut current_step = Some(step_span(inp.start_step));
-    let outcome = denoise::denoise(&model.transformer, &params, |s| {
+    let outcome = denoise::denoise(&transformer, &params, |s| {
         if let Some((span, step_started)) = current_step.take() {
             step_seconds.record(step_started.elapsed().as_secs_f64());
             span.record("timestep", f64::from(s.timestep));

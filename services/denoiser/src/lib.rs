@@ -4,6 +4,8 @@
 //! checks ([`validate`]), its flags ([`args`]) and the handler ([`service`]); `main.rs` is the skeleton's
 //! `main`.
 
+pub mod adapters;
+pub mod admin;
 pub mod args;
 pub mod job;
 pub mod model;
@@ -20,6 +22,7 @@ use qwen_image_model::snapshot::first_line;
 use qwen_image_model::source::{self, ConfigSource, WeightsSource};
 use qwen_image_model::transformer::TransformerConfig;
 use qwen_image_proto::v1::denoiser_server::DenoiserServer;
+use qwen_image_proto::v1::lora_admin_server::LoraAdminServer;
 use qwen_image_proto::v1::{
     ControlNetDescription, StageDescription, StageKind, StageLimits, TransformerDescription,
 };
@@ -47,6 +50,12 @@ pub struct DenoiserState {
     pub controlnets: Vec<ControlNetInfo>,
     pub transformer: TransformerConfig,
     pub scheduler: SchedulerConfig,
+    /// The adapters requests may name (the `--lora` ones, then LoraAdmin's changes).
+    pub loras: adapters::LoraCatalog,
+    /// Bytes per adapter value in the stage dtype (4 for f32, 2 for bf16).
+    pub dtype_bytes: usize,
+    /// `--lora-budget-mb` in bytes (0 = unbounded).
+    pub lora_budget: u64,
     /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
     pub weights: WeightsSource,
     pub config: ConfigSource,
@@ -72,6 +81,15 @@ impl StageDef for Denoiser {
         // The weights' headers: a wrong file is refused here, before the service listens.
         let weights_format = source::inspect_transformer(&weights).map_err(|e| first_line(&e))?;
         let controlnets = model::read_controlnets(config, &transformer)?;
+        let dtype_bytes = match config.device.compute_dtype() {
+            qwen_image_common::stage::ComputeDtype::Bf16 => 2,
+            _ => 4,
+        };
+        let (loras, lora_descriptions) = adapters::prepare(
+            &config.own.loras,
+            dtype_bytes,
+            config.own.lora_budget_bytes(),
+        )?;
         let io = |what: &str, e: std::io::Error| format!("cannot read the {what}'s files: {e}");
         let transformer_digest = component_digest(
             config.model_dir.as_deref(),
@@ -106,6 +124,7 @@ impl StageDef for Denoiser {
                 max_steps: validate::MAX_STEPS as u32,
             }),
             controlnets: nets,
+            loras: lora_descriptions,
             weights_format,
             model_id: file.map(file_label).unwrap_or_default(),
             limits: Some(StageLimits {
@@ -122,6 +141,9 @@ impl StageDef for Denoiser {
                 controlnets,
                 transformer,
                 scheduler,
+                loras,
+                dtype_bytes,
+                lora_budget: config.own.lora_budget_bytes(),
                 weights,
                 config: tconfig,
             },
@@ -146,16 +168,25 @@ impl StageDef for Denoiser {
         handle: StageHandle<model::LoadedModel>,
         state: DenoiserState,
     ) -> Routes {
-        routes.add_service(
-            DenoiserServer::new(service::DenoiserService {
-                stage: handle,
-                shape: state.shape,
-                controlnets: state.controlnets,
-                scheduler: state.scheduler,
-            })
-            .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
-        )
+        let admin = admin::LoraAdminService {
+            stage: handle.clone(),
+            catalog: state.loras.clone(),
+            dtype_bytes: state.dtype_bytes,
+            budget: state.lora_budget,
+        };
+        routes
+            .add_service(
+                DenoiserServer::new(service::DenoiserService {
+                    stage: handle,
+                    shape: state.shape,
+                    controlnets: state.controlnets,
+                    scheduler: state.scheduler,
+                    loras: state.loras,
+                })
+                .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),
+            )
+            .add_service(LoraAdminServer::new(admin))
     }
 }
 

@@ -23,6 +23,8 @@ pub struct LoadedModel {
     pub shape: ModelShape,
     /// The transformer's resident weights, by format.
     pub memory: MemoryReport,
+    /// The LoRA adapters held (the `--lora` ones, then LoraAdmin's changes).
+    pub loras: crate::adapters::HeldLoras,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -120,7 +122,9 @@ pub fn load(cfg: &DenoiserConfig, state: &DenoiserState) -> candle_core::Result<
             Ok((c.id.clone(), net))
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
+    let loras = crate::adapters::HeldLoras::load_all(&cfg.own.loras, &loaded.model)?;
     let model = LoadedModel {
+        loras,
         transformer: loaded.model,
         scheduler: state.scheduler.clone(),
         device,

@@ -34,6 +34,8 @@ pub struct DenoiserService {
     pub(crate) controlnets: Vec<ControlNetInfo>,
     /// What the request's schedule is built from (checked at admission).
     pub(crate) scheduler: SchedulerConfig,
+    /// The loaded LoRA adapters requests may name.
+    pub(crate) loras: crate::adapters::LoraCatalog,
 }
 
 #[tonic::async_trait]
@@ -65,9 +67,15 @@ impl Denoiser for DenoiserService {
             pixel_count(b, h, w),
             &format!("a batch of {b} latent grids of {h}x{w} cells ({PIXELS_PER_LATENT_CELL} pixels each)"),
         )?;
+        let loras = self.stage.checked(crate::adapters::check(
+            &request.get_ref().loras,
+            request.get_ref().scheduler.as_ref(),
+            &self.loras,
+            &self.scheduler,
+        ))?;
         // A schedule the scheduler cannot build (a one-step schedule ending at sigma 1) is the request's fault.
         self.stage.checked(
-            crate::job::schedule(&self.scheduler, &inputs)
+            crate::job::schedule(&loras.scheduler, &inputs)
                 .map(drop)
                 .map_err(|e| {
                     StageError::InvalidArgument(format!("{e}; send `steps` >= 2 or other `sigmas`"))
@@ -84,11 +92,16 @@ impl Denoiser for DenoiserService {
             "cfg",
             inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
-        tracing::info!(controlnets = inputs.control.len(), "admitting");
+        tracing::info!(
+            controlnets = inputs.control.len(),
+            loras = loras.loras.len(),
+            "admitting"
+        );
         let stream =
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {
-                    crate::job::run(m, &inputs, ctx, events)
+                    let active = m.loras.activate(&loras)?;
+                    crate::job::run(m, &inputs, &active, ctx, events)
                 })?;
         Ok(Response::new(stream))
     }

@@ -121,8 +121,10 @@ fn map_upstream(stage: StageName, status: &Status) -> Status {
         // takes no mask): the caller can fix it, and the stage's message says how.
         Code::InvalidArgument => Status::invalid_argument(forwarded(stage, status.message())),
         Code::OutOfRange => Status::out_of_range(forwarded(stage, status.message())),
+        // The request names something the stage does not hold (a LoRA adapter the denoiser has not loaded);
+        // the stage's message lists what it holds.
+        Code::NotFound => Status::not_found(forwarded(stage, status.message())),
         Code::Unimplemented
-        | Code::NotFound
         | Code::AlreadyExists
         | Code::PermissionDenied
         | Code::Unauthenticated
@@ -184,6 +186,7 @@ mod tests {
         assert_eq!(up(Code::InvalidArgument), Code::InvalidArgument);
         assert_eq!(up(Code::OutOfRange), Code::OutOfRange);
         assert_eq!(up(Code::FailedPrecondition), Code::FailedPrecondition);
+        assert_eq!(up(Code::NotFound), Code::NotFound);
         assert_eq!(up(Code::Internal), Code::Internal);
         assert_eq!(
             code(GatewayError::InvalidArgument("w".into())),

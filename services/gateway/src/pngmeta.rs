@@ -23,6 +23,14 @@ pub fn text_chunks(p: &Settings, model: &str, request_id: &str) -> Vec<(String, 
         ("request_id".into(), request_id.to_string()),
         ("parameters".into(), a1111(p, model)),
     ]);
+    if !p.loras.is_empty() {
+        let list: Vec<String> = p
+            .loras
+            .iter()
+            .map(|l| format!("{}:{}", l.name, l.scale.unwrap_or(1.0)))
+            .collect();
+        v.push(("loras".into(), list.join(",")));
+    }
     v
 }
 
@@ -127,6 +135,8 @@ mod tests {
             seed_was_random: false,
             num_images: 1,
             preview: None,
+            loras: Vec::new(),
+            scheduler: None,
         };
         let chunks = text_chunks(&p, "tiny", "rid");
         let png = encode_png(16, 16, &[7u8; 16 * 16 * 3], &chunks).expect("encodes");

@@ -12,6 +12,7 @@ use qwen_image_model::candle_core::{DType, Device, Tensor};
 mod controlnet;
 mod image_prep;
 mod inpaint;
+mod lora;
 mod t2i;
 mod textenc;
 mod vae;
@@ -254,6 +255,7 @@ pub fn run(args: &ParityArgs) -> Result<ExitCode> {
         "vae" => vae::check(args, &reference, &mut report)?,
         "inpaint" | "img2img" => inpaint::check(args, &reference, &mut report)?,
         "controlnet" => controlnet::check(args, &reference, &mut report)?,
+        "lora" => lora::check(args, &reference, &mut report)?,
         other => bail!("unknown reference mode `{other}`"),
     }
     let (pass, fail, skip) = report.summary();

@@ -18,6 +18,10 @@ pub enum StageError {
     /// The request needs something this stage was not started with (e.g. a ControlNet it has not loaded).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request names something this stage does not hold (e.g. a LoRA adapter it has not loaded); the
+    /// message lists what it holds.
+    #[error("{0}")]
+    NotFound(String),
     /// Every admission slot is taken.
     #[error("the {stage} queue is full ({capacity} admitted)")]
     Overloaded {
@@ -95,6 +99,7 @@ impl From<StageError> for Status {
         match e {
             StageError::InvalidArgument(m) => Status::invalid_argument(m),
             StageError::FailedPrecondition(m) => Status::failed_precondition(m),
+            StageError::NotFound(m) => Status::not_found(m),
             StageError::Overloaded {
                 stage,
                 capacity,
@@ -135,6 +140,7 @@ mod tests {
                 StageError::InvalidArgument("x".into()),
                 Code::InvalidArgument,
             ),
+            (StageError::NotFound("x".into()), Code::NotFound),
             (
                 StageError::FailedPrecondition("x".into()),
                 Code::FailedPrecondition,

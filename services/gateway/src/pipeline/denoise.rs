@@ -49,6 +49,8 @@ pub async fn run(
         inpaint: start.inpaint,
         control: start.control,
         preview_every_n_steps: p.preview.map_or(0, |s| s.every_n_steps),
+        loras: p.loras.clone(),
+        scheduler: p.scheduler.clone(),
         ..Default::default()
     };
     let preview_side = p.preview.map_or(DEFAULT_PREVIEW_SIDE_PX, |s| {

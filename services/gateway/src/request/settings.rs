@@ -1,7 +1,7 @@
 //! The settings every request shares (`GenerationSettings`), converted once for every flow: prompt rules,
 //! size rules from the model's geometry, steps, CFG, seed, previews, batch.
 
-use qwen_image_proto::v1::{GenerationSettings, PreviewSettings};
+use qwen_image_proto::v1::{GenerationSettings, LoraRef, PreviewSettings, SchedulerOverride};
 
 use super::invalid;
 use crate::error::GatewayError;
@@ -55,6 +55,10 @@ pub struct Settings {
     pub seed_was_random: bool,
     pub num_images: u32,
     pub preview: Option<PreviewSettings>,
+    /// LoRA adapters and scheduler override, passed to the denoiser as given (it checks them against what it
+    /// loaded).
+    pub loras: Vec<LoraRef>,
+    pub scheduler: Option<SchedulerOverride>,
 }
 
 impl Settings {
@@ -86,6 +90,8 @@ impl Settings {
             seed: Some(self.seed),
             preview: self.preview,
             num_images: self.num_images,
+            loras: self.loras.clone(),
+            scheduler: self.scheduler.clone(),
         }
     }
 }
@@ -206,6 +212,8 @@ pub fn convert(
         seed_was_random,
         num_images,
         preview: s.preview,
+        loras: s.loras,
+        scheduler: s.scheduler,
     })
 }
 
