@@ -33,6 +33,10 @@ pub struct SettingsArgs {
     /// Number of images (1..=4); files after the first get `-1`, `-2`, ... before the extension.
     #[arg(long, env = "QWEN_IMAGE_NUM_IMAGES")]
     pub num_images: Option<u32>,
+    /// Which model of a gateway serving several runs the request (its name in ListModels; default the
+    /// gateway's first model).
+    #[arg(long = "served-model", env = "QWEN_IMAGE_SERVED_MODEL")]
+    pub served_model: Option<String>,
 }
 
 impl SettingsArgs {
@@ -48,6 +52,7 @@ impl SettingsArgs {
             seed: self.seed,
             preview,
             num_images: self.num_images.unwrap_or(0),
+            model: self.served_model.clone().unwrap_or_default(),
         }
     }
 }

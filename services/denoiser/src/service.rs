@@ -61,9 +61,13 @@ impl Denoiser for DenoiserService {
             inputs.latents.shape[2],
             inputs.latents.shape[3],
         );
+        let reference_cells = crate::references::cells(&inputs.references);
         self.stage.check_pixels(
-            pixel_count(b, h, w),
-            &format!("a batch of {b} latent grids of {h}x{w} cells ({PIXELS_PER_LATENT_CELL} pixels each)"),
+            pixel_count(b, h, w).saturating_add(pixel_count(b, reference_cells, 1)),
+            &format!(
+                "a batch of {b} latent grids of {h}x{w} cells and {reference_cells} reference cells each \
+                 ({PIXELS_PER_LATENT_CELL} pixels each)"
+            ),
         )?;
         // A schedule the scheduler cannot build (a one-step schedule ending at sigma 1) is the request's fault.
         self.stage.checked(
@@ -84,7 +88,11 @@ impl Denoiser for DenoiserService {
             "cfg",
             inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
-        tracing::info!(controlnets = inputs.control.len(), "admitting");
+        tracing::info!(
+            controlnets = inputs.control.len(),
+            references = inputs.references.len(),
+            "admitting"
+        );
         let stream =
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {

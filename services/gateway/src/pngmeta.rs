@@ -127,6 +127,7 @@ mod tests {
             seed_was_random: false,
             num_images: 1,
             preview: None,
+            model: String::new(),
         };
         let chunks = text_chunks(&p, "tiny", "rid");
         let png = encode_png(16, 16, &[7u8; 16 * 16 * 3], &chunks).expect("encodes");

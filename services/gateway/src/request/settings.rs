@@ -55,6 +55,8 @@ pub struct Settings {
     pub seed_was_random: bool,
     pub num_images: u32,
     pub preview: Option<PreviewSettings>,
+    /// The served model the request named (`GenerationSettings.model`; empty = the first).
+    pub model: String,
 }
 
 impl Settings {
@@ -86,6 +88,7 @@ impl Settings {
             seed: Some(self.seed),
             preview: self.preview,
             num_images: self.num_images,
+            model: self.model.clone(),
         }
     }
 }
@@ -206,6 +209,7 @@ pub fn convert(
         seed_was_random,
         num_images,
         preview: s.preview,
+        model: s.model,
     })
 }
 
