@@ -270,3 +270,42 @@ impl Models {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelSpec;
+
+    #[tokio::test]
+    async fn pools_are_shared_by_endpoints_and_unknown_models_are_not_found() {
+        let mut config = GatewayConfig::new("http://te:1", "http://dn:1", "http://vae:1");
+        config.model_name = Some("base".into());
+        config.extra_models = vec![
+            "edit=http://dn-edit:1".parse::<ModelSpec>().expect("spec"),
+            "other=http://dn-o:1;vae=http://vae-o:1"
+                .parse::<ModelSpec>()
+                .expect("spec"),
+        ];
+        let models = Models::new(&config).expect("models");
+        // te shared by all three, vae by base and edit; three denoiser pools
+        assert_eq!(models.pools().len(), 6);
+        let [base, edit, other] = [&models.models[0], &models.models[1], &models.models[2]];
+        assert!(Arc::ptr_eq(&base.stages.text_encoder, &other.stages.text_encoder));
+        assert!(Arc::ptr_eq(&base.stages.vae, &edit.stages.vae));
+        assert!(!Arc::ptr_eq(&base.stages.vae, &other.stages.vae));
+        assert!(base.shared_text_encoder && base.shared_vae);
+        assert!(other.shared_text_encoder && !other.shared_vae);
+        assert_eq!(models.select("").expect("default").display_name(), "base");
+        assert_eq!(models.select("edit").expect("named").display_name(), "edit");
+        let e = models.select("edit-2512").expect_err("unknown");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("served: [base, edit, other]"), "{e:?}");
+        // before any Describe: not an Edit model yet, and says so as UNAVAILABLE
+        assert!(matches!(edit.check_edit(), Err(GatewayError::Unavailable(_))));
+        let listed = models.list().models;
+        assert_eq!(listed.len(), 3);
+        assert!(listed.iter().all(|m| !m.ready && !m.instruction_edit));
+        config.extra_models.push("base=http://x:1".parse().expect("spec"));
+        assert!(Models::new(&config).is_err(), "duplicate names");
+    }
+}
