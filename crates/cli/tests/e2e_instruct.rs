@@ -70,28 +70,14 @@ fn edit_reference(name: &str) -> EditRef {
     let dir = edit_tiny().join("refs").join(name);
     let manifest: serde_json::Value =
         serde_json::from_slice(&read(&dir.join("manifest.json"))).expect("json");
-    let a = &manifest["args"];
-    let n = a["image_size"].as_array().map_or(1, Vec::len);
-    let settings = GenerationSettings {
-        prompt: a["prompt"].as_str().expect("prompt").to_string(),
-        negative_prompt: if a["no_negative"].as_bool().unwrap_or(false) {
-            None
-        } else {
-            a["negative_prompt"].as_str().map(str::to_string)
-        },
-        width_px: a["width"].as_u64().expect("width") as u32,
-        height_px: a["height"].as_u64().expect("height") as u32,
-        steps: a["steps"].as_u64().expect("steps") as u32,
-        true_cfg_scale: Some(a["true_cfg_scale"].as_f64().expect("cfg") as f32),
-        seed: Some(a["seed"].as_u64().expect("seed")),
-        ..Default::default()
-    };
+    let n = manifest["args"]["image_size"].as_array().map_or(1, Vec::len);
+    let (settings, expected) = common::reference_at(&dir);
     EditRef {
         settings,
         images: (0..n)
             .map(|k| read(&dir.join(format!("input_{k}.png"))).into())
             .collect(),
-        expected: read(&dir.join("image_0.png")),
+        expected,
     }
 }
 

@@ -6,6 +6,7 @@ use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor;
 use qwen_image_model::interrupt;
 use qwen_image_model::nn::all_finite;
+use qwen_image_model::prompt::EncodedPrompts;
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::EncodeResponse;
 
@@ -23,8 +24,11 @@ fn internal(e: candle_core::Error) -> StageError {
 
 /// One prompt through the text model: its rows, token count and truncation.
 fn encode_one(m: &LoadedModel, prompt: &str, max: usize) -> Result<PromptRows, StageError> {
-    let enc = model::encode(m, &[prompt], max).map_err(internal)?;
-    // never answered, nor cached, with NaN or infinity in it
+    rows_of(model::encode(m, &[prompt], max).map_err(internal)?)
+}
+
+/// One encoded prompt's rows on the host; never answered, nor cached, with NaN or infinity in it.
+fn rows_of(enc: EncodedPrompts) -> Result<PromptRows, StageError> {
     if !all_finite(&enc.embeds).map_err(internal)? {
         return Err(StageError::non_finite_output("prompt embeddings"));
     }
@@ -50,17 +54,7 @@ fn encode_with_pictures(
                 .into(),
         )
     })?;
-    let enc = crate::vision::encode(edit, prompt, &inputs.images).map_err(internal)?;
-    if !all_finite(&enc.embeds).map_err(internal)? {
-        return Err(StageError::non_finite_output("prompt embeddings"));
-    }
-    let (shape, values) = model::host_f32(&enc.embeds).map_err(internal)?;
-    Ok(PromptRows {
-        values,
-        rows: shape[1],
-        token_count: enc.token_counts[0],
-        truncated: false,
-    })
+    rows_of(crate::vision::encode(edit, prompt, &inputs.images).map_err(internal)?)
 }
 
 /// Prompts with pictures (instruction editing): each prompt encoded alone with every picture.
