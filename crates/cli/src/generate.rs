@@ -10,7 +10,7 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, DataType, GenerateResult, Img2ImgRequest, InpaintRequest,
+    ControlNetInpaintRequest, DataType, EditRequest, GenerateResult, Img2ImgRequest, InpaintRequest,
     OutpaintRequest, PoseRequest, PreviewSettings, Stage, Tensor, TextToImageRequest,
     generate_event,
 };
@@ -134,6 +134,7 @@ pub enum ApiRequest {
     Outpaint(OutpaintRequest),
     Pose(PoseRequest),
     ControlNetInpaint(ControlNetInpaintRequest),
+    Edit(EditRequest),
 }
 
 /// Where a command sends its request: a running gateway, or a local stack on `model` (default model when
@@ -326,6 +327,7 @@ async fn send(
     }
     let stream = match request {
         ApiRequest::TextToImage(r) => client.text_to_image(with_timeout(r, timeout)).await,
+        ApiRequest::Edit(r) => client.edit(with_timeout(r, timeout)).await,
         ApiRequest::Img2Img(r) => client.img2_img(with_timeout(r, timeout)).await,
         ApiRequest::Inpaint(r) => client.inpaint(with_timeout(r, timeout)).await,
         ApiRequest::Outpaint(r) => client.outpaint(with_timeout(r, timeout)).await,

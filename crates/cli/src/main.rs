@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod cn_inpaint;
 mod edit;
 mod generate;
+mod instruct;
 mod model_dir;
 mod parity;
 mod pose;
@@ -40,6 +41,8 @@ enum Command {
     Inpaint(edit::InpaintArgs),
     /// Extend a picture past its borders from a prompt and write a PNG.
     Outpaint(edit::OutpaintArgs),
+    /// Edit one to three pictures by instruction (Qwen-Image-Edit-2509 / -2511) and write a PNG.
+    Edit(instruct::InstructArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Img2img(args) => edit::img2img(args),
         Command::Inpaint(args) => edit::inpaint(args),
         Command::Outpaint(args) => edit::outpaint(args),
+        Command::Edit(args) => instruct::run(args),
     };
     match result {
         Ok(code) => code,

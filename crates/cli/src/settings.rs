@@ -42,6 +42,10 @@ pub struct SettingsArgs {
     /// adapters are summed in order.
     #[arg(long = "lora", env = "QWEN_IMAGE_LORA", value_delimiter = ',', value_parser = parse_lora_arg)]
     pub lora: Vec<LoraArg>,
+    /// Which model of a gateway serving several runs the request (its name in ListModels; default the
+    /// gateway's first model).
+    #[arg(long = "served-model", env = "QWEN_IMAGE_SERVED_MODEL")]
+    pub served_model: Option<String>,
 }
 
 /// One `--lora NAME[:SCALE]` / `FILE[:SCALE]`.
@@ -113,6 +117,7 @@ impl SettingsArgs {
                 })
                 .collect(),
             scheduler: None,
+            model: self.served_model.clone().unwrap_or_default(),
         }
     }
 

@@ -43,6 +43,15 @@ fn assert_passes(suite: &str, reference: &str) {
             "latents_init_packed",
             "final latents",
         ],
+        "edit1" | "edit2" => &[
+            "gateway: condition sizes",
+            "gateway: VAE sizes",
+            "gateway: rng.0",
+            "prompt_embeds",
+            "vae: image_latents_packed",
+            "final latents",
+            "image_uint8",
+        ],
         "controlnet" => &[
             "gateway: control_image",
             "gateway: rng.0",
@@ -85,6 +94,19 @@ fn inpaint_loop_matches_diffusers() {
 fn inpaint_non_square_and_outpaint_canvas_match_diffusers() {
     assert_passes("tiny", "inpaint_96x64");
     assert_passes("tiny", "outpaint_80x96");
+}
+
+#[test]
+fn edit_matches_diffusers() {
+    // 2509: one picture with CFG, two pictures; 2511 (zero_cond_t): one without CFG, two with
+    assert_passes("edit-tiny", "edit1_64");
+    assert_passes("edit-tiny", "edit2_64x48");
+    let base = fixtures().join("edit-tiny");
+    for r in ["edit1_2511", "edit2_2511"] {
+        let (ok, text) = parity(&base.join("snapshot-2511"), &base.join("refs").join(r));
+        assert!(ok && !text.contains("FAIL "), "parity failed for edit-tiny/{r}:\n{text}");
+        assert!(text.contains("PASS  final latents"), "{text}");
+    }
 }
 
 #[test]

@@ -180,6 +180,7 @@ fn execute(
         .iter()
         .map(|c| control_unit(c, model))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    let references = crate::references::to_model(&inp.references, &model.device)?;
     let img_shapes = [(1, lh / 2, lw / 2)];
     let params = DenoiseParams {
         positive: &positive,
@@ -206,7 +207,7 @@ fn execute(
     let step_seconds = metrics::histogram!(m::DENOISE_STEP_SECONDS, "service" => SERVICE);
     let steps_total = metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE);
     let mut current_step = Some(step_span(inp.start_step));
-    let outcome = denoise::denoise(&transformer, &params, |s| {
+    let outcome = denoise::denoise_with_references(&transformer, &params, references.as_ref(), |s| {
         if let Some((span, step_started)) = current_step.take() {
             step_seconds.record(step_started.elapsed().as_secs_f64());
             span.record("timestep", f64::from(s.timestep));

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod args;
 pub mod job;
 pub mod model;
+pub mod references;
 pub mod service;
 pub mod validate;
 
@@ -122,6 +123,13 @@ impl StageDef for Denoiser {
                 joint_attention_dim: shape.joint_attention_dim as u32,
                 max_prompt_tokens: validate::MAX_PROMPT_TOKENS as u32,
                 max_steps: validate::MAX_STEPS as u32,
+                zero_cond_t: transformer.zero_cond_t,
+                pipeline_class: config
+                    .model_dir
+                    .as_deref()
+                    .and_then(|d| qwen_image_model::snapshot::Snapshot::open(d).ok())
+                    .and_then(|s| s.pipeline_class().map(str::to_string))
+                    .unwrap_or_default(),
             }),
             controlnets: nets,
             loras: lora_descriptions,

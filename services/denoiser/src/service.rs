@@ -63,9 +63,13 @@ impl Denoiser for DenoiserService {
             inputs.latents.shape[2],
             inputs.latents.shape[3],
         );
+        let reference_cells = crate::references::cells(&inputs.references);
         self.stage.check_pixels(
-            pixel_count(b, h, w),
-            &format!("a batch of {b} latent grids of {h}x{w} cells ({PIXELS_PER_LATENT_CELL} pixels each)"),
+            pixel_count(b, h, w).saturating_add(pixel_count(b, reference_cells, 1)),
+            &format!(
+                "a batch of {b} latent grids of {h}x{w} cells and {reference_cells} reference cells each \
+                 ({PIXELS_PER_LATENT_CELL} pixels each)"
+            ),
         )?;
         let loras = self.stage.checked(crate::adapters::check(
             &request.get_ref().loras,
@@ -95,6 +99,7 @@ impl Denoiser for DenoiserService {
         tracing::info!(
             controlnets = inputs.control.len(),
             loras = loras.loras.len(),
+            references = inputs.references.len(),
             "admitting"
         );
         let stream =

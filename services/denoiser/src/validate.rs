@@ -110,6 +110,8 @@ pub struct DenoiseInputs {
     pub inpaint: Option<HostInpaint>,
     /// ControlNets to run, in request order.
     pub control: Vec<HostControl>,
+    /// Instruction editing: reference latents `[1, C, h_k, w_k]`, one per picture ([`crate::references`]).
+    pub references: Vec<HostTensor<f32>>,
 }
 
 const F32: &[DataType] = &[DataType::F32];
@@ -197,6 +199,7 @@ pub fn validate_with_controlnets(
         .enumerate()
         .map(|(k, c)| control(k, c, nets, &latents.shape, model, batch))
         .collect::<Result<Vec<_>, _>>()?;
+    let references = crate::references::validate(req, model)?;
     Ok(DenoiseInputs {
         positive,
         negative,
@@ -209,6 +212,7 @@ pub fn validate_with_controlnets(
         checkpoint_every_n_steps: req.checkpoint_every_n_steps as usize,
         inpaint,
         control,
+        references,
     })
 }
 
@@ -410,6 +414,16 @@ fn conditioning(
         }
     };
     Ok(HostConditioning { embeds, mask })
+}
+
+/// [`latents`] for other modules (reference latents).
+pub(crate) fn latents_of(
+    t: &Tensor,
+    field: &str,
+    model: ModelShape,
+    batch: usize,
+) -> Result<HostTensor<f32>, StageError> {
+    latents(t, field, model, batch)
 }
 
 /// Accepts `[B, C, h, w]`, `[B, C, 1, h, w]` or `[B, 1, C, h, w]` (the same memory layout) and returns the

@@ -67,9 +67,87 @@ pub struct GatewayArgs {
     pub max_side_px: u32,
 
     /// Model name written into the PNG metadata (`model` text chunk); defaults to the text encoder's
-    /// reported model id.
+    /// reported model id. Also the name requests give in `GenerationSettings.model` for the first model.
     #[arg(long, env = "QWEN_IMAGE_MODEL_NAME")]
     pub model_name: Option<String>,
+
+    /// Another model behind this gateway (repeatable): `NAME=DENOISER_URLS`, its own denoiser replicas
+    /// (comma-separated) sharing the text-encoder and VAE pools of `--text-encoder` / `--vae`, or
+    /// `NAME=DENOISER_URLS;text-encoder=URLS;vae=URLS` with pools of its own. Requests name it in
+    /// `GenerationSettings.model`; e.g. `--extra-model edit-2511=http://dn-edit:50052`.
+    #[arg(long = "extra-model", env = "QWEN_IMAGE_EXTRA_MODELS", value_delimiter = ' ')]
+    pub extra_model: Vec<String>,
+
+    /// Area in pixels the Edit flow resizes each picture to for the text encoder (diffusers
+    /// `CONDITION_IMAGE_SIZE`, 384 * 384). Change it only to match a reference made with another value.
+    #[arg(long, env = "QWEN_IMAGE_EDIT_CONDITION_AREA", default_value_t = qwen_image_imaging::edit_sizes::CONDITION_IMAGE_SIZE,
+          value_parser = clap::value_parser!(u64).range(1024..=4096 * 4096))]
+    pub edit_condition_area: u64,
+
+    /// Area in pixels the Edit flow resizes each picture to for its reference latents (diffusers
+    /// `VAE_IMAGE_SIZE`, 1024 * 1024). Change it only to match a reference made with another value.
+    #[arg(long, env = "QWEN_IMAGE_EDIT_VAE_AREA", default_value_t = qwen_image_imaging::edit_sizes::VAE_IMAGE_SIZE,
+          value_parser = clap::value_parser!(u64).range(1024..=4096 * 4096))]
+    pub edit_vae_area: u64,
+}
+
+/// One more served model (`--extra-model`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// The name requests use.
+    pub name: String,
+    pub denoiser: Vec<String>,
+    /// Its own text-encoder / VAE endpoints; `None` = the first model's pools (shared).
+    pub text_encoder: Option<Vec<String>>,
+    pub vae: Option<Vec<String>>,
+}
+
+fn url_list(flag: &str, v: &str) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = v
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(format!("{flag}: no endpoint URL"));
+    }
+    Ok(urls)
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+
+    /// `NAME=DENOISER_URLS[;text-encoder=URLS][;vae=URLS]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "--extra-model NAME=DENOISER_URLS[;text-encoder=URLS][;vae=URLS]";
+        let mut parts = s.split(';');
+        let head = parts.next().unwrap_or_default();
+        let (name, denoiser) = head
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected {usage}"))?;
+        let name = name.trim();
+        if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "`{s}`: the model name must be 1..=128 printable ASCII characters ({usage})"
+            ));
+        }
+        let mut spec = Self {
+            name: name.to_string(),
+            denoiser: url_list(&format!("--extra-model {name}: denoiser"), denoiser)?,
+            text_encoder: None,
+            vae: None,
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("text-encoder", v)) => {
+                    spec.text_encoder = Some(url_list(&format!("--extra-model {name}: text-encoder"), v)?)
+                }
+                Some(("vae", v)) => spec.vae = Some(url_list(&format!("--extra-model {name}: vae"), v)?),
+                _ => return Err(format!("`{s}`: unknown part `{part}` ({usage})")),
+            }
+        }
+        Ok(spec)
+    }
 }
 
 /// What `run` needs (everything but the listener and the shutdown signal).
@@ -91,6 +169,11 @@ pub struct GatewayConfig {
     pub max_side_px: u32,
     /// Model name for the PNG metadata; `None` = the text encoder's `model_id`.
     pub model_name: Option<String>,
+    /// More served models (`--extra-model`), after the first one above.
+    pub extra_models: Vec<ModelSpec>,
+    /// The Edit flow's picture areas (diffusers `CONDITION_IMAGE_SIZE`, `VAE_IMAGE_SIZE`).
+    pub edit_condition_area: u64,
+    pub edit_vae_area: u64,
 }
 
 impl GatewayConfig {
@@ -110,6 +193,9 @@ impl GatewayConfig {
             resolve_interval: crate::stages::discovery::DEFAULT_RESOLVE_INTERVAL,
             max_side_px: MAX_SIDE_PX,
             model_name: None,
+            extra_models: Vec::new(),
+            edit_condition_area: qwen_image_imaging::edit_sizes::CONDITION_IMAGE_SIZE,
+            edit_vae_area: qwen_image_imaging::edit_sizes::VAE_IMAGE_SIZE,
         }
     }
 }
@@ -142,6 +228,14 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             resolve_interval: Duration::from_millis(a.resolve_interval_ms),
             max_side_px: a.max_side_px,
             model_name: a.model_name.clone(),
+            extra_models: a
+                .extra_model
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.parse())
+                .collect::<Result<Vec<ModelSpec>, String>>()?,
+            edit_condition_area: a.edit_condition_area,
+            edit_vae_area: a.edit_vae_area,
         })
     }
 }
@@ -186,5 +280,33 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn parses_extra_models() {
+        let a = Args::try_parse_from([
+            "x",
+            "--text-encoder",
+            "http://a:1",
+            "--denoiser",
+            "http://d:1",
+            "--vae",
+            "http://v:1",
+            "--extra-model",
+            "edit=http://e:1,http://e:2",
+            "--extra-model",
+            "other=http://o:1;text-encoder=http://t:2;vae=http://v:2",
+        ])
+        .expect("valid flags");
+        let c = GatewayConfig::try_from(&a.gateway).expect("complete");
+        assert_eq!(c.extra_models.len(), 2);
+        assert_eq!(c.extra_models[0].name, "edit");
+        assert_eq!(c.extra_models[0].denoiser, vec!["http://e:1", "http://e:2"]);
+        assert_eq!(c.extra_models[0].text_encoder, None);
+        assert_eq!(c.extra_models[1].vae, Some(vec!["http://v:2".to_string()]));
+        assert_eq!(c.edit_vae_area, 1024 * 1024);
+        for bad in ["noname", "=http://e:1", "e=", "e=http://x;gpu=1"] {
+            assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
+        }
     }
 }

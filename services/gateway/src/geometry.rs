@@ -262,6 +262,8 @@ mod tests {
                 joint_attention_dim: dim,
                 max_prompt_tokens: 1024,
                 max_steps: 1000,
+                zero_cond_t: false,
+                pipeline_class: String::new(),
             }),
             ..Default::default()
         }
@@ -291,6 +293,7 @@ mod tests {
                 hidden_size: 32,
                 max_sequence_length: 1024,
                 default_max_sequence_length: 512,
+                vision: false,
             }),
             ..Default::default()
         };

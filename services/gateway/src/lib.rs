@@ -11,6 +11,7 @@ pub mod error;
 mod flows;
 pub mod geometry;
 mod images;
+pub mod models;
 mod pipeline;
 mod pngmeta;
 pub mod request;
@@ -18,7 +19,7 @@ mod server;
 mod service;
 mod stages;
 
-pub use config::{Args, GatewayArgs, GatewayConfig};
+pub use config::{Args, GatewayArgs, GatewayConfig, ModelSpec};
 pub use error::{GatewayError, StageName};
 pub use server::{SERVICE_NAME, run};
 pub use service::REQUEST_ID_KEY;

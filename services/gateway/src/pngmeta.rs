@@ -137,6 +137,7 @@ mod tests {
             preview: None,
             loras: Vec::new(),
             scheduler: None,
+            model: String::new(),
         };
         let chunks = text_chunks(&p, "tiny", "rid");
         let png = encode_png(16, 16, &[7u8; 16 * 16 * 3], &chunks).expect("encodes");

@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::service::GatewayService;
-use crate::stages::Stages;
+use crate::models::Models;
+
 
 /// Full proto name of the public service, as health checks name it.
 pub const SERVICE_NAME: &str = "qwen_image.v1.ImageGenerator";
@@ -26,12 +27,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
-    let stages = Arc::new(Stages::new(&config)?);
+    let models = Arc::new(Models::new(&config)?);
     let (health, health_service) = Health::new(SERVICE_NAME).await;
 
     let (stop_checks_tx, mut stop_checks_rx) = tokio::sync::watch::channel(false);
     let checker = {
-        let (stages, health, interval) = (stages.clone(), health.clone(), config.health_interval);
+        let (models, health, interval) = (models.clone(), health.clone(), config.health_interval);
         let resolve_interval = config.resolve_interval;
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
@@ -47,39 +48,38 @@ pub async fn run(
                 if !resolve_interval.is_zero()
                     && resolved_at.is_none_or(|t| t.elapsed() >= resolve_interval)
                 {
-                    stages
-                        .rediscover(&crate::stages::discovery::SystemResolver)
-                        .await;
+                    for p in models.pools() {
+                        p.rediscover(&crate::stages::discovery::SystemResolver).await;
+                    }
                     resolved_at = Some(tokio::time::Instant::now());
                 }
-                let pools = stages.pools();
-                let (te, dn, vae) = tokio::join!(
-                    pools[0].check_health(),
-                    pools[1].check_health(),
-                    pools[2].check_health()
-                );
-                let back: Vec<_> = [
-                    (pools[0].stage, te),
-                    (pools[1].stage, dn),
-                    (pools[2].stage, vae),
-                ]
-                .into_iter()
-                .flat_map(|(stage, rs)| rs.into_iter().map(move |r| (stage, r)))
-                .collect();
-                if back.is_empty() {
-                    stages.review();
-                } else {
-                    stages.describe(back).await;
+                // Every pool once (pools shared by several models are checked once).
+                let pools = models.pools();
+                let checks: Vec<_> = pools
+                    .iter()
+                    .cloned()
+                    .map(|p| tokio::spawn(async move { (p.stage, p.check_health().await) }))
+                    .collect();
+                let mut back = Vec::new();
+                for check in checks {
+                    if let Ok((stage, replicas)) = check.await {
+                        back.extend(replicas.into_iter().map(|r| (stage, r)));
+                    }
                 }
-                let now = pools.iter().all(|p| p.any_usable());
+                if back.is_empty() {
+                    models.review();
+                } else {
+                    models.describe(back).await;
+                }
+                let now = models.all_usable();
                 if serving != Some(now) {
                     if now {
-                        tracing::info!(
-                            text_encoder_slots = pools[0].capacity(),
-                            denoiser_slots = pools[1].capacity(),
-                            vae_slots = pools[2].capacity(),
-                            "every stage has a usable replica: SERVING"
-                        );
+                        let slots: Vec<String> = pools
+                            .iter()
+                            .map(|p| format!("{}: {}", p.stage, p.capacity()))
+                            .collect();
+                        tracing::info!(models = models.models.len(), ?slots,
+                            "every stage has a usable replica: SERVING");
                         health.serving().await;
                     } else {
                         let down: Vec<String> = pools
@@ -105,9 +105,10 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae, "gateway listening");
+    tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae,
+        extra_models = ?config.extra_models, "gateway listening");
     let service = GatewayService {
-        stages,
+        models,
         queue: crate::stages::admission::RequestQueue::new(config.max_queued),
         config: Arc::new(config),
     };

@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use qwen_image_proto::v1::image_generator_server::ImageGenerator;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, GenerateEvent, GenerateResult, Img2ImgRequest, InpaintRequest,
-    OutpaintRequest, PoseRequest, TextToImageRequest, generate_event,
+    ControlNetInpaintRequest, EditRequest, GenerateEvent, GenerateResult, Img2ImgRequest,
+    InpaintRequest, ListModelsRequest, ListModelsResponse, OutpaintRequest, PoseRequest,
+    TextToImageRequest, generate_event,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,9 +24,11 @@ use crate::geometry::Geometry;
 use crate::pipeline::Ctx;
 use crate::request::cn_inpaint::{CnInpaintParams, validate_cn_inpaint};
 use crate::request::edit::{EditParams, validate_img2img, validate_inpaint, validate_outpaint};
+use crate::request::instruct::{self, InstructParams};
 use crate::request::pose::{PoseParams, validate_pose};
 use crate::request::t2i::{self, T2iParams};
 use crate::request::{Limits, Settings};
+use crate::models::Models;
 use crate::stages::Stages;
 use crate::stages::admission::{Admitted, RequestQueue};
 
@@ -35,7 +38,8 @@ pub const REQUEST_ID_KEY: &str = "x-request-id";
 const EVENT_BUFFER: usize = 16;
 
 pub struct GatewayService {
-    pub stages: Arc<Stages>,
+    /// The served models and their stage pools.
+    pub models: Arc<Models>,
     pub config: Arc<GatewayConfig>,
     /// The requests in the gateway (at most `config.max_queued`).
     pub queue: Arc<RequestQueue>,
@@ -85,6 +89,7 @@ fn with_request_id(mut status: Status, id: &str) -> Status {
 
 /// A validated request of any flow.
 enum Flow {
+    Instruct(Box<InstructParams>),
     TextToImage(T2iParams),
     Edit(Box<EditParams>),
     Pose(Box<PoseParams>),
@@ -94,6 +99,7 @@ enum Flow {
 impl Flow {
     async fn run(&self, ctx: &Ctx<'_>) -> Result<GenerateResult, GatewayError> {
         match self {
+            Self::Instruct(p) => flows::instruct::run(ctx, p).await,
             Self::TextToImage(p) => flows::t2i::run(ctx, p).await,
             Self::Edit(p) => flows::edit::run(ctx, p).await,
             Self::Pose(p) => flows::pose::run(ctx, p).await,
@@ -104,6 +110,7 @@ impl Flow {
     /// Records the validated parameters on the request span and logs the acceptance.
     fn record(&self, span: &tracing::Span, model_name: Option<&str>) {
         let p: &Settings = match self {
+            Self::Instruct(p) => &p.settings,
             Self::TextToImage(p) => &p.settings,
             Self::Edit(e) => {
                 span.record("strength", e.strength);
@@ -155,6 +162,15 @@ struct Admission {
     accepted: Instant,
     deadline: Instant,
     geometry: Geometry,
+    /// The model's stages (`GenerationSettings.model`).
+    stages: Arc<Stages>,
+    /// Model name for the PNG metadata and the span (`None` = the text encoder's model id).
+    model_name: Option<String>,
+}
+
+/// `GenerationSettings.model` of a request.
+fn model_of(s: Option<&qwen_image_proto::v1::GenerationSettings>) -> String {
+    s.map(|s| s.model.clone()).unwrap_or_default()
 }
 
 type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
@@ -163,15 +179,19 @@ impl GatewayService {
     /// The request's place in the gateway (RESOURCE_EXHAUSTED at once when `--max-queued` requests are
     /// in), id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the stages
     /// do not serve one model, UNAVAILABLE before they have described it).
-    async fn admit<T>(&self, request: &Request<T>) -> Result<Admission, Status> {
+    async fn admit<T>(&self, request: &Request<T>, model: &str) -> Result<Admission, Status> {
         let accepted = Instant::now();
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
             .map_or(default_deadline, |d| d.min(default_deadline));
         let id = request_id(request);
+        let served = self
+            .models
+            .select(model)
+            .map_err(|s| with_request_id(s, &id))?;
+        let (stages, name) = (served.stages.clone(), served.name.clone());
         let admitted = self.queue.admit().map_err(|s| with_request_id(s, &id))?;
-        let geometry = self
-            .stages
+        let geometry = stages
             .geometry_by(deadline)
             .await
             .map_err(|e| with_request_id(e.into(), &id))?;
@@ -181,12 +201,21 @@ impl GatewayService {
             accepted,
             deadline,
             geometry,
+            stages,
+            model_name: name,
         })
     }
 
     fn limits(&self) -> Limits {
         Limits {
             max_side_px: self.config.max_side_px,
+        }
+    }
+
+    fn edit_areas(&self) -> instruct::Areas {
+        instruct::Areas {
+            condition: self.config.edit_condition_area,
+            vae: self.config.edit_vae_area,
         }
     }
 
@@ -211,16 +240,18 @@ impl GatewayService {
     /// Runs `flow` in its own task, streaming its events; the caller going away or the deadline passing
     /// cancels it.
     fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
-        flow.record(&span, self.config.model_name.as_deref());
+        flow.record(&span, a.model_name.as_deref());
         let Admission {
             admitted,
             id,
             accepted,
             deadline,
             geometry,
+            stages,
+            model_name,
         } = a;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let (stages, config, task_id) = (self.stages.clone(), self.config.clone(), id.clone());
+        let task_id = id.clone();
         let scoped_id = id.clone();
         tokio::spawn(qwen_image_common::grpc::with_request_id(
             scoped_id,
@@ -230,7 +261,7 @@ impl GatewayService {
                     request_id: &task_id,
                     accepted,
                     deadline,
-                    model_name: config.model_name.as_deref(),
+                    model_name: model_name.as_deref(),
                     geometry,
                     events: &tx,
                 };
@@ -270,6 +301,7 @@ impl GatewayService {
 
 #[tonic::async_trait]
 impl ImageGenerator for GatewayService {
+    type EditStream = EventStream;
     type TextToImageStream = EventStream;
     type Img2ImgStream = EventStream;
     type InpaintStream = EventStream;
@@ -277,11 +309,43 @@ impl ImageGenerator for GatewayService {
     type PoseStream = EventStream;
     type ControlNetInpaintStream = EventStream;
 
+    async fn edit(
+        &self,
+        request: Request<EditRequest>,
+    ) -> Result<Response<Self::EditStream>, Status> {
+        let model = model_of(request.get_ref().settings.as_ref());
+        let a = self.admit(&request, &model).await?;
+        let checked = self
+            .models
+            .select(&model)
+            .and_then(|m| m.check_edit().map_err(Status::from));
+        checked.map_err(|s| with_request_id(s, &a.id))?;
+        let span = flow_span!("edit", a.id);
+        let (g, limits, areas) = (a.geometry, self.limits(), self.edit_areas());
+        let req = request.into_inner();
+        let flow = tokio::task::spawn_blocking(move || {
+            instruct::validate(req, &g, &limits, areas, random_u64())
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("validation task failed: {e}")))
+        .and_then(|r| r)
+        .map(|p| Flow::Instruct(Box::new(p)))
+        .map_err(|e| with_request_id(e.into(), &a.id))?;
+        Ok(self.start(a, span, flow))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(self.models.list()))
+    }
+
     async fn text_to_image(
         &self,
         request: Request<TextToImageRequest>,
     ) -> Result<Response<Self::TextToImageStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("text_to_image", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), t2i::validate, t2i_flow)
@@ -293,7 +357,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<Img2ImgRequest>,
     ) -> Result<Response<Self::Img2ImgStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("img2img", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_img2img, edit_flow)
@@ -305,7 +369,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<InpaintRequest>,
     ) -> Result<Response<Self::InpaintStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("inpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_inpaint, edit_flow)
@@ -317,7 +381,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<OutpaintRequest>,
     ) -> Result<Response<Self::OutpaintStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("outpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_outpaint, edit_flow)
@@ -329,7 +393,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<PoseRequest>,
     ) -> Result<Response<Self::PoseStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("pose", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_pose, pose_flow)
@@ -341,7 +405,7 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<ControlNetInpaintRequest>,
     ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
-        let a = self.admit(&request).await?;
+        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("controlnet_inpaint", a.id);
         let flow = self
             .validate_off_thread(

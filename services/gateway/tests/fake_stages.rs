@@ -189,6 +189,7 @@ impl StageInfo for Describe {
                     hidden_size: self.hidden_size,
                     max_sequence_length: 1024,
                     default_max_sequence_length: 512,
+                    vision: false,
                 })
             }
             StageKind::Denoiser => {
@@ -200,6 +201,8 @@ impl StageInfo for Describe {
                     joint_attention_dim: D as u32,
                     max_prompt_tokens: 1024,
                     max_steps: 1000,
+                    zero_cond_t: false,
+                    pipeline_class: String::new(),
                 })
             }
             _ => {

@@ -6,6 +6,7 @@ use qwen_image_common::stage::StageError;
 use qwen_image_common::tensor;
 use qwen_image_model::interrupt;
 use qwen_image_model::nn::all_finite;
+use qwen_image_model::prompt::EncodedPrompts;
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::EncodeResponse;
 
@@ -23,8 +24,11 @@ fn internal(e: candle_core::Error) -> StageError {
 
 /// One prompt through the text model: its rows, token count and truncation.
 fn encode_one(m: &LoadedModel, prompt: &str, max: usize) -> Result<PromptRows, StageError> {
-    let enc = model::encode(m, &[prompt], max).map_err(internal)?;
-    // never answered, nor cached, with NaN or infinity in it
+    rows_of(model::encode(m, &[prompt], max).map_err(internal)?)
+}
+
+/// One encoded prompt's rows on the host; never answered, nor cached, with NaN or infinity in it.
+fn rows_of(enc: EncodedPrompts) -> Result<PromptRows, StageError> {
     if !all_finite(&enc.embeds).map_err(internal)? {
         return Err(StageError::non_finite_output("prompt embeddings"));
     }
@@ -37,7 +41,40 @@ fn encode_one(m: &LoadedModel, prompt: &str, max: usize) -> Result<PromptRows, S
     })
 }
 
+/// One prompt with pictures through the Edit encoder (no truncation, no cache).
+fn encode_with_pictures(
+    m: &LoadedModel,
+    prompt: &str,
+    inputs: &EncodeInputs,
+) -> Result<PromptRows, StageError> {
+    let edit = m.edit.as_ref().ok_or_else(|| {
+        StageError::FailedPrecondition(
+            "this text encoder cannot encode prompts with pictures (its snapshot has no `processor/` folder or \
+             no vision tower weights); start it with a Qwen-Image-Edit snapshot (--model)"
+                .into(),
+        )
+    })?;
+    rows_of(crate::vision::encode(edit, prompt, &inputs.images).map_err(internal)?)
+}
+
+/// Prompts with pictures (instruction editing): each prompt encoded alone with every picture.
+fn encode_edit(m: &LoadedModel, inputs: &EncodeInputs) -> Result<EncodeResponse, StageError> {
+    if let Some(edit) = &m.edit {
+        crate::vision::check_pictures(edit, &inputs.images)?;
+    }
+    let all = inputs
+        .prompts
+        .iter()
+        .map(|p| encode_with_pictures(m, p, inputs))
+        .collect::<Result<Vec<_>, _>>()?;
+    let from_cache = vec![false; all.len()];
+    Ok(assemble(m, &all, from_cache))
+}
+
 pub fn encode(m: &mut LoadedModel, inputs: &EncodeInputs) -> Result<EncodeResponse, StageError> {
+    if !inputs.images.is_empty() {
+        return encode_edit(m, inputs);
+    }
     let max = inputs.max_sequence_length;
     let cached: Vec<Option<PromptRows>> =
         inputs.prompts.iter().map(|p| m.cache.get(p, max)).collect();
@@ -69,6 +106,11 @@ pub fn encode(m: &mut LoadedModel, inputs: &EncodeInputs) -> Result<EncodeRespon
         };
         all.push(rows);
     }
+    Ok(assemble(m, &all, from_cache))
+}
+
+/// The batch padded to its longest prompt with the mask, as `_get_qwen_prompt_embeds` pads.
+fn assemble(m: &LoadedModel, all: &[PromptRows], from_cache: Vec<bool>) -> EncodeResponse {
     let hidden = m.encoder.hidden_size();
     let width = all.iter().map(|r| r.rows).max().unwrap_or(0);
     let mut embeds = vec![0f32; all.len() * width * hidden];
@@ -77,7 +119,7 @@ pub fn encode(m: &mut LoadedModel, inputs: &EncodeInputs) -> Result<EncodeRespon
         embeds[i * width * hidden..][..r.values.len()].copy_from_slice(&r.values);
         mask[i * width..][..r.rows].fill(1);
     }
-    Ok(EncodeResponse {
+    EncodeResponse {
         prompt_embeds: Some(tensor::from_f32(&[all.len(), width, hidden], &embeds)),
         prompt_embeds_mask: Some(tensor::from_u8(&[all.len(), width], mask)),
         mask_all_ones: all.iter().all(|r| r.rows == width),
@@ -85,5 +127,5 @@ pub fn encode(m: &mut LoadedModel, inputs: &EncodeInputs) -> Result<EncodeRespon
         truncated: all.iter().map(|r| r.truncated).collect(),
         model_id: m.model_id.clone(),
         from_cache,
-    })
+    }
 }

@@ -8,6 +8,7 @@ pub mod job;
 pub mod model;
 pub mod service;
 pub mod validate;
+pub mod vision;
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,9 @@ pub struct TextEncoderState {
     pub tokenizer_dir: PathBuf,
     /// Reported in responses: the snapshot's folder name, or the weights file's.
     pub model_id: String,
+    /// The snapshot whose processor and vision tower the worker loads (prompts with pictures); `None` =
+    /// text-only prompts.
+    pub vision_snapshot: Option<PathBuf>,
 }
 
 /// The tokenizer folder: `--tokenizer` (a folder, or the folder of the file it names), else the
@@ -114,10 +118,14 @@ impl StageDef for TextEncoder {
             Some(_) => vec![tokenizer_dir.as_path()],
             None => Vec::new(),
         };
-        let dirs: &[&str] = if extra.is_empty() {
-            &["text_encoder", "tokenizer"]
-        } else {
-            &["text_encoder"]
+        // Prompts with pictures (instruction editing) when the snapshot has a processor and vision weights;
+        // the processor's files are then part of what this stage serves.
+        let vision = vision::available(snapshot, file);
+        let dirs: &[&str] = match (extra.is_empty(), vision) {
+            (true, true) => &["text_encoder", "tokenizer", "processor"],
+            (true, false) => &["text_encoder", "tokenizer"],
+            (false, true) => &["text_encoder", "processor"],
+            (false, false) => &["text_encoder"],
         };
         let digest = component_digest(snapshot, dirs, file, &extra)
             .map_err(|e| format!("cannot read the text encoder's files: {e}"))?;
@@ -132,6 +140,7 @@ impl StageDef for TextEncoder {
                 config: tconfig,
                 tokenizer_dir,
                 model_id: model_id.clone(),
+                vision_snapshot: snapshot.filter(|_| vision).map(Path::to_path_buf),
             },
             description: StageDescription {
                 model_id: if snapshot.is_some() {
@@ -145,6 +154,7 @@ impl StageDef for TextEncoder {
                     hidden_size: text.hidden_size as u32,
                     max_sequence_length: validate::MAX_SEQUENCE_LENGTH as u32,
                     default_max_sequence_length: validate::DEFAULT_MAX_SEQUENCE_LENGTH as u32,
+                    vision,
                 }),
                 limits: Some(StageLimits {
                     max_batch: validate::MAX_PROMPTS as u32,

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use qwen_image_common::stage::ComputeDtype;
+use qwen_image_model::edit_prompt::EditPromptEncoder;
 use qwen_image_model::prompt::{EncodedPrompts, PromptEncoder};
 use qwen_image_model::source::{self, LoadOptions};
 use qwen_image_model::weights::MemoryReport;
@@ -19,6 +20,9 @@ pub struct LoadedModel {
     pub memory: MemoryReport,
     /// Prompt embeddings already computed by this model.
     pub cache: EmbeddingCache,
+    /// Prompts with pictures (instruction editing): the processor and vision tower over the same language
+    /// model; `None` when the snapshot has no processor or vision weights.
+    pub edit: Option<EditPromptEncoder>,
 }
 
 /// Loads tokenizer and text encoder (from the snapshot or `--text-encoder-weights` / `--tokenizer`) and
@@ -34,7 +38,12 @@ pub fn load(cfg: &TextEncoderConfig, state: &TextEncoderState) -> candle_core::R
         &state.tokenizer_dir,
         &LoadOptions::new(dtype, &device),
     )?;
+    let edit = match &state.vision_snapshot {
+        Some(dir) => Some(crate::vision::load(dir, &loaded.model, dtype, &device)?),
+        None => None,
+    };
     let model = LoadedModel {
+        edit,
         encoder: loaded.model,
         model_id: state.model_id.clone(),
         memory: loaded.memory,

@@ -24,6 +24,7 @@ impl TextEncoder for TextEncoderService {
         let inputs = self.stage.checked(validate(request.get_ref()))?;
         tracing::info!(
             prompts = inputs.prompts.len(),
+            pictures = inputs.images.len(),
             max_sequence_length = inputs.max_sequence_length,
             "admitting"
         );

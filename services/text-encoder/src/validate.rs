@@ -3,6 +3,9 @@
 use qwen_image_proto::v1::{EncodeRequest, OverlongPromptPolicy};
 
 use qwen_image_common::stage::StageError;
+use qwen_image_imaging::Image8;
+
+use crate::vision::{MAX_PICTURES, MAX_PICTURE_SIDE};
 
 /// Most prompts in one request.
 pub const MAX_PROMPTS: usize = 64;
@@ -20,6 +23,8 @@ pub struct EncodeInputs {
     pub max_sequence_length: usize,
     /// Truncate over-long prompts (diffusers) instead of rejecting them.
     pub truncate: bool,
+    /// Pictures every prompt is encoded with (Edit template); empty = text-only prompts.
+    pub images: Vec<Image8>,
 }
 
 fn invalid(msg: String) -> StageError {
@@ -58,10 +63,32 @@ pub fn validate(req: &EncodeRequest) -> Result<EncodeInputs, StageError> {
             )));
         }
     };
+    if req.images.len() > MAX_PICTURES {
+        return Err(invalid(format!(
+            "`images` has {} pictures; send 1..={MAX_PICTURES} (or none for a text-only prompt)",
+            req.images.len()
+        )));
+    }
+    let images = req
+        .images
+        .iter()
+        .enumerate()
+        .map(|(k, im)| {
+            let (w, h) = (im.width_px as usize, im.height_px as usize);
+            if w == 0 || h == 0 || w > MAX_PICTURE_SIDE || h > MAX_PICTURE_SIDE {
+                return Err(invalid(format!(
+                    "`images[{k}]` is {w}x{h}; send sides of 1..={MAX_PICTURE_SIDE} px"
+                )));
+            }
+            Image8::new(w, h, 3, im.rgb8.to_vec())
+                .map_err(|e| invalid(format!("`images[{k}].rgb8`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(EncodeInputs {
         prompts: req.prompts.clone(),
         max_sequence_length,
         truncate,
+        images,
     })
 }
 
@@ -102,5 +129,28 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn pictures() {
+        use qwen_image_proto::v1::Image;
+        let pic = |w: u32, h: u32, n: usize| Image {
+            width_px: w,
+            height_px: h,
+            rgb8: vec![7u8; n].into(),
+        };
+        let req = |images: Vec<Image>| EncodeRequest {
+            prompts: vec!["a".into()],
+            images,
+            ..Default::default()
+        };
+        let ok = validate(&req(vec![pic(4, 2, 24)])).expect("valid");
+        assert_eq!((ok.images[0].width, ok.images[0].height), (4, 2));
+        let e = validate(&req(vec![pic(4, 2, 23)])).expect_err("short");
+        assert!(e.to_string().contains("images[0].rgb8"), "{e}");
+        let e = validate(&req(vec![pic(0, 2, 0)])).expect_err("empty");
+        assert!(e.to_string().contains("images[0]"), "{e}");
+        let e = validate(&req(vec![pic(1, 1, 3); 4])).expect_err("four");
+        assert!(e.to_string().contains("1..=3"), "{e}");
     }
 }

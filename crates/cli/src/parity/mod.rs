@@ -10,6 +10,7 @@ use clap::Args;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
 
 mod controlnet;
+mod edit;
 mod image_prep;
 mod inpaint;
 mod lora;
@@ -256,6 +257,7 @@ pub fn run(args: &ParityArgs) -> Result<ExitCode> {
         "inpaint" | "img2img" => inpaint::check(args, &reference, &mut report)?,
         "controlnet" => controlnet::check(args, &reference, &mut report)?,
         "lora" => lora::check(args, &reference, &mut report)?,
+        "edit" => edit::check(args, &reference, &mut report)?,
         other => bail!("unknown reference mode `{other}`"),
     }
     let (pass, fail, skip) = report.summary();

@@ -2,5 +2,6 @@
 
 pub mod cn_inpaint;
 pub mod edit;
+pub mod instruct;
 pub mod pose;
 pub mod t2i;

@@ -36,7 +36,20 @@ pub async fn run(
     prompts: Prompts,
     start: Start,
 ) -> Result<Tensor, GatewayError> {
+    run_with_references(ctx, p, prompts, start, Vec::new()).await
+}
+
+/// [`run`] with reference latents (instruction editing: one normalised `[1, C, 1, h, w]` per picture,
+/// appended after the noise tokens by the denoiser).
+pub async fn run_with_references(
+    ctx: &Ctx<'_>,
+    p: &Settings,
+    prompts: Prompts,
+    start: Start,
+    reference_latents: Vec<Tensor>,
+) -> Result<Tensor, GatewayError> {
     let mut request = DenoiseRequest {
+        reference_latents,
         prompt_embeds: Some(prompts.prompt_embeds),
         prompt_embeds_mask: prompts.prompt_embeds_mask,
         negative_prompt_embeds: prompts.negative_prompt_embeds,

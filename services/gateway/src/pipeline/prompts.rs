@@ -1,6 +1,6 @@
 //! Encoding the prompt and (only when CFG will run, as diffusers does) the negative prompt.
 
-use qwen_image_proto::v1::{EncodeResponse, Stage, Tensor};
+use qwen_image_proto::v1::{EncodeResponse, Image, Stage, Tensor};
 
 use super::{Ctx, phase, repeat_batch};
 use crate::error::{GatewayError, StageName};
@@ -47,6 +47,16 @@ pub struct Truncation {
 
 /// Encodes the prompt and (only when CFG will run, as diffusers does) the negative prompt, concurrently.
 pub async fn encode(ctx: &Ctx<'_>, p: &Settings) -> Result<Prompts, GatewayError> {
+    encode_with_pictures(ctx, p, &[]).await
+}
+
+/// [`encode`] with pictures (instruction editing): both prompts are encoded with the same pictures, as
+/// `QwenImageEditPlusPipeline.encode_prompt` is called with `image=condition_images` for each.
+pub async fn encode_with_pictures(
+    ctx: &Ctx<'_>,
+    p: &Settings,
+    pictures: &[Image],
+) -> Result<Prompts, GatewayError> {
     let batch = p.num_images as usize;
     let stages = ctx.stages;
     ctx.progress(Stage::EncodePrompt, 0, 0).await;
@@ -56,7 +66,7 @@ pub async fn encode(ctx: &Ctx<'_>, p: &Settings) -> Result<Prompts, GatewayError
             "encode_prompt",
             StageName::TextEncoder,
             "Encode",
-            stages.encode(&p.prompt, ctx.deadline, Patience::Wait(ctx))
+            stages.encode_with_pictures(&p.prompt, pictures, ctx.deadline, Patience::Wait(ctx))
         ),
         async {
             match negative {
@@ -64,7 +74,7 @@ pub async fn encode(ctx: &Ctx<'_>, p: &Settings) -> Result<Prompts, GatewayError
                     "encode_negative_prompt",
                     StageName::TextEncoder,
                     "Encode",
-                    stages.encode(n, ctx.deadline, Patience::Wait(ctx)),
+                    stages.encode_with_pictures(n, pictures, ctx.deadline, Patience::Wait(ctx)),
                 )
                 .await
                 .map(Some),

@@ -10,6 +10,7 @@
 pub mod cn_inpaint;
 pub mod control;
 pub mod edit;
+pub mod instruct;
 pub mod pose;
 pub mod settings;
 pub mod t2i;

@@ -59,6 +59,8 @@ pub struct Settings {
     /// loaded).
     pub loras: Vec<LoraRef>,
     pub scheduler: Option<SchedulerOverride>,
+    /// The served model the request named (`GenerationSettings.model`; empty = the first).
+    pub model: String,
 }
 
 impl Settings {
@@ -92,6 +94,7 @@ impl Settings {
             num_images: self.num_images,
             loras: self.loras.clone(),
             scheduler: self.scheduler.clone(),
+            model: self.model.clone(),
         }
     }
 }
@@ -214,6 +217,7 @@ pub fn convert(
         preview: s.preview,
         loras: s.loras,
         scheduler: s.scheduler,
+        model: s.model,
     })
 }
 

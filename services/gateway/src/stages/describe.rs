@@ -54,13 +54,20 @@ impl Stages {
         if replicas.is_empty() {
             return;
         }
-        futures_join_all(replicas.iter().map(|(stage, r)| read(*stage, r))).await;
+        read_all(&replicas).await;
         self.review();
     }
 
     /// Checks every described replica against the others: one component per stage (the first described
     /// replica in configuration order sets it), text encoder and VAE fitting the denoiser's transformer.
     pub fn review(&self) {
+        apply(self.verdicts());
+        self.reviewed();
+    }
+
+    /// What [`Stages::review`] decides for every described replica, without applying it (a gateway serving
+    /// several models merges the verdicts of the models sharing a pool, [`crate::models`]).
+    pub(crate) fn verdicts(&self) -> Vec<Verdict> {
         let descriptions = |stage: StageName| -> Vec<(Arc<Replica>, Arc<_>)> {
             self.pool(stage)
                 .replicas()
@@ -73,6 +80,7 @@ impl Stages {
                 })
                 .collect()
         };
+        let mut out = Vec::new();
         let mut anchor: Option<(String, Arc<qwen_image_proto::v1::StageDescription>)> = None;
         for stage in STAGES {
             let mut first: Option<(String, Arc<qwen_image_proto::v1::StageDescription>)> = None;
@@ -90,24 +98,26 @@ impl Stages {
                         }
                         _ => Ok(()),
                     });
-                match verdict {
-                    Ok(()) => {
-                        if first.is_none() {
-                            first = Some((replica.uri.clone(), d.clone()));
-                        }
-                        if !replica.is_accepted() {
-                            tracing::info!(%stage, uri = %replica.uri, "stage replica now fits: accepted");
-                        }
-                        replica.set_described(Described::Accepted(d));
-                    }
-                    Err(mismatch) => refuse(stage, &replica, d, mismatch),
+                if verdict.is_ok() && first.is_none() {
+                    first = Some((replica.uri.clone(), d.clone()));
                 }
+                out.push(Verdict {
+                    stage,
+                    replica,
+                    description: d,
+                    verdict,
+                });
             }
             if stage == StageName::Denoiser {
                 anchor = first;
             }
         }
-        // Replicas that came back (or went away) change where waiting calls can go.
+        out
+    }
+
+    /// After verdicts were applied: replicas that came back (or went away) change where waiting calls can
+    /// go, and requests waiting for a description look again.
+    pub(crate) fn reviewed(&self) {
         for pool in self.pools() {
             pool.dispatch();
         }
@@ -182,6 +192,34 @@ impl Stages {
         }
         g.max_pixels = geometry::smallest_max_pixels(all.iter().map(|d| d.as_ref()));
         Ok(g)
+    }
+}
+
+/// Reads the descriptions of `replicas` concurrently (no review).
+pub(crate) async fn read_all(replicas: &[(StageName, Arc<Replica>)]) {
+    futures_join_all(replicas.iter().map(|(stage, r)| read(*stage, r))).await;
+}
+
+/// One replica's verdict in a review.
+pub(crate) struct Verdict {
+    pub stage: StageName,
+    pub replica: Arc<Replica>,
+    pub description: Arc<qwen_image_proto::v1::StageDescription>,
+    pub verdict: Result<(), Mismatch>,
+}
+
+/// Marks every replica accepted or refused as its verdict says.
+pub(crate) fn apply(verdicts: Vec<Verdict>) {
+    for v in verdicts {
+        match v.verdict {
+            Ok(()) => {
+                if !v.replica.is_accepted() {
+                    tracing::info!(stage = %v.stage, uri = %v.replica.uri, "stage replica now fits: accepted");
+                }
+                v.replica.set_described(Described::Accepted(v.description));
+            }
+            Err(mismatch) => refuse(v.stage, &v.replica, v.description, mismatch),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! request queue ([`admission`]).
 
 pub mod admission;
-mod describe;
+pub(crate) mod describe;
 pub mod discovery;
 pub mod failover;
 pub mod pool;
@@ -12,6 +12,7 @@ pub mod resume;
 pub mod slots;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qwen_image_common::grpc::InjectTraceContext;
@@ -21,7 +22,7 @@ use qwen_image_proto::v1::text_encoder_client::TextEncoderClient;
 use qwen_image_proto::v1::vae_client::VaeClient;
 use qwen_image_proto::v1::{
     DecodeRequest, DecodeResponse, DenoiseEvent, DenoiseRequest, EncodeImageRequest,
-    EncodeImageResponse, EncodeRequest, EncodeResponse, OverlongPromptPolicy,
+    EncodeImageResponse, EncodeRequest, EncodeResponse, Image, OverlongPromptPolicy,
 };
 use tonic::{Request, Status, Streaming};
 
@@ -34,9 +35,11 @@ pub use slots::QueueObserver;
 /// The replicas of every stage.
 #[derive(Debug)]
 pub struct Stages {
-    pub text_encoder: Pool,
-    pub denoiser: Pool,
-    pub vae: Pool,
+    /// The pools; the text-encoder and VAE pools may be shared with another served model
+    /// ([`crate::models`]).
+    pub text_encoder: Arc<Pool>,
+    pub denoiser: Arc<Pool>,
+    pub vae: Arc<Pool>,
     /// Counts the reviews of the replicas' descriptions (a request that arrives before the stages have
     /// described themselves waits for the next one).
     reviewed: tokio::sync::watch::Sender<u64>,
@@ -60,16 +63,25 @@ fn with_deadline<T>(msg: T, deadline: Instant) -> Result<Request<T>, GatewayErro
 
 impl Stages {
     pub fn new(config: &GatewayConfig) -> Result<Self, GatewayError> {
-        Ok(Self {
-            text_encoder: Pool::new(StageName::TextEncoder, &config.text_encoder)?,
-            denoiser: Pool::new(StageName::Denoiser, &config.denoiser)?,
-            vae: Pool::new(StageName::Vae, &config.vae)?,
+        Ok(Self::from_pools(
+            Arc::new(Pool::new(StageName::TextEncoder, &config.text_encoder)?),
+            Arc::new(Pool::new(StageName::Denoiser, &config.denoiser)?),
+            Arc::new(Pool::new(StageName::Vae, &config.vae)?),
+        ))
+    }
+
+    /// One model's stages over existing pools.
+    pub fn from_pools(text_encoder: Arc<Pool>, denoiser: Arc<Pool>, vae: Arc<Pool>) -> Self {
+        Self {
+            text_encoder,
+            denoiser,
+            vae,
             reviewed: tokio::sync::watch::Sender::new(0),
-        })
+        }
     }
 
     pub fn pools(&self) -> [&Pool; 3] {
-        [&self.text_encoder, &self.denoiser, &self.vae]
+        [&*self.text_encoder, &*self.denoiser, &*self.vae]
     }
 
     /// Resolves every stage's DNS names again ([`discovery`]); true when some stage's replicas changed.
@@ -84,9 +96,9 @@ impl Stages {
 
     pub fn pool(&self, stage: StageName) -> &Pool {
         match stage {
-            StageName::TextEncoder => &self.text_encoder,
-            StageName::Denoiser => &self.denoiser,
-            StageName::Vae => &self.vae,
+            StageName::TextEncoder => &*self.text_encoder,
+            StageName::Denoiser => &*self.denoiser,
+            StageName::Vae => &*self.vae,
         }
     }
 
@@ -97,10 +109,24 @@ impl Stages {
         deadline: Instant,
         patience: Patience<'_>,
     ) -> Result<EncodeResponse, GatewayError> {
+        self.encode_with_pictures(prompt, &[], deadline, patience)
+            .await
+    }
+
+    /// Encodes one prompt with pictures (instruction editing: the Edit template, nothing truncated); no
+    /// pictures = [`Stages::encode`].
+    pub async fn encode_with_pictures(
+        &self,
+        prompt: &str,
+        pictures: &[Image],
+        deadline: Instant,
+        patience: Patience<'_>,
+    ) -> Result<EncodeResponse, GatewayError> {
         let msg = EncodeRequest {
             prompts: vec![prompt.to_string()],
             max_sequence_length: 0,
             overlong_policy: OverlongPromptPolicy::Truncate as i32,
+            images: pictures.to_vec(),
         };
         let (resp, _lease) = self
             .text_encoder
