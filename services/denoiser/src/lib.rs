@@ -5,6 +5,7 @@
 //! `main`.
 
 pub mod args;
+pub mod batcher;
 pub mod job;
 pub mod model;
 pub mod service;
@@ -25,7 +26,7 @@ use qwen_image_proto::v1::{
 };
 use tonic::service::Routes;
 
-pub use args::{ControlNetSpec, DenoiserArgs, TransformerWeightsArgs};
+pub use args::{BatchArgs, ControlNetSpec, DenoiserArgs, TransformerWeightsArgs};
 pub use qwen_image_common::stage::{Stats, StatsSnapshot};
 
 use crate::validate::{ControlNetInfo, ModelShape};
@@ -50,6 +51,8 @@ pub struct DenoiserState {
     /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
     pub weights: WeightsSource,
     pub config: ConfigSource,
+    /// `--max-batch`, `--batch-wait-ms`.
+    pub batch: batcher::BatchConfig,
 }
 
 impl StageDef for Denoiser {
@@ -61,7 +64,8 @@ impl StageDef for Denoiser {
     const BINARY: &'static str = "qwen-image-denoiser";
     const SERVICE_NAME: &'static str = SERVICE_NAME;
     const KIND: StageKind = StageKind::Denoiser;
-    const DEFAULT_QUEUE_CAPACITY: usize = 4;
+    // Room for a full batch (`--max-batch` 4) and as many requests waiting to join it.
+    const DEFAULT_QUEUE_CAPACITY: usize = 8;
     const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
     fn prepare(config: &DenoiserConfig) -> Result<Preparation<DenoiserState>, String> {
@@ -113,6 +117,7 @@ impl StageDef for Denoiser {
                 // Bounded in latent cells (validate::MAX_LATENT_SIDE); pixels depend on the VAE.
                 max_side_px: 0,
                 max_pixels: config.max_pixels,
+                max_batched_requests: config.own.batching.max_batch,
             }),
             ..Default::default()
         };
@@ -124,6 +129,10 @@ impl StageDef for Denoiser {
                 scheduler,
                 weights,
                 config: tconfig,
+                batch: batcher::BatchConfig {
+                    max_rows: config.own.batching.max_batch as usize,
+                    wait: std::time::Duration::from_millis(config.own.batching.batch_wait_ms),
+                },
             },
             description,
         })
@@ -152,6 +161,7 @@ impl StageDef for Denoiser {
                 shape: state.shape,
                 controlnets: state.controlnets,
                 scheduler: state.scheduler,
+                batcher: batcher::Batcher::new(state.batch),
             })
             .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),

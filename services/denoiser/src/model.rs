@@ -23,6 +23,8 @@ pub struct LoadedModel {
     pub shape: ModelShape,
     /// The transformer's resident weights, by format.
     pub memory: MemoryReport,
+    /// The requests being denoised together (continuous batching), kept across jobs.
+    pub batch: crate::batcher::Running,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -130,6 +132,7 @@ pub fn load(cfg: &DenoiserConfig, state: &DenoiserState) -> candle_core::Result<
             latent_channels: tcfg.latent_channels(),
         },
         memory: loaded.memory,
+        batch: Default::default(),
     };
     warm_up(&model)?;
     Ok(model)

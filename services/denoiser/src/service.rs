@@ -1,6 +1,8 @@
 //! The `qwen_image.v1.Denoiser` gRPC handler: validate, admit, stream the worker's events.
 
-use qwen_image_common::stage::{JobStream, StageHandle};
+use std::sync::Arc;
+
+use qwen_image_common::stage::{JobCtx, JobStream, StageHandle};
 use qwen_image_proto::v1::denoiser_server::Denoiser;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseRequest};
 use tonic::{Request, Response, Status};
@@ -9,6 +11,7 @@ use tracing::field::Empty;
 use qwen_image_common::stage::StageError;
 use qwen_image_model::scheduler::SchedulerConfig;
 
+use crate::batcher::{self, BatchKey, Batcher};
 use crate::model::LoadedModel;
 use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
 
@@ -34,6 +37,8 @@ pub struct DenoiserService {
     pub(crate) controlnets: Vec<ControlNetInfo>,
     /// What the request's schedule is built from (checked at admission).
     pub(crate) scheduler: SchedulerConfig,
+    /// Continuous batching: the requests waiting to join a batch.
+    pub(crate) batcher: Arc<Batcher>,
 }
 
 #[tonic::async_trait]
@@ -85,11 +90,26 @@ impl Denoiser for DenoiserService {
             inputs.negative.is_some() && inputs.true_cfg_scale > 1.0,
         );
         tracing::info!(controlnets = inputs.control.len(), "admitting");
-        let stream =
+        let batcher = self.batcher.clone();
+        let stream = if batcher.config.max_rows <= 1 {
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {
                     crate::job::run(m, &inputs, ctx, events)
-                })?;
+                })?
+        } else if BatchKey::batchable(&inputs) {
+            self.stage
+                .stream_shared("Denoise", deadline, EVENT_BUFFER, move |reply, cancelled| {
+                    let ticket = batcher.enqueue(inputs, reply, cancelled.flag(), deadline);
+                    move |m: &mut LoadedModel, ctx: &JobCtx<'_>| batcher::drive(m, ctx, &ticket)
+                })?
+        } else {
+            let ticket = batcher.barrier();
+            self.stage
+                .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {
+                    drop(ticket);
+                    crate::job::run(m, &inputs, ctx, events)
+                })?
+        };
         Ok(Response::new(stream))
     }
 }
