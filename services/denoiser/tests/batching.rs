@@ -256,9 +256,6 @@ async fn cancelling_one_request_of_a_batch_leaves_the_others_correct() {
     assert!(s.steps_run < 8 + 100 + 6, "b stopped early: {s:?}");
     assert_same("a", &a_out, &expected[0]);
     assert_same("c (masked prompt, no CFG)", &c_out, &expected[1]);
-    // The server serves on: one more request, batched alone.
-    let (again, _) = finish(server.open(&a).await).await.expect("ok");
-    assert_same("a again", &again, &expected[0]);
     server.stop().await;
 }
 
@@ -280,4 +277,131 @@ async fn the_batch_limit_is_described() {
     let err = server.client().denoise(bad).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     server.stop().await;
+}
+
+/// Throughput of the denoiser alone on the default (demo) model, batching off (`--max-batch 1`) and on:
+/// requests/min and p50/p99 latency at 1, 2, 4 and 8 concurrent clients (64x64 = an 8x8 latent grid,
+/// 20 steps, true CFG 4, a 12-token prompt and a 4-token negative). Not a test: run it with
+/// `cargo test -p qwen-image-denoiser --test batching -- --ignored --nocapture throughput`
+/// (`BENCH_ROUNDS`, `BENCH_REQUESTS` per client per run, `BENCH_MAX_BATCH`). Rounds alternate which
+/// server goes first; the table gives medians over rounds and the median per-round ratio on / off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: minutes of CPU"]
+async fn throughput() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, per_client, max_batch) = (
+        env("BENCH_ROUNDS", 3),
+        env("BENCH_REQUESTS", 4),
+        env("BENCH_MAX_BATCH", 4) as u32,
+    );
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/qwen-image-demo");
+    let start = |max_batch: u32| async move {
+        let mut config = Denoiser::config(demo);
+        config.queue_capacity = 16;
+        config.own.batching.max_batch = max_batch;
+        let service = InProcess::start(|l, stop| run(config, l, stop)).await;
+        wait_serving(&service.url(), SERVICE_NAME, GUARD)
+            .await
+            .expect("SERVING in time");
+        service
+    };
+    let servers = [start(1).await, start(max_batch).await];
+    let req = |n: u64| {
+        let mut r = DenoiseRequest {
+            prompt_embeds: Some(from_f32(&[1, 12, 64], &values(n, 12 * 64))),
+            negative_prompt_embeds: Some(from_f32(&[1, 4, 64], &values(n + 1, 4 * 64))),
+            true_cfg_scale: 4.0,
+            latents: Some(from_f32(&[1, 16, 8, 8], &values(n + 2, 16 * 64))),
+            steps: 20,
+            ..Default::default()
+        };
+        r.preview_every_n_steps = 0;
+        r
+    };
+    let one_run = |url: String, clients: usize| async move {
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut client = DenoiserClient::new(qwen_image_testkit::service::channel(&url));
+                let mut times = Vec::new();
+                for i in 0..per_client {
+                    let t = std::time::Instant::now();
+                    let s = client
+                        .denoise(req((c * 1000 + i) as u64))
+                        .await
+                        .expect("admitted")
+                        .into_inner();
+                    finish(s).await.expect("ok");
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times
+            }));
+        }
+        let mut times = Vec::new();
+        for t in tasks {
+            times.extend(t.await.expect("client"));
+        }
+        (times.len() as f64 * 60.0 / started.elapsed().as_secs_f64(), times)
+    };
+    for s in &servers {
+        one_run(s.url(), 1).await; // warm-up
+    }
+    let levels = [1usize, 2, 4, 8];
+    let mut per_min = vec![vec![Vec::new(); levels.len()]; 2];
+    let mut lat = vec![vec![Vec::new(); levels.len()]; 2];
+    for round in 0..rounds {
+        for (li, &clients) in levels.iter().enumerate() {
+            for k in 0..2 {
+                let si = (round + li + k) % 2;
+                let (pm, times) = one_run(servers[si].url(), clients).await;
+                eprintln!("round {round} clients {clients} max-batch {}: {pm:.0}/min", [1, max_batch][si]);
+                per_min[si][li].push(pm);
+                lat[si][li].extend(times);
+            }
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let quantile = |v: &[f64], q: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    println!("denoiser alone, default model, 64x64, 20 steps, CFG 4; {rounds} rounds x {per_client} requests per client");
+    println!("| clients | --max-batch | requests/min | p50 latency | p99 latency | on / off requests/min |");
+    println!("|---|---|---|---|---|---|");
+    for (li, &clients) in levels.iter().enumerate() {
+        for si in 0..2 {
+            let ratio = if si == 1 {
+                let r: Vec<f64> = per_min[1][li]
+                    .iter()
+                    .zip(&per_min[0][li])
+                    .map(|(on, off)| on / off)
+                    .collect();
+                format!("{:.2}x", median(&r))
+            } else {
+                String::new()
+            };
+            println!(
+                "| {clients} | {} | {:.0} | {:.3} s | {:.3} s | {ratio} |",
+                [1, max_batch][si],
+                median(&per_min[si][li]),
+                quantile(&lat[si][li], 0.5),
+                quantile(&lat[si][li], 0.99)
+            );
+        }
+    }
+    for s in servers {
+        assert!(s.stop().await.is_ok());
+    }
 }
