@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 use crate::deadline;
 use crate::queue::Admission;
 use crate::stage::error::StageError;
-use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending, Reply};
+use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending, Reply, Work};
 
 /// Whether the stage accepts work: false while loading, after the worker stopped and while draining.
 #[derive(Clone, Default)]
@@ -98,14 +98,7 @@ impl<M: 'static> StageHandle<M> {
     {
         let (reply, rx) = oneshot::channel();
         let cancelled = Cancelled::default();
-        let job: BoxedJob<M> = Box::new(Pending {
-            rpc,
-            deadline,
-            cancelled: cancelled.clone(),
-            work: Box::new(work),
-            reply,
-        });
-        self.admission.try_submit(job, tracing::Span::current())?;
+        self.submit(rpc, deadline, &cancelled, Box::new(work), reply)?;
         let _cancel = CancelOnDrop(cancelled);
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| {
@@ -180,18 +173,37 @@ impl<M: 'static> StageHandle<M> {
         let reply = SharedReply::new(tx);
         let cancelled = Cancelled::default();
         let work = make(reply.clone(), cancelled.clone());
-        let job: BoxedJob<M> = Box::new(Pending {
-            rpc,
-            deadline,
-            cancelled: cancelled.clone(),
-            work: Box::new(work),
-            reply,
-        });
-        self.admission.try_submit(job, tracing::Span::current())?;
+        self.submit(rpc, deadline, &cancelled, Box::new(work), reply)?;
         Ok(JobStream {
             inner: ReceiverStream::new(rx),
             _cancel: CancelOnDrop(cancelled),
         })
+    }
+}
+
+impl<M: 'static> StageHandle<M> {
+    /// Admits one job answering on `reply`.
+    fn submit<T, R>(
+        &self,
+        rpc: &'static str,
+        deadline: Option<Instant>,
+        cancelled: &Cancelled,
+        work: Work<M, T>,
+        reply: R,
+    ) -> Result<(), StageError>
+    where
+        T: Send + 'static,
+        R: Reply<T>,
+    {
+        let job: BoxedJob<M> = Box::new(Pending {
+            rpc,
+            deadline,
+            cancelled: cancelled.clone(),
+            work,
+            reply,
+        });
+        self.admission.try_submit(job, tracing::Span::current())?;
+        Ok(())
     }
 }
 
