@@ -8,7 +8,7 @@
 //! requests / the run's wall time; latencies are per request. The table gives medians over the rounds
 //! and the ratio on / off of the round-by-round requests per minute (its median).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -66,7 +66,7 @@ struct Stack {
     url: String,
 }
 
-async fn start(a: &Args, bin: &PathBuf, name: &'static str, max_batch: u32) -> Result<Stack> {
+async fn start(a: &Args, bin: &Path, name: &'static str, max_batch: u32) -> Result<Stack> {
     let mut spec = match &a.model {
         Some(m) => StackSpec::model(m),
         None => StackSpec::default(),
@@ -83,7 +83,7 @@ async fn start(a: &Args, bin: &PathBuf, name: &'static str, max_batch: u32) -> R
     for args in [&mut spec.text_encoder_args, &mut spec.vae_args] {
         args.extend(["--queue-capacity".to_string(), "16".to_string()]);
     }
-    let procs = ProcessStack::serving(Launcher::Cli(bin.clone()), &spec)
+    let procs = ProcessStack::serving(Launcher::Cli(bin.to_path_buf()), &spec)
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(Stack {
