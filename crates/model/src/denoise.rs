@@ -112,23 +112,31 @@ fn mask_or_ones(c: &Conditioning, len: usize) -> Result<Tensor> {
 
 /// Cond and uncond stacked into one batch `[2B, Lmax, D]` with a mask when any token is padding.
 pub fn batch_conditioning(pos: &Conditioning, neg: &Conditioning) -> Result<Conditioning> {
-    let lp = pos.embeds.dim(1)?;
-    let ln = neg.embeds.dim(1)?;
-    let len = lp.max(ln);
-    let embeds = Tensor::cat(
-        &[
-            &pad_tokens(&pos.embeds, len)?,
-            &pad_tokens(&neg.embeds, len)?,
-        ],
-        0,
-    )?;
-    let mask = if lp == ln && pos.mask.is_none() && neg.mask.is_none() {
+    stack_conditioning(&[pos, neg])
+}
+
+/// Prompts stacked along the batch into `[sum B, Lmax, D]`, each right-padded with zeros to the longest,
+/// with a 0/1 mask when any token is padding or any part has a mask (diffusers' batched prompts:
+/// `encoder_hidden_states_mask`); `None` when every token of every part is valid.
+pub fn stack_conditioning(parts: &[&Conditioning]) -> Result<Conditioning> {
+    let lens = parts
+        .iter()
+        .map(|c| c.embeds.dim(1))
+        .collect::<Result<Vec<_>>>()?;
+    let len = lens.iter().copied().max().unwrap_or(0);
+    let padded = parts
+        .iter()
+        .map(|c| pad_tokens(&c.embeds, len))
+        .collect::<Result<Vec<_>>>()?;
+    let embeds = Tensor::cat(&padded, 0)?;
+    let mask = if lens.iter().all(|&l| l == len) && parts.iter().all(|c| c.mask.is_none()) {
         None
     } else {
-        Some(Tensor::cat(
-            &[&mask_or_ones(pos, len)?, &mask_or_ones(neg, len)?],
-            0,
-        )?)
+        let masks = parts
+            .iter()
+            .map(|c| mask_or_ones(c, len))
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&masks, 0)?)
     };
     Ok(Conditioning { embeds, mask })
 }
@@ -275,46 +283,8 @@ pub fn denoise_with_references(
     let dtype = model.dtype();
     let mut latents = p.latents.to_dtype(dtype)?;
     for (done, i) in (p.start_step..n).enumerate() {
-        let t_model = p.schedule.model_timestep(i);
-        let residuals = if p.controlnet.is_empty() {
-            Vec::new()
-        } else {
-            // the pipeline runs the ControlNet once per step with the positive prompt
-            let t = Tensor::full(t_model, latents.dim(0)?, latents.device())?;
-            let inp = TransformerInputs {
-                hidden_states: &latents,
-                encoder_hidden_states: &p.positive.embeds,
-                encoder_mask: p.positive.mask.as_ref(),
-                timestep: &t,
-                img_shapes: p.img_shapes,
-                controlnet_residuals: &[],
-            };
-            controlnet::residuals(p.controlnet, &inp, done, total)?
-        };
-        let v = predict_with_references(
-            model,
-            &latents,
-            t_model,
-            p.positive,
-            p.negative,
-            p.true_cfg_scale,
-            p.img_shapes,
-            &residuals,
-            references,
-        )?;
-        // Euler step in f32: x + (sigma_{i+1} - sigma_i)·v
-        let dt = p.schedule.dt(i) as f64;
-        latents =
-            (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
-        if let Some(blend) = p.inpaint {
-            let init = if i + 1 < n {
-                scale_noise(&blend.image_latents, &blend.noise, p.schedule.sigmas[i + 1])?
-            } else {
-                blend.image_latents.clone()
-            };
-            let keep = (1.0 - &blend.mask)?;
-            latents = ((keep * init)? + (&blend.mask * &latents)?)?;
-        }
+        let v = step_velocity(model, p, &latents, i, done, total, references)?;
+        latents = advance(&latents, &v, p.schedule, i, p.inpaint)?;
         let info = StepInfo {
             step: i,
             total,
@@ -330,4 +300,70 @@ pub fn denoise_with_references(
         }
     }
     Ok(Outcome::Finished(latents))
+}
+
+/// The guided velocity of step `i` (the `done`-th of `total` that run): the ControlNets' residuals, then
+/// [`predict_with_references`] at the step's timestep.
+pub fn step_velocity(
+    model: &QwenImageTransformer,
+    p: &DenoiseParams,
+    latents: &Tensor,
+    i: usize,
+    done: usize,
+    total: usize,
+    references: Option<&ReferenceLatents>,
+) -> Result<Tensor> {
+    let t_model = p.schedule.model_timestep(i);
+    let residuals = if p.controlnet.is_empty() {
+        Vec::new()
+    } else {
+        // the pipeline runs the ControlNet once per step with the positive prompt
+        let t = Tensor::full(t_model, latents.dim(0)?, latents.device())?;
+        let inp = TransformerInputs {
+            hidden_states: latents,
+            encoder_hidden_states: &p.positive.embeds,
+            encoder_mask: p.positive.mask.as_ref(),
+            timestep: &t,
+            img_shapes: p.img_shapes,
+            controlnet_residuals: &[],
+        };
+        controlnet::residuals(p.controlnet, &inp, done, total)?
+    };
+    predict_with_references(
+        model,
+        latents,
+        t_model,
+        p.positive,
+        p.negative,
+        p.true_cfg_scale,
+        p.img_shapes,
+        &residuals,
+        references,
+    )
+}
+
+/// The end of step `i`: the Euler update in f32, `x + (sigma_{i+1} - sigma_i)·v`, back in the latents'
+/// dtype, then the inpaint blending if any.
+pub fn advance(
+    latents: &Tensor,
+    v: &Tensor,
+    schedule: &Schedule,
+    i: usize,
+    inpaint: Option<&InpaintBlend>,
+) -> Result<Tensor> {
+    let dtype = latents.dtype();
+    let dt = schedule.dt(i) as f64;
+    let mut latents =
+        (latents.to_dtype(DType::F32)? + (v.to_dtype(DType::F32)? * dt)?)?.to_dtype(dtype)?;
+    if let Some(blend) = inpaint {
+        let n = schedule.steps();
+        let init = if i + 1 < n {
+            scale_noise(&blend.image_latents, &blend.noise, schedule.sigmas[i + 1])?
+        } else {
+            blend.image_latents.clone()
+        };
+        let keep = (1.0 - &blend.mask)?;
+        latents = ((keep * init)? + (&blend.mask * &latents)?)?;
+    }
+    Ok(latents)
 }

@@ -19,24 +19,37 @@ use std::time::Instant;
 use candle_core::{Error, Result};
 
 /// When an operation must stop: a flag the request's owner sets when the caller goes away, and the
-/// caller's deadline.
+/// caller's deadline. An operation serving several requests at once (a batched denoising step) stops
+/// only once all of them have ended ([`Interrupt::all`]).
 #[derive(Debug, Clone)]
 pub struct Interrupt {
-    cancelled: Arc<AtomicBool>,
-    deadline: Option<Instant>,
+    parts: Arc<[(Arc<AtomicBool>, Option<Instant>)]>,
 }
 
 impl Interrupt {
     pub fn new(cancelled: Arc<AtomicBool>, deadline: Option<Instant>) -> Self {
         Self {
-            cancelled,
-            deadline,
+            parts: Arc::new([(cancelled, deadline)]),
         }
     }
 
-    /// True once the flag is set or the deadline has passed.
+    /// Stopped once every one of `interrupts` is (never stopped when empty).
+    pub fn all(interrupts: &[Interrupt]) -> Self {
+        let parts: Vec<_> = interrupts
+            .iter()
+            .flat_map(|i| i.parts.iter().cloned())
+            .collect();
+        Self {
+            parts: parts.into(),
+        }
+    }
+
+    /// True once the flag is set or the deadline has passed (for [`Interrupt::all`]: for every part).
     pub fn stopped(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+        !self.parts.is_empty()
+            && self.parts.iter().all(|(cancelled, deadline)| {
+                cancelled.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d)
+            })
     }
 
     /// [`Interrupted`] once stopped.
@@ -140,5 +153,16 @@ mod tests {
         let i = Interrupt::new(Arc::new(AtomicBool::new(false)), Some(later));
         assert!(!i.stopped());
         assert!(!is_interrupted(&Error::Msg("other".into())));
+    }
+
+    #[test]
+    fn a_joint_interrupt_stops_once_all_its_parts_have() {
+        let (a, b) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let joint = Interrupt::all(&[Interrupt::new(a.clone(), None), Interrupt::new(b.clone(), None)]);
+        a.store(true, Ordering::Relaxed);
+        assert!(!joint.stopped(), "one request of two ended");
+        b.store(true, Ordering::Relaxed);
+        assert!(joint.stopped());
+        assert!(!Interrupt::all(&[]).stopped());
     }
 }

@@ -4,6 +4,7 @@
 //! No async, no I/O beyond reading weights and configs, no environment variables, no printing. Errors are
 //! `candle_core::Result` with messages naming the file, tensor or shape at fault.
 
+pub mod batch;
 pub mod controlnet;
 pub mod cpu_kernels;
 pub mod denoise;

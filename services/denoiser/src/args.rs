@@ -25,6 +25,38 @@ pub struct DenoiserArgs {
     /// `LoraAdmin.LoadLora` evicts the least recently used adapters beyond it; the `--lora` adapters must fit.
     #[arg(long, env = "QWEN_IMAGE_LORA_BUDGET_MB", default_value_t = 0.0)]
     pub lora_budget_mb: f64,
+    #[command(flatten)]
+    pub batching: BatchArgs,
+}
+
+/// Continuous batching (`batcher`): requests of one latent shape run through the transformer together.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BatchArgs {
+    /// Most images (rows of requests' latents, summed) one transformer pass runs; requests join and leave
+    /// the batch at step boundaries. 1 = one request at a time (no batching).
+    #[arg(long, env = "QWEN_IMAGE_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_batch: u32,
+
+    /// How long a request that starts a batch waits for others of its shape before its first step
+    /// (milliseconds; later requests still join at any step boundary).
+    #[arg(long, env = "QWEN_IMAGE_BATCH_WAIT_MS", default_value_t = DEFAULT_BATCH_WAIT_MS,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub batch_wait_ms: u64,
+}
+
+/// Default `--max-batch`: four images per pass (on 2-8 CPU cores the per-image cost stops falling beyond).
+pub const DEFAULT_MAX_BATCH: u32 = 4;
+/// Default `--batch-wait-ms`: no wait; requests arriving together join at the next step boundary.
+pub const DEFAULT_BATCH_WAIT_MS: u64 = 0;
+
+impl Default for BatchArgs {
+    fn default() -> Self {
+        Self {
+            max_batch: DEFAULT_MAX_BATCH,
+            batch_wait_ms: DEFAULT_BATCH_WAIT_MS,
+        }
+    }
 }
 
 impl DenoiserArgs {

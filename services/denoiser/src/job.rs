@@ -79,11 +79,11 @@ pub fn schedule(cfg: &SchedulerConfig, inp: &DenoiseInputs) -> Result<Schedule, 
     }
 }
 
-fn device_tensor(h: &HostTensor<f32>, model: &LoadedModel) -> candle_core::Result<Tensor> {
+pub(crate) fn device_tensor(h: &HostTensor<f32>, model: &LoadedModel) -> candle_core::Result<Tensor> {
     Tensor::from_slice(&h.data, h.shape.as_slice(), &model.device)
 }
 
-fn conditioning(c: &HostConditioning, model: &LoadedModel) -> candle_core::Result<Conditioning> {
+pub(crate) fn conditioning(c: &HostConditioning, model: &LoadedModel) -> candle_core::Result<Conditioning> {
     let embeds = device_tensor(&c.embeds, model)?;
     let mask = c
         .mask
@@ -94,7 +94,7 @@ fn conditioning(c: &HostConditioning, model: &LoadedModel) -> candle_core::Resul
 }
 
 /// Unpacked `[B, C, 1, h, w]` f32 latents as a wire tensor.
-fn wire_latents(
+pub(crate) fn wire_latents(
     packed: &Tensor,
     h: usize,
     w: usize,
@@ -132,6 +132,99 @@ fn control_unit<'a>(
     })
 }
 
+/// The packed start latents `[B, S, 4C]`; for img2img / inpaint the image latents noised to
+/// `sigma[start_step]` in the model's dtype (diffusers' prepare_latents: scheduler.scale_noise with
+/// begin_index = start_step).
+pub(crate) fn start_latents(
+    model: &LoadedModel,
+    inp: &DenoiseInputs,
+    schedule: &Schedule,
+) -> candle_core::Result<Tensor> {
+    let latents = pack(&device_tensor(&inp.latents, model)?)?;
+    match &inp.start_noise {
+        Some(n) => {
+            let dtype = model.transformer.dtype();
+            let noise = pack(&device_tensor(n, model)?)?.to_dtype(dtype)?;
+            let sigma = schedule
+                .sigmas
+                .get(inp.start_step)
+                .copied()
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no sigma for start step {}", inp.start_step))
+                })?;
+            denoise::scale_noise(&latents.to_dtype(dtype)?, &noise, sigma)
+        }
+        None => Ok(latents),
+    }
+}
+
+/// The inpaint blending of the request, packed.
+pub(crate) fn inpaint_blend(
+    model: &LoadedModel,
+    inp: &DenoiseInputs,
+) -> candle_core::Result<Option<InpaintBlend>> {
+    inp.inpaint
+        .as_ref()
+        .map(|i| {
+            Ok(InpaintBlend {
+                image_latents: pack(&device_tensor(&i.image_latents, model)?)?,
+                noise: pack(&device_tensor(&i.noise, model)?)?,
+                mask: pack(&device_tensor(&i.mask, model)?)?,
+            })
+        })
+        .transpose()
+}
+
+/// The Progress event after the `done`-th step of `total` (1-based), with the latents as a preview every
+/// `every` steps and at the last one (0 = never), and as a checkpoint every `checkpoint_every` steps.
+pub(crate) fn progress(
+    done: usize,
+    total: usize,
+    started: Instant,
+    timestep: f32,
+    latents: &Tensor,
+    (lh, lw): (usize, usize),
+    every: usize,
+    checkpoint_every: usize,
+) -> DenoiseProgress {
+    let preview_latents = if every > 0 && (done % every == 0 || done == total) {
+        match wire_latents(latents, lh, lw) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %first_line(&e), "preview skipped");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Checkpoints for a caller that may resume elsewhere: not on the last step (the Result has those
+    // latents) nor when the preview already carries them.
+    let checkpoint_latents = if checkpoint_every > 0
+        && done % checkpoint_every == 0
+        && done < total
+        && preview_latents.is_none()
+    {
+        match wire_latents(latents, lh, lw) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %first_line(&e), "checkpoint skipped");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    DenoiseProgress {
+        step: done as u32,
+        total_steps: total as u32,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        timestep,
+        preview_latents,
+        checkpoint_latents,
+    }
+}
+
 fn execute(
     model: &LoadedModel,
     inp: &DenoiseInputs,
@@ -147,34 +240,10 @@ fn execute(
         .as_ref()
         .map(|n| conditioning(n, model))
         .transpose()?;
-    let latents = pack(&device_tensor(&inp.latents, model)?)?; // [B, S, 4C]
     let schedule = schedule(&loras.scheduler, inp).map_err(candle_core::Error::Msg)?;
     let transformer = loras.transformer(&model.transformer)?;
-    // img2img / inpaint: start from the image latents noised to sigma[start_step], in the model's dtype
-    // (diffusers' prepare_latents: scheduler.scale_noise with begin_index = start_step).
-    let latents = match &inp.start_noise {
-        Some(n) => {
-            let dtype = model.transformer.dtype();
-            let noise = pack(&device_tensor(n, model)?)?.to_dtype(dtype)?;
-            let sigma = schedule
-                .sigmas
-                .get(inp.start_step)
-                .copied()
-                .ok_or_else(|| {
-                    candle_core::Error::Msg(format!("no sigma for start step {}", inp.start_step))
-                })?;
-            denoise::scale_noise(&latents.to_dtype(dtype)?, &noise, sigma)?
-        }
-        None => latents,
-    };
-    let blend = match &inp.inpaint {
-        Some(i) => Some(InpaintBlend {
-            image_latents: pack(&device_tensor(&i.image_latents, model)?)?,
-            noise: pack(&device_tensor(&i.noise, model)?)?,
-            mask: pack(&device_tensor(&i.mask, model)?)?,
-        }),
-        None => None,
-    };
+    let latents = start_latents(model, inp, &schedule)?;
+    let blend = inpaint_blend(model, inp)?;
     let units = inp
         .control
         .iter()
@@ -215,42 +284,16 @@ fn execute(
         let done = s.done + 1;
         ctx.step_done();
         steps_total.increment(1);
-        let preview_latents = if every > 0 && (done % every == 0 || done == s.total) {
-            match wire_latents(s.latents, lh, lw) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::warn!(error = %first_line(&e), "preview skipped");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        // Checkpoints for a caller that may resume elsewhere: not on the last step (the Result has
-        // those latents) nor when the preview already carries them.
-        let checkpoint_latents = if checkpoint_every > 0
-            && done % checkpoint_every == 0
-            && done < s.total
-            && preview_latents.is_none()
-        {
-            match wire_latents(s.latents, lh, lw) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::warn!(error = %first_line(&e), "checkpoint skipped");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let progress = DenoiseProgress {
-            step: done as u32,
-            total_steps: s.total as u32,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            timestep: s.timestep,
-            preview_latents,
-            checkpoint_latents,
-        };
+        let progress = progress(
+            done,
+            s.total,
+            started,
+            s.timestep,
+            s.latents,
+            (lh, lw),
+            every,
+            checkpoint_every,
+        );
         tracing::debug!(step = done, total = s.total, "denoise step");
         if events
             .blocking_send(Ok(DenoiseEvent {

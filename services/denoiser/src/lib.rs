@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod admin;
 pub mod args;
+pub mod batcher;
 pub mod job;
 pub mod model;
 pub mod references;
@@ -29,7 +30,7 @@ use qwen_image_proto::v1::{
 };
 use tonic::service::Routes;
 
-pub use args::{ControlNetSpec, DenoiserArgs, TransformerWeightsArgs};
+pub use args::{BatchArgs, ControlNetSpec, DenoiserArgs, TransformerWeightsArgs};
 pub use qwen_image_common::stage::{Stats, StatsSnapshot};
 
 use crate::validate::{ControlNetInfo, ModelShape};
@@ -60,6 +61,8 @@ pub struct DenoiserState {
     /// Where the transformer's weights and config come from (`--transformer-weights`, `--model`).
     pub weights: WeightsSource,
     pub config: ConfigSource,
+    /// `--max-batch`, `--batch-wait-ms`.
+    pub batch: batcher::BatchConfig,
 }
 
 impl StageDef for Denoiser {
@@ -71,7 +74,8 @@ impl StageDef for Denoiser {
     const BINARY: &'static str = "qwen-image-denoiser";
     const SERVICE_NAME: &'static str = SERVICE_NAME;
     const KIND: StageKind = StageKind::Denoiser;
-    const DEFAULT_QUEUE_CAPACITY: usize = 4;
+    // Room for a full batch (`--max-batch` 4) and as many requests waiting to join it.
+    const DEFAULT_QUEUE_CAPACITY: usize = 8;
     const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
     fn prepare(config: &DenoiserConfig) -> Result<Preparation<DenoiserState>, String> {
@@ -140,6 +144,7 @@ impl StageDef for Denoiser {
                 // Bounded in latent cells (validate::MAX_LATENT_SIDE); pixels depend on the VAE.
                 max_side_px: 0,
                 max_pixels: config.max_pixels,
+                max_batched_requests: config.own.batching.max_batch,
             }),
             ..Default::default()
         };
@@ -154,6 +159,10 @@ impl StageDef for Denoiser {
                 lora_budget: config.own.lora_budget_bytes(),
                 weights,
                 config: tconfig,
+                batch: batcher::BatchConfig {
+                    max_rows: config.own.batching.max_batch as usize,
+                    wait: std::time::Duration::from_millis(config.own.batching.batch_wait_ms),
+                },
             },
             description,
         })
@@ -190,6 +199,7 @@ impl StageDef for Denoiser {
                     controlnets: state.controlnets,
                     scheduler: state.scheduler,
                     loras: state.loras,
+                    batcher: batcher::Batcher::new(state.batch),
                 })
                 .max_decoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(qwen_image_common::limits::MAX_MESSAGE_BYTES),

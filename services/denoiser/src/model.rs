@@ -25,6 +25,8 @@ pub struct LoadedModel {
     pub memory: MemoryReport,
     /// The LoRA adapters held (the `--lora` ones, then LoraAdmin's changes).
     pub loras: crate::adapters::HeldLoras,
+    /// The requests being denoised together (continuous batching), kept across jobs.
+    pub batch: crate::batcher::Running,
 }
 
 /// Reads every `--controlnet` config (cheap JSON reads) and checks it fits the transformer: what requests'
@@ -134,6 +136,7 @@ pub fn load(cfg: &DenoiserConfig, state: &DenoiserState) -> candle_core::Result<
             latent_channels: tcfg.latent_channels(),
         },
         memory: loaded.memory,
+        batch: Default::default(),
     };
     warm_up(&model)?;
     Ok(model)

@@ -1,6 +1,8 @@
 //! The `qwen_image.v1.Denoiser` gRPC handler: validate, admit, stream the worker's events.
 
-use qwen_image_common::stage::{JobStream, StageHandle};
+use std::sync::Arc;
+
+use qwen_image_common::stage::{JobCtx, JobStream, StageHandle};
 use qwen_image_proto::v1::denoiser_server::Denoiser;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseRequest};
 use tonic::{Request, Response, Status};
@@ -9,6 +11,7 @@ use tracing::field::Empty;
 use qwen_image_common::stage::StageError;
 use qwen_image_model::scheduler::SchedulerConfig;
 
+use crate::batcher::{self, BatchKey, Batcher};
 use crate::model::LoadedModel;
 use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
 
@@ -36,6 +39,8 @@ pub struct DenoiserService {
     pub(crate) scheduler: SchedulerConfig,
     /// The loaded LoRA adapters requests may name.
     pub(crate) loras: crate::adapters::LoraCatalog,
+    /// Continuous batching: the requests waiting to join a batch.
+    pub(crate) batcher: Arc<Batcher>,
 }
 
 #[tonic::async_trait]
@@ -102,12 +107,29 @@ impl Denoiser for DenoiserService {
             references = inputs.references.len(),
             "admitting"
         );
-        let stream =
+        let batcher = self.batcher.clone();
+        // Batched: same latent grid, no ControlNet, no adapters, the served schedule, no reference pictures
+        // (a request with adapters runs its own transformer copy; see adapters.rs).
+        let batchable = batcher.config.max_rows > 1
+            && BatchKey::batchable(&inputs)
+            && loras.loras.is_empty()
+            && loras.scheduler == self.scheduler
+            && inputs.references.is_empty();
+        let stream = if batchable {
+            self.stage
+                .stream_shared("Denoise", deadline, EVENT_BUFFER, move |reply, cancelled| {
+                    let ticket = batcher.enqueue(inputs, reply, cancelled.flag(), deadline);
+                    move |m: &mut LoadedModel, ctx: &JobCtx<'_>| batcher::drive(m, ctx, &ticket)
+                })?
+        } else {
+            let ticket = (batcher.config.max_rows > 1).then(|| batcher.barrier());
             self.stage
                 .stream("Denoise", deadline, EVENT_BUFFER, move |m, ctx, events| {
+                    drop(ticket);
                     let active = m.loras.activate(&loras)?;
                     crate::job::run(m, &inputs, &active, ctx, events)
-                })?;
+                })?
+        };
         Ok(Response::new(stream))
     }
 }

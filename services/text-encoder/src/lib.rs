@@ -158,6 +158,7 @@ impl StageDef for TextEncoder {
                 }),
                 limits: Some(StageLimits {
                     max_batch: validate::MAX_PROMPTS as u32,
+                    max_batched_requests: 1,
                     max_side_px: 0,
                     // Prompts have no pixels: not bounded by --max-pixels.
                     max_pixels: 0,

@@ -91,6 +91,7 @@ impl StageDef for Vae {
                 }),
                 limits: Some(StageLimits {
                     max_batch: validate::MAX_BATCH as u32,
+                    max_batched_requests: 1,
                     max_side_px: validate::MAX_SIDE_PX as u32,
                     max_pixels: config.max_pixels,
                 }),

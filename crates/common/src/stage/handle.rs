@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 use crate::deadline;
 use crate::queue::Admission;
 use crate::stage::error::StageError;
-use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending};
+use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending, Reply, Work};
 
 /// Whether the stage accepts work: false while loading, after the worker stopped and while draining.
 #[derive(Clone, Default)]
@@ -98,14 +98,7 @@ impl<M: 'static> StageHandle<M> {
     {
         let (reply, rx) = oneshot::channel();
         let cancelled = Cancelled::default();
-        let job: BoxedJob<M> = Box::new(Pending {
-            rpc,
-            deadline,
-            cancelled: cancelled.clone(),
-            work: Box::new(work),
-            reply,
-        });
-        self.admission.try_submit(job, tracing::Span::current())?;
+        self.submit(rpc, deadline, &cancelled, Box::new(work), reply)?;
         let _cancel = CancelOnDrop(cancelled);
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| {
@@ -155,6 +148,119 @@ impl<M: 'static> StageHandle<M> {
             inner: ReceiverStream::new(rx),
             _cancel: CancelOnDrop(cancelled),
         })
+    }
+}
+
+impl<M: 'static> StageHandle<M> {
+    /// Admits a streaming job whose messages, the last one included, other jobs may send (continuous
+    /// batching: the job running a batch streams every member's progress and result). `make` gets the
+    /// stream's [`SharedReply`] and the job's cancellation flag before the job is admitted and returns the
+    /// work; the work returns `Ok(None)` when the last message has already been sent through the shared
+    /// reply, or the last message (or error) for the skeleton to send otherwise.
+    pub fn stream_shared<E, F, W>(
+        &self,
+        rpc: &'static str,
+        deadline: Option<Instant>,
+        buffer: usize,
+        make: F,
+    ) -> Result<JobStream<E>, StageError>
+    where
+        E: Send + 'static,
+        F: FnOnce(SharedReply<E>, Cancelled) -> W,
+        W: FnOnce(&mut M, &JobCtx<'_>) -> Result<Option<E>, StageError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let reply = SharedReply::new(tx);
+        let cancelled = Cancelled::default();
+        let work = make(reply.clone(), cancelled.clone());
+        self.submit(rpc, deadline, &cancelled, Box::new(work), reply)?;
+        Ok(JobStream {
+            inner: ReceiverStream::new(rx),
+            _cancel: CancelOnDrop(cancelled),
+        })
+    }
+}
+
+impl<M: 'static> StageHandle<M> {
+    /// Admits one job answering on `reply`.
+    fn submit<T, R>(
+        &self,
+        rpc: &'static str,
+        deadline: Option<Instant>,
+        cancelled: &Cancelled,
+        work: Work<M, T>,
+        reply: R,
+    ) -> Result<(), StageError>
+    where
+        T: Send + 'static,
+        R: Reply<T>,
+    {
+        let job: BoxedJob<M> = Box::new(Pending {
+            rpc,
+            deadline,
+            cancelled: cancelled.clone(),
+            work,
+            reply,
+        });
+        self.admission.try_submit(job, tracing::Span::current())?;
+        Ok(())
+    }
+}
+
+/// The sending side of a [`StageHandle::stream_shared`] stream, shared by the job and whichever job runs
+/// it in a batch: progress messages, then one last message that ends the stream.
+pub struct SharedReply<E>(Arc<std::sync::Mutex<Option<mpsc::Sender<Result<E, Status>>>>>);
+
+impl<E> Clone for SharedReply<E> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<E: Send + 'static> SharedReply<E> {
+    fn new(tx: mpsc::Sender<Result<E, Status>>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(tx))))
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Result<E, Status>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends a progress message, waiting while the reader's buffer is full; false when the caller has
+    /// gone or the stream has already ended. Call it on a worker thread, not in async code.
+    pub fn send(&self, message: E) -> bool {
+        self.sender()
+            .is_some_and(|tx| tx.blocking_send(Ok(message)).is_ok())
+    }
+
+    /// Sends the last message (or the error that ends the stream) and ends the stream; false when the
+    /// caller has gone or the stream had already ended.
+    pub fn finish(&self, answer: Result<E, StageError>) -> bool {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tx.is_some_and(|tx| tx.blocking_send(answer.map_err(Status::from)).is_ok())
+    }
+
+    /// True once the caller has gone or the stream has ended.
+    pub fn is_closed(&self) -> bool {
+        self.sender().is_none_or(|tx| tx.is_closed())
+    }
+}
+
+impl<E: Send + 'static> Reply<Option<E>> for SharedReply<E> {
+    fn is_closed(&self) -> bool {
+        SharedReply::is_closed(self)
+    }
+
+    fn deliver(self, answer: Result<Option<E>, StageError>) -> bool {
+        match answer {
+            Ok(None) => true,
+            Ok(Some(e)) => self.finish(Ok(e)),
+            Err(e) => self.finish(Err(e)),
+        }
+    }
+
+    fn answered(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 }
 

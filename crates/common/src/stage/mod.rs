@@ -25,10 +25,10 @@ use tonic::service::Routes;
 
 pub use args::{ComputeDtype, DeviceSpec, StageArgs};
 pub use error::StageError;
-pub use handle::{JobStream, StageHandle};
+pub use handle::{JobStream, SharedReply, StageHandle};
 pub use memory::WeightsUsage;
 pub use serve::run;
-pub use worker::{Faults, JobCtx, Stats, StatsSnapshot};
+pub use worker::{Cancelled, Faults, JobCtx, Stats, StatsSnapshot};
 
 use crate::args::CommonArgs;
 

@@ -57,6 +57,13 @@ impl JobCtx<'_> {
     pub fn step_done(&self) {
         self.stats.update(|s| s.steps_run += 1);
     }
+
+    /// Records that one model pass served `requests` requests together (continuous batching), for
+    /// [`StatsSnapshot::largest_batch`].
+    pub fn batch_ran(&self, requests: usize) {
+        self.stats
+            .update(|s| s.largest_batch = s.largest_batch.max(requests as u64));
+    }
 }
 
 /// A job's cancellation flag: set when its caller goes away (the handler's future or the response stream
@@ -71,6 +78,11 @@ impl Cancelled {
 
     pub fn set(&self) {
         self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// The flag itself (for model code to poll, see [`JobCtx::cancel_flag`]).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
     }
 }
 
@@ -91,6 +103,11 @@ pub trait Reply<T>: Send + 'static {
     fn is_closed(&self) -> bool;
     /// Delivers the answer; false when the caller has gone.
     fn deliver(self, answer: Result<T, StageError>) -> bool;
+    /// The caller already has its answer, sent by another job (continuous batching): the job still runs
+    /// (to report how the request ended) even if the caller has since gone.
+    fn answered(&self) -> bool {
+        false
+    }
 }
 
 /// Unary RPCs: one answer.
@@ -175,7 +192,7 @@ where
     }
 
     fn caller_gone(&self) -> bool {
-        self.cancelled.is_set() || self.reply.is_closed()
+        !self.reply.answered() && (self.cancelled.is_set() || self.reply.is_closed())
     }
 
     fn cancelled(&self) -> Cancelled {
@@ -258,6 +275,8 @@ pub struct StatsSnapshot {
     pub jobs_panicked: u64,
     /// Units of progress jobs reported (denoising steps).
     pub steps_run: u64,
+    /// Most requests one model pass served together (continuous batching).
+    pub largest_batch: u64,
 }
 
 /// A worker's counters, observable by tests (and mirrored in Prometheus metrics); `subscribe` to wait for

@@ -1,0 +1,101 @@
+//! Continuous batching at the model level: one transformer pass over several requests (each its own
+//! latents, timestep, prompt length, mask and true-CFG scale) gives each the velocity it gets alone.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use qwen_image_model::batch::{BatchItem, predict_batch};
+use qwen_image_model::candle_core::{DType, Device, Tensor};
+use qwen_image_model::denoise::{Conditioning, predict};
+use qwen_image_model::snapshot::Snapshot;
+use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
+
+use common::rel_err;
+
+const SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny/snapshot");
+
+fn transformer() -> QwenImageTransformer {
+    let s = Snapshot::open(SNAPSHOT).unwrap();
+    let cfg: TransformerConfig = s.config("transformer", "config.json").unwrap();
+    QwenImageTransformer::new(&cfg, s.weights("transformer", DType::F32, &Device::Cpu).unwrap())
+        .unwrap()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (a small LCG: no RNG dependency).
+fn values(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn prompt(seed: u64, len: usize, valid: Option<usize>) -> Conditioning {
+    let mask = valid.map(|v| {
+        let m: Vec<f32> = (0..len).map(|i| if i < v { 1.0 } else { 0.0 }).collect();
+        Tensor::from_vec(m, (1, len), &Device::Cpu).unwrap()
+    });
+    Conditioning {
+        embeds: values(seed, &[1, len, 32]),
+        mask,
+    }
+}
+
+#[test]
+fn a_batched_pass_gives_each_request_its_velocity_alone() {
+    let model = transformer();
+    let shapes = [(1, 4, 4)];
+    // (latents seed, t, positive len, its mask, negative len, CFG scale)
+    let specs: [(u64, f32, usize, Option<usize>, usize, f64); 4] = [
+        (1, 1.0, 7, None, 3, 4.0),
+        (2, 0.55, 12, Some(9), 5, 2.5),
+        (3, 0.2, 4, None, 4, 1.0), // scale 1: no CFG
+        (4, 0.8, 20, None, 11, 6.0),
+    ];
+    let data: Vec<_> = specs
+        .iter()
+        .map(|&(seed, t, lp, mask, ln, scale)| {
+            (
+                values(seed, &[1, 16, 64]),
+                t,
+                prompt(seed + 10, lp, mask),
+                prompt(seed + 20, ln, None),
+                scale,
+            )
+        })
+        .collect();
+    let items: Vec<BatchItem> = data
+        .iter()
+        .map(|(latents, t, pos, neg, scale)| BatchItem {
+            latents,
+            t_model: *t,
+            positive: pos,
+            negative: Some(neg),
+            true_cfg_scale: *scale,
+        })
+        .collect();
+    let batched = predict_batch(&model, &items, &shapes).unwrap();
+    assert_eq!(batched.len(), items.len());
+    for (i, (item, got)) in items.iter().zip(&batched).enumerate() {
+        let alone = predict(
+            &model,
+            item.latents,
+            item.t_model,
+            item.positive,
+            item.negative,
+            item.true_cfg_scale,
+            &shapes,
+            &[],
+        )
+        .unwrap();
+        let err = rel_err(got, &alone);
+        eprintln!("request {i}: relative difference {err:e}");
+        assert!(err <= 1e-5, "request {i}: batched differs from alone by {err:e}");
+    }
+    // The check can fail: another request's velocity is far from this one's.
+    assert!(rel_err(&batched[0], &batched[1]) > 1e-2);
+}

@@ -1,0 +1,238 @@
+//! Throughput of continuous batching: text-to-image requests through the four services (separate
+//! `qwen-image serve --stage ...` processes on loopback), at 1, 2, 4 and 8 concurrent clients, with the
+//! denoiser's batching off (`--max-batch 1`) and on (`--max-batch N`).
+//!
+//! Both stacks run side by side; each round runs every client count on each stack, alternating which
+//! goes first, so load drift on a shared machine hits both alike. A run: each client sends
+//! `--requests` requests one after the other (different prompts and seeds); requests per minute = all
+//! requests / the run's wall time; latencies are per request. The table gives medians over the rounds
+//! and the ratio on / off of the round-by-round requests per minute (its median).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
+use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
+use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// Diffusers snapshot directory; without it, the default model (the `qwen-image` binary's).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The `qwen-image` binary (default: next to this one).
+    #[arg(long)]
+    qwen_image: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    width: u32,
+    #[arg(long, default_value_t = 64)]
+    height: u32,
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// Concurrent client counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    clients: Vec<usize>,
+    /// Requests each client sends per run.
+    #[arg(long, default_value_t = 4)]
+    requests: usize,
+    /// Rounds (each runs every client count on both stacks); one more warm-up run is not counted.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// `--max-batch` of the batching stack.
+    #[arg(long, default_value_t = 4)]
+    max_batch: u32,
+    /// `--batch-wait-ms` of the batching stack.
+    #[arg(long, default_value_t = 0)]
+    batch_wait_ms: u64,
+}
+
+const PROMPTS: &[&str] = &[
+    "A cat holding a sign that says hello world",
+    "a red square above a blue circle",
+    "a stick figure waving, green background",
+    "two yellow triangles next to a purple star",
+    "a small house under a large orange sun",
+    "a person standing with arms raised, white background",
+    "three black dots in a row",
+    "a blue circle left of a red square",
+];
+
+struct Stack {
+    name: &'static str,
+    _procs: ProcessStack,
+    url: String,
+}
+
+async fn start(a: &Args, bin: &Path, name: &'static str, max_batch: u32) -> Result<Stack> {
+    let mut spec = match &a.model {
+        Some(m) => StackSpec::model(m),
+        None => StackSpec::default(),
+    };
+    // Room in the denoiser for every client (the gateway sends at most `--queue-capacity` at once).
+    spec.denoiser_args = vec![
+        "--max-batch".into(),
+        max_batch.to_string(),
+        "--batch-wait-ms".into(),
+        a.batch_wait_ms.to_string(),
+        "--queue-capacity".into(),
+        "16".into(),
+    ];
+    for args in [&mut spec.text_encoder_args, &mut spec.vae_args] {
+        args.extend(["--queue-capacity".to_string(), "16".to_string()]);
+    }
+    let procs = ProcessStack::serving(Launcher::Cli(bin.to_path_buf()), &spec)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(Stack {
+        name,
+        url: procs.gateway_url(),
+        _procs: procs,
+    })
+}
+
+async fn request(c: &mut ImageGeneratorClient<Channel>, a: &Args, n: usize) -> Result<Duration> {
+    let req = TextToImageRequest {
+        settings: Some(GenerationSettings {
+            prompt: PROMPTS[n % PROMPTS.len()].into(),
+            negative_prompt: Some(" ".into()),
+            width_px: a.width,
+            height_px: a.height,
+            steps: a.steps,
+            true_cfg_scale: Some(4.0),
+            seed: Some(n as u64),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = c.text_to_image(req).await?.into_inner();
+    while let Some(ev) = stream.message().await? {
+        if let Some(generate_event::Event::Result(_)) = ev.event {
+            return Ok(started.elapsed());
+        }
+    }
+    bail!("no result")
+}
+
+struct Run {
+    per_minute: f64,
+    latencies: Vec<Duration>,
+}
+
+async fn run(stack: &Stack, a: &Args, clients: usize) -> Result<Run> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let ch = Channel::from_shared(stack.url.clone())?.connect().await?;
+        let mut client = ImageGeneratorClient::new(ch).max_decoding_message_size(64 << 20);
+        let a = Args {
+            model: None,
+            qwen_image: None,
+            clients: Vec::new(),
+            ..*a
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            for i in 0..a.requests {
+                times.push(request(&mut client, &a, c * 1000 + i).await?);
+            }
+            anyhow::Ok(times)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let wall = started.elapsed();
+    Ok(Run {
+        per_minute: latencies.len() as f64 * 60.0 / wall.as_secs_f64(),
+        latencies,
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `q`-quantile (nearest rank) of `v`.
+fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.rounds == 0 || a.requests == 0 || a.clients.is_empty() {
+        bail!("--rounds, --requests and --clients must be positive");
+    }
+    let bin = match &a.qwen_image {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("qwen-image"),
+    };
+    let stacks = [
+        start(&a, &bin, "off", 1).await.context("the stack without batching")?,
+        start(&a, &bin, "on", a.max_batch)
+            .await
+            .context("the stack with batching")?,
+    ];
+    eprintln!("warm-up");
+    for s in &stacks {
+        run(s, &a, 1).await?;
+    }
+    // [stack][clients] -> runs
+    let mut runs: Vec<Vec<Vec<Run>>> = (0..2)
+        .map(|_| (0..a.clients.len()).map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..a.rounds {
+        for (ci, &clients) in a.clients.iter().enumerate() {
+            for k in 0..2 {
+                let si = (round + ci + k) % 2;
+                let r = run(&stacks[si], &a, clients).await?;
+                eprintln!(
+                    "round {round} clients {clients} batching {}: {:.1} requests/min",
+                    stacks[si].name, r.per_minute
+                );
+                runs[si][ci].push(r);
+            }
+        }
+    }
+    println!(
+        "{}x{}, {} steps, CFG 4, {} requests per client per run, {} rounds, --max-batch {} --batch-wait-ms {}",
+        a.width, a.height, a.steps, a.requests, a.rounds, a.max_batch, a.batch_wait_ms
+    );
+    println!();
+    println!("| clients | batching | requests/min | p50 latency | p99 latency | on / off requests/min |");
+    println!("|---|---|---|---|---|---|");
+    for (ci, &clients) in a.clients.iter().enumerate() {
+        for si in 0..2 {
+            let rs = &runs[si][ci];
+            let per_minute = median(&rs.iter().map(|r| r.per_minute).collect::<Vec<_>>());
+            let all: Vec<Duration> = rs.iter().flat_map(|r| r.latencies.clone()).collect();
+            let ratio = if si == 1 {
+                let ratios: Vec<f64> = runs[1][ci]
+                    .iter()
+                    .zip(&runs[0][ci])
+                    .map(|(on, off)| on.per_minute / off.per_minute)
+                    .collect();
+                format!("{:.2}x", median(&ratios))
+            } else {
+                String::new()
+            };
+            println!(
+                "| {clients} | {} | {per_minute:.0} | {:.2} s | {:.2} s | {ratio} |",
+                stacks[si].name,
+                quantile(&all, 0.5).as_secs_f64(),
+                quantile(&all, 0.99).as_secs_f64(),
+            );
+        }
+    }
+    Ok(())
+}
