@@ -64,6 +64,11 @@ pub struct GatewayArgs {
     /// reported model id.
     #[arg(long, env = "QWEN_IMAGE_MODEL_NAME")]
     pub model_name: Option<String>,
+
+    /// The pose-detector stage's endpoint URL, for Pose requests with a `reference_image` (without it they
+    /// get FAILED_PRECONDITION).
+    #[arg(long, env = "QWEN_IMAGE_POSE_DETECTOR")]
+    pub pose_detector: Option<String>,
 }
 
 /// What `run` needs (everything but the listener and the shutdown signal).
@@ -83,6 +88,8 @@ pub struct GatewayConfig {
     pub max_side_px: u32,
     /// Model name for the PNG metadata; `None` = the text encoder's `model_id`.
     pub model_name: Option<String>,
+    /// The pose-detector stage's URL (`PoseRequest.reference_image`); `None` = not available.
+    pub pose_detector: Option<String>,
 }
 
 impl GatewayConfig {
@@ -101,6 +108,7 @@ impl GatewayConfig {
             health_interval: DEFAULT_HEALTH_INTERVAL,
             max_side_px: MAX_SIDE_PX,
             model_name: None,
+            pose_detector: None,
         }
     }
 }
@@ -132,6 +140,12 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
             max_side_px: a.max_side_px,
             model_name: a.model_name.clone(),
+            pose_detector: a
+                .pose_detector
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod geometry;
 mod images;
 mod pipeline;
 mod pngmeta;
+mod reference_pose;
 pub mod request;
 mod server;
 mod service;

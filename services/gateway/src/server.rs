@@ -95,8 +95,15 @@ pub async fn run(
         .local_addr()
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
     tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae, "gateway listening");
+    let detector = config
+        .pose_detector
+        .as_deref()
+        .map(crate::reference_pose::Detector::new)
+        .transpose()
+        .map_err(GatewayError::Internal)?;
     let service = GatewayService {
         stages,
+        detector,
         queue: crate::stages::admission::RequestQueue::new(config.max_queued),
         config: Arc::new(config),
     };

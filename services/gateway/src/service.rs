@@ -39,6 +39,8 @@ pub struct GatewayService {
     pub config: Arc<GatewayConfig>,
     /// The requests in the gateway (at most `config.max_queued`).
     pub queue: Arc<RequestQueue>,
+    /// The pose-detector stage (`--pose-detector`), for `PoseRequest.reference_image`.
+    pub detector: Option<crate::reference_pose::Detector>,
 }
 
 fn random_u64() -> u64 {
@@ -331,8 +333,15 @@ impl ImageGenerator for GatewayService {
     ) -> Result<Response<Self::PoseStream>, Status> {
         let a = self.admit(&request).await?;
         let span = flow_span!("pose", a.id);
+        let req = crate::reference_pose::resolve(
+            self.detector.as_ref(),
+            request.into_inner(),
+            a.deadline,
+        )
+        .await
+        .map_err(|e| with_request_id(e.into(), &a.id))?;
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), validate_pose, pose_flow)
+            .validate_off_thread(&a, req, validate_pose, pose_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }
