@@ -73,7 +73,7 @@ async fn detect_pose_answers_keypoints_json_and_a_skeleton_and_refuses_bad_pictu
         .into_inner();
     // whatever the random network finds, the JSON is what the gateway's keypoints_json accepts, on the
     // picture's canvas, with as many people as announced
-    let pose = parse_openpose_json(&out.keypoints_json).unwrap();
+    let pose = parse_openpose_json(&out.keypoints_json, None).unwrap();
     assert_eq!((pose.canvas_width, pose.canvas_height), (40, 32));
     assert_eq!(pose.people.len(), out.people as usize);
     assert_eq!(decode_png(&out.skeleton_png), (40, 32));
