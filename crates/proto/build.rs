@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "../../proto/qwen_image/v1/text_encoder.proto",
     "../../proto/qwen_image/v1/denoiser.proto",
     "../../proto/qwen_image/v1/vae.proto",
+    "../../proto/qwen_image/v1/pose_detector.proto",
     "../../proto/qwen_image/v1/gateway.proto",
 ];
 

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cn_inpaint;
+mod detect_pose;
 mod edit;
 mod generate;
 mod instruct;
@@ -32,6 +33,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Pose a character: ControlNet pose from a skeleton picture or OpenPose keypoints JSON, written as PNG.
     Pose(pose::PoseArgs),
+    /// Detect the people in a picture (OpenPose body keypoints) and write them as OpenPose JSON.
+    #[command(name = "detect-pose")]
+    DetectPose(detect_pose::DetectPoseArgs),
     /// Regenerate the white region of a mask with an inpainting ControlNet (InstantX ControlNet-Inpainting).
     #[command(name = "controlnet-inpaint")]
     ControlnetInpaint(cn_inpaint::CnInpaintArgs),
@@ -52,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Pose(args) => pose::run(args),
+        Command::DetectPose(args) => detect_pose::run(args),
         Command::ControlnetInpaint(args) => cn_inpaint::run(args),
         Command::Img2img(args) => edit::img2img(args),
         Command::Inpaint(args) => edit::inpaint(args),

@@ -14,7 +14,7 @@ use crate::settings::SettingsArgs;
 use crate::stack::StageOptions;
 
 #[derive(Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("pose").required(true).args(["pose_image", "keypoints"])))]
+#[command(group(clap::ArgGroup::new("pose").required(true).args(["pose_image", "keypoints", "reference_image"])))]
 pub struct PoseArgs {
     /// The pose as a skeleton picture (PNG or JPEG, OpenPose / DWPose colours on black).
     #[arg(long, env = "QWEN_IMAGE_POSE_IMAGE")]
@@ -22,6 +22,15 @@ pub struct PoseArgs {
     /// The pose as OpenPose keypoints JSON (COCO-18 or BODY_25, optional hands / face; see docs/pose-example.json).
     #[arg(long, env = "QWEN_IMAGE_KEYPOINTS")]
     pub keypoints: Option<PathBuf>,
+    /// A reference picture (PNG or JPEG, e.g. a photo) to take the pose from: the pose-detector stage finds the
+    /// people (controlnet-aux's OpenPose body estimator), then they are posed as with --keypoints. Needs a
+    /// detector: the gateway's `--pose-detector`, or for a local stack `--pose-weights` (or the model's
+    /// `pose_detector/`).
+    #[arg(long, env = "QWEN_IMAGE_REFERENCE_IMAGE")]
+    pub reference_image: Option<PathBuf>,
+    /// The local stack's pose detector weights (`--pose-weights FILE`).
+    #[command(flatten)]
+    pub pose_detector: qwen_image_pose_detector::PoseDetectorArgs,
     #[command(flatten)]
     pub control: ControlArgs,
     #[command(flatten)]
@@ -39,17 +48,16 @@ pub fn run(args: PoseArgs) -> Result<std::process::ExitCode> {
 }
 
 fn build_request(args: &PoseArgs, controlnet_id: String) -> Result<PoseRequest> {
-    let pose = match (&args.pose_image, &args.keypoints) {
-        (Some(p), None) => pose_request::Pose::PoseImage(
-            std::fs::read(p)
-                .with_context(|| format!("cannot read {}", p.display()))?
-                .into(),
-        ),
-        (None, Some(p)) => pose_request::Pose::KeypointsJson(
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let pose = match (&args.pose_image, &args.keypoints, &args.reference_image) {
+        (Some(p), None, None) => pose_request::Pose::PoseImage(read(p)?.into()),
+        (None, Some(p), None) => pose_request::Pose::KeypointsJson(
             std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {} as UTF-8 text", p.display()))?,
         ),
-        _ => bail!("give exactly one of --pose-image and --keypoints"),
+        (None, None, Some(p)) => pose_request::Pose::ReferenceImage(read(p)?.into()),
+        _ => bail!("give exactly one of --pose-image, --keypoints and --reference-image"),
     };
     Ok(PoseRequest {
         settings: Some(args.settings.to_proto(None)),
@@ -102,12 +110,13 @@ pub fn resolve_controlnet(
 }
 
 async fn pose(args: PoseArgs) -> Result<()> {
-    let (model, options, id) = resolve_controlnet(
+    let (model, mut options, id) = resolve_controlnet(
         args.target.gateway.as_deref(),
         args.target.model.as_ref(),
         args.control.controlnet.as_ref(),
         "controlnet",
     )?;
+    options.pose_detector = args.pose_detector.clone();
     let request = build_request(&args, id)?;
     let target = args.target.to_target(model, options);
     execute(ApiRequest::Pose(request), &target, &args.target.out).await?;

@@ -10,6 +10,7 @@ use qwen_image_common::args::CommonArgs;
 use qwen_image_common::stage::StageArgs;
 use qwen_image_denoiser::{ControlNetSpec, DenoiserArgs};
 use qwen_image_gateway::GatewayArgs;
+use qwen_image_pose_detector::PoseDetectorArgs;
 use qwen_image_text_encoder::TextEncoderArgs;
 use qwen_image_vae::VaeArgs;
 use tokio::net::TcpListener;
@@ -45,6 +46,11 @@ pub struct ServeArgs {
     /// The VAE's flags (`--vae-weights`): whole stack or `--stage vae`.
     #[command(flatten)]
     pub vae: VaeArgs,
+
+    /// The pose detector's flags (`--pose-weights`): the whole stack starts the detector when its weights exist
+    /// (this file, or the model's `pose_detector/body_pose_model.safetensors`); or `--stage pose-detector`.
+    #[command(flatten)]
+    pub pose_detector: PoseDetectorArgs,
 
     /// The gateway's flags: its stage endpoints with `--stage gateway`; its limits in both modes.
     #[command(flatten)]
@@ -115,6 +121,11 @@ fn check_flags(args: &ServeArgs) -> Result<()> {
             args.vae.vae_weights.is_some(),
             StageKind::Vae,
         ),
+        (
+            "--pose-weights",
+            args.pose_detector.pose_weights.is_some(),
+            StageKind::PoseDetector,
+        ),
     ];
     for (flag, given, kind) in own {
         if given && args.stage.is_some() && args.stage != Some(kind) {
@@ -134,6 +145,7 @@ fn stage_options(
     denoiser: DenoiserArgs,
     text_encoder: TextEncoderArgs,
     vae: VaeArgs,
+    pose_detector: PoseDetectorArgs,
     gateway: Option<GatewayArgs>,
 ) -> Result<(Option<PathBuf>, StageOptions)> {
     let mut options = StageOptions {
@@ -141,6 +153,7 @@ fn stage_options(
         denoiser,
         text_encoder,
         vae,
+        pose_detector,
         gateway,
     };
     let (model, controlnets) = model_and_controlnets(
@@ -160,6 +173,7 @@ fn service_name(stage: Option<StageKind>) -> &'static str {
         Some(StageKind::TextEncoder) => "qwen-image-text-encoder",
         Some(StageKind::Denoiser) => "qwen-image-denoiser",
         Some(StageKind::Vae) => "qwen-image-vae",
+        Some(StageKind::PoseDetector) => "qwen-image-pose-detector",
         None => "qwen-image",
     }
 }
@@ -202,6 +216,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 args.denoiser,
                 args.text_encoder,
                 args.vae,
+                args.pose_detector,
                 None,
             )?;
             let listener = bind().await?;
@@ -220,6 +235,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 args.denoiser,
                 args.text_encoder,
                 args.vae,
+                args.pose_detector,
                 Some(args.gateway),
             )?;
             let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;

@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 
 use common::rel_err;
 use qwen_image_model::candle_core::{DType, Device, Tensor};
-use qwen_image_model::openpose::body::{self, BodyEstimate, estimate_from_maps, multipliers, prepare};
+use qwen_image_model::openpose::body::{
+    self, BodyEstimate, estimate_from_maps, multipliers, prepare,
+};
 use qwen_image_model::openpose::random::{BodyNetShape, random_body_weights};
 use qwen_image_model::openpose::{BodyPoseNet, detect_people, people_from_estimate};
 
@@ -57,11 +59,19 @@ fn read_rgb(name: &str) -> (usize, usize, Vec<u8>) {
 }
 
 fn bgr(rgb: &[u8]) -> Vec<u8> {
-    rgb.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect()
+    rgb.chunks_exact(3)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect()
 }
 
 fn rows<const N: usize>(t: &Tensor) -> Vec<[f64; N]> {
-    let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let v: Vec<f64> = t
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     v.chunks_exact(N).map(|c| c.try_into().unwrap()).collect()
 }
 
@@ -71,15 +81,24 @@ fn assert_same_estimate(what: &str, got: &BodyEstimate, want: &HashMap<String, T
     let subset: Vec<[f64; 20]> = rows(&want["subset"]);
     assert_eq!(got.candidate.len(), cand.len(), "{what}: number of peaks");
     for (g, w) in got.candidate.iter().zip(&cand) {
-        assert!((g[0] - w[0]).abs() <= 0.5 && (g[1] - w[1]).abs() <= 0.5, "{what}: peak {g:?} vs {w:?}");
-        assert!((g[2] - w[2]).abs() <= 1e-4 * w[2].abs().max(1e-3), "{what}: peak score {g:?} vs {w:?}");
+        assert!(
+            (g[0] - w[0]).abs() <= 0.5 && (g[1] - w[1]).abs() <= 0.5,
+            "{what}: peak {g:?} vs {w:?}"
+        );
+        assert!(
+            (g[2] - w[2]).abs() <= 1e-4 * w[2].abs().max(1e-3),
+            "{what}: peak score {g:?} vs {w:?}"
+        );
         assert_eq!(g[3], w[3], "{what}: peak id");
     }
     assert_eq!(got.subset.len(), subset.len(), "{what}: number of people");
     for (p, (g, w)) in got.subset.iter().zip(&subset).enumerate() {
         assert_eq!(g[..18], w[..18], "{what}: person {p}'s parts");
         assert_eq!(g[19], w[19], "{what}: person {p}'s part count");
-        assert!((g[18] - w[18]).abs() <= 1e-4 * w[18].abs().max(1.0), "{what}: person {p}'s score");
+        assert!(
+            (g[18] - w[18]).abs() <= 1e-4 * w[18].abs().max(1.0),
+            "{what}: person {p}'s score"
+        );
     }
 }
 
@@ -105,13 +124,21 @@ fn body_call_matches_controlnet_aux_end_to_end_with_the_random_network() {
         let want = f["padded"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
         assert_eq!(f["padded"].dims(), [p.hp, p.wp, 3], "{name}: padded size");
         let off = p.padded.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(off, 0, "{name}: {off} of {} padded values differ", want.len());
+        assert_eq!(
+            off,
+            0,
+            "{name}: {off} of {} padded values differ",
+            want.len()
+        );
         // the network on it (on the two pictures whose resizes go opposite ways, to keep the test short; the
         // others continue from controlnet-aux's own network outputs)
         let (paf, heat, ep, eh) = if name == "one" || name == "none" {
             let (paf, heat) = net().forward(&p.to_tensor(&Device::Cpu).unwrap()).unwrap();
             let (ep, eh) = (rel_err(&paf, &f["paf"]), rel_err(&heat, &f["heat"]));
-            assert!(ep <= 1e-4 && eh <= 1e-4, "{name}: paf {ep:e} / heat {eh:e} > 1e-4");
+            assert!(
+                ep <= 1e-4 && eh <= 1e-4,
+                "{name}: paf {ep:e} / heat {eh:e} > 1e-4"
+            );
             (paf, heat, ep, eh)
         } else {
             (f["paf"].clone(), f["heat"].clone(), 0.0, 0.0)
@@ -128,7 +155,11 @@ fn body_call_matches_controlnet_aux_end_to_end_with_the_random_network() {
         let ea = rel_err(&sub, &f["heat_avg"]);
         assert!(ea <= 1e-4, "{name}: averaged heat maps {ea:e} > 1e-4");
         let est = estimate_from_maps(&maps);
-        println!("{name}: net paf {ep:.2e} heat {eh:.2e}, maps {ea:.2e}, {} peaks, {} people", est.candidate.len(), est.subset.len());
+        println!(
+            "{name}: net paf {ep:.2e} heat {eh:.2e}, maps {ea:.2e}, {} peaks, {} people",
+            est.candidate.len(),
+            est.subset.len()
+        );
         assert_same_estimate(name, &est, &f);
     }
 }
@@ -136,16 +167,25 @@ fn body_call_matches_controlnet_aux_end_to_end_with_the_random_network() {
 #[test]
 fn people_are_assembled_as_controlnet_aux_does_from_synthetic_network_outputs() {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
+            .unwrap();
     for name in CASES {
         let f = fixture(&format!("synth_{name}"));
         let (w, h, rgb) = read_rgb(name);
-        let (paf, heat) = (f["paf"].to_dtype(DType::F32).unwrap(), f["heat"].to_dtype(DType::F32).unwrap());
+        let (paf, heat) = (
+            f["paf"].to_dtype(DType::F32).unwrap(),
+            f["heat"].to_dtype(DType::F32).unwrap(),
+        );
         let maps = body::body_maps(&bgr(&rgb), h, w, |_| Ok((paf.clone(), heat.clone()))).unwrap();
         let est = estimate_from_maps(&maps);
         assert_same_estimate(&format!("synth_{name}"), &est, &f);
         // and the people are where the picture has them (within 3 px of the true joints; a joint near the border is pulled inwards)
-        let case = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+        let case = manifest["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap();
         let truth = case["people"].as_array().unwrap();
         let people = people_from_estimate(&est);
         assert_eq!(people.len(), truth.len(), "{name}: people found");
@@ -164,7 +204,11 @@ fn people_are_assembled_as_controlnet_aux_does_from_synthetic_network_outputs() 
             });
             assert!(near, "{name}: {person:?} is not one of the true people");
         }
-        println!("{name}: {} people, parts {:?}", people.len(), est.subset.iter().map(|r| r[19]).collect::<Vec<_>>());
+        println!(
+            "{name}: {} people, parts {:?}",
+            people.len(),
+            est.subset.iter().map(|r| r[19]).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -176,5 +220,8 @@ fn detect_people_flips_rgb_to_bgr_as_detect_poses_does() {
     assert_eq!((pose.canvas_width, pose.canvas_height), (w, h));
     let want: Vec<[f64; 20]> = rows(&fixture("none")["subset"]);
     assert_eq!(pose.people.len(), want.len());
-    assert!(detect_people(net(), &rgb[1..], w, h, &Device::Cpu).is_err(), "a short buffer is an error");
+    assert!(
+        detect_people(net(), &rgb[1..], w, h, &Device::Cpu).is_err(),
+        "a short buffer is an error"
+    );
 }

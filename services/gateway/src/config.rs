@@ -89,6 +89,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "QWEN_IMAGE_EDIT_VAE_AREA", default_value_t = qwen_image_imaging::edit_sizes::VAE_IMAGE_SIZE,
           value_parser = clap::value_parser!(u64).range(1024..=4096 * 4096))]
     pub edit_vae_area: u64,
+
+    /// The pose-detector stage's endpoint URL, for Pose requests with a `reference_image` (without it they
+    /// get FAILED_PRECONDITION).
+    #[arg(long, env = "QWEN_IMAGE_POSE_DETECTOR")]
+    pub pose_detector: Option<String>,
 }
 
 /// One more served model (`--extra-model`).
@@ -174,6 +179,8 @@ pub struct GatewayConfig {
     /// The Edit flow's picture areas (diffusers `CONDITION_IMAGE_SIZE`, `VAE_IMAGE_SIZE`).
     pub edit_condition_area: u64,
     pub edit_vae_area: u64,
+    /// The pose-detector stage's URL (`PoseRequest.reference_image`); `None` = not available.
+    pub pose_detector: Option<String>,
 }
 
 impl GatewayConfig {
@@ -196,6 +203,7 @@ impl GatewayConfig {
             extra_models: Vec::new(),
             edit_condition_area: qwen_image_imaging::edit_sizes::CONDITION_IMAGE_SIZE,
             edit_vae_area: qwen_image_imaging::edit_sizes::VAE_IMAGE_SIZE,
+            pose_detector: None,
         }
     }
 }
@@ -236,6 +244,12 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
                 .collect::<Result<Vec<ModelSpec>, String>>()?,
             edit_condition_area: a.edit_condition_area,
             edit_vae_area: a.edit_vae_area,
+            pose_detector: a
+                .pose_detector
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
         })
     }
 }

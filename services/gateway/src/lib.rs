@@ -14,6 +14,7 @@ mod images;
 pub mod models;
 mod pipeline;
 mod pngmeta;
+mod reference_pose;
 pub mod request;
 mod server;
 mod service;

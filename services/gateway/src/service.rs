@@ -43,6 +43,8 @@ pub struct GatewayService {
     pub config: Arc<GatewayConfig>,
     /// The requests in the gateway (at most `config.max_queued`).
     pub queue: Arc<RequestQueue>,
+    /// The pose-detector stage (`--pose-detector`), for `PoseRequest.reference_image`.
+    pub detector: Option<crate::reference_pose::Detector>,
 }
 
 fn random_u64() -> u64 {
@@ -395,8 +397,15 @@ impl ImageGenerator for GatewayService {
     ) -> Result<Response<Self::PoseStream>, Status> {
         let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
         let span = flow_span!("pose", a.id);
+        let req = crate::reference_pose::resolve(
+            self.detector.as_ref(),
+            request.into_inner(),
+            a.deadline,
+        )
+        .await
+        .map_err(|e| with_request_id(e.into(), &a.id))?;
         let flow = self
-            .validate_off_thread(&a, request.into_inner(), validate_pose, pose_flow)
+            .validate_off_thread(&a, req, validate_pose, pose_flow)
             .await?;
         Ok(self.start(a, span, flow))
     }

@@ -17,6 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use qwen_image_common::stage::{StageArgs, StageConfig, StageDef};
 use qwen_image_denoiser::{Denoiser, DenoiserArgs};
 use qwen_image_gateway::GatewayArgs;
+use qwen_image_pose_detector::{PoseDetectorArgs, PoseDetectorStage};
 use qwen_image_text_encoder::{TextEncoder, TextEncoderArgs};
 use qwen_image_vae::{Vae, VaeArgs};
 
@@ -27,6 +28,7 @@ pub enum StageKind {
     Denoiser,
     Vae,
     Gateway,
+    PoseDetector,
 }
 
 impl StageKind {
@@ -36,6 +38,7 @@ impl StageKind {
             Self::Denoiser => "denoiser",
             Self::Vae => "vae",
             Self::Gateway => "gateway",
+            Self::PoseDetector => "pose-detector",
         }
     }
 }
@@ -49,6 +52,8 @@ pub struct StageOptions {
     pub denoiser: DenoiserArgs,
     pub text_encoder: TextEncoderArgs,
     pub vae: VaeArgs,
+    /// The pose detector's weights (`--pose-weights`); the stack starts the detector when they exist.
+    pub pose_detector: PoseDetectorArgs,
     /// Gateway flags whose endpoints are ignored (the stack's own stages are used).
     pub gateway: Option<GatewayArgs>,
 }
@@ -105,6 +110,10 @@ pub async fn run_stage(
             let c = config::<Vae>(model, s, options.vae)?;
             qwen_image_vae::run(c, listener, shutdown).await?;
         }
+        StageKind::PoseDetector => {
+            let c = config::<PoseDetectorStage>(model, s, options.pose_detector)?;
+            qwen_image_pose_detector::run(c, listener, shutdown).await?;
+        }
         StageKind::Gateway => {
             bail!("the gateway is not a model stage; use qwen_image_gateway::run")
         }
@@ -152,7 +161,17 @@ impl LocalStack {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stage_addrs = Vec::new();
-        for kind in [StageKind::TextEncoder, StageKind::Denoiser, StageKind::Vae] {
+        // The pose detector too, when its weights are there (`--pose-weights`, or the model's pose_detector/).
+        let detector_weights = options.pose_detector.pose_weights.clone().or_else(|| {
+            model
+                .as_ref()
+                .map(|m| m.join(qwen_image_pose_detector::WEIGHTS_IN_MODEL))
+        });
+        let mut kinds = vec![StageKind::TextEncoder, StageKind::Denoiser, StageKind::Vae];
+        if detector_weights.as_ref().is_some_and(|w| w.is_file()) {
+            kinds.push(StageKind::PoseDetector);
+        }
+        for kind in kinds {
             let (listener, addr) = bind("127.0.0.1:0").await?;
             let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
             let options = options.clone();
@@ -176,11 +195,18 @@ impl LocalStack {
             url(StageKind::Denoiser),
             url(StageKind::Vae),
         );
+        config.pose_detector = stage_addrs
+            .iter()
+            .any(|(k, _)| *k == StageKind::PoseDetector)
+            .then(|| url(StageKind::PoseDetector));
         if let Some(g) = &options.gateway {
             config.request_timeout = Duration::from_secs(g.request_timeout_secs.max(1));
             config.health_interval = Duration::from_millis(g.health_interval_ms.max(10));
             config.max_side_px = g.max_side_px;
             config.model_name = g.model_name.clone();
+            if config.pose_detector.is_none() {
+                config.pose_detector = g.pose_detector.clone();
+            }
         }
         let (listener, gateway_addr) = bind(gateway_listen).await?;
         let shutdown = stop_signal(&stop_rx);
@@ -202,10 +228,26 @@ impl LocalStack {
         format!("http://{}", self.gateway_addr)
     }
 
-    /// Waits until the gateway reports SERVING (all stages loaded), or fails when a service ends first.
+    /// The pose detector's URL, when the stack runs one.
+    pub fn pose_detector_url(&self) -> Option<String> {
+        self.stage_addrs
+            .iter()
+            .find(|(k, _)| *k == StageKind::PoseDetector)
+            .map(|(_, a)| format!("http://{a}"))
+    }
+
+    /// Waits until the gateway (all stages loaded) and the pose detector, if any, report SERVING, or fails when
+    /// a service ends first.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let url = self.gateway_url();
-        let ready = wait_serving(&url, timeout);
+        let detector = self.pose_detector_url();
+        let ready = async move {
+            wait_serving(&url, timeout).await?;
+            match detector {
+                Some(d) => wait_serving(&d, timeout).await,
+                None => Ok(()),
+            }
+        };
         tokio::pin!(ready);
         loop {
             if let Some(i) = self.tasks.iter().position(|(_, t)| t.is_finished()) {

@@ -26,13 +26,47 @@ pub const SIGMA: f64 = 3.0;
 pub const MID_NUM: usize = 10;
 /// body.py:113-115 `limbSeq` (1-based COCO-18 parts).
 pub const LIMB_SEQ: [[usize; 2]; 19] = [
-    [2, 3], [2, 6], [3, 4], [4, 5], [6, 7], [7, 8], [2, 9], [9, 10], [10, 11], [2, 12], [12, 13], [13, 14],
-    [2, 1], [1, 15], [15, 17], [1, 16], [16, 18], [3, 17], [6, 18],
+    [2, 3],
+    [2, 6],
+    [3, 4],
+    [4, 5],
+    [6, 7],
+    [7, 8],
+    [2, 9],
+    [9, 10],
+    [10, 11],
+    [2, 12],
+    [12, 13],
+    [13, 14],
+    [2, 1],
+    [1, 15],
+    [15, 17],
+    [1, 16],
+    [16, 18],
+    [3, 17],
+    [6, 18],
 ];
 /// body.py:117-119 `mapIdx` (PAF channel = value - 19).
 pub const MAP_IDX: [[usize; 2]; 19] = [
-    [31, 32], [39, 40], [33, 34], [35, 36], [41, 42], [43, 44], [19, 20], [21, 22], [23, 24], [25, 26],
-    [27, 28], [29, 30], [47, 48], [49, 50], [53, 54], [51, 52], [55, 56], [37, 38], [45, 46],
+    [31, 32],
+    [39, 40],
+    [33, 34],
+    [35, 36],
+    [41, 42],
+    [43, 44],
+    [19, 20],
+    [21, 22],
+    [23, 24],
+    [25, 26],
+    [27, 28],
+    [29, 30],
+    [47, 48],
+    [49, 50],
+    [53, 54],
+    [51, 52],
+    [55, 56],
+    [37, 38],
+    [45, 46],
 ];
 
 /// One scale's network input: the picture resized (`smart_resize_k`) and padded right/down to a multiple of the
@@ -66,21 +100,42 @@ pub fn prepare(pixels: &[u8], h: usize, w: usize, multiplier: f64) -> Result<Pre
         bail!("openpose: the picture ({w}x{h}) is too narrow to detect in");
     }
     let resized = resize_u8(pixels, (h, w, 3), (hs, ws), smart_interp(h, w, ht, wt));
-    let pad_down = if hs % STRIDE == 0 { 0 } else { STRIDE - hs % STRIDE };
-    let pad_right = if ws % STRIDE == 0 { 0 } else { STRIDE - ws % STRIDE };
+    let pad_down = if hs % STRIDE == 0 {
+        0
+    } else {
+        STRIDE - hs % STRIDE
+    };
+    let pad_right = if ws % STRIDE == 0 {
+        0
+    } else {
+        STRIDE - ws % STRIDE
+    };
     let (hp, wp) = (hs + pad_down, ws + pad_right);
     let mut padded = vec![PAD_VALUE; hp * wp * 3];
     for y in 0..hs {
-        padded[y * wp * 3..(y * wp + ws) * 3].copy_from_slice(&resized[y * ws * 3..(y + 1) * ws * 3]);
+        padded[y * wp * 3..(y * wp + ws) * 3]
+            .copy_from_slice(&resized[y * ws * 3..(y + 1) * ws * 3]);
     }
-    Ok(Prepared { padded, hp, wp, hs, ws })
+    Ok(Prepared {
+        padded,
+        hp,
+        wp,
+        hs,
+        ws,
+    })
 }
 
 impl Prepared {
     /// body.py:59 `np.float32(padded) / 256 - 0.5`, as `[1, 3, hp, wp]`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        let data: Vec<f32> = self.padded.iter().map(|&v| v as f32 / 256.0 - 0.5).collect();
-        Tensor::from_vec(data, (1, self.hp, self.wp, 3), device)?.permute((0, 3, 1, 2))?.contiguous()
+        let data: Vec<f32> = self
+            .padded
+            .iter()
+            .map(|&v| v as f32 / 256.0 - 0.5)
+            .collect();
+        Tensor::from_vec(data, (1, self.hp, self.wp, 3), device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 }
 
@@ -95,7 +150,12 @@ pub struct Maps {
 
 /// body.py:72-75 / 78-81: one channel of the network output (`[h8, w8]`) → x8 (LANCZOS4), crop the padding,
 /// resize to the picture's size.
-fn upsample_channel(ch: &[f32], (h8, w8): (usize, usize), p: &Prepared, (h, w): (usize, usize)) -> Vec<f32> {
+fn upsample_channel(
+    ch: &[f32],
+    (h8, w8): (usize, usize),
+    p: &Prepared,
+    (h, w): (usize, usize),
+) -> Vec<f32> {
     let up = resize_f32(ch, (h8, w8), (h8 * STRIDE, w8 * STRIDE), Interp::Lanczos4);
     let mut crop = Vec::with_capacity(p.hs * p.ws);
     for y in 0..p.hs {
@@ -108,15 +168,33 @@ fn upsample_channel(ch: &[f32], (h8, w8): (usize, usize), p: &Prepared, (h, w): 
 /// Adds one scale's network outputs (`paf [1,38,h8,w8]`, `heat [1,19,h8,w8]`) to the averages as body.py:83-84
 /// does: `heatmap_avg += heatmap_avg + heatmap / n` (sic: doubles the running sum; with the single scale of 0.0.10
 /// that is `heatmap`) and `paf_avg += paf / n`.
-pub fn accumulate(maps: &mut Maps, p: &Prepared, paf: &Tensor, heat: &Tensor, n_scales: usize) -> Result<()> {
+pub fn accumulate(
+    maps: &mut Maps,
+    p: &Prepared,
+    paf: &Tensor,
+    heat: &Tensor,
+    n_scales: usize,
+) -> Result<()> {
     let (h, w) = (maps.h, maps.w);
     for (t, channels, is_heat) in [(heat, HEAT_CHANNELS, true), (paf, PAF_CHANNELS, false)] {
         let (_, c, h8, w8) = t.dims4()?;
         if c != channels || h8 * STRIDE != p.hp || w8 * STRIDE != p.wp {
-            bail!("openpose: network output {:?} does not fit the {}x{} input", t.dims(), p.wp, p.hp);
+            bail!(
+                "openpose: network output {:?} does not fit the {}x{} input",
+                t.dims(),
+                p.wp,
+                p.hp
+            );
         }
-        let data = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let avg = if is_heat { &mut maps.heat } else { &mut maps.paf };
+        let data = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let avg = if is_heat {
+            &mut maps.heat
+        } else {
+            &mut maps.paf
+        };
         for ch in 0..c {
             let m = upsample_channel(&data[ch * h8 * w8..(ch + 1) * h8 * w8], (h8, w8), p, (h, w));
             for (i, v) in m.iter().enumerate() {
@@ -139,17 +217,33 @@ pub fn find_peaks(maps: &Maps) -> Vec<Vec<Peak>> {
     let mut all = Vec::with_capacity(18);
     let mut counter = 0usize;
     for part in 0..18 {
-        let ori: Vec<f64> = (0..h * w).map(|i| maps.heat[i * HEAT_CHANNELS + part]).collect();
+        let ori: Vec<f64> = (0..h * w)
+            .map(|i| maps.heat[i * HEAT_CHANNELS + part])
+            .collect();
         let s = gaussian_filter(&ori, h, w, SIGMA);
         let at = |y: isize, x: isize| -> f64 {
-            if y < 0 || x < 0 || y >= h as isize || x >= w as isize { 0.0 } else { s[y as usize * w + x as usize] }
+            if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                0.0
+            } else {
+                s[y as usize * w + x as usize]
+            }
         };
         let mut peaks = Vec::new();
         for y in 0..h as isize {
             for x in 0..w as isize {
                 let v = at(y, x);
-                if v >= at(y - 1, x) && v >= at(y + 1, x) && v >= at(y, x - 1) && v >= at(y, x + 1) && v > THRE1 {
-                    peaks.push([x as f64, y as f64, ori[y as usize * w + x as usize], counter as f64]);
+                if v >= at(y - 1, x)
+                    && v >= at(y + 1, x)
+                    && v >= at(y, x - 1)
+                    && v >= at(y, x + 1)
+                    && v > THRE1
+                {
+                    peaks.push([
+                        x as f64,
+                        y as f64,
+                        ori[y as usize * w + x as usize],
+                        counter as f64,
+                    ]);
                     counter += 1;
                 }
             }
@@ -165,7 +259,9 @@ type Connection = [f64; 5];
 /// `np.linspace(a, b, num)`: `i * step + a`, the last value exactly `b`.
 fn linspace(a: f64, b: f64, num: usize) -> Vec<f64> {
     let step = (b - a) / (num - 1) as f64;
-    (0..num).map(|i| if i == num - 1 { b } else { i as f64 * step + a }).collect()
+    (0..num)
+        .map(|i| if i == num - 1 { b } else { i as f64 * step + a })
+        .collect()
 }
 
 /// body.py:125-170: scores every candidate pair of each limb along the PAF and keeps the best disjoint ones.
@@ -195,8 +291,9 @@ fn connect(maps: &Maps, peaks: &[Vec<Peak>]) -> Vec<Option<Vec<Connection>>> {
                 let (vx, vy) = (vx / norm, vy / norm);
                 let xs = linspace(a[0], b[0], MID_NUM);
                 let ys = linspace(a[1], b[1], MID_NUM);
-                let mids: Vec<f64> =
-                    (0..MID_NUM).map(|s| paf_at(ys[s], xs[s], cx) * vx + paf_at(ys[s], xs[s], cy) * vy).collect();
+                let mids: Vec<f64> = (0..MID_NUM)
+                    .map(|s| paf_at(ys[s], xs[s], cx) * vx + paf_at(ys[s], xs[s], cy) * vy)
+                    .collect();
                 let mut sum = 0f64;
                 for m in &mids {
                     sum += m;
@@ -306,12 +403,21 @@ pub fn estimate_from_maps(maps: &Maps) -> BodyEstimate {
 
 /// The scale multipliers for a picture `h` pixels high (body.py:51 `x * boxsize / oriImg.shape[0]`).
 pub fn multipliers(h: usize) -> Vec<f64> {
-    SCALE_SEARCH.iter().map(|x| x * BOXSIZE / h as f64).collect()
+    SCALE_SEARCH
+        .iter()
+        .map(|x| x * BOXSIZE / h as f64)
+        .collect()
 }
 
 /// `Body.__call__(oriImg)`: `pixels` is `h x w x 3` interleaved in the channel order body.py receives (BGR:
 /// `OpenposeDetector.detect_poses` flips RGB first; see [`super::detect_people`]).
-pub fn body_call(net: &BodyPoseNet, pixels: &[u8], h: usize, w: usize, device: &Device) -> Result<(BodyEstimate, Maps)> {
+pub fn body_call(
+    net: &BodyPoseNet,
+    pixels: &[u8],
+    h: usize,
+    w: usize,
+    device: &Device,
+) -> Result<(BodyEstimate, Maps)> {
     let maps = body_maps(pixels, h, w, |x| net.forward(&x.to_tensor(device)?))?;
     Ok((estimate_from_maps(&maps), maps))
 }
@@ -324,10 +430,18 @@ pub fn body_maps(
     mut net: impl FnMut(&Prepared) -> Result<(Tensor, Tensor)>,
 ) -> Result<Maps> {
     if pixels.len() != h * w * 3 {
-        bail!("openpose: {} bytes is not a {w}x{h} RGB picture", pixels.len());
+        bail!(
+            "openpose: {} bytes is not a {w}x{h} RGB picture",
+            pixels.len()
+        );
     }
     let mults = multipliers(h);
-    let mut maps = Maps { h, w, heat: vec![0.0; h * w * HEAT_CHANNELS], paf: vec![0.0; h * w * PAF_CHANNELS] };
+    let mut maps = Maps {
+        h,
+        w,
+        heat: vec![0.0; h * w * HEAT_CHANNELS],
+        paf: vec![0.0; h * w * PAF_CHANNELS],
+    };
     for &m in &mults {
         let p = prepare(pixels, h, w, m)?;
         let (paf, heat) = net(&p)?;

@@ -94,7 +94,11 @@ fn area_tab(src: usize, dst: usize) -> Vec<(usize, usize, f32)> {
             tab.push((dx, sx as usize, (1.0 / cell) as f32));
         }
         if fsx2 - sx2 as f64 > 1e-3 {
-            tab.push((dx, sx2 as usize, ((fsx2 - sx2 as f64).min(1.0).min(cell) / cell) as f32));
+            tab.push((
+                dx,
+                sx2 as usize,
+                ((fsx2 - sx2 as f64).min(1.0).min(cell) / cell) as f32,
+            ));
         }
     }
     tab
@@ -148,7 +152,12 @@ fn check(len: usize, (h, w, cn): (usize, usize, usize), (dh, dw): (usize, usize)
 }
 
 /// `cv2.resize(src, (dw, dh), interpolation)` for an 8-bit `h x w x cn` picture (interleaved channels).
-pub fn resize_u8(src: &[u8], shape: (usize, usize, usize), dsize: (usize, usize), interp: Interp) -> Vec<u8> {
+pub fn resize_u8(
+    src: &[u8],
+    shape: (usize, usize, usize),
+    dsize: (usize, usize),
+    interp: Interp,
+) -> Vec<u8> {
     check(src.len(), shape, dsize);
     let (h, w, cn) = shape;
     let (dh, dw) = dsize;
@@ -156,9 +165,19 @@ pub fn resize_u8(src: &[u8], shape: (usize, usize, usize), dsize: (usize, usize)
         return src.to_vec();
     }
     if interp == Interp::Area && dh <= h && dw <= w {
-        return area(src, shape, dsize, |v| v as f32, |s| s.round_ties_even().clamp(0.0, 255.0) as u8);
+        return area(
+            src,
+            shape,
+            dsize,
+            |v| v as f32,
+            |s| s.round_ties_even().clamp(0.0, 255.0) as u8,
+        );
     }
-    assert_eq!(interp, Interp::Lanczos4, "cv_resize: INTER_AREA enlarging is not reproduced");
+    assert_eq!(
+        interp,
+        Interp::Lanczos4,
+        "cv_resize: INTER_AREA enlarging is not reproduced"
+    );
     let xt = lanczos_tab(w, dw);
     let yt = lanczos_tab(h, dh);
     let xa: Vec<[i32; 8]> = xt.iter().map(|t| fixed_coeffs(&t.1)).collect();
@@ -180,8 +199,9 @@ pub fn resize_u8(src: &[u8], shape: (usize, usize, usize), dsize: (usize, usize)
     let mut dst = vec![0u8; dh * dw * cn];
     for (dy, (sy0, c)) in yt.iter().enumerate() {
         let b = fixed_coeffs(c);
-        let srcs: Vec<&[i32]> =
-            (0..8).map(|k| &rows[clamp_idx(sy0 + k as i64, h) * dw * cn..][..dw * cn]).collect();
+        let srcs: Vec<&[i32]> = (0..8)
+            .map(|k| &rows[clamp_idx(sy0 + k as i64, h) * dw * cn..][..dw * cn])
+            .collect();
         for x in 0..dw * cn {
             let mut v = 0i32;
             for k in 0..8 {
@@ -195,7 +215,12 @@ pub fn resize_u8(src: &[u8], shape: (usize, usize, usize), dsize: (usize, usize)
 }
 
 /// `cv2.resize(src, (dw, dh), interpolation)` for a single-channel float32 `h x w` map.
-pub fn resize_f32(src: &[f32], (h, w): (usize, usize), dsize: (usize, usize), interp: Interp) -> Vec<f32> {
+pub fn resize_f32(
+    src: &[f32],
+    (h, w): (usize, usize),
+    dsize: (usize, usize),
+    interp: Interp,
+) -> Vec<f32> {
     check(src.len(), (h, w, 1), dsize);
     let (dh, dw) = dsize;
     if (h, w) == (dh, dw) {
@@ -204,7 +229,11 @@ pub fn resize_f32(src: &[f32], (h, w): (usize, usize), dsize: (usize, usize), in
     if interp == Interp::Area && dh <= h && dw <= w {
         return area(src, (h, w, 1), dsize, |v| v, |s| s);
     }
-    assert_eq!(interp, Interp::Lanczos4, "cv_resize: INTER_AREA enlarging is not reproduced");
+    assert_eq!(
+        interp,
+        Interp::Lanczos4,
+        "cv_resize: INTER_AREA enlarging is not reproduced"
+    );
     let xt = lanczos_tab(w, dw);
     let yt = lanczos_tab(h, dh);
     let mut rows = vec![0f32; h * dw];
@@ -220,7 +249,9 @@ pub fn resize_f32(src: &[f32], (h, w): (usize, usize), dsize: (usize, usize), in
     }
     let mut dst = vec![0f32; dh * dw];
     for (dy, (sy0, b)) in yt.iter().enumerate() {
-        let r: Vec<&[f32]> = (0..8).map(|k| &rows[clamp_idx(sy0 + k as i64, h) * dw..][..dw]).collect();
+        let r: Vec<&[f32]> = (0..8)
+            .map(|k| &rows[clamp_idx(sy0 + k as i64, h) * dw..][..dw])
+            .collect();
         for x in 0..dw {
             // VResizeLanczos4Vec_32f's grouping
             let lo = b[0] * r[0][x] + b[1] * r[1][x] + b[2] * r[2][x] + b[3] * r[3][x];
@@ -247,8 +278,16 @@ mod tests {
     #[test]
     fn area_of_a_constant_is_the_constant() {
         let src = vec![7u8; 10 * 13 * 3];
-        assert!(resize_u8(&src, (10, 13, 3), (4, 5), Interp::Area).iter().all(|&v| v == 7));
+        assert!(
+            resize_u8(&src, (10, 13, 3), (4, 5), Interp::Area)
+                .iter()
+                .all(|&v| v == 7)
+        );
         let src = vec![0.25f32; 23 * 9];
-        assert!(resize_f32(&src, (23, 9), (8, 4), Interp::Area).iter().all(|&v| (v - 0.25).abs() < 1e-6));
+        assert!(
+            resize_f32(&src, (23, 9), (8, 4), Interp::Area)
+                .iter()
+                .all(|&v| (v - 0.25).abs() < 1e-6)
+        );
     }
 }

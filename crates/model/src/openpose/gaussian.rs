@@ -9,7 +9,9 @@
 fn kernel(sigma: f64) -> Vec<f64> {
     let radius = (4.0 * sigma + 0.5) as i64;
     let s2 = sigma * sigma;
-    let phi: Vec<f64> = (-radius..=radius).map(|x| (-0.5 / s2 * (x * x) as f64).exp()).collect();
+    let phi: Vec<f64> = (-radius..=radius)
+        .map(|x| (-0.5 / s2 * (x * x) as f64).exp())
+        .collect();
     let sum: f64 = phi.iter().sum();
     phi.iter().map(|v| v / sum).collect()
 }
@@ -72,6 +74,10 @@ mod tests {
     #[test]
     fn a_constant_map_stays_constant() {
         let m = vec![0.5f64; 7 * 5];
-        assert!(gaussian_filter(&m, 7, 5, 3.0).iter().all(|v| (v - 0.5).abs() < 1e-12));
+        assert!(
+            gaussian_filter(&m, 7, 5, 3.0)
+                .iter()
+                .all(|v| (v - 0.5).abs() < 1e-12)
+        );
     }
 }

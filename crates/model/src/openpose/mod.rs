@@ -44,11 +44,27 @@ pub fn people_from_estimate(est: &BodyEstimate) -> Vec<Person> {
 
 /// `OpenposeDetector.detect_poses(rgb)` (body only): flips RGB → BGR (`oriImg[:, :, ::-1]`), runs
 /// `Body.__call__` and returns the people on a `width x height` canvas (empty `people` = nobody found).
-pub fn detect_people(net: &BodyPoseNet, rgb: &[u8], width: usize, height: usize, device: &Device) -> Result<PoseKeypoints> {
+pub fn detect_people(
+    net: &BodyPoseNet,
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<PoseKeypoints> {
     if rgb.len() != width * height * 3 {
-        candle_core::bail!("openpose: {} bytes is not a {width}x{height} RGB picture", rgb.len());
+        candle_core::bail!(
+            "openpose: {} bytes is not a {width}x{height} RGB picture",
+            rgb.len()
+        );
     }
-    let bgr: Vec<u8> = rgb.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
+    let bgr: Vec<u8> = rgb
+        .chunks_exact(3)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
     let (est, _) = body_call(net, &bgr, height, width, device)?;
-    Ok(PoseKeypoints { canvas_width: width, canvas_height: height, people: people_from_estimate(&est) })
+    Ok(PoseKeypoints {
+        canvas_width: width,
+        canvas_height: height,
+        people: people_from_estimate(&est),
+    })
 }

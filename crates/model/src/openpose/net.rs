@@ -55,20 +55,29 @@ impl Conv {
             let key = format!("{name}.{suffix}");
             match t.get(&key) {
                 Some(v) => v.to_dtype(DType::F32)?.to_device(device),
-                None => bail!("openpose body weights: missing tensor `{key}` (body_pose_model.pth key names expected)"),
+                None => bail!(
+                    "openpose body weights: missing tensor `{key}` (body_pose_model.pth key names expected)"
+                ),
             }
         };
         let weight = get("weight")?;
         let bias = get("bias")?;
         let (o, _i, kh, kw) = match weight.dims() {
             [o, i, kh, kw] => (*o, *i, *kh, *kw),
-            d => bail!("openpose body weights: `{name}.weight` has shape {d:?}, expected [out, in, k, k]"),
+            d => bail!(
+                "openpose body weights: `{name}.weight` has shape {d:?}, expected [out, in, k, k]"
+            ),
         };
         if kh != kw || kh % 2 == 0 {
-            bail!("openpose body weights: `{name}.weight` has a {kh}x{kw} kernel, expected an odd square one");
+            bail!(
+                "openpose body weights: `{name}.weight` has a {kh}x{kw} kernel, expected an odd square one"
+            );
         }
         if bias.dims() != [o] {
-            bail!("openpose body weights: `{name}.bias` has shape {:?}, expected [{o}]", bias.dims());
+            bail!(
+                "openpose body weights: `{name}.bias` has shape {:?}, expected [{o}]",
+                bias.dims()
+            );
         }
         Ok(Self {
             bias: bias.reshape((1, o, 1, 1))?,
@@ -87,7 +96,9 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?.broadcast_add(&self.bias)?;
+        let y = x
+            .conv2d(&self.weight, self.padding, 1, 1, 1)?
+            .broadcast_add(&self.bias)?;
         if self.relu { y.relu() } else { Ok(y) }
     }
 }
@@ -105,7 +116,9 @@ fn stage_layer_names(stage: usize, branch: usize) -> Vec<String> {
     if stage == 1 {
         (1..=5).map(|i| format!("conv5_{i}_CPM_L{l}")).collect()
     } else {
-        (1..=7).map(|i| format!("Mconv{i}_stage{stage}_L{l}")).collect()
+        (1..=7)
+            .map(|i| format!("Mconv{i}_stage{stage}_L{l}"))
+            .collect()
     }
 }
 
@@ -154,7 +167,11 @@ impl BodyPoseNet {
             bail!("openpose body weights: conv1_1 must take 3 input channels");
         }
         for (s, branches) in self.stages.iter().enumerate() {
-            let expect_in = if s == 0 { feat } else { PAF_CHANNELS + HEAT_CHANNELS + feat };
+            let expect_in = if s == 0 {
+                feat
+            } else {
+                PAF_CHANNELS + HEAT_CHANNELS + feat
+            };
             for (b, convs) in branches.iter().enumerate() {
                 let out = [PAF_CHANNELS, HEAT_CHANNELS][b];
                 if convs[0].in_channels() != expect_in {
@@ -166,7 +183,11 @@ impl BodyPoseNet {
                     );
                 }
                 if convs.last().map(Conv::out_channels) != Some(out) {
-                    bail!("openpose body weights: stage {} L{} must output {out} channels", s + 1, b + 1);
+                    bail!(
+                        "openpose body weights: stage {} L{} must output {out} channels",
+                        s + 1,
+                        b + 1
+                    );
                 }
             }
         }
@@ -202,4 +223,48 @@ impl BodyPoseNet {
         }
         Ok(out)
     }
+}
+
+/// Reads only the header of a weights file: refuses a file that is not a body network (a missing layer), and
+/// names its architecture: `bodypose_model` (controlnet-aux's widths, conv1_1 with 64 filters) or a narrower one.
+pub fn inspect(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let fail = |what: String| {
+        candle_core::Error::Msg(format!("openpose body weights {}: {what}", path.display()))
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| fail("not a safetensors file".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(fail("not a safetensors file (header too large)".into()));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| fail("truncated safetensors header".into()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| fail("not a safetensors file".into()))?;
+    let mut names: Vec<String> = BACKBONE.iter().flatten().map(|s| s.to_string()).collect();
+    for stage in 1..=STAGES {
+        for branch in 0..2 {
+            names.extend(stage_layer_names(stage, branch));
+        }
+    }
+    for name in &names {
+        for suffix in ["weight", "bias"] {
+            if header.get(format!("{name}.{suffix}")).is_none() {
+                return Err(fail(format!(
+                    "no tensor `{name}.{suffix}`: not controlnet-aux's body_pose_model (convert the .pth with \
+                     tools/openpose/convert_body_pose_model.py)"
+                )));
+            }
+        }
+    }
+    let width = header["conv1_1.weight"]["shape"][0].as_u64().unwrap_or(0);
+    Ok(if width == 64 {
+        "bodypose_model".to_string()
+    } else {
+        format!("bodypose_model, narrower (conv1_1: {width} filters)")
+    })
 }

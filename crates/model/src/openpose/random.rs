@@ -59,8 +59,18 @@ impl BodyNetShape {
     /// Every conv as `(name, in, out, kernel)`, in model.py's order.
     pub fn layers(&self) -> Vec<(String, usize, usize, usize)> {
         const NAMES: [&str; 12] = [
-            "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv3_4", "conv4_1",
-            "conv4_2", "conv4_3_CPM", "conv4_4_CPM",
+            "conv1_1",
+            "conv1_2",
+            "conv2_1",
+            "conv2_2",
+            "conv3_1",
+            "conv3_2",
+            "conv3_3",
+            "conv3_4",
+            "conv4_1",
+            "conv4_2",
+            "conv4_3_CPM",
+            "conv4_4_CPM",
         ];
         let mut out = Vec::new();
         let mut c = 3;
@@ -69,7 +79,10 @@ impl BodyNetShape {
             c = o;
         }
         let feat = c;
-        for (l, n_out) in [(1, super::net::PAF_CHANNELS), (2, super::net::HEAT_CHANNELS)] {
+        for (l, n_out) in [
+            (1, super::net::PAF_CHANNELS),
+            (2, super::net::HEAT_CHANNELS),
+        ] {
             let s = self.stage;
             out.push((format!("conv5_1_CPM_L{l}"), feat, s, 3));
             out.push((format!("conv5_2_CPM_L{l}"), s, s, 3));
@@ -79,7 +92,10 @@ impl BodyNetShape {
         }
         let stage_in = super::net::PAF_CHANNELS + super::net::HEAT_CHANNELS + feat;
         for i in 2..=super::net::STAGES {
-            for (l, n_out) in [(1, super::net::PAF_CHANNELS), (2, super::net::HEAT_CHANNELS)] {
+            for (l, n_out) in [
+                (1, super::net::PAF_CHANNELS),
+                (2, super::net::HEAT_CHANNELS),
+            ] {
                 let s = self.stage;
                 out.push((format!("Mconv1_stage{i}_L{l}"), stage_in, s, 7));
                 for m in 2..=5 {
@@ -99,10 +115,16 @@ pub fn random_body_weights(shape: &BodyNetShape, seed: u64) -> Result<HashMap<St
     for (name, i, o, k) in shape.layers() {
         let wname = format!("{name}.weight");
         let bound = (6.0f64 / (i * k * k) as f64).sqrt() as f32;
-        let w: Vec<f32> = uniform(&wname, o * i * k * k, seed).into_iter().map(|v| v * bound).collect();
+        let w: Vec<f32> = uniform(&wname, o * i * k * k, seed)
+            .into_iter()
+            .map(|v| v * bound)
+            .collect();
         map.insert(wname, Tensor::from_vec(w, (o, i, k, k), &Device::Cpu)?);
         let bname = format!("{name}.bias");
-        let b: Vec<f32> = uniform(&bname, o, seed).into_iter().map(|v| v * BIAS_BOUND).collect();
+        let b: Vec<f32> = uniform(&bname, o, seed)
+            .into_iter()
+            .map(|v| v * BIAS_BOUND)
+            .collect();
         map.insert(bname, Tensor::from_vec(b, o, &Device::Cpu)?);
     }
     Ok(map)
@@ -114,7 +136,11 @@ mod tests {
 
     #[test]
     fn the_controlnet_aux_shape_has_bodypose_models_parameter_count() {
-        let n: usize = BodyNetShape::CONTROLNET_AUX.layers().iter().map(|(_, i, o, k)| o * i * k * k + o).sum();
+        let n: usize = BodyNetShape::CONTROLNET_AUX
+            .layers()
+            .iter()
+            .map(|(_, i, o, k)| o * i * k * k + o)
+            .sum();
         // sum(p.numel() for p in bodypose_model().parameters())
         assert_eq!(n, 52_311_446);
     }

@@ -84,6 +84,12 @@ pub fn validate_pose(
             let h = control::side("height_px", s.height_px, pose.canvas_height, g, limits)?;
             (Pose::Keypoints(pose), PoseSource::KeypointsJson, w, h)
         }
+        Some(pose_request::Pose::ReferenceImage(_)) => {
+            // crate::reference_pose::resolve turns it into keypoints_json before validation
+            return Err(GatewayError::Internal(
+                "reference_image reached validation unresolved".into(),
+            ));
+        }
     };
     let settings = settings::convert(
         s,
