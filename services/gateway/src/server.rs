@@ -107,13 +107,13 @@ pub async fn run(
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
     tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae,
         extra_models = ?config.extra_models, "gateway listening");
-    let service = GatewayService {
     let detector = config
         .pose_detector
         .as_deref()
         .map(crate::reference_pose::Detector::new)
         .transpose()
         .map_err(GatewayError::Internal)?;
+    let service = GatewayService {
         models,
         detector,
         queue: crate::stages::admission::RequestQueue::new(config.max_queued),
