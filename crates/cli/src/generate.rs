@@ -238,6 +238,7 @@ impl ApiRequest {
             Self::Outpaint(r) => r.settings.as_ref(),
             Self::Pose(r) => r.settings.as_ref(),
             Self::ControlNetInpaint(r) => r.settings.as_ref(),
+            Self::Edit(r) => r.settings.as_ref(),
         }
     }
 }

@@ -103,6 +103,7 @@ impl StageDef for PoseDetectorStage {
                     max_batch: 1,
                     max_side_px: MAX_SIDE_PX as u32,
                     max_pixels: config.max_pixels,
+                    max_batched_requests: 1,
                 }),
                 ..Default::default()
             },

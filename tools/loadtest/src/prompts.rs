@@ -24,6 +24,7 @@ fn request(seed: u64) -> EncodeRequest {
         prompts: vec![prompt; PROMPTS],
         max_sequence_length: 0,
         overlong_policy: OverlongPromptPolicy::Truncate as i32,
+        ..Default::default()
     }
 }
 
