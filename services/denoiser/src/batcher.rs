@@ -506,7 +506,22 @@ fn step(model: &mut LoadedModel, ctx: &JobCtx<'_>, batcher: &Batcher, key: &Batc
         return;
     }
     let step_started = Instant::now();
-    let _span = tracing::info_span!("denoise_step", batch = members.len()).entered();
+    // The step's timestep (the oldest member's; members joined later may be at other steps, listed in
+    // `timesteps`).
+    let timesteps: Vec<f32> = members
+        .iter()
+        .map(|&i| {
+            let m = &model.batch.0[i];
+            m.schedule.timesteps.get(m.step).copied().unwrap_or(f32::NAN)
+        })
+        .collect();
+    let _span = tracing::info_span!(
+        "denoise_step",
+        batch = members.len(),
+        timestep = timesteps[0],
+        timesteps = ?timesteps
+    )
+    .entered();
     let all = Interrupt::all(
         &members
             .iter()
