@@ -83,7 +83,10 @@ async fn start_keyed_stack(dir: &Path) -> (ProcessStack, SocketAddr) {
     let keys = dir.join("api-keys");
     std::fs::write(
         &keys,
-        format!("# the test key, by its digest\n{KEY_NAME}:{}\n", sha256_hex(KEY)),
+        format!(
+            "# the test key, by its digest\n{KEY_NAME}:{}\n",
+            sha256_hex(KEY)
+        ),
     )
     .expect("write keys");
     let spec = StackSpec {
@@ -167,7 +170,8 @@ fn read_png(path: &Path) -> (u32, u32, Vec<u8>) {
 
 fn verdict(j: &Judge, path: &Path) -> Verdict {
     let (w, h, rgb) = read_png(path);
-    j.judge(&rgb, w as usize, h as usize).expect("64x64 picture")
+    j.judge(&rgb, w as usize, h as usize)
+        .expect("64x64 picture")
 }
 
 /// The repainted area of the edit test: the middle of the picture, where the figure stands (as in
@@ -270,7 +274,11 @@ async fn the_openai_python_sdk_drives_the_http_api() {
     );
     let v = verdict(&j, &work.join("pose.png"));
     eprintln!("pose (keypoints: kicking) -> {v:?}");
-    assert_eq!((v.colour.as_str(), v.pose.as_str()), ("blue", "kicking"), "{v:?}");
+    assert_eq!(
+        (v.colour.as_str(), v.pose.as_str()),
+        ("blue", "kicking"),
+        "{v:?}"
+    );
 
     let n2 = results["n2"].as_array().expect("n2");
     assert_eq!(n2.len(), 2, "n=2 gives two images");
@@ -304,7 +312,11 @@ async fn the_openai_python_sdk_drives_the_http_api() {
     );
     let v = verdict(&j, &work.join("edit.png"));
     eprintln!("edit (blue, {kept} pixels kept) -> {v:?}");
-    assert_eq!((v.colour.as_str(), v.background.as_str()), ("blue", "white"), "{v:?}");
+    assert_eq!(
+        (v.colour.as_str(), v.background.as_str()),
+        ("blue", "white"),
+        "{v:?}"
+    );
 
     let types: Vec<&str> = results["stream_types"]
         .as_array()
@@ -360,10 +372,15 @@ async fn the_web_page_works_in_headless_chromium() {
             .expect("JSON");
     eprintln!("{shown:#}");
     assert!(
-        shown["status"].as_str().is_some_and(|s| s.starts_with("Done")),
+        shown["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Done")),
         "{shown}"
     );
-    assert!(shown["previews"].as_u64().is_some_and(|n| n >= 1), "{shown}");
+    assert!(
+        shown["previews"].as_u64().is_some_and(|n| n >= 1),
+        "{shown}"
+    );
     let params: serde_json::Value =
         serde_json::from_str(shown["params"].as_str().expect("params")).expect("params JSON");
     assert_eq!(params["seed"], 7, "{params}");

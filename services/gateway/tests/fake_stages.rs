@@ -735,9 +735,7 @@ async fn api_keys_guard_the_api_but_not_health_or_reflection() {
         .await
         .expect("reflection without a key");
     assert!(
-        services
-            .iter()
-            .any(|s| s == "qwen_image.v1.ImageGenerator"),
+        services.iter().any(|s| s == "qwen_image.v1.ImageGenerator"),
         "{services:?}"
     );
 
@@ -752,10 +750,10 @@ async fn api_keys_guard_the_api_but_not_health_or_reflection() {
 
 /// The services gRPC reflection (v1) lists.
 async fn reflected_services(url: &str) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut c = ServerReflectionClient::connect(url.to_string())
         .await
         .expect("connect");
