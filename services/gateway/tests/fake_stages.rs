@@ -754,9 +754,7 @@ async fn reflected_services(url: &str) -> Result<Vec<String>, tonic::Status> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut c = ServerReflectionClient::connect(url.to_string())
-        .await
-        .expect("connect");
+    let mut c = ServerReflectionClient::new(qwen_image_testkit::service::channel(url));
     let ask = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
