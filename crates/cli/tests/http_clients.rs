@@ -96,8 +96,12 @@ async fn start_keyed_stack(dir: &Path) -> (ProcessStack, SocketAddr) {
             "--api-keys-file".into(),
             keys.display().to_string(),
         ],
-        // Logs of every request (the gateway's `accepted` / `done` lines carry the request span).
-        env: vec![("RUST_LOG".into(), "info".into())],
+        // Logs of every request (the gateway's `accepted` / `done` lines carry the request span), without
+        // ANSI colours (which split `field=value`).
+        env: vec![
+            ("RUST_LOG".into(), "info".into()),
+            ("NO_COLOR".into(), "1".into()),
+        ],
         ..StackSpec::default()
     };
     let stack = ProcessStack::serving(
@@ -128,7 +132,7 @@ fn assert_logs_name_the_key_only(stack: &ProcessStack) {
         .gateway
         .log_lines()
         .into_iter()
-        .filter(|l| l.contains(&format!("api_key={KEY_NAME}")))
+        .filter(|l| l.contains(&format!("api_key=\"{KEY_NAME}\"")))
         .count();
     assert!(
         named > 0,
