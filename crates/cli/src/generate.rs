@@ -79,6 +79,9 @@ pub struct TargetArgs {
     /// No progress bar.
     #[arg(long, env = "QWEN_IMAGE_QUIET")]
     pub quiet: bool,
+    /// API key for a gateway started with `--api-keys-file`, sent as `authorization: Bearer KEY`.
+    #[arg(long, env = "QWEN_IMAGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl TargetArgs {
@@ -90,6 +93,7 @@ impl TargetArgs {
             model,
             timeout: Duration::from_secs(self.timeout_secs),
             quiet: self.quiet,
+            api_key: self.api_key.clone(),
             options: options.with_weight_files(&self.weights),
         }
     }
@@ -144,6 +148,8 @@ pub struct Target {
     pub model: Option<PathBuf>,
     pub timeout: Duration,
     pub quiet: bool,
+    /// Sent as `authorization: Bearer KEY`.
+    pub api_key: Option<String>,
     /// Options of the local stack's stages (e.g. the ControlNets its denoiser loads).
     pub options: StageOptions,
 }
@@ -179,7 +185,7 @@ fn with_model_default_size(request: ApiRequest, model: &Path) -> ApiRequest {
 pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result<GenerateResult> {
     let (timeout, quiet) = (target.timeout, target.quiet);
     let result = match &target.gateway {
-        Some(url) => send(url, request, timeout, quiet, out).await?,
+        Some(url) => send(url, request, timeout, quiet, target.api_key.as_deref(), out).await?,
         None => {
             let model = match &target.model {
                 Some(m) => Some(m.clone()),
@@ -205,7 +211,7 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
             let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), request, timeout, quiet, out).await
+                send(&stack.gateway_url(), request, timeout, quiet, None, out).await
             }
             .await;
             stack.shutdown().await?;
@@ -311,8 +317,15 @@ async fn send(
     request: ApiRequest,
     timeout: Duration,
     quiet: bool,
+    api_key: Option<&str>,
     out: &Path,
 ) -> Result<GenerateResult> {
+    let authorization = api_key
+        .map(|k| {
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {}", k.trim()))
+                .context("--api-key must be printable ASCII")
+        })
+        .transpose()?;
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("`{url}` is not a gateway URL"))?
         .connect()
@@ -321,20 +334,26 @@ async fn send(
     let mut client = ImageGeneratorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    type Auth = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+    fn call<T>(msg: T, timeout: Duration, authorization: &Auth) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.set_timeout(timeout);
+        if let Some(v) = authorization {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         req
     }
     let stream = match request {
-        ApiRequest::TextToImage(r) => client.text_to_image(with_timeout(r, timeout)).await,
-        ApiRequest::Edit(r) => client.edit(with_timeout(r, timeout)).await,
-        ApiRequest::Img2Img(r) => client.img2_img(with_timeout(r, timeout)).await,
-        ApiRequest::Inpaint(r) => client.inpaint(with_timeout(r, timeout)).await,
-        ApiRequest::Outpaint(r) => client.outpaint(with_timeout(r, timeout)).await,
-        ApiRequest::Pose(r) => client.pose(with_timeout(r, timeout)).await,
+        ApiRequest::TextToImage(r) => client.text_to_image(call(r, timeout, &authorization)).await,
+        ApiRequest::Edit(r) => client.edit(call(r, timeout, &authorization)).await,
+        ApiRequest::Img2Img(r) => client.img2_img(call(r, timeout, &authorization)).await,
+        ApiRequest::Inpaint(r) => client.inpaint(call(r, timeout, &authorization)).await,
+        ApiRequest::Outpaint(r) => client.outpaint(call(r, timeout, &authorization)).await,
+        ApiRequest::Pose(r) => client.pose(call(r, timeout, &authorization)).await,
         ApiRequest::ControlNetInpaint(r) => {
-            client.control_net_inpaint(with_timeout(r, timeout)).await
+            client
+                .control_net_inpaint(call(r, timeout, &authorization))
+                .await
         }
     };
     let mut stream = stream.map_err(status_error)?.into_inner();

@@ -299,3 +299,57 @@ async fn default_model_matches_diffusers_through_the_gateway() {
     eprintln!("controlnet_pose_64: max difference {diff} levels");
     assert!(diff <= 1, "controlnet_pose_64: {diff} levels");
 }
+
+/// The OpenAI-compatible HTTP API (`--http-listen`) on the default model: a text-to-image request as JSON gives
+/// a PNG the judge reads as the asked colour, `n: 2` gives two different pictures, and a bad size is a 400 that
+/// says what to send.
+#[tokio::test]
+async fn default_model_over_the_http_api() {
+    use base64::Engine;
+    use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
+    let spec = StackSpec {
+        gateway_args: vec!["--http-listen".into(), "127.0.0.1:0".into()],
+        ..StackSpec::default()
+    };
+    let stack = ProcessStack::serving(
+        Launcher::Cli(std::path::PathBuf::from(env!("CARGO_BIN_EXE_qwen-image"))),
+        &spec,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = stack.gateway.http_addr(GUARD).await.expect("HTTP address");
+    let json = [("content-type", "application/json")];
+    let post = |body: &'static str| {
+        qwen_image_testkit::http::request(addr, "POST", "/v1/images/generations", &json, body)
+    };
+    let (status, err) = post(r#"{"prompt": "a red stick figure", "size": "64"}"#).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("WIDTHxHEIGHT"), "{err}");
+    let (status, body) = post(
+        r#"{"prompt": "a red stick figure standing on a white background", "size": "64x64", "steps": 20,
+            "seed": 7, "negative_prompt": " ", "true_cfg_scale": 4.0, "n": 2}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let pngs: Vec<Vec<u8>> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|d| {
+            base64::engine::general_purpose::STANDARD
+                .decode(d["b64_json"].as_str().expect("b64_json"))
+                .expect("base64")
+        })
+        .collect();
+    assert_eq!(pngs.len(), 2);
+    assert_ne!(
+        decode_rgb(&pngs[0]).2,
+        decode_rgb(&pngs[1]).2,
+        "n=2 gives two pictures"
+    );
+    let j = judge();
+    let (w, h, rgb) = decode_rgb(&pngs[0]);
+    let verdict = j.judge(&rgb, w as usize, h as usize).expect("64x64");
+    assert_eq!(verdict.colour, "red", "{verdict:?}");
+}

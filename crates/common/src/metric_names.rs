@@ -78,6 +78,21 @@ pub const STAGE_CALL_SECONDS: &str = "qwen_image_gateway_stage_call_duration_sec
 /// `max_sequence_length`, `digest`).
 pub const GATEWAY_REPLICA_REFUSALS_TOTAL: &str = "qwen_image_gateway_replica_refusals_total";
 
+/// Counter: gateway requests that carried a valid API key. Labels: service (`gateway`), key (the key's
+/// name from `--api-keys-file`, never the key).
+pub const GATEWAY_API_KEY_REQUESTS_TOTAL: &str = "qwen_image_gateway_api_key_requests_total";
+/// Counter: gateway requests refused for a missing or wrong API key. Labels: service (`gateway`).
+pub const GATEWAY_UNAUTHENTICATED_TOTAL: &str = "qwen_image_gateway_unauthenticated_requests_total";
+
+// ---- gateway HTTP API (`--http-listen`) ----
+
+/// Counter: finished HTTP requests. Labels: service (`gateway`), route (the matched route, e.g.
+/// `/v1/images/generations`; `other` for unknown paths), status (HTTP status code).
+pub const HTTP_REQUESTS_TOTAL: &str = "qwen_image_http_server_requests_total";
+/// Histogram: HTTP request latency until the response headers (a streamed body runs on). Labels: service,
+/// route, status.
+pub const HTTP_REQUEST_SECONDS: &str = "qwen_image_http_server_request_duration_seconds";
+
 /// Outcome label values.
 pub const OUTCOME_ADMITTED: &str = "admitted";
 pub const OUTCOME_OVERLOADED: &str = "overloaded";
@@ -104,6 +119,7 @@ pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
     (JOB_SECONDS, REQUEST_BUCKETS_SECONDS),
     (STAGE_CALL_SECONDS, REQUEST_BUCKETS_SECONDS),
     (DENOISE_STEP_SECONDS, STEP_BUCKETS_SECONDS),
+    (HTTP_REQUEST_SECONDS, REQUEST_BUCKETS_SECONDS),
 ];
 
 /// `# HELP` texts.
@@ -162,6 +178,23 @@ pub fn describe() {
         Unit::Seconds,
         "Stage call latency seen by the gateway, per attempt"
     );
+    describe_counter!(
+        GATEWAY_API_KEY_REQUESTS_TOTAL,
+        "Gateway requests with a valid API key, by key name"
+    );
+    describe_counter!(
+        GATEWAY_UNAUTHENTICATED_TOTAL,
+        "Gateway requests refused for a missing or wrong API key"
+    );
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "Finished HTTP API requests by route and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "HTTP API latency until the response headers"
+    );
 }
 
 #[cfg(test)]
@@ -182,6 +215,9 @@ mod tests {
             JOBS_STOPPED_TOTAL,
             DENOISE_STEPS_TOTAL,
             GATEWAY_REPLICA_REFUSALS_TOTAL,
+            GATEWAY_API_KEY_REQUESTS_TOTAL,
+            GATEWAY_UNAUTHENTICATED_TOTAL,
+            HTTP_REQUESTS_TOTAL,
         ] {
             assert!(name.starts_with("qwen_image_") && name.ends_with("_total"));
         }

@@ -16,6 +16,8 @@ pub struct ServiceProcess {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// `http listening on ADDR` (the gateway's `--http-listen`), printed after `listening on`.
+    http_addr: tokio::sync::watch::Receiver<Option<SocketAddr>>,
 }
 
 impl ServiceProcess {
@@ -66,14 +68,32 @@ impl ServiceProcess {
         })
         .await
         .map_err(|_| format!("{} printed no address in {timeout:?}", program.display()))??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout so the child never blocks on a full pipe; note the HTTP address.
+        let (http_tx, http_addr) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(a) = line.strip_prefix("http listening on ") {
+                    http_tx.send_replace(a.trim().parse().ok());
+                }
+            }
+        });
         Ok(Self {
             child,
             addr,
             metrics_addr,
             stderr: stderr_lines,
+            http_addr,
         })
+    }
+
+    /// The HTTP API address the process printed (`http listening on ADDR`), waiting at most `timeout`.
+    pub async fn http_addr(&self, timeout: Duration) -> Result<SocketAddr, String> {
+        let mut rx = self.http_addr.clone();
+        let got = tokio::time::timeout(timeout, rx.wait_for(|a| a.is_some()))
+            .await
+            .map_err(|_| format!("no `http listening on` line in {timeout:?}"))?
+            .map_err(|_| "the process closed stdout without an HTTP address".to_string())?;
+        (*got).ok_or_else(|| "unparsable HTTP address".to_string())
     }
 
     /// The log lines (stderr) printed so far.

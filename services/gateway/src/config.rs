@@ -1,8 +1,13 @@
 //! Command-line flags and the typed configuration `run` takes.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qwen_image_common::args::CommonArgs;
+
+use crate::auth::ApiKeys;
 
 /// Default deadline of a request whose caller sent no `grpc-timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -94,6 +99,21 @@ pub struct GatewayArgs {
     /// get FAILED_PRECONDITION).
     #[arg(long, env = "QWEN_IMAGE_POSE_DETECTOR")]
     pub pose_detector: Option<String>,
+
+    /// API keys file: requests must send `authorization: Bearer KEY` with one of its keys (one key per
+    /// line, or `NAME:SHA256HEX`; `#` comments). Health, reflection and the HTTP `/healthz`, `/readyz`,
+    /// `/openapi.json` and web page stay open. Without it every caller is served.
+    #[arg(long, env = "QWEN_IMAGE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Address of the OpenAI-compatible HTTP API and web page (HOST:PORT; port 0 picks a free port,
+    /// printed as `http listening on ADDR`). Not served when absent.
+    #[arg(long, env = "QWEN_IMAGE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// Do not serve gRPC reflection (served by default, without an API key, for grpcurl and similar tools).
+    #[arg(long, env = "QWEN_IMAGE_NO_REFLECTION")]
+    pub no_reflection: bool,
 }
 
 /// One more served model (`--extra-model`).
@@ -181,6 +201,12 @@ pub struct GatewayConfig {
     pub edit_vae_area: u64,
     /// The pose-detector stage's URL (`PoseRequest.reference_image`); `None` = not available.
     pub pose_detector: Option<String>,
+    /// Accepted API keys; `None` = no authentication.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// Where the HTTP API listens; `None` = no HTTP API.
+    pub http_listen: Option<SocketAddr>,
+    /// Serve gRPC reflection (`--no-reflection` turns it off).
+    pub reflection: bool,
 }
 
 impl GatewayConfig {
@@ -204,7 +230,39 @@ impl GatewayConfig {
             edit_condition_area: qwen_image_imaging::edit_sizes::CONDITION_IMAGE_SIZE,
             edit_vae_area: qwen_image_imaging::edit_sizes::VAE_IMAGE_SIZE,
             pose_detector: None,
+            api_keys: None,
+            http_listen: None,
+            reflection: true,
         }
+    }
+
+    /// Takes every flag of `a` but the stage endpoints (limits, queue bound, model name, API keys, HTTP
+    /// address, reflection); reads the API keys file.
+    pub fn apply_options(&mut self, a: &GatewayArgs) -> Result<(), String> {
+        self.request_timeout = Duration::from_secs(a.request_timeout_secs.max(1));
+        self.max_queued = a.max_queued as usize;
+        self.health_interval = Duration::from_millis(a.health_interval_ms.max(10));
+        self.max_side_px = a.max_side_px;
+        self.model_name = a.model_name.clone();
+        self.api_keys = match &a.api_keys_file {
+            Some(path) => Some(Arc::new(ApiKeys::load(path)?)),
+            None => None,
+        };
+        self.http_listen = a.http_listen;
+        self.reflection = !a.no_reflection;
+        self.resolve_interval = Duration::from_millis(a.resolve_interval_ms);
+        self.extra_models = a
+            .extra_model
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.parse())
+            .collect::<Result<Vec<ModelSpec>, String>>()?;
+        self.edit_condition_area = a.edit_condition_area;
+        self.edit_vae_area = a.edit_vae_area;
+        if let Some(url) = a.pose_detector.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            self.pose_detector = Some(url.to_string());
+        }
+        Ok(())
     }
 }
 
@@ -226,31 +284,12 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             }
             Ok(v)
         };
-        Ok(Self {
-            text_encoder: clean("text-encoder", &a.text_encoder)?,
-            denoiser: clean("denoiser", &a.denoiser)?,
-            vae: clean("vae", &a.vae)?,
-            request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
-            max_queued: a.max_queued as usize,
-            health_interval: Duration::from_millis(a.health_interval_ms.max(10)),
-            resolve_interval: Duration::from_millis(a.resolve_interval_ms),
-            max_side_px: a.max_side_px,
-            model_name: a.model_name.clone(),
-            extra_models: a
-                .extra_model
-                .iter()
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.parse())
-                .collect::<Result<Vec<ModelSpec>, String>>()?,
-            edit_condition_area: a.edit_condition_area,
-            edit_vae_area: a.edit_vae_area,
-            pose_detector: a
-                .pose_detector
-                .as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from),
-        })
+        let mut c = Self::new("", "", "");
+        c.text_encoder = clean("text-encoder", &a.text_encoder)?;
+        c.denoiser = clean("denoiser", &a.denoiser)?;
+        c.vae = clean("vae", &a.vae)?;
+        c.apply_options(a)?;
+        Ok(c)
     }
 }
 

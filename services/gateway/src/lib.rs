@@ -6,10 +6,12 @@
 //! are sequences of the shared steps of [`pipeline`]; the pipeline calls the stage clients ([`stages`]:
 //! replicas, balancing, retries, and the model the stages describe, checked by [`geometry`]).
 
+pub mod auth;
 pub mod config;
 pub mod error;
 mod flows;
 pub mod geometry;
+mod http;
 mod images;
 pub mod models;
 mod pipeline;
@@ -22,5 +24,5 @@ mod stages;
 
 pub use config::{Args, GatewayArgs, GatewayConfig, ModelSpec};
 pub use error::{GatewayError, StageName};
-pub use server::{SERVICE_NAME, run};
+pub use server::{SERVICE_NAME, run, run_with_http};
 pub use service::REQUEST_ID_KEY;

@@ -1,7 +1,9 @@
-//! `run`: stage pools with health checks, the public service, health, reflection, graceful drain.
+//! `run`: stage pools with health checks, the public service, health, reflection (unless
+//! `--no-reflection`), the HTTP API, graceful drain.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
@@ -27,13 +29,41 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
+    let http_listener = match config.http_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                GatewayError::Internal(format!("cannot listen on {addr} (--http-listen): {e}"))
+            })?;
+            let bound = l
+                .local_addr()
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            // Machine-readable line for scripts and tests (logs go to stderr).
+            println!("http listening on {bound}");
+            Some(l)
+        }
+        None => None,
+    };
+    run_with_http(config, listener, http_listener, shutdown).await
+}
+
+/// [`run`] with the HTTP API on `http_listener` (bound by the caller; `config.http_listen` is ignored).
+pub async fn run_with_http(
+    config: GatewayConfig,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
     let models = Arc::new(Models::new(&config)?);
     let (health, health_service) = Health::new(SERVICE_NAME).await;
+    // The health status as `/readyz` reads it.
+    let ready = Arc::new(AtomicBool::new(false));
 
     let (stop_checks_tx, mut stop_checks_rx) = tokio::sync::watch::channel(false);
+    let stop_checks_rx_http = stop_checks_rx.clone();
     let checker = {
         let (models, health, interval) = (models.clone(), health.clone(), config.health_interval);
         let resolve_interval = config.resolve_interval;
+        let ready = ready.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,6 +102,7 @@ pub async fn run(
                     models.describe(back).await;
                 }
                 let now = models.all_usable();
+                ready.store(now, Ordering::Relaxed);
                 if serving != Some(now) {
                     if now {
                         let slots: Vec<String> = pools
@@ -99,8 +130,13 @@ pub async fn run(
         })
     };
 
-    let (refl_v1, refl_v1alpha) =
-        qwen_image_common::transport::reflection().map_err(GatewayError::Internal)?;
+    let (refl_v1, refl_v1alpha) = if config.reflection {
+        let (v1, v1alpha) =
+            qwen_image_common::transport::reflection().map_err(GatewayError::Internal)?;
+        (Some(v1), Some(v1alpha))
+    } else {
+        (None, None)
+    };
 
     let addr = listener
         .local_addr()
@@ -113,32 +149,54 @@ pub async fn run(
         .map(crate::reference_pose::Detector::new)
         .transpose()
         .map_err(GatewayError::Internal)?;
-    let service = GatewayService {
+    if let Some(l) = &http_listener
+        && let Ok(addr) = l.local_addr()
+    {
+        tracing::info!(%addr, "HTTP API listening");
+    }
+    if config.api_keys.is_some() {
+    let service = Arc::new(GatewayService {
         models,
         detector,
         queue: crate::stages::admission::RequestQueue::new(config.max_queued),
         config: Arc::new(config),
-    };
-    let generator = ImageGeneratorServer::new(service)
+    });
+    let http = http_listener.map(|l| {
+        let mut stopped = stop_checks_rx_http.clone();
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        tokio::spawn(crate::http::serve(l, service.clone(), ready.clone(), stop))
+    });
+    let generator = ImageGeneratorServer::from_arc(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let drain_health = health.clone();
+    let drain_ready = ready.clone();
     let stop = async move {
         shutdown.await;
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stop_checks_tx.send(true);
+        drain_ready.store(false, Ordering::Relaxed);
         drain_health.not_serving().await;
     };
     let served = qwen_image_common::transport::server("gateway")
         .add_service(health_service)
-        .add_service(refl_v1)
-        .add_service(refl_v1alpha)
+        .add_optional_service(refl_v1)
+        .add_optional_service(refl_v1alpha)
         .add_service(generator)
         .serve_with_incoming_shutdown(qwen_image_common::transport::incoming(listener), stop)
         .await
         .map_err(|e| GatewayError::Internal(format!("gRPC server failed: {e}")));
     checker.abort();
+    if let Some(h) = http {
+        match h.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "HTTP API failed"),
+            Err(e) => tracing::error!(error = %e, "HTTP API task failed"),
+        }
+    }
     tracing::info!("gateway stopped");
     served
 }

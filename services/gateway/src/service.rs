@@ -152,6 +152,7 @@ macro_rules! flow_span {
             images = Empty,
             strength = Empty,
             model = Empty,
+            api_key = Empty,
         )
     };
 }
@@ -161,6 +162,8 @@ macro_rules! flow_span {
 struct Admission {
     admitted: Admitted,
     id: String,
+    /// The name of the caller's API key (with `--api-keys-file`).
+    key_name: Option<String>,
     accepted: Instant,
     deadline: Instant,
     geometry: Geometry,
@@ -178,10 +181,18 @@ fn model_of(s: Option<&qwen_image_proto::v1::GenerationSettings>) -> String {
 type EventStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
 impl GatewayService {
-    /// The request's place in the gateway (RESOURCE_EXHAUSTED at once when `--max-queued` requests are
-    /// in), id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the stages
-    /// do not serve one model, UNAVAILABLE before they have described it).
+    /// The caller's API key (UNAUTHENTICATED when keys are required and it is missing or wrong), the
+    /// request's place in the gateway (RESOURCE_EXHAUSTED at once when `--max-queued` requests are in),
+    /// id, deadline, and the geometry it is validated against (FAILED_PRECONDITION when the stages do not
+    /// serve one model, UNAVAILABLE before they have described it).
     async fn admit<T>(&self, request: &Request<T>, model: &str) -> Result<Admission, Status> {
+        let key_name = match &self.config.api_keys {
+            Some(keys) => Some(
+                keys.check(request.metadata())
+                    .map_err(|s| with_request_id(s, &request_id(request)))?,
+            ),
+            None => None,
+        };
         let accepted = Instant::now();
         let default_deadline = accepted + self.config.request_timeout;
         let deadline = qwen_image_common::deadline::from_metadata(request.metadata(), accepted)
@@ -200,6 +211,7 @@ impl GatewayService {
         Ok(Admission {
             admitted,
             id,
+            key_name,
             accepted,
             deadline,
             geometry,
@@ -242,10 +254,14 @@ impl GatewayService {
     /// Runs `flow` in its own task, streaming its events; the caller going away or the deadline passing
     /// cancels it.
     fn start(&self, a: Admission, span: tracing::Span, flow: Flow) -> Response<EventStream> {
+        if let Some(name) = &a.key_name {
+            span.record("api_key", name.as_str());
+        }
         flow.record(&span, a.model_name.as_deref());
         let Admission {
             admitted,
             id,
+            key_name: _,
             accepted,
             deadline,
             geometry,

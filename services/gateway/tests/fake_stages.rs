@@ -15,6 +15,7 @@ use qwen_image_proto::v1::stage_info_server::{StageInfo, StageInfoServer};
 use qwen_image_proto::v1::text_encoder_server::{TextEncoder, TextEncoderServer};
 use qwen_image_proto::v1::vae_server::{Vae, VaeServer};
 use qwen_image_proto::v1::*;
+use qwen_image_testkit::http::request as http;
 use qwen_image_testkit::service::{InProcess, health};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
@@ -687,4 +688,193 @@ async fn a_replica_of_the_wrong_kind_is_refused() {
         .expect_err("refused");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("STAGE_KIND_VAE"), "{}", e.message());
+}
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+fn with_key<T>(msg: T, key: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(k) = key {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {k}").parse().expect("ascii"),
+        );
+    }
+    r
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_api_but_not_health_or_reflection() {
+    let c = Arc::new(Counters::default());
+    let (te, dn, vae) = serve_fake(fake(&c)).await;
+    let mut cfg = config(&te, std::slice::from_ref(&dn), &vae);
+    cfg.api_keys = Some(Arc::new(
+        qwen_image_gateway::auth::ApiKeys::parse(KEY).expect("keys"),
+    ));
+    // start_gateway waits for SERVING through grpc.health without a key.
+    let mut gw = start_gateway(cfg).await;
+    for key in [None, Some("sk-wrong-0123456789abcdef")] {
+        let e = gw
+            .client
+            .text_to_image(with_key(request(), key))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::Unauthenticated, "{key:?}");
+        assert!(!e.message().contains(KEY));
+    }
+    assert_eq!(c.encodes.load(Ordering::SeqCst), 0, "nothing ran");
+    let mut stream = gw
+        .client
+        .text_to_image(with_key(request(), Some(KEY)))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let mut done = false;
+    while let Some(ev) = stream.message().await.expect("stream") {
+        done |= matches!(ev.event, Some(generate_event::Event::Result(_)));
+    }
+    assert!(done, "a result with the right key");
+    let services = reflected_services(&gw.service.url())
+        .await
+        .expect("reflection without a key");
+    assert!(
+        services.iter().any(|s| s == "qwen_image.v1.ImageGenerator"),
+        "{services:?}"
+    );
+
+    let mut cfg = config(&te, &[dn], &vae);
+    cfg.reflection = false;
+    let gw = start_gateway(cfg).await;
+    let e = reflected_services(&gw.service.url())
+        .await
+        .expect_err("--no-reflection");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+}
+
+/// The services gRPC reflection (v1) lists.
+async fn reflected_services(url: &str) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut c = ServerReflectionClient::new(qwen_image_testkit::service::channel(url));
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await?
+        .into_inner();
+    match answers.message().await?.and_then(|m| m.message_response) {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("not a service list: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_api_runs_the_grpc_flows_with_keys_errors_and_streaming() {
+    let c = Arc::new(Counters::default());
+    let (te, dn, vae) = serve_fake(fake(&c)).await;
+    let mut cfg = config(&te, &[dn], &vae);
+    cfg.api_keys = Some(Arc::new(
+        qwen_image_gateway::auth::ApiKeys::parse(KEY).expect("keys"),
+    ));
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = http_listener.local_addr().expect("addr");
+    let service = InProcess::start(move |l, stop| {
+        qwen_image_gateway::run_with_http(cfg, l, Some(http_listener), stop)
+    })
+    .await;
+    qwen_image_testkit::service::wait_serving(&service.url(), "", GUARD)
+        .await
+        .expect("SERVING");
+    let bearer = format!("Bearer {KEY}");
+    let auth = [
+        ("authorization", bearer.as_str()),
+        ("content-type", "application/json"),
+    ];
+
+    let (status, doc) = http(addr, "GET", "/openapi.json", &[], "").await;
+    assert_eq!(status, 200);
+    for path in [
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            doc.contains(&format!("\"{path}\"")),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(http(addr, "GET", "/readyz", &[], "").await.0, 200);
+    let (status, page) = http(addr, "GET", "/", &[], "").await;
+    assert!(status == 200 && page.contains("id=\"prompt\""));
+
+    let body =
+        r#"{"prompt": "a cat", "size": "64x48", "steps": 3, "seed": 0, "negative_prompt": " "}"#;
+    let (status, err) = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &[("authorization", "Bearer sk-wrong-0123456789")],
+        body,
+    )
+    .await;
+    assert_eq!(status, 401, "{err}");
+    assert!(err.contains("\"error\"") && !err.contains(KEY), "{err}");
+    let (status, err) = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        r#"{"prompt": "a cat", "size": "big"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err.contains("1024x1024") && err.contains("\"param\":\"size\""),
+        "{err}"
+    );
+    let (status, err) = http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &auth,
+        r#"{"prompt": "a cat", "size": "1000x48"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "the service's own validation: {err}");
+    assert!(err.contains("multiple of"), "{err}");
+    assert_eq!(c.encodes.load(Ordering::SeqCst), 0, "nothing ran yet");
+
+    let (status, ok) = http(addr, "POST", "/v1/images/generations", &auth, body).await;
+    assert_eq!(status, 200, "{ok}");
+    let v: serde_json::Value = serde_json::from_str(&ok).expect("JSON body");
+    assert_eq!(v["size"], "64x48");
+    assert_eq!(v["seed"], 0);
+    assert!(
+        v["data"][0]["b64_json"]
+            .as_str()
+            .is_some_and(|s| s.len() > 100)
+    );
+
+    let stream_body =
+        r#"{"prompt": "a cat", "size": "64x48", "steps": 3, "seed": 1, "stream": true, "n": 2}"#;
+    let (status, events) = http(addr, "POST", "/v1/images/generations", &auth, stream_body).await;
+    assert_eq!(status, 200, "{events}");
+    assert!(
+        events.contains("event: image_generation.progress"),
+        "{events}"
+    );
+    assert_eq!(
+        events.matches("event: image_generation.completed").count(),
+        2,
+        "one per image"
+    );
+    assert!(c.encodes.load(Ordering::SeqCst) > 0);
 }

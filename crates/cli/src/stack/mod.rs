@@ -200,13 +200,7 @@ impl LocalStack {
             .any(|(k, _)| *k == StageKind::PoseDetector)
             .then(|| url(StageKind::PoseDetector));
         if let Some(g) = &options.gateway {
-            config.request_timeout = Duration::from_secs(g.request_timeout_secs.max(1));
-            config.health_interval = Duration::from_millis(g.health_interval_ms.max(10));
-            config.max_side_px = g.max_side_px;
-            config.model_name = g.model_name.clone();
-            if config.pose_detector.is_none() {
-                config.pose_detector = g.pose_detector.clone();
-            }
+            config.apply_options(g).map_err(anyhow::Error::msg)?;
         }
         let (listener, gateway_addr) = bind(gateway_listen).await?;
         let shutdown = stop_signal(&stop_rx);

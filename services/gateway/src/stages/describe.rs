@@ -146,6 +146,17 @@ impl Stages {
         self.geometry()
     }
 
+    /// The model id the accepted denoiser replicas describe (None before they have described themselves).
+    pub fn model_id(&self) -> Option<String> {
+        self.pool(StageName::Denoiser)
+            .replicas()
+            .iter()
+            .find_map(|r| match r.described() {
+                Described::Accepted(d) => Some(d.model_id.clone()),
+                _ => None,
+            })
+    }
+
     /// The model's geometry, from the accepted denoiser and VAE replicas. FAILED_PRECONDITION naming the
     /// mismatch when a stage has only refused replicas; UNAVAILABLE when a stage has not described itself.
     pub fn geometry(&self) -> Result<Geometry, GatewayError> {
