@@ -155,6 +155,8 @@ pub async fn run_with_http(
         tracing::info!(%addr, "HTTP API listening");
     }
     if config.api_keys.is_some() {
+        tracing::info!(keys = ?config.api_keys, "API keys required");
+    }
     let service = Arc::new(GatewayService {
         models,
         detector,

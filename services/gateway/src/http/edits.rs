@@ -226,6 +226,7 @@ impl EditForm {
             seed: self.seed,
             preview: out.preview(),
             num_images: self.n.unwrap_or(1),
+            ..Default::default()
         };
         let paste_back = self.paste_back.unwrap_or(true);
         let call = match (&self.outpaint, &self.mask) {

@@ -148,6 +148,7 @@ impl GenerationRequest {
             seed: self.seed,
             preview: out.preview(),
             num_images: self.n.unwrap_or(1),
+            ..Default::default()
         };
         let pose = match (self.keypoints, self.pose_image) {
             (Some(_), Some(_)) => {
