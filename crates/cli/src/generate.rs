@@ -10,9 +10,9 @@ use clap::Args;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::{
-    ControlNetInpaintRequest, DataType, EditRequest, GenerateResult, Img2ImgRequest, InpaintRequest,
-    OutpaintRequest, PoseRequest, PreviewSettings, Stage, Tensor, TextToImageRequest,
-    generate_event,
+    ControlNetInpaintRequest, DataType, EditRequest, GenerateResult, Img2ImgRequest,
+    InpaintRequest, OutpaintRequest, PoseRequest, PreviewSettings, Stage, Tensor,
+    TextToImageRequest, generate_event,
 };
 
 use crate::model_dir::{default_model_dir, model_default_size};

@@ -70,7 +70,9 @@ fn edit_reference(name: &str) -> EditRef {
     let dir = edit_tiny().join("refs").join(name);
     let manifest: serde_json::Value =
         serde_json::from_slice(&read(&dir.join("manifest.json"))).expect("json");
-    let n = manifest["args"]["image_size"].as_array().map_or(1, Vec::len);
+    let n = manifest["args"]["image_size"]
+        .as_array()
+        .map_or(1, Vec::len);
     let (settings, expected) = common::reference_at(&dir);
     EditRef {
         settings,
@@ -172,7 +174,10 @@ async fn edit_models_beside_a_base_model_match_diffusers() {
             diff <= 1,
             "{model} {reference}: {diff} levels from diffusers (allowed 1)"
         );
-        assert_eq!(out.parameters.as_ref().map(|p| p.model.as_str()), Some(model));
+        assert_eq!(
+            out.parameters.as_ref().map(|p| p.model.as_str()),
+            Some(model)
+        );
     }
 
     // The base model serves text-to-image through the same text-encoder and VAE processes (the default
@@ -208,15 +213,16 @@ async fn edit_models_beside_a_base_model_match_diffusers() {
         .await
         .expect_err("base model");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("`base` is not an instruction-editing model"), "{e:?}");
+    assert!(
+        e.message()
+            .contains("`base` is not an instruction-editing model"),
+        "{e:?}"
+    );
     let e = edit(&mut c, with("edit-2512", r.images.clone()))
         .await
         .expect_err("unknown model");
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(
-        e.message().contains("base, edit-2509, edit-2511"),
-        "{e:?}"
-    );
+    assert!(e.message().contains("base, edit-2509, edit-2511"), "{e:?}");
     let e = common::generate(
         &mut c,
         TextToImageRequest {

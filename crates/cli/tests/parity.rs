@@ -104,7 +104,10 @@ fn edit_matches_diffusers() {
     let base = fixtures().join("edit-tiny");
     for r in ["edit1_2511", "edit2_2511"] {
         let (ok, text) = parity(&base.join("snapshot-2511"), &base.join("refs").join(r));
-        assert!(ok && !text.contains("FAIL "), "parity failed for edit-tiny/{r}:\n{text}");
+        assert!(
+            ok && !text.contains("FAIL "),
+            "parity failed for edit-tiny/{r}:\n{text}"
+        );
         assert!(text.contains("PASS  final latents"), "{text}");
     }
 }

@@ -157,8 +157,14 @@ mod tests {
 
     #[test]
     fn a_joint_interrupt_stops_once_all_its_parts_have() {
-        let (a, b) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let joint = Interrupt::all(&[Interrupt::new(a.clone(), None), Interrupt::new(b.clone(), None)]);
+        let (a, b) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let joint = Interrupt::all(&[
+            Interrupt::new(a.clone(), None),
+            Interrupt::new(b.clone(), None),
+        ]);
         a.store(true, Ordering::Relaxed);
         assert!(!joint.stopped(), "one request of two ended");
         b.store(true, Ordering::Relaxed);

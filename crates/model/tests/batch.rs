@@ -12,22 +12,32 @@ use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 
 use common::rel_err;
 
-const SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny/snapshot");
+const SNAPSHOT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/tiny/snapshot"
+);
 
 fn transformer() -> QwenImageTransformer {
     let s = Snapshot::open(SNAPSHOT).unwrap();
     let cfg: TransformerConfig = s.config("transformer", "config.json").unwrap();
-    QwenImageTransformer::new(&cfg, s.weights("transformer", DType::F32, &Device::Cpu).unwrap())
-        .unwrap()
+    QwenImageTransformer::new(
+        &cfg,
+        s.weights("transformer", DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
 }
 
 /// Deterministic pseudo-random values in [-1, 1) (a small LCG: no RNG dependency).
 fn values(seed: u64, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let data: Vec<f32> = (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -94,7 +104,10 @@ fn a_batched_pass_gives_each_request_its_velocity_alone() {
         .unwrap();
         let err = rel_err(got, &alone);
         eprintln!("request {i}: relative difference {err:e}");
-        assert!(err <= 1e-5, "request {i}: batched differs from alone by {err:e}");
+        assert!(
+            err <= 1e-5,
+            "request {i}: batched differs from alone by {err:e}"
+        );
     }
     // The check can fail: another request's velocity is far from this one's.
     assert!(rel_err(&batched[0], &batched[1]) > 1e-2);

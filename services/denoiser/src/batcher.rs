@@ -324,11 +324,17 @@ pub struct Member {
 }
 
 impl Member {
-    fn prepare(model: &LoadedModel, id: u64, key: BatchKey, r: Request) -> candle_core::Result<Self> {
+    fn prepare(
+        model: &LoadedModel,
+        id: u64,
+        key: BatchKey,
+        r: Request,
+    ) -> candle_core::Result<Self> {
         let inp = &r.inputs;
         let (lh, lw) = (inp.latents.shape[2], inp.latents.shape[3]);
         let schedule = job::schedule(&model.scheduler, inp).map_err(candle_core::Error::Msg)?;
-        let latents = job::start_latents(model, inp, &schedule)?.to_dtype(model.transformer.dtype())?;
+        let latents =
+            job::start_latents(model, inp, &schedule)?.to_dtype(model.transformer.dtype())?;
         Ok(Self {
             id,
             key,
@@ -422,7 +428,11 @@ impl Running {
     }
 
     fn rows(&self, key: &BatchKey) -> usize {
-        self.0.iter().filter(|m| m.key == *key).map(|m| m.rows).sum()
+        self.0
+            .iter()
+            .filter(|m| m.key == *key)
+            .map(|m| m.rows)
+            .sum()
     }
 }
 
@@ -444,7 +454,9 @@ pub fn drive(
         }
         if !model.batch.0.iter().any(|m| m.id == id) {
             let Some(entry) = batcher.take(id) else {
-                return Err(StageError::Model("the request left the batcher unanswered".into()));
+                return Err(StageError::Model(
+                    "the request left the batcher unanswered".into(),
+                ));
             };
             admit(model, batcher, entry);
             let rows = model.batch.rows(key);
@@ -512,7 +524,11 @@ fn step(model: &mut LoadedModel, ctx: &JobCtx<'_>, batcher: &Batcher, key: &Batc
         .iter()
         .map(|&i| {
             let m = &model.batch.0[i];
-            m.schedule.timesteps.get(m.step).copied().unwrap_or(f32::NAN)
+            m.schedule
+                .timesteps
+                .get(m.step)
+                .copied()
+                .unwrap_or(f32::NAN)
         })
         .collect();
     let _span = tracing::info_span!(

@@ -79,11 +79,17 @@ pub fn schedule(cfg: &SchedulerConfig, inp: &DenoiseInputs) -> Result<Schedule, 
     }
 }
 
-pub(crate) fn device_tensor(h: &HostTensor<f32>, model: &LoadedModel) -> candle_core::Result<Tensor> {
+pub(crate) fn device_tensor(
+    h: &HostTensor<f32>,
+    model: &LoadedModel,
+) -> candle_core::Result<Tensor> {
     Tensor::from_slice(&h.data, h.shape.as_slice(), &model.device)
 }
 
-pub(crate) fn conditioning(c: &HostConditioning, model: &LoadedModel) -> candle_core::Result<Conditioning> {
+pub(crate) fn conditioning(
+    c: &HostConditioning,
+    model: &LoadedModel,
+) -> candle_core::Result<Conditioning> {
     let embeds = device_tensor(&c.embeds, model)?;
     let mask = c
         .mask
@@ -276,42 +282,43 @@ fn execute(
     let step_seconds = metrics::histogram!(m::DENOISE_STEP_SECONDS, "service" => SERVICE);
     let steps_total = metrics::counter!(m::DENOISE_STEPS_TOTAL, "service" => SERVICE);
     let mut current_step = Some(step_span(inp.start_step));
-    let outcome = denoise::denoise_with_references(&transformer, &params, references.as_ref(), |s| {
-        if let Some((span, step_started)) = current_step.take() {
-            step_seconds.record(step_started.elapsed().as_secs_f64());
-            span.record("timestep", f64::from(s.timestep));
-        }
-        let done = s.done + 1;
-        ctx.step_done();
-        steps_total.increment(1);
-        let progress = progress(
-            done,
-            s.total,
-            started,
-            s.timestep,
-            s.latents,
-            (lh, lw),
-            every,
-            checkpoint_every,
-        );
-        tracing::debug!(step = done, total = s.total, "denoise step");
-        if events
-            .blocking_send(Ok(DenoiseEvent {
-                event: Some(Event::Progress(progress)),
-            }))
-            .is_err()
-        {
-            return Flow::Stop;
-        }
-        if ctx.past_deadline() {
-            stopped_for_deadline = true;
-            return Flow::Stop;
-        }
-        if done < s.total {
-            current_step = Some(step_span(s.step + 1));
-        }
-        Flow::Continue
-    })?;
+    let outcome =
+        denoise::denoise_with_references(&transformer, &params, references.as_ref(), |s| {
+            if let Some((span, step_started)) = current_step.take() {
+                step_seconds.record(step_started.elapsed().as_secs_f64());
+                span.record("timestep", f64::from(s.timestep));
+            }
+            let done = s.done + 1;
+            ctx.step_done();
+            steps_total.increment(1);
+            let progress = progress(
+                done,
+                s.total,
+                started,
+                s.timestep,
+                s.latents,
+                (lh, lw),
+                every,
+                checkpoint_every,
+            );
+            tracing::debug!(step = done, total = s.total, "denoise step");
+            if events
+                .blocking_send(Ok(DenoiseEvent {
+                    event: Some(Event::Progress(progress)),
+                }))
+                .is_err()
+            {
+                return Flow::Stop;
+            }
+            if ctx.past_deadline() {
+                stopped_for_deadline = true;
+                return Flow::Stop;
+            }
+            if done < s.total {
+                current_step = Some(step_span(s.step + 1));
+            }
+            Flow::Continue
+        })?;
     Ok(match outcome {
         Outcome::Finished(final_latents) if !all_finite(&final_latents)? => Ended::NonFinite,
         Outcome::Finished(final_latents) => Ended::Finished(DenoiseResult {

@@ -36,9 +36,7 @@ pub fn validate(
     req.reference_latents
         .iter()
         .enumerate()
-        .map(|(k, t)| {
-            crate::validate::latents_of(t, &format!("reference_latents[{k}]"), model, 1)
-        })
+        .map(|(k, t)| crate::validate::latents_of(t, &format!("reference_latents[{k}]"), model, 1))
         .collect()
 }
 

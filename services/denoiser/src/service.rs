@@ -116,11 +116,15 @@ impl Denoiser for DenoiserService {
             && loras.scheduler == self.scheduler
             && inputs.references.is_empty();
         let stream = if batchable {
-            self.stage
-                .stream_shared("Denoise", deadline, EVENT_BUFFER, move |reply, cancelled| {
+            self.stage.stream_shared(
+                "Denoise",
+                deadline,
+                EVENT_BUFFER,
+                move |reply, cancelled| {
                     let ticket = batcher.enqueue(inputs, reply, cancelled.flag(), deadline);
                     move |m: &mut LoadedModel, ctx: &JobCtx<'_>| batcher::drive(m, ctx, &ticket)
-                })?
+                },
+            )?
         } else {
             let ticket = (batcher.config.max_rows > 1).then(|| batcher.barrier());
             self.stage

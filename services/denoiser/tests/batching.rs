@@ -20,7 +20,10 @@ use qwen_image_testkit::service::{InProcess, wait_serving};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-const SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny/snapshot");
+const SNAPSHOT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/tiny/snapshot"
+);
 /// Guard against a hung test; never used to wait for something to happen.
 const GUARD: Duration = Duration::from_secs(120);
 /// Holds a new batch until it is full (the tests fill every batch they start).
@@ -89,7 +92,14 @@ fn embeds(seed: u64, len: usize) -> Tensor {
 
 /// A text-to-image request on a [`SIDE`]-cell latent grid: `prompt` tokens (the last `padded` of them masked
 /// out), a `negative` prompt of that many tokens (0 = none), `steps` and true-CFG `scale`.
-fn request(seed: u64, prompt: usize, padded: usize, negative: usize, steps: u32, scale: f32) -> DenoiseRequest {
+fn request(
+    seed: u64,
+    prompt: usize,
+    padded: usize,
+    negative: usize,
+    steps: u32,
+    scale: f32,
+) -> DenoiseRequest {
     let mask = (padded > 0).then(|| {
         let m: Vec<f32> = (0..prompt)
             .map(|i| if i < prompt - padded { 1.0 } else { 0.0 })
@@ -101,7 +111,10 @@ fn request(seed: u64, prompt: usize, padded: usize, negative: usize, steps: u32,
         prompt_embeds_mask: mask,
         negative_prompt_embeds: (negative > 0).then(|| embeds(seed + 1, negative)),
         true_cfg_scale: scale,
-        latents: Some(from_f32(&[1, 16, SIDE, SIDE], &values(seed + 2, 16 * SIDE * SIDE))),
+        latents: Some(from_f32(
+            &[1, 16, SIDE, SIDE],
+            &values(seed + 2, 16 * SIDE * SIDE),
+        )),
         steps,
         ..Default::default()
     }
@@ -161,7 +174,10 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 fn assert_same(name: &str, batched: &[f32], alone: &[f32]) {
     let r = rel(batched, alone);
     eprintln!("{name}: batched vs alone relative difference {r:e}");
-    assert!(r <= 1e-5, "{name}: batched latents differ from alone by {r:e}");
+    assert!(
+        r <= 1e-5,
+        "{name}: batched latents differ from alone by {r:e}"
+    );
 }
 
 #[tokio::test]
@@ -183,11 +199,15 @@ async fn batched_requests_end_as_they_do_alone_and_one_joins_mid_way() {
     let (short_out, short_steps) = finish(short_stream).await.expect("short ok");
     let (plain_out, plain_steps) = finish(plain_stream).await.expect("plain ok");
     assert_eq!((short_steps, plain_steps), (4, 6));
-    assert_eq!(server.stats.snapshot().largest_batch, 3, "the three ran together");
+    assert_eq!(
+        server.stats.snapshot().largest_batch,
+        3,
+        "the three ran together"
+    );
     // `long` now runs alone; `joiner` joins it at a step boundary once `long` is read on.
     let joiner_stream = server.open(&joiner).await;
-    let ((long_out, long_steps), (joiner_out, joiner_steps)) = tokio::try_join!(finish(long_stream), finish(joiner_stream))
-        .expect("long and joiner ok");
+    let ((long_out, long_steps), (joiner_out, joiner_steps)) =
+        tokio::try_join!(finish(long_stream), finish(joiner_stream)).expect("long and joiner ok");
     assert_eq!((long_steps, joiner_steps), (100, 5));
     let s = stats
         .wait_for(|s| s.jobs_finished == 4)
@@ -197,9 +217,17 @@ async fn batched_requests_end_as_they_do_alone_and_one_joins_mid_way() {
     assert_eq!(s.steps_run, 100 + 4 + 6 + 5, "{s:?}");
 
     assert_same("long (100 steps, CFG 4)", &long_out, &expected[0]);
-    assert_same("short (4 steps, CFG 2.5, masked prompt)", &short_out, &expected[1]);
+    assert_same(
+        "short (4 steps, CFG 2.5, masked prompt)",
+        &short_out,
+        &expected[1],
+    );
     assert_same("plain (6 steps, no CFG)", &plain_out, &expected[2]);
-    assert_same("joiner (5 steps, CFG 6, joined mid-way)", &joiner_out, &expected[3]);
+    assert_same(
+        "joiner (5 steps, CFG 6, joined mid-way)",
+        &joiner_out,
+        &expected[3],
+    );
     // The comparison can fail: different requests end differently.
     assert!(rel(&long_out, &joiner_out) > 1e-2);
     server.stop().await;
@@ -215,11 +243,18 @@ async fn a_request_joins_a_running_batch_at_a_step_boundary() {
     let mut stats = server.stats.subscribe();
     let first_stream = server.open(&first).await;
     // `first` has started alone (and, unread, cannot finish before `second` is queued).
-    stats.wait_for(|s| s.steps_run >= 1).await.expect("stats alive");
+    stats
+        .wait_for(|s| s.steps_run >= 1)
+        .await
+        .expect("stats alive");
     let second_stream = server.open(&second).await;
     let ((first_out, _), (second_out, _)) =
         tokio::try_join!(finish(first_stream), finish(second_stream)).expect("ok");
-    assert_eq!(server.stats.snapshot().largest_batch, 2, "second joined first's batch");
+    assert_eq!(
+        server.stats.snapshot().largest_batch,
+        2,
+        "second joined first's batch"
+    );
     assert_same("first", &first_out, &expected[0]);
     assert_same("second (joined mid-way)", &second_out, &expected[1]);
     server.stop().await;
@@ -246,7 +281,8 @@ async fn cancelling_one_request_of_a_batch_leaves_the_others_correct() {
         .expect("an event");
     assert!(matches!(first.event, Some(Event::Progress(_))));
     drop(b_stream);
-    let ((a_out, _), (c_out, _)) = tokio::try_join!(finish(a_stream), finish(c_stream)).expect("ok");
+    let ((a_out, _), (c_out, _)) =
+        tokio::try_join!(finish(a_stream), finish(c_stream)).expect("ok");
     let s = stats
         .wait_for(|s| s.jobs_finished == 2 && s.jobs_cancelled == 1)
         .await
@@ -262,7 +298,8 @@ async fn cancelling_one_request_of_a_batch_leaves_the_others_correct() {
 #[tokio::test]
 async fn the_batch_limit_is_described() {
     let server = Server::start(3, 0).await;
-    let mut info = qwen_image_proto::v1::stage_info_client::StageInfoClient::new(server.service.channel());
+    let mut info =
+        qwen_image_proto::v1::stage_info_client::StageInfoClient::new(server.service.channel());
     let d = info
         .describe(qwen_image_proto::v1::DescribeRequest::default())
         .await
@@ -348,7 +385,10 @@ async fn throughput() {
         for t in tasks {
             times.extend(t.await.expect("client"));
         }
-        (times.len() as f64 * 60.0 / started.elapsed().as_secs_f64(), times)
+        (
+            times.len() as f64 * 60.0 / started.elapsed().as_secs_f64(),
+            times,
+        )
     };
     for s in &servers {
         one_run(s.url(), 1).await; // warm-up
@@ -361,7 +401,10 @@ async fn throughput() {
             for k in 0..2 {
                 let si = (round + li + k) % 2;
                 let (pm, times) = one_run(servers[si].url(), clients).await;
-                eprintln!("round {round} clients {clients} max-batch {}: {pm:.0}/min", [1, max_batch][si]);
+                eprintln!(
+                    "round {round} clients {clients} max-batch {}: {pm:.0}/min",
+                    [1, max_batch][si]
+                );
                 per_min[si][li].push(pm);
                 lat[si][li].extend(times);
             }
@@ -377,8 +420,12 @@ async fn throughput() {
         v.sort_by(f64::total_cmp);
         v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
     };
-    println!("denoiser alone, default model, 64x64, 20 steps, CFG 4; {rounds} rounds x {per_client} requests per client");
-    println!("| clients | --max-batch | requests/min | p50 latency | p99 latency | on / off requests/min |");
+    println!(
+        "denoiser alone, default model, 64x64, 20 steps, CFG 4; {rounds} rounds x {per_client} requests per client"
+    );
+    println!(
+        "| clients | --max-batch | requests/min | p50 latency | p99 latency | on / off requests/min |"
+    );
     println!("|---|---|---|---|---|---|");
     for (li, &clients) in levels.iter().enumerate() {
         for si in 0..2 {

@@ -80,7 +80,11 @@ pub struct GatewayArgs {
     /// (comma-separated) sharing the text-encoder and VAE pools of `--text-encoder` / `--vae`, or
     /// `NAME=DENOISER_URLS;text-encoder=URLS;vae=URLS` with pools of its own. Requests name it in
     /// `GenerationSettings.model`; e.g. `--extra-model edit-2511=http://dn-edit:50052`.
-    #[arg(long = "extra-model", env = "QWEN_IMAGE_EXTRA_MODELS", value_delimiter = ' ')]
+    #[arg(
+        long = "extra-model",
+        env = "QWEN_IMAGE_EXTRA_MODELS",
+        value_delimiter = ' '
+    )]
     pub extra_model: Vec<String>,
 
     /// Area in pixels the Edit flow resizes each picture to for the text encoder (diffusers
@@ -165,9 +169,12 @@ impl std::str::FromStr for ModelSpec {
         for part in parts {
             match part.split_once('=') {
                 Some(("text-encoder", v)) => {
-                    spec.text_encoder = Some(url_list(&format!("--extra-model {name}: text-encoder"), v)?)
+                    spec.text_encoder =
+                        Some(url_list(&format!("--extra-model {name}: text-encoder"), v)?)
                 }
-                Some(("vae", v)) => spec.vae = Some(url_list(&format!("--extra-model {name}: vae"), v)?),
+                Some(("vae", v)) => {
+                    spec.vae = Some(url_list(&format!("--extra-model {name}: vae"), v)?)
+                }
                 _ => return Err(format!("`{s}`: unknown part `{part}` ({usage})")),
             }
         }
@@ -259,7 +266,12 @@ impl GatewayConfig {
             .collect::<Result<Vec<ModelSpec>, String>>()?;
         self.edit_condition_area = a.edit_condition_area;
         self.edit_vae_area = a.edit_vae_area;
-        if let Some(url) = a.pose_detector.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if let Some(url) = a
+            .pose_detector
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             self.pose_detector = Some(url.to_string());
         }
         Ok(())

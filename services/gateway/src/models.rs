@@ -86,7 +86,11 @@ impl Model {
             .map(|t| t.pipeline_class.as_str())
             .unwrap_or_default();
         if class != EDIT_PIPELINE_CLASS {
-            let class = if class.is_empty() { "no pipeline class" } else { class };
+            let class = if class.is_empty() {
+                "no pipeline class"
+            } else {
+                class
+            };
             return Err(GatewayError::InvalidArgument(format!(
                 "model `{name}` is not an instruction-editing model (its denoiser serves {class}, Edit needs \
                  {EDIT_PIPELINE_CLASS}: Qwen-Image-Edit-2509 / -2511); name an Edit model in settings.model \
@@ -130,14 +134,15 @@ pub struct Models {
 impl Models {
     pub fn new(config: &GatewayConfig) -> Result<Self, GatewayError> {
         let mut pools: Vec<(Vec<String>, StageName, Arc<Pool>)> = Vec::new();
-        let mut pool = |stage: StageName, urls: &[String]| -> Result<(Arc<Pool>, bool), GatewayError> {
-            if let Some((_, _, p)) = pools.iter().find(|(u, s, _)| *s == stage && u == urls) {
-                return Ok((p.clone(), true));
-            }
-            let p = Arc::new(Pool::new(stage, urls)?);
-            pools.push((urls.to_vec(), stage, p.clone()));
-            Ok((p, false))
-        };
+        let mut pool =
+            |stage: StageName, urls: &[String]| -> Result<(Arc<Pool>, bool), GatewayError> {
+                if let Some((_, _, p)) = pools.iter().find(|(u, s, _)| *s == stage && u == urls) {
+                    return Ok((p.clone(), true));
+                }
+                let p = Arc::new(Pool::new(stage, urls)?);
+                pools.push((urls.to_vec(), stage, p.clone()));
+                Ok((p, false))
+            };
         let mut specs = vec![(
             config.model_name.clone(),
             config.denoiser.clone(),
@@ -148,14 +153,18 @@ impl Models {
             specs.push((
                 Some(m.name.clone()),
                 m.denoiser.clone(),
-                m.text_encoder.clone().unwrap_or_else(|| config.text_encoder.clone()),
+                m.text_encoder
+                    .clone()
+                    .unwrap_or_else(|| config.text_encoder.clone()),
                 m.vae.clone().unwrap_or_else(|| config.vae.clone()),
             ));
         }
         let mut models = Vec::with_capacity(specs.len());
         for (name, dn, te, vae) in specs {
             if let Some(n) = &name
-                && models.iter().any(|m: &Model| m.name.as_deref() == Some(n.as_str()))
+                && models
+                    .iter()
+                    .any(|m: &Model| m.name.as_deref() == Some(n.as_str()))
             {
                 return Err(GatewayError::Internal(format!(
                     "two served models are named `{n}`; give each --extra-model its own name"
@@ -240,9 +249,13 @@ impl Models {
         for m in &self.models {
             for mut v in m.stages.verdicts() {
                 if many && let Err(mismatch) = &mut v.verdict {
-                    mismatch.message = format!("model `{}`: {}", m.display_name(), mismatch.message);
+                    mismatch.message =
+                        format!("model `{}`: {}", m.display_name(), mismatch.message);
                 }
-                match merged.iter_mut().find(|w| Arc::ptr_eq(&w.replica, &v.replica)) {
+                match merged
+                    .iter_mut()
+                    .find(|w| Arc::ptr_eq(&w.replica, &v.replica))
+                {
                     Some(w) => {
                         if w.verdict.is_ok() && v.verdict.is_err() {
                             *w = v;
@@ -290,7 +303,10 @@ mod tests {
         // te shared by all three, vae by base and edit; three denoiser pools
         assert_eq!(models.pools().len(), 6);
         let [base, edit, other] = [&models.models[0], &models.models[1], &models.models[2]];
-        assert!(Arc::ptr_eq(&base.stages.text_encoder, &other.stages.text_encoder));
+        assert!(Arc::ptr_eq(
+            &base.stages.text_encoder,
+            &other.stages.text_encoder
+        ));
         assert!(Arc::ptr_eq(&base.stages.vae, &edit.stages.vae));
         assert!(!Arc::ptr_eq(&base.stages.vae, &other.stages.vae));
         assert!(base.shared_text_encoder && base.shared_vae);
@@ -301,11 +317,16 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::NotFound);
         assert!(e.message().contains("served: [base, edit, other]"), "{e:?}");
         // before any Describe: not an Edit model yet, and says so as UNAVAILABLE
-        assert!(matches!(edit.check_edit(), Err(GatewayError::Unavailable(_))));
+        assert!(matches!(
+            edit.check_edit(),
+            Err(GatewayError::Unavailable(_))
+        ));
         let listed = models.list().models;
         assert_eq!(listed.len(), 3);
         assert!(listed.iter().all(|m| !m.ready && !m.instruction_edit));
-        config.extra_models.push("base=http://x:1".parse().expect("spec"));
+        config
+            .extra_models
+            .push("base=http://x:1".parse().expect("spec"));
         assert!(Models::new(&config).is_err(), "duplicate names");
     }
 }

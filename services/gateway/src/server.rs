@@ -12,9 +12,8 @@ use tokio::net::TcpListener;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::service::GatewayService;
 use crate::models::Models;
-
+use crate::service::GatewayService;
 
 /// Full proto name of the public service, as health checks name it.
 pub const SERVICE_NAME: &str = "qwen_image.v1.ImageGenerator";
@@ -79,7 +78,8 @@ pub async fn run_with_http(
                     && resolved_at.is_none_or(|t| t.elapsed() >= resolve_interval)
                 {
                     for p in models.pools() {
-                        p.rediscover(&crate::stages::discovery::SystemResolver).await;
+                        p.rediscover(&crate::stages::discovery::SystemResolver)
+                            .await;
                     }
                     resolved_at = Some(tokio::time::Instant::now());
                 }
@@ -109,8 +109,11 @@ pub async fn run_with_http(
                             .iter()
                             .map(|p| format!("{}: {}", p.stage, p.capacity()))
                             .collect();
-                        tracing::info!(models = models.models.len(), ?slots,
-                            "every stage has a usable replica: SERVING");
+                        tracing::info!(
+                            models = models.models.len(),
+                            ?slots,
+                            "every stage has a usable replica: SERVING"
+                        );
                         health.serving().await;
                     } else {
                         let down: Vec<String> = pools

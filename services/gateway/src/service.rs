@@ -21,6 +21,7 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::flows;
 use crate::geometry::Geometry;
+use crate::models::Models;
 use crate::pipeline::Ctx;
 use crate::request::cn_inpaint::{CnInpaintParams, validate_cn_inpaint};
 use crate::request::edit::{EditParams, validate_img2img, validate_inpaint, validate_outpaint};
@@ -28,7 +29,6 @@ use crate::request::instruct::{self, InstructParams};
 use crate::request::pose::{PoseParams, validate_pose};
 use crate::request::t2i::{self, T2iParams};
 use crate::request::{Limits, Settings};
-use crate::models::Models;
 use crate::stages::Stages;
 use crate::stages::admission::{Admitted, RequestQueue};
 
@@ -363,7 +363,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<TextToImageRequest>,
     ) -> Result<Response<Self::TextToImageStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("text_to_image", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), t2i::validate, t2i_flow)
@@ -375,7 +377,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<Img2ImgRequest>,
     ) -> Result<Response<Self::Img2ImgStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("img2img", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_img2img, edit_flow)
@@ -387,7 +391,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<InpaintRequest>,
     ) -> Result<Response<Self::InpaintStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("inpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_inpaint, edit_flow)
@@ -399,7 +405,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<OutpaintRequest>,
     ) -> Result<Response<Self::OutpaintStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("outpaint", a.id);
         let flow = self
             .validate_off_thread(&a, request.into_inner(), validate_outpaint, edit_flow)
@@ -411,7 +419,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<PoseRequest>,
     ) -> Result<Response<Self::PoseStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("pose", a.id);
         let req = crate::reference_pose::resolve(
             self.detector.as_ref(),
@@ -430,7 +440,9 @@ impl ImageGenerator for GatewayService {
         &self,
         request: Request<ControlNetInpaintRequest>,
     ) -> Result<Response<Self::ControlNetInpaintStream>, Status> {
-        let a = self.admit(&request, &model_of(request.get_ref().settings.as_ref())).await?;
+        let a = self
+            .admit(&request, &model_of(request.get_ref().settings.as_ref()))
+            .await?;
         let span = flow_span!("controlnet_inpaint", a.id);
         let flow = self
             .validate_off_thread(

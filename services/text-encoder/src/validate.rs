@@ -5,7 +5,7 @@ use qwen_image_proto::v1::{EncodeRequest, OverlongPromptPolicy};
 use qwen_image_common::stage::StageError;
 use qwen_image_imaging::Image8;
 
-use crate::vision::{MAX_PICTURES, MAX_PICTURE_SIDE};
+use crate::vision::{MAX_PICTURE_SIDE, MAX_PICTURES};
 
 /// Most prompts in one request.
 pub const MAX_PROMPTS: usize = 64;

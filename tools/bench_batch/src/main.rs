@@ -178,7 +178,9 @@ async fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("qwen-image"),
     };
     let stacks = [
-        start(&a, &bin, "off", 1).await.context("the stack without batching")?,
+        start(&a, &bin, "off", 1)
+            .await
+            .context("the stack without batching")?,
         start(&a, &bin, "on", a.max_batch)
             .await
             .context("the stack with batching")?,
@@ -209,7 +211,9 @@ async fn main() -> Result<()> {
         a.width, a.height, a.steps, a.requests, a.rounds, a.max_batch, a.batch_wait_ms
     );
     println!();
-    println!("| clients | batching | requests/min | p50 latency | p99 latency | on / off requests/min |");
+    println!(
+        "| clients | batching | requests/min | p50 latency | p99 latency | on / off requests/min |"
+    );
     println!("|---|---|---|---|---|---|");
     for (ci, &clients) in a.clients.iter().enumerate() {
         for si in 0..2 {

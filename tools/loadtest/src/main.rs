@@ -178,7 +178,10 @@ async fn concurrency(setup: &Setup, args: &Args, n: usize) -> Result<Row> {
         outcomes.iter().all(|o| o.result.is_ok())
     };
     Ok(Row {
-        name: format!("{n} concurrent{}", if n > 32 { ", --max-queued 32" } else { "" }),
+        name: format!(
+            "{n} concurrent{}",
+            if n > 32 { ", --max-queued 32" } else { "" }
+        ),
         clients: n,
         outcomes,
         wall,
@@ -270,9 +273,9 @@ async fn restart(setup: &Setup, args: &Args) -> Result<Row> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let before = {
         let (client, steps, n) = (client.clone(), args.steps, args.per_client.max(2));
-        tokio::spawn(
-            async move { load::clients(&client, 8, Bound::Requests(n), steps, 0, Some(tx)).await },
-        )
+        tokio::spawn(async move {
+            load::clients(&client, 8, Bound::Requests(n), steps, 0, Some(tx)).await
+        })
     };
     all_denoising(&mut rx, 8).await;
     cluster.kill(Stage::Denoiser, 0).await?;
@@ -313,7 +316,9 @@ async fn soak(setup: &Setup, args: &Args) -> Result<Row> {
     let end = started + Duration::from_secs(args.soak_secs);
     let load = {
         let (client, n, steps) = (client.clone(), args.soak_clients, args.steps);
-        tokio::spawn(async move { load::clients(&client, n, Bound::Until(end), steps, 0, None).await })
+        tokio::spawn(
+            async move { load::clients(&client, n, Bound::Until(end), steps, 0, None).await },
+        )
     };
     tokio::time::sleep_until((started + Duration::from_secs(args.soak_baseline_secs)).into()).await;
     let baseline = cluster.rss_now();
@@ -377,9 +382,12 @@ async fn big_prompts(setup: &Setup) -> Result<Row> {
         .iter()
         .filter(|o| matches!(&o.result, Err((c, _)) if *c != Code::ResourceExhausted))
         .count();
-    let growth = peaks.get("text-encoder").map_or(0, |p| p.saturating_sub(idle));
+    let growth = peaks
+        .get("text-encoder")
+        .map_or(0, |p| p.saturating_sub(idle));
     Ok(Row {
-        name: "64 concurrent Encode calls of 64 prompts x 64 KiB, straight to the text encoder".into(),
+        name: "64 concurrent Encode calls of 64 prompts x 64 KiB, straight to the text encoder"
+            .into(),
         clients: 64,
         outcomes,
         wall,

@@ -7,10 +7,12 @@
 
 use anyhow::{Context, Result};
 use qwen_image_common::randn::TorchCpuGenerator;
-use qwen_image_gateway::request::instruct::{self, Areas};
 use qwen_image_gateway::request::Limits;
+use qwen_image_gateway::request::instruct::{self, Areas};
 use qwen_image_model::candle_core::{DType, Device, Tensor};
-use qwen_image_model::denoise::{Conditioning, DenoiseParams, Flow, Outcome, denoise_with_references};
+use qwen_image_model::denoise::{
+    Conditioning, DenoiseParams, Flow, Outcome, denoise_with_references,
+};
 use qwen_image_model::edit::encode_references;
 use qwen_image_model::edit_prompt::EditPromptEncoder;
 use qwen_image_model::latents::{pack, unpack};
@@ -47,12 +49,22 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         })
         .collect::<Result<Vec<_>>>()?;
     let areas = Areas {
-        condition: reference.scalar("condition_area").as_u64().context("condition_area")?,
+        condition: reference
+            .scalar("condition_area")
+            .as_u64()
+            .context("condition_area")?,
         vae: reference.scalar("vae_area").as_u64().context("vae_area")?,
     };
     let seed = reference.arg("seed").as_u64().context("args.seed")?;
-    let negative = reference.scalar("negative_prompt").as_str().map(str::to_string);
-    let prompt = reference.scalar("prompt").as_str().context("prompt")?.to_string();
+    let negative = reference
+        .scalar("negative_prompt")
+        .as_str()
+        .map(str::to_string);
+    let prompt = reference
+        .scalar("prompt")
+        .as_str()
+        .context("prompt")?
+        .to_string();
     let req = EditRequest {
         settings: Some(GenerationSettings {
             prompt: prompt.clone(),
@@ -74,8 +86,16 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     let ours_v: Vec<(usize, usize)> = p.vae.iter().map(|i| (i.width, i.height)).collect();
     let want_c = sizes(reference.scalar("condition_sizes"));
     let want_v = sizes(reference.scalar("vae_sizes"));
-    report.check("gateway: condition sizes", ours_c == want_c, format!("ours {ours_c:?} reference {want_c:?}"));
-    report.check("gateway: VAE sizes", ours_v == want_v, format!("ours {ours_v:?} reference {want_v:?}"));
+    report.check(
+        "gateway: condition sizes",
+        ours_c == want_c,
+        format!("ours {ours_c:?} reference {want_c:?}"),
+    );
+    report.check(
+        "gateway: VAE sizes",
+        ours_v == want_v,
+        format!("ours {ours_v:?} reference {want_v:?}"),
+    );
     let out = sizes(&serde_json::json!([reference.scalar("output_size")]));
     let ours_out = (p.settings.width_px as usize, p.settings.height_px as usize);
     report.check(
@@ -93,7 +113,12 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     // --- text encoder: the prompt (and negative prompt) with the condition-size pictures
     let enc = EditPromptEncoder::load(&snapshot, DType::F32, &Device::Cpu)?;
     let pos = enc.encode(&prompt, &p.condition)?;
-    report.compare("prompt_embeds", &pos.embeds, &reference.f32("prompt_embeds")?, args.tol)?;
+    report.compare(
+        "prompt_embeds",
+        &pos.embeds,
+        &reference.f32("prompt_embeds")?,
+        args.tol,
+    )?;
     let cfg_scale = reference.arg("true_cfg_scale").as_f64().unwrap_or(1.0);
     let negative = match (&negative, reference.has("negative_prompt_embeds")) {
         (Some(n), true) => {
@@ -129,13 +154,22 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     // --- denoiser: the loop from the dump's noise, references appended
     let init = reference.f32("latents_init_packed")?;
     let unpacked = noise.reshape((shape[0], shape[2], shape[3], shape[4]))?; // [B, 1, C, h, w] → [B, C, h, w]
-    report.compare("latents_init_packed (our noise, packed)", &pack(&unpacked)?, &init, RNG_TOL)?;
+    report.compare(
+        "latents_init_packed (our noise, packed)",
+        &pack(&unpacked)?,
+        &init,
+        RNG_TOL,
+    )?;
     let model = t2i::load_transformer(args)?;
     let sched: SchedulerConfig = snapshot.config("scheduler", "scheduler_config.json")?;
     let steps = p.settings.steps as usize;
-    let schedule = Schedule::for_pipeline(&sched, steps, init.dim(1)?).map_err(anyhow::Error::msg)?;
+    let schedule =
+        Schedule::for_pipeline(&sched, steps, init.dim(1)?).map_err(anyhow::Error::msg)?;
     let f = g.vae_scale_factor as usize;
-    let (h, w) = (p.settings.height_px as usize / f, p.settings.width_px as usize / f);
+    let (h, w) = (
+        p.settings.height_px as usize / f,
+        p.settings.width_px as usize / f,
+    );
     let shapes = [(1, h / 2, w / 2)];
     let params = DenoiseParams {
         positive: &positive,
@@ -159,7 +193,12 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
         anyhow::bail!("the loop stopped early")
     };
     if let Some(v) = &first_v {
-        report.compare("step.0.noise_pred", v, &reference.f32("step.0.noise_pred")?, args.tol)?;
+        report.compare(
+            "step.0.noise_pred",
+            v,
+            &reference.f32("step.0.noise_pred")?,
+            args.tol,
+        )?;
     }
     report.compare(
         "final latents",
@@ -171,7 +210,11 @@ pub fn check(args: &ParityArgs, reference: &Reference, report: &mut Report) -> R
     // --- VAE: decode
     let z = vae.denormalize(&unpack(&latents, h, w)?)?;
     let ours: Vec<u8> = to_rgb8(&vae.decode(&z)?)?.concat();
-    let want = reference.get("image_uint8")?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+    let want = reference
+        .get("image_uint8")?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
     report.compare_u8("image_uint8", &ours, &want, 1);
     Ok(())
 }

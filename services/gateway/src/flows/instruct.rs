@@ -30,10 +30,8 @@ pub async fn run(ctx: &Ctx<'_>, p: &InstructParams) -> Result<GenerateResult, Ga
         }
         Ok::<_, GatewayError>(out)
     };
-    let (prompts, references) = tokio::join!(
-        prompts::encode_with_pictures(ctx, s, &pictures),
-        references
-    );
+    let (prompts, references) =
+        tokio::join!(prompts::encode_with_pictures(ctx, s, &pictures), references);
     let (prompts, references) = (prompts?, references?);
     let model_id = prompts.model_id.clone();
     let truncation = prompts.truncation;

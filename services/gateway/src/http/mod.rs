@@ -44,17 +44,13 @@ impl AppState {
     /// `--model-name`, else the model id the first model's stages describe (None before they have). The HTTP
     /// API serves the gateway's first model; `--extra-model`s are reached over gRPC (`settings.model`).
     fn served_model(&self) -> Option<String> {
-        self.service
-            .config
-            .model_name
-            .clone()
-            .or_else(|| {
-                self.service
-                    .models
-                    .models
-                    .first()
-                    .and_then(|m| m.stages.model_id())
-            })
+        self.service.config.model_name.clone().or_else(|| {
+            self.service
+                .models
+                .models
+                .first()
+                .and_then(|m| m.stages.model_id())
+        })
     }
 
     /// The API key check of the gRPC service, for the endpoints that do not call it (`/v1/models`).

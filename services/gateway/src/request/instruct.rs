@@ -178,8 +178,14 @@ mod tests {
             condition: 28672,
             vae: 16384,
         };
-        let p = validate(req(vec![png(80, 56)], 64, 48), &G, &Limits::default(), small, 0)
-            .expect("valid");
+        let p = validate(
+            req(vec![png(80, 56)], 64, 48),
+            &G,
+            &Limits::default(),
+            small,
+            0,
+        )
+        .expect("valid");
         assert_eq!((p.condition[0].width, p.condition[0].height), (192, 128));
         assert_eq!((p.vae[0].width, p.vae[0].height), (160, 96));
         assert_eq!((p.settings.width_px, p.settings.height_px), (64, 48));

@@ -115,7 +115,9 @@ impl Pool {
                         tracing::info!(stage = %self.stage, name = %uri, replica = %a, "replica found by DNS");
                         next.push(r);
                     }
-                    Err(e) => tracing::warn!(stage = %self.stage, replica = %a, error = %e, "unusable address"),
+                    Err(e) => {
+                        tracing::warn!(stage = %self.stage, replica = %a, error = %e, "unusable address")
+                    }
                 }
             }
         }
@@ -189,7 +191,11 @@ mod tests {
         assert!(p.rediscover(&dns).await);
         assert_eq!(
             uris(&p),
-            vec!["http://10.0.0.9:1", "http://127.0.0.1:50052", "http://[::1]:50052"],
+            vec![
+                "http://10.0.0.9:1",
+                "http://127.0.0.1:50052",
+                "http://[::1]:50052"
+            ],
             "the fixed address stays; the name is one replica per address"
         );
         let v4 = p.replicas()[1].clone();
@@ -200,7 +206,11 @@ mod tests {
         assert!(p.rediscover(&dns).await);
         assert_eq!(
             uris(&p),
-            vec!["http://10.0.0.9:1", "http://127.0.0.1:50052", "http://127.0.0.2:50052"]
+            vec![
+                "http://10.0.0.9:1",
+                "http://127.0.0.1:50052",
+                "http://127.0.0.2:50052"
+            ]
         );
         assert!(
             Arc::ptr_eq(&p.replicas()[1], &v4) && v4.is_healthy(),

@@ -185,7 +185,11 @@ impl Shared {
     }
 
     /// A new replica at `uri` (lazily connected; unhealthy until its first health check passes).
-    pub(super) fn new_replica(&self, target: usize, uri: &str) -> Result<Arc<Replica>, GatewayError> {
+    pub(super) fn new_replica(
+        &self,
+        target: usize,
+        uri: &str,
+    ) -> Result<Arc<Replica>, GatewayError> {
         let endpoint = qwen_image_common::transport::endpoint(uri)
             .map_err(|e| GatewayError::Internal(format!("{} endpoint: {e}", self.stage)))?;
         Ok(Arc::new(Replica {

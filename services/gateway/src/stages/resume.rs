@@ -162,10 +162,7 @@ mod tests {
         assert_eq!(b.offset, 16);
         assert_eq!(second.start_step, 18, "2 + 16 steps done");
         assert_eq!(second.latents, Some(latents(16)));
-        assert_eq!(
-            second.start_noise, None,
-            "the checkpoint is already noised"
-        );
+        assert_eq!(second.start_noise, None, "the checkpoint is already noised");
         let mut pr = DenoiseProgress {
             step: 1,
             total_steps: 2,
