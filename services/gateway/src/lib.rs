@@ -13,6 +13,7 @@ mod flows;
 pub mod geometry;
 mod http;
 mod images;
+pub mod limits;
 pub mod models;
 mod pipeline;
 mod pngmeta;

@@ -174,7 +174,7 @@ pub async fn run_with_http(
         tokio::spawn(crate::http::serve(l, service.clone(), ready.clone(), stop))
     });
     let generator = ImageGeneratorServer::from_arc(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(crate::limits::MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let drain_health = health.clone();

@@ -520,6 +520,28 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
         "{}",
         e.message()
     );
+    // A picture above the per-picture limit, then a message above the public limit (sized to the largest
+    // legal request, below the stages' 128 MiB): both refused before any stage is called.
+    let mut big =
+        ImageGeneratorClient::new(gw.service.channel()).max_encoding_message_size(usize::MAX);
+    let e = big
+        .img2_img(Img2ImgRequest {
+            settings: Some(settings()),
+            image: vec![0x89; (32 << 20) + 1].into(),
+            strength: Some(0.6),
+        })
+        .await
+        .expect_err("rejected");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("at most 32 MiB"), "{}", e.message());
+    let e = big
+        .edit(EditRequest {
+            settings: Some(settings()),
+            images: vec![vec![0x89; 35 << 20].into(); 3],
+        })
+        .await
+        .expect_err("rejected");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert_eq!(
         c.encodes.load(Ordering::SeqCst),
         0,

@@ -21,7 +21,6 @@ use std::sync::atomic::AtomicBool;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
-use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -128,7 +127,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(page::routes())
         .route_layer(axum::middleware::from_fn(telemetry::observe))
         .fallback(telemetry::not_found)
-        .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .layer(DefaultBodyLimit::max(crate::limits::MAX_REQUEST_BYTES))
         .with_state(state);
     (app, doc)
 }
