@@ -632,6 +632,92 @@ async fn dropping_the_stream_cancels_the_denoiser() {
     assert_eq!(c.denoise_cancelled.load(Ordering::SeqCst), 1);
 }
 
+/// An Edit message above the public limit: OUT_OF_RANGE once the gateway has read it.
+fn oversized_edit(key: Option<&str>) -> Request<EditRequest> {
+    with_key(
+        EditRequest {
+            settings: Some(settings()),
+            images: vec![vec![0x89; 35 << 20].into(); 3],
+        },
+        key,
+    )
+}
+
+#[tokio::test]
+async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message() {
+    let c = Arc::new(Counters::default());
+    let (te, dn, vae) = serve_fake(Fake {
+        c: c.clone(),
+        hidden_size: D as u32,
+        denoise_unavailable: false,
+        denoise_hangs: true,
+    })
+    .await;
+    let mut cfg = config(&te, &[dn], &vae);
+    cfg.max_queued = 1;
+    cfg.api_keys = Some(Arc::new(
+        qwen_image_gateway::auth::ApiKeys::parse(KEY).expect("keys"),
+    ));
+    let mut gw = start_gateway(cfg).await;
+    let mut big =
+        ImageGeneratorClient::new(gw.service.channel()).max_encoding_message_size(usize::MAX);
+    // A wrong key is refused before the message is read (reading it would give OUT_OF_RANGE).
+    let e = big
+        .edit(oversized_edit(Some("sk-wrong-0123456789abcdef")))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(e.metadata().get(REQUEST_ID_KEY).is_some());
+    // The one place is taken by a request hanging in the denoiser.
+    let mut stream = gw
+        .client
+        .text_to_image(with_key(request(), Some(KEY)))
+        .await
+        .expect("accepted")
+        .into_inner();
+    tokio::time::timeout(GUARD, async {
+        while let Some(ev) = stream.message().await.expect("events") {
+            if let Some(generate_event::Event::Progress(p)) = ev.event
+                && p.stage == Stage::Denoise as i32
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a denoise step");
+    let e = big.edit(oversized_edit(Some(KEY))).await.expect_err("full");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(qwen_image_common::status::retry_after(&e).is_some());
+    // ListModels and health take no place.
+    gw.client
+        .list_models(with_key(ListModelsRequest {}, Some(KEY)))
+        .await
+        .expect("models listed while full");
+    let cancelled = c.cancelled.notified();
+    drop(stream);
+    tokio::time::timeout(GUARD, cancelled)
+        .await
+        .expect("the denoiser saw the cancellation");
+    // Once the place is free the same call is read, and refused for its size.
+    let e = tokio::time::timeout(GUARD, async {
+        loop {
+            let e = big
+                .edit(oversized_edit(Some(KEY)))
+                .await
+                .expect_err("refused");
+            if e.code() != Code::ResourceExhausted {
+                return e;
+            }
+            // The place is freed as the cancelled flow unwinds, just after the denoiser call ends.
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the place is freed");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+}
+
 #[tokio::test]
 async fn the_deadline_ends_the_request_and_the_denoiser_call() {
     let c = Arc::new(Counters::default());
