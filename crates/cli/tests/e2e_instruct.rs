@@ -265,8 +265,7 @@ fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
 /// The first picture of an OpenAI `ImagesResponse` body.
 fn first_png(body: &str) -> Vec<u8> {
     use base64::Engine;
-    let v: serde_json::Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     base64::engine::general_purpose::STANDARD
         .decode(v["data"][0]["b64_json"].as_str().expect("b64_json"))
         .expect("base64")
@@ -276,7 +275,10 @@ fn first_png(body: &str) -> Vec<u8> {
 /// kinds; `/v1/images/edits` with two `image[]` parts and `model=edit-2509` gives the very PNG bytes of the
 /// gRPC `Edit` with the same inputs and request id; `/v1/images/generations` with `model=base` those of
 /// `TextToImage`; an unknown model is 404 `model_not_found`.
-async fn http_api_serves_both_models(gateway: &ServiceProcess, c: &mut ImageGeneratorClient<Channel>) {
+async fn http_api_serves_both_models(
+    gateway: &ServiceProcess,
+    c: &mut ImageGeneratorClient<Channel>,
+) {
     use qwen_image_testkit::http::{multipart, request, request_bytes};
     let addr = gateway.http_addr(GUARD).await.expect("HTTP address");
     let (status, list) = request(addr, "GET", "/v1/models", &[], "").await;
@@ -309,7 +311,10 @@ async fn http_api_serves_both_models(gateway: &ServiceProcess, c: &mut ImageGene
     let size = format!("{}x{}", s.width_px, s.height_px);
     let fields = [
         ("prompt", s.prompt.as_str()),
-        ("negative_prompt", s.negative_prompt.as_deref().expect("negative")),
+        (
+            "negative_prompt",
+            s.negative_prompt.as_deref().expect("negative"),
+        ),
         ("model", "edit-2509"),
         ("size", size.as_str()),
         ("steps", steps.as_str()),
@@ -327,7 +332,10 @@ async fn http_api_serves_both_models(gateway: &ServiceProcess, c: &mut ImageGene
         addr,
         "POST",
         "/v1/images/edits",
-        &[("content-type", content_type.as_str()), ("x-request-id", id)],
+        &[
+            ("content-type", content_type.as_str()),
+            ("x-request-id", id),
+        ],
         &body,
     )
     .await;
@@ -374,7 +382,8 @@ async fn http_api_serves_both_models(gateway: &ServiceProcess, c: &mut ImageGene
 
     // Text to image on the base model: HTTP JSON == gRPC TextToImage.
     let id = "e2e-instruct-http-t2i";
-    let json = r#"{"prompt": "a lighthouse", "model": "base", "size": "32x32", "steps": 2, "seed": 5}"#;
+    let json =
+        r#"{"prompt": "a lighthouse", "model": "base", "size": "32x32", "steps": 2, "seed": 5}"#;
     let (status, answer) = request(
         addr,
         "POST",

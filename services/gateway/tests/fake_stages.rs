@@ -991,15 +991,15 @@ async fn http_api_picks_the_model_and_routes_edits_by_its_kind() {
     // Two `image[]` parts to the Edit model reach the Edit RPC (which refuses the fake text encoder: no
     // vision), not img2img.
     let (status, err) = post_form(edit_form(
-        &[("prompt", "put picture 2 into picture 1"), ("model", "edit")],
+        &[
+            ("prompt", "put picture 2 into picture 1"),
+            ("model", "edit"),
+        ],
         &[("image[]", "a.png", picture), ("image[]", "b.png", picture)],
     ))
     .await;
     assert_eq!(status, 400, "{err}");
-    assert!(
-        err.contains("cannot encode prompts with pictures"),
-        "{err}"
-    );
+    assert!(err.contains("cannot encode prompts with pictures"), "{err}");
     // A mask on the Edit model, several pictures for the base model, four pictures: 400 saying what to do.
     let (status, err) = post_form(edit_form(
         &[("prompt", "p"), ("model", "edit")],

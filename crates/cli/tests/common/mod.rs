@@ -257,4 +257,3 @@ pub async fn run_python(python: &Path, script: &str, args: &[String]) {
         text(&out.stderr)
     );
 }
-

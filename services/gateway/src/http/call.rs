@@ -11,7 +11,8 @@ use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use qwen_image_proto::v1::{
-    EditRequest, GenerateEvent, Img2ImgRequest, InpaintRequest, OutpaintRequest, PoseRequest, TextToImageRequest,
+    EditRequest, GenerateEvent, Img2ImgRequest, InpaintRequest, OutpaintRequest, PoseRequest,
+    TextToImageRequest,
 };
 use tonic::Streaming;
 use tonic::metadata::{MetadataKey, MetadataValue};

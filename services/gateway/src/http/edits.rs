@@ -7,9 +7,7 @@
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use qwen_image_proto::v1::{
-    Anchor, EditRequest, Img2ImgRequest, InpaintRequest, OutpaintRequest,
-};
+use qwen_image_proto::v1::{Anchor, EditRequest, Img2ImgRequest, InpaintRequest, OutpaintRequest};
 use utoipa::ToSchema;
 
 use super::call::Call;
@@ -390,7 +388,9 @@ mod tests {
         );
         let mut f = form();
         f.image.push(vec![4, 5]);
-        let e = f.into_call(&base).expect_err("two pictures to a base model");
+        let e = f
+            .into_call(&base)
+            .expect_err("two pictures to a base model");
         assert!(
             e.status == 400 && e.detail.message.contains("kind `edit`"),
             "{e:?}"
@@ -413,12 +413,19 @@ mod tests {
         let mut f = form();
         f.mask = Some(vec![0]);
         let e = f.into_call(&edit).expect_err("mask on an Edit model");
-        assert_eq!((e.status.as_u16(), e.detail.param.as_deref()), (400, Some("mask")));
+        assert_eq!(
+            (e.status.as_u16(), e.detail.param.as_deref()),
+            (400, Some("mask"))
+        );
         assert!(e.detail.message.contains("kind `base`"), "{e:?}");
         let mut f = form();
         f.strength = Some(0.5);
         assert_eq!(
-            f.into_call(&edit).expect_err("strength").detail.param.as_deref(),
+            f.into_call(&edit)
+                .expect_err("strength")
+                .detail
+                .param
+                .as_deref(),
             Some("strength")
         );
         let mut f = form();

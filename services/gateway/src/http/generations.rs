@@ -6,17 +6,15 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use base64::Engine;
-use qwen_image_proto::v1::{
-    ControlNetSettings, PoseRequest, TextToImageRequest, pose_request,
-};
+use qwen_image_proto::v1::{ControlNetSettings, PoseRequest, TextToImageRequest, pose_request};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::call::Call;
-use super::options::ImageOptions;
-use super::{AppState, Target};
 use super::error::{ApiError, ErrorBody};
+use super::options::ImageOptions;
 use super::respond::{self, Kind, Output};
+use super::{AppState, Target};
 
 /// OpenAI's image generation body: the shared fields ([`ImageOptions`]) and those of generation. Fields
 /// OpenAI defines that do not apply here (`quality`, `style`, `user`, `moderation`, `safety_identifier`,
@@ -175,8 +173,9 @@ mod tests {
         assert!(req(serde_json::json!({"prompt": "p", "response_format": "url"})).is_err());
         let e = req(serde_json::json!({"prompt": "p", "negative_promt": "x"})).expect_err("typo");
         assert_eq!(e.detail.param.as_deref(), Some("negative_promt"));
-        let (call, _) = req(serde_json::json!({"prompt": "p", "seed": 3, "steps": 2, "style": "vivid"}))
-            .expect("shared fields through flatten");
+        let (call, _) =
+            req(serde_json::json!({"prompt": "p", "seed": 3, "steps": 2, "style": "vivid"}))
+                .expect("shared fields through flatten");
         let Call::TextToImage(t) = call else {
             panic!("t2i expected")
         };

@@ -125,7 +125,9 @@ impl ImageOptions {
         if let Some(f) = self.response_format.as_deref().filter(|f| *f != "b64_json") {
             return Err(ApiError::bad_param(
                 "response_format",
-                format!("response_format `{f}` is not served: send \"b64_json\" (images come inline)"),
+                format!(
+                    "response_format `{f}` is not served: send \"b64_json\" (images come inline)"
+                ),
             ));
         }
         if let Some(f) = self.output_format.as_deref().filter(|f| *f != "png") {
