@@ -1,5 +1,5 @@
-//! `GET /v1/models` (every served model, OpenAI's list shape plus each model's kind), `/healthz` (the process answers) and `/readyz`
-//! (the gateway is SERVING: every stage has a usable replica).
+//! `GET /v1/models` (every served model, OpenAI's list shape plus each model's kind), `/healthz` (the process
+//! answers) and `/readyz` (the gateway is SERVING: every stage has a usable replica).
 
 use std::sync::atomic::Ordering;
 

@@ -159,8 +159,8 @@ impl ImageOptions {
         )
     }
 
-    /// The gRPC settings for `model` (the name the request resolved to; empty = the first model) at the
-    /// given size.
+    /// The gRPC settings for `model` (the request's name for it, which the gRPC service selects by; empty =
+    /// the first model) at the given size.
     pub fn settings(
         &self,
         model: &str,
