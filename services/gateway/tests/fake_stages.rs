@@ -659,6 +659,7 @@ async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message
         hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: true,
+        pipeline_class: "",
     })
     .await;
     let mut cfg = config(&te, &[dn], &vae);
