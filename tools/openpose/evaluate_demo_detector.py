@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flow", type=int, default=84, help="reference -> pose -> picture cases")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--keep", action="store_true", help="keep the pictures (printed: their folder)")
     a = ap.parse_args(argv)
 
     import torch
@@ -239,6 +241,10 @@ def main(argv=None) -> int:
             serve.wait(timeout=60)
     if a.out:
         a.out.write_text(json.dumps(report, indent=1) + "\n")
+    if a.keep:
+        print(f"pictures kept in {tmp}")
+    else:
+        shutil.rmtree(tmp)
     return 0
 
 
