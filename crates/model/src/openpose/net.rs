@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn fewer_stages_load_and_the_last_heat_map_keeps_its_relu() -> Result<()> {
         let mut t = random_body_weights(&NARROW, 5)?;
-        t.retain(|k| !(4..=STAGES).any(|s| k.contains(&format!("_stage{s}_"))));
+        t.retain(|k, _| !(4..=STAGES).any(|s| k.contains(&format!("_stage{s}_"))));
         // stage 3's heat-map conv: zero weights, negative bias → negative before the ReLU
         let w = t["Mconv7_stage3_L2.weight"].zeros_like()?;
         t.insert("Mconv7_stage3_L2.weight".into(), w);
@@ -326,7 +326,7 @@ mod tests {
 
         // a gap (stage 2 missing) leaves stage 1 only
         let mut gap = random_body_weights(&NARROW, 5)?;
-        gap.retain(|k| !k.contains("_stage2_"));
+        gap.retain(|k, _| !k.contains("_stage2_"));
         assert_eq!(BodyPoseNet::from_tensors(&gap, &Device::Cpu)?.stages.len(), 1);
         Ok(())
     }
