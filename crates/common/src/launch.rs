@@ -14,6 +14,27 @@ use crate::args::CommonArgs;
 /// The shutdown signal handed to a service.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Turns off candle's elementwise thread pool unless `CANDLE_NUM_THREADS` is set: candle 0.11 runs large
+/// elementwise ops on a `BarrierPool` whose caller spin-waits without bound for its workers (and the workers
+/// spin 25 000 times before parking), which burns the cores other processes and our own matmul threads need
+/// on a shared machine. Matmuls keep their threads (`RAYON_NUM_THREADS`, default every core); elementwise
+/// results do not depend on the thread count. Measured on the 2-core machine under load 13-19: a whole
+/// 256x256 request went from 4.33x to 2.86x of diffusers' time (README, Performance). candle's quantized
+/// (GGUF) matmuls also run on that pool: with quantized weights, `CANDLE_NUM_THREADS=2` (the core count)
+/// gives them their threads back.
+///
+/// Call first in `main`, before any thread exists.
+pub fn default_candle_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at the top of `main` before any other thread is started, so nothing reads or
+        // writes the environment concurrently.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("CANDLE_NUM_THREADS", "1")
+        };
+    }
+}
+
 /// Runs `serve(listener, shutdown)` for service `binary` (its OpenTelemetry `service.name`) with the
 /// shared flags `common`. Exit code 0 after a clean drain, 1 when serving failed.
 pub fn serve_main<F, Fut, E>(binary: &'static str, common: &CommonArgs, serve: F) -> ExitCode

@@ -1,7 +1,8 @@
 //! Test support (never linked by a service): the one harness that starts services in-process or as
 //! processes and waits for SERVING ([`service`], [`process`], [`stack`]), an OTLP receiver, the demo
-//! judge.
+//! judge, and what the whole-stack benchmarks share ([`bench`]).
 
+pub mod bench;
 pub mod files;
 pub mod fuzz;
 pub mod http;

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
+use qwen_image_testkit::bench::{
+    Geometry, PROMPTS, gateway_client, load_average, median, quantile, t2i_request, timed_t2i,
+};
 use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
 use tonic::transport::Channel;
 
@@ -48,17 +50,6 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     batch_wait_ms: u64,
 }
-
-const PROMPTS: &[&str] = &[
-    "A cat holding a sign that says hello world",
-    "a red square above a blue circle",
-    "a stick figure waving, green background",
-    "two yellow triangles next to a purple star",
-    "a small house under a large orange sun",
-    "a person standing with arms raised, white background",
-    "three black dots in a row",
-    "a blue circle left of a red square",
-];
 
 struct Stack {
     name: &'static str,
@@ -94,27 +85,14 @@ async fn start(a: &Args, bin: &Path, name: &'static str, max_batch: u32) -> Resu
 }
 
 async fn request(c: &mut ImageGeneratorClient<Channel>, a: &Args, n: usize) -> Result<Duration> {
-    let req = TextToImageRequest {
-        settings: Some(GenerationSettings {
-            prompt: PROMPTS[n % PROMPTS.len()].into(),
-            negative_prompt: Some(" ".into()),
-            width_px: a.width,
-            height_px: a.height,
-            steps: a.steps,
-            true_cfg_scale: Some(4.0),
-            seed: Some(n as u64),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let g = Geometry {
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
     };
-    let started = Instant::now();
-    let mut stream = c.text_to_image(req).await?.into_inner();
-    while let Some(ev) = stream.message().await? {
-        if let Some(generate_event::Event::Result(_)) = ev.event {
-            return Ok(started.elapsed());
-        }
-    }
-    bail!("no result")
+    let req = t2i_request(g, PROMPTS[n % PROMPTS.len()], n as u64);
+    let (elapsed, _png) = timed_t2i(c, req).await.map_err(anyhow::Error::msg)?;
+    Ok(elapsed)
 }
 
 struct Run {
@@ -126,8 +104,7 @@ async fn run(stack: &Stack, a: &Args, clients: usize) -> Result<Run> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let ch = Channel::from_shared(stack.url.clone())?.connect().await?;
-        let mut client = ImageGeneratorClient::new(ch).max_decoding_message_size(64 << 20);
+        let mut client = gateway_client(&stack.url);
         let a = Args {
             model: None,
             qwen_image: None,
@@ -153,20 +130,6 @@ async fn run(stack: &Stack, a: &Args, clients: usize) -> Result<Run> {
     })
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// The `q`-quantile (nearest rank) of `v`.
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
@@ -185,6 +148,7 @@ async fn main() -> Result<()> {
             .await
             .context("the stack with batching")?,
     ];
+    let load_start = load_average();
     eprintln!("warm-up");
     for s in &stacks {
         run(s, &a, 1).await?;
@@ -207,8 +171,16 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "{}x{}, {} steps, CFG 4, {} requests per client per run, {} rounds, --max-batch {} --batch-wait-ms {}",
-        a.width, a.height, a.steps, a.requests, a.rounds, a.max_batch, a.batch_wait_ms
+        "{}x{}, {} steps, CFG 4, {} requests per client per run, {} rounds, --max-batch {} --batch-wait-ms {}, load average {} (start) {} (end)",
+        a.width,
+        a.height,
+        a.steps,
+        a.requests,
+        a.rounds,
+        a.max_batch,
+        a.batch_wait_ms,
+        load_start,
+        load_average()
     );
     println!();
     println!(

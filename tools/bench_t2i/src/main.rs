@@ -1,12 +1,23 @@
-//! `qwen-image-bench-t2i`: median wall time of one text-to-image request through the four services over
-//! gRPC (separate `qwen-image serve --stage ...` processes on loopback, client → gateway → stages) against
-//! the same work in this process with the model crate (encode prompt + negative, seeded noise, denoise
-//! with true CFG, decode, PNG). Runs alternate between the two paths so machine noise hits both.
+//! `qwen-image-bench-t2i`: wall time of one text-to-image request through the four services over gRPC
+//! (separate `qwen-image serve --stage ...` processes on loopback, client → gateway → stages) against a
+//! reference, in one run, rounds alternating which side goes first:
+//!
+//! - `--reference in-process` (default): the same work in this process with the model crate (encode
+//!   prompt + negative, seeded noise, denoise with true CFG, decode, PNG): what the split into services
+//!   costs;
+//! - `--reference diffusers`: diffusers' `QwenImagePipeline` on the same snapshot, kept loaded in a
+//!   Python process (`diffusers_t2i.py`, torch with `--threads` threads), same prompt, negative prompt,
+//!   true CFG, seed and size: our stack against the reference.
+//!
+//! Every round sends a prompt not sent before (the text encoder's prompt-embedding cache serves only
+//! the negative prompt " ", as it does for every CFG request in service). Prints each round's times and
+//! ratio, then the medians and the median of the per-round ratios, with the load average.
 //!
 //! cargo build --release -p qwen-image-cli -p qwen-image-bench-t2i
-//! target/release/qwen-image-bench-t2i --model /tmp/gsmall --width 512 --height 512 --steps 20 --runs 5
+//! target/release/qwen-image-bench-t2i --model /tmp/small --width 256 --height 256 --steps 20 --runs 5 \
+//!     --reference diffusers
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,13 +33,14 @@ use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 use qwen_image_model::vae::{AutoencoderKLQwenImage, to_rgb8};
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use qwen_image_testkit::bench::{
+    Geometry, NEGATIVE_PROMPT, PROMPTS, TRUE_CFG_SCALE, gateway_client, load_average,
+    max_level_difference, median, t2i_request, timed_t2i,
+};
+use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -41,19 +53,36 @@ struct Args {
     height: u32,
     #[arg(long, default_value_t = 20)]
     steps: u32,
-    /// Timed runs per path (after one warm-up run each).
+    /// Timed rounds, one request per side each (after one warm-up request each).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    #[arg(long, default_value = "A cat holding a sign that says hello world")]
-    prompt: String,
+    /// What the stack is compared with.
+    #[arg(long, value_enum, default_value_t = Reference::InProcess)]
+    reference: Reference,
+    /// Python with torch and diffusers (`--reference diffusers`); default
+    /// `$HOME/.venvs/qwen-image-ref/bin/python` (tools/refharness/install.sh).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Torch threads of the diffusers side (our stages use every core, 2 on the project's machine).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
     /// The `qwen-image` binary; default: next to this executable.
     #[arg(long)]
     qwen_image: Option<PathBuf>,
 }
 
-const NEGATIVE: &str = " ";
-const CFG: f32 = 4.0;
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Reference {
+    InProcess,
+    Diffusers,
+}
+
 const SEED: u64 = 0;
+
+/// The prompt of round `i` (the warm-up is round 0): never sent before in this run.
+fn prompt(i: usize) -> String {
+    format!("{}, take {i}", PROMPTS[i % PROMPTS.len()])
+}
 
 struct InProcess {
     encoder: PromptEncoder,
@@ -63,7 +92,7 @@ struct InProcess {
 }
 
 impl InProcess {
-    fn load(model: &PathBuf) -> Result<Self> {
+    fn load(model: &Path) -> Result<Self> {
         let dev = Device::Cpu;
         let snap = Snapshot::open(model)?;
         let encoder = PromptEncoder::load(&snap, DType::F32, &dev)?;
@@ -81,9 +110,9 @@ impl InProcess {
     }
 
     /// The gateway's work without gRPC: encode, noise, denoise (true CFG), decode, PNG.
-    fn run(&self, a: &Args) -> Result<Vec<u8>> {
-        let pos = self.encoder.encode(&[a.prompt.as_str()], 512)?;
-        let neg = self.encoder.encode(&[NEGATIVE], 512)?;
+    fn run(&self, a: &Args, prompt: &str) -> Result<Vec<u8>> {
+        let pos = self.encoder.encode(&[prompt], 512)?;
+        let neg = self.encoder.encode(&[NEGATIVE_PROMPT], 512)?;
         let cond = |e: qwen_image_model::prompt::EncodedPrompts| Conditioning {
             mask: if e.mask_all_ones { None } else { Some(e.mask) },
             embeds: e.embeds,
@@ -100,7 +129,7 @@ impl InProcess {
         let params = DenoiseParams {
             positive: &pos,
             negative: Some(&neg),
-            true_cfg_scale: CFG as f64,
+            true_cfg_scale: TRUE_CFG_SCALE as f64,
             latents,
             img_shapes: &shapes,
             schedule: &schedule,
@@ -131,187 +160,187 @@ fn encode_png(width: u32, height: u32, rgb8: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-struct Service {
+/// diffusers' pipeline in a Python process (`diffusers_t2i.py`), loaded once, one run per stdin line.
+struct Diffusers {
     _child: Child,
-    url: String,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    png: PathBuf,
 }
 
-async fn spawn(bin: &PathBuf, args: &[&str]) -> Result<Service> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            let url = format!("http://{}", addr.trim());
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Ok(Service { _child: child, url });
+impl Diffusers {
+    async fn start(a: &Args) -> Result<Self> {
+        let python = match &a.python {
+            Some(p) => p.clone(),
+            None => PathBuf::from(std::env::var("HOME").context("HOME")?)
+                .join(".venvs/qwen-image-ref/bin/python"),
+        };
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_t2i.py");
+        let mut child = Command::new(&python)
+            .arg(&script)
+            .arg(&a.model)
+            .args([
+                "--width",
+                &a.width.to_string(),
+                "--height",
+                &a.height.to_string(),
+            ])
+            .args([
+                "--steps",
+                &a.steps.to_string(),
+                "--threads",
+                &a.threads.to_string(),
+            ])
+            .args(["--true-cfg-scale", &TRUE_CFG_SCALE.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", python.display()))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        match stdout.next_line().await? {
+            Some(l) if l == "ready" => {}
+            other => bail!(
+                "{} {}: expected `ready`, got {other:?}",
+                python.display(),
+                script.display()
+            ),
         }
-    }
-    bail!(
-        "{} {args:?} exited without printing its address",
-        bin.display()
-    )
-}
-
-async fn wait_serving(url: &str) -> Result<()> {
-    let ch = Channel::from_shared(url.to_string())?.connect().await?;
-    let mut s = HealthClient::new(ch)
-        .watch(HealthCheckRequest {
-            service: String::new(),
+        let png =
+            std::env::temp_dir().join(format!("bench-t2i-diffusers-{}.png", std::process::id()));
+        Ok(Self {
+            _child: child,
+            stdin,
+            stdout,
+            png,
         })
-        .await?
-        .into_inner();
-    while let Some(m) = s.message().await? {
-        if m.status == ServingStatus::Serving as i32 {
-            return Ok(());
-        }
     }
-    bail!("health stream ended")
+
+    /// One pipeline call: the wall time seen from here (pipe round trip included) and the PNG.
+    async fn run(&mut self, prompt: &str) -> Result<(Duration, Vec<u8>)> {
+        let started = Instant::now();
+        let line = format!("{SEED} {} {prompt}\n", self.png.display());
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.flush().await?;
+        let reply = self
+            .stdout
+            .next_line()
+            .await?
+            .context("diffusers_t2i.py ended")?;
+        let elapsed = started.elapsed();
+        if !reply.starts_with("{\"seconds\"") {
+            bail!("diffusers_t2i.py: unexpected reply {reply:?}");
+        }
+        let png = std::fs::read(&self.png)?;
+        Ok((elapsed, png))
+    }
 }
 
-async fn grpc_run(c: &mut ImageGeneratorClient<Channel>, a: &Args) -> Result<Vec<u8>> {
-    let req = TextToImageRequest {
-        settings: Some(GenerationSettings {
-            prompt: a.prompt.clone(),
-            negative_prompt: Some(NEGATIVE.into()),
-            width_px: a.width,
-            height_px: a.height,
-            steps: a.steps,
-            true_cfg_scale: Some(CFG),
-            seed: Some(SEED),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut s = c.text_to_image(req).await?.into_inner();
-    while let Some(ev) = s.message().await? {
-        if let Some(generate_event::Event::Result(r)) = ev.event {
-            return r.png.first().map(|p| p.to_vec()).context("no png");
-        }
+impl Drop for Diffusers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.png);
     }
-    bail!("no result")
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The side the stack is compared with.
+enum Other {
+    InProcess(Box<InProcess>),
+    Diffusers(Diffusers),
+}
+
+impl Other {
+    async fn run(&mut self, a: &Args, prompt: &str) -> Result<(Duration, Vec<u8>)> {
+        match self {
+            Other::InProcess(local) => {
+                let started = Instant::now();
+                let png = tokio::task::block_in_place(|| local.run(a, prompt))?;
+                Ok((started.elapsed(), png))
+            }
+            Other::Diffusers(d) => d.run(prompt).await,
+        }
+    }
+}
+
+/// One request through the stack: the time to its result and the PNG.
+async fn ours(
+    client: &mut ImageGeneratorClient<Channel>,
+    g: Geometry,
+    i: usize,
+) -> Result<(Duration, Vec<u8>)> {
+    timed_t2i(client, t2i_request(g, &prompt(i), SEED))
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    if a.runs == 0 {
+        bail!("--runs must be positive");
+    }
     let bin = match &a.qwen_image {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("qwen-image"),
     };
-    let model = a.model.to_str().context("utf-8 model path")?;
-    let te = spawn(
-        &bin,
-        &[
-            "serve",
-            "--stage",
-            "text-encoder",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            model,
-        ],
-    )
-    .await?;
-    let dn = spawn(
-        &bin,
-        &[
-            "serve",
-            "--stage",
-            "denoiser",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            model,
-        ],
-    )
-    .await?;
-    let vae = spawn(
-        &bin,
-        &[
-            "serve",
-            "--stage",
-            "vae",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            model,
-        ],
-    )
-    .await?;
-    let gw = spawn(
-        &bin,
-        &[
-            "serve",
-            "--stage",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--text-encoder",
-            &te.url,
-            "--denoiser",
-            &dn.url,
-            "--vae",
-            &vae.url,
-        ],
-    )
-    .await?;
-    wait_serving(&gw.url).await?;
-    let ch = Channel::from_shared(gw.url.clone())?.connect().await?;
-    let mut client = ImageGeneratorClient::new(ch).max_decoding_message_size(128 << 20);
-    let local = tokio::task::block_in_place(|| InProcess::load(&a.model))?;
+    let load_start = load_average();
+    let stack = ProcessStack::serving(Launcher::Cli(bin), &StackSpec::model(&a.model))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut client = gateway_client(&stack.gateway_url());
+    let (mut other, name) = match a.reference {
+        Reference::InProcess => (
+            Other::InProcess(Box::new(tokio::task::block_in_place(|| {
+                InProcess::load(&a.model)
+            })?)),
+            "in-process",
+        ),
+        Reference::Diffusers => (Other::Diffusers(Diffusers::start(&a).await?), "diffusers"),
+    };
+    let g = Geometry {
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
+    };
 
-    // Warm-up (allocator, caches), and a check that both paths make the same image.
-    let png_grpc = grpc_run(&mut client, &a).await?;
-    let png_local = tokio::task::block_in_place(|| local.run(&a))?;
-    let same = decode_rgb(&png_grpc)? == decode_rgb(&png_local)?;
-    let (mut t_grpc, mut t_local) = (Vec::new(), Vec::new());
-    for i in 0..a.runs {
-        let t = Instant::now();
-        grpc_run(&mut client, &a).await?;
-        t_grpc.push(t.elapsed());
-        let t = Instant::now();
-        tokio::task::block_in_place(|| local.run(&a))?;
-        t_local.push(t.elapsed());
-        eprintln!("run {i}: grpc {:?} in-process {:?}", t_grpc[i], t_local[i]);
+    // Warm-up (allocators, caches, the negative prompt's embedding), and the pictures compared.
+    let (_, png_ours) = ours(&mut client, g, 0).await?;
+    let (_, png_other) = other.run(&a, &prompt(0)).await?;
+    let diff = max_level_difference(&png_ours, &png_other).map_err(anyhow::Error::msg)?;
+    let (mut t_ours, mut t_other, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=a.runs {
+        let p = prompt(i);
+        let (o, r) = if i % 2 == 1 {
+            let o = ours(&mut client, g, i).await?.0;
+            (o, other.run(&a, &p).await?.0)
+        } else {
+            let r = other.run(&a, &p).await?.0;
+            (ours(&mut client, g, i).await?.0, r)
+        };
+        let ratio = o.as_secs_f64() / r.as_secs_f64();
+        println!(
+            "round {i}: ours {:.3}s  {name} {:.3}s  ratio {ratio:.2}x",
+            o.as_secs_f64(),
+            r.as_secs_f64()
+        );
+        t_ours.push(o.as_secs_f64());
+        t_other.push(r.as_secs_f64());
+        ratios.push(ratio);
     }
-    let (g, l) = (median(&mut t_grpc), median(&mut t_local));
-    let overhead = (g.as_secs_f64() / l.as_secs_f64() - 1.0) * 100.0;
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(0.0, f64::max);
     println!(
-        "{}x{} {} steps, true CFG {CFG}, {} runs: median grpc {:.3}s, in-process {:.3}s, overhead {overhead:+.2}% (identical pixels: {same})",
+        "text-to-image {}x{}, {} steps, true CFG {TRUE_CFG_SCALE}, {} rounds: ours (gRPC, 4 processes) median {:.3}s, \
+         {name} median {:.3}s, median per-round ratio {:.2}x (min {min:.2}x, max {max:.2}x); \
+         max pixel difference {diff} levels; load average {load_start} (start), {} (end)",
         a.width,
         a.height,
         a.steps,
         a.runs,
-        g.as_secs_f64(),
-        l.as_secs_f64()
+        median(&t_ours),
+        median(&t_other),
+        median(&ratios),
+        load_average()
     );
     Ok(())
-}
-
-/// The IDAT payload of a PNG (same encoder and settings on both paths, so equal pixels give equal
-/// bytes; the text chunks differ and are skipped).
-fn decode_rgb(bytes: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut i = 8; // PNG signature
-    while i + 8 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
-        let end = i + 8 + len;
-        let data = bytes.get(i + 8..end).context("truncated PNG chunk")?;
-        if &bytes[i + 4..i + 8] == b"IDAT" {
-            out.extend_from_slice(data);
-        }
-        i = end + 4; // CRC
-    }
-    Ok(out)
 }

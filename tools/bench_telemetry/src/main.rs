@@ -17,15 +17,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_proto::v1::{GenerationSettings, TextToImageRequest, generate_event};
+use qwen_image_testkit::bench::{self, Geometry, PROMPTS, gateway_client, t2i_request, timed_t2i};
 use qwen_image_testkit::otlp_sink::OtlpSink;
-use qwen_image_testkit::process::{ServiceProcess, wait_serving};
+use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
 use tonic::transport::Channel;
-
-const GUARD: Duration = Duration::from_secs(600);
 
 #[derive(Parser)]
 struct Args {
@@ -93,86 +91,45 @@ fn micro(mode: &str, endpoint: Option<String>) -> Result<()> {
 
 struct Stack {
     mode: &'static str,
-    _procs: Vec<ServiceProcess>,
+    _procs: ProcessStack,
     client: ImageGeneratorClient<Channel>,
     times: Vec<Duration>,
 }
 
-async fn start(bin: &Path, model: &str, mode: &'static str, otlp: Option<&str>) -> Result<Stack> {
+async fn start(bin: &Path, model: &Path, mode: &'static str, otlp: Option<&str>) -> Result<Stack> {
+    let mut spec = StackSpec::model(model);
     let log = if mode == "off" { "off" } else { "info" };
-    let env = [("RUST_LOG", log)];
-    let spawn = |stage: &'static str, extra: Vec<String>| {
-        let mut args: Vec<String> = ["serve", "--stage", stage, "--listen", "127.0.0.1:0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if let Some(e) = otlp {
-            args.extend(["--otlp-endpoint".to_string(), e.to_string()]);
-        }
-        args.extend(extra);
-        async move {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            ServiceProcess::spawn(bin, &refs, &env, GUARD)
-                .await
-                .map_err(anyhow::Error::msg)
-        }
-    };
-    let m = || vec!["--model".to_string(), model.to_string()];
-    let te = spawn("text-encoder", m()).await?;
-    let dn = spawn("denoiser", m()).await?;
-    let vae = spawn("vae", m()).await?;
-    let gw = spawn(
-        "gateway",
-        vec![
-            "--text-encoder".into(),
-            te.url(),
-            "--denoiser".into(),
-            dn.url(),
-            "--vae".into(),
-            vae.url(),
-        ],
-    )
-    .await?;
-    wait_serving(&gw.url(), GUARD)
+    spec.env = vec![("RUST_LOG".into(), log.into())];
+    if let Some(e) = otlp {
+        spec.common_args = vec!["--otlp-endpoint".into(), e.into()];
+    }
+    let procs = ProcessStack::serving(Launcher::Cli(bin.to_path_buf()), &spec)
         .await
         .map_err(anyhow::Error::msg)?;
-    let ch = Channel::from_shared(gw.url())?.connect().await?;
     Ok(Stack {
         mode,
-        client: ImageGeneratorClient::new(ch).max_decoding_message_size(64 << 20),
-        _procs: vec![gw, te, dn, vae],
+        client: gateway_client(&procs.gateway_url()),
+        _procs: procs,
         times: Vec::new(),
     })
 }
 
 async fn request(c: &mut ImageGeneratorClient<Channel>, a: &Args) -> Result<Duration> {
-    let req = TextToImageRequest {
-        settings: Some(GenerationSettings {
-            prompt: "A cat holding a sign that says hello world".into(),
-            negative_prompt: Some(" ".into()),
-            width_px: a.width,
-            height_px: a.height,
-            steps: a.steps,
-            true_cfg_scale: Some(4.0),
-            seed: Some(0),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let g = Geometry {
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
     };
-    let started = Instant::now();
-    let mut stream = c.text_to_image(req).await?.into_inner();
-    while let Some(ev) = stream.message().await? {
-        if let Some(generate_event::Event::Result(_)) = ev.event {
-            return Ok(started.elapsed());
-        }
-    }
-    bail!("no result")
+    let (elapsed, _png) = timed_t2i(c, t2i_request(g, PROMPTS[0], 0))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(elapsed)
 }
 
 fn median(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    v[v.len() / 2]
+    Duration::from_secs_f64(bench::median(
+        &v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+    ))
 }
 
 #[tokio::main]
@@ -185,12 +142,11 @@ async fn main() -> Result<()> {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("qwen-image"),
     };
-    let model = a.model.to_str().context("utf-8 model path")?.to_string();
     let sink = OtlpSink::start().await?;
     let mut stacks = vec![
-        start(&bin, &model, "off", None).await?,
-        start(&bin, &model, "logs", None).await?,
-        start(&bin, &model, "otlp", Some(&sink.endpoint)).await?,
+        start(&bin, &a.model, "off", None).await?,
+        start(&bin, &a.model, "logs", None).await?,
+        start(&bin, &a.model, "otlp", Some(&sink.endpoint)).await?,
     ];
     for round in 0..=a.runs {
         // Rotate the order each round so no mode always runs first.
