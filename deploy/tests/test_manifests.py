@@ -19,7 +19,9 @@ STAGES = {  # component -> (gRPC port, health service name)
     "text-encoder": (50051, "qwen_image.v1.TextEncoder"),
     "denoiser": (50052, "qwen_image.v1.Denoiser"),
     "vae": (50053, "qwen_image.v1.Vae"),
+    "pose-detector": (50054, "qwen_image.v1.PoseDetector"),
 }
+CPU_ONLY_STAGES = ["pose-detector"]  # a small network; built without CUDA in the CUDA image
 GATEWAY = ("gateway", 50050, "qwen_image.v1.ImageGenerator")
 SERVICES = [*STAGES, GATEWAY[0]]
 GPU_STAGES = ["text-encoder", "denoiser"]  # the issue: GPU for the denoiser, and the text encoder on GPU
@@ -235,7 +237,7 @@ def test_gpu_overlays_put_the_denoiser_and_text_encoder_on_a_gpu_and_cpu_has_non
             pod = dep["spec"]["template"]["spec"]
             assert pod["nodeSelector"], f"{name}: {comp} may land on a node without a GPU"
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-        if not gpu:
+        if not gpu or comp in CPU_ONLY_STAGES:
             assert "nvidia.com/gpu" not in limits and device == "cpu", f"{name}: {comp}"
     # The gateway loads no model: the CPU image, no GPU, on any node.
     gw = container(deployment(docs, "gateway"))
@@ -293,7 +295,7 @@ def test_network_policies_deny_by_default_and_allow_only_the_pipeline(overlay):
             if selects(peer.get("podSelector"), collector_labels):
                 assert numbers == {OTLP_PORT}
         assert any(selects(peer.get("podSelector"), collector_labels) for peer, _ in egress), comp
-    # Nothing but the four services sends OTLP to the collector.
+    # Nothing but the five services sends OTLP to the collector.
     for peer, ports in allowed_peers(docs, collector_labels, "Ingress"):
         assert peer is not None and "podSelector" in peer and "namespaceSelector" not in peer
         for comp in SERVICES:

@@ -99,6 +99,9 @@ class Scene:
     flip: bool
     prop_side: int  # 0 = top-left corner, 1 = top-right
     jitter: tuple  # 8 angle offsets in degrees
+    # limb angles (the 8 of POSES, in degrees) replacing POSES[pose] + jitter: the pose detector's training
+    # (tools/openpose/train_demo_detector.py) also draws figures in random poses; the demo model never does
+    angles: tuple | None = None
 
 
 def _dir(deg: float) -> tuple[float, float]:
@@ -108,7 +111,7 @@ def _dir(deg: float) -> tuple[float, float]:
 
 def keypoints(s: Scene) -> np.ndarray:
     """COCO-18 keypoints in pixels at SIZE, shape (18, 2)."""
-    a = [x + j for x, j in zip(POSES[POSE_NAMES[s.pose]], s.jitter)]
+    a = list(s.angles) if s.angles is not None else [x + j for x, j in zip(POSES[POSE_NAMES[s.pose]], s.jitter)]
     h = s.height
     neck = np.array([s.cx, s.cy])
     sitting = POSE_NAMES[s.pose] == "sitting"

@@ -4,6 +4,9 @@
 //! gateway. The Edit PNGs are compared with diffusers' `QwenImageEditPlusPipeline`
 //! (tests/fixtures/edit-tiny/refs, made by tools/refharness/ref_edit.py with `--condition-area 28672
 //! --vae-area 16384`, which the gateway is given as `--edit-condition-area` / `--edit-vae-area`).
+//! The same gateway's HTTP API (`--http-listen`) must give the gRPC answers' very bytes, also through the
+//! official OpenAI Python SDK (`tools/http-clients/openai_sdk_edit.py`; its venv as for http_clients.rs:
+//! `QWEN_IMAGE_TEST_PYTHON`, or `QWEN_IMAGE_SKIP_HTTP_CLIENT_TESTS=1` to skip that part).
 
 mod common;
 
@@ -18,7 +21,7 @@ use qwen_image_testkit::service::{GUARD, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use common::{client, max_level_diff, result_of, workspace};
+use common::{client, max_level_diff, python, result_of, run_python, workspace};
 
 fn edit_tiny() -> PathBuf {
     workspace().join("tests/fixtures/edit-tiny")
@@ -127,6 +130,8 @@ async fn edit_models_beside_a_base_model_match_diffusers() {
             "28672",
             "--edit-vae-area",
             "16384",
+            "--http-listen",
+            "127.0.0.1:0",
         ],
     )
     .await;
@@ -243,5 +248,188 @@ async fn edit_models_beside_a_base_model_match_diffusers() {
         .expect_err("four pictures");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("1..=3"), "{e:?}");
+
+    http_api_serves_both_models(&gateway, &mut c).await;
     drop((te, vae, dn_base, dn_2509, dn_2511, gateway));
+}
+
+/// The request with the caller's `x-request-id` (which the PNG text chunks record: the same id on both APIs
+/// makes the same bytes).
+fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("x-request-id", id.parse().expect("ascii id"));
+    r
+}
+
+/// The first picture of an OpenAI `ImagesResponse` body.
+fn first_png(body: &str) -> Vec<u8> {
+    use base64::Engine;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["b64_json"].as_str().expect("b64_json"))
+        .expect("base64")
+}
+
+/// The OpenAI-compatible HTTP API of the same gateway: `GET /v1/models` lists the three models with their
+/// kinds; `/v1/images/edits` with two `image[]` parts and `model=edit-2509` gives the very PNG bytes of the
+/// gRPC `Edit` with the same inputs and request id; `/v1/images/generations` with `model=base` those of
+/// `TextToImage`; an unknown model is 404 `model_not_found`.
+async fn http_api_serves_both_models(
+    gateway: &ServiceProcess,
+    c: &mut ImageGeneratorClient<Channel>,
+) {
+    use qwen_image_testkit::http::{multipart, request, request_bytes};
+    let addr = gateway.http_addr(GUARD).await.expect("HTTP address");
+    let (status, list) = request(addr, "GET", "/v1/models", &[], "").await;
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    let kinds: Vec<(String, String)> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| (m["id"].to_string(), m["kind"].to_string()))
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("base", "base"),
+        ("edit-2509", "edit"),
+        ("edit-2511", "edit"),
+    ]
+    .iter()
+    .map(|(a, b)| (format!("\"{a}\""), format!("\"{b}\"")))
+    .collect();
+    assert_eq!(kinds, want);
+
+    // Instruction editing, two pictures: HTTP form == gRPC Edit, byte for byte.
+    let r = edit_reference("edit2_64x48");
+    let s = &r.settings;
+    let (steps, cfg, seed) = (
+        s.steps.to_string(),
+        s.true_cfg_scale.expect("cfg").to_string(),
+        s.seed.expect("seed").to_string(),
+    );
+    let size = format!("{}x{}", s.width_px, s.height_px);
+    let fields = [
+        ("prompt", s.prompt.as_str()),
+        (
+            "negative_prompt",
+            s.negative_prompt.as_deref().expect("negative"),
+        ),
+        ("model", "edit-2509"),
+        ("size", size.as_str()),
+        ("steps", steps.as_str()),
+        ("true_cfg_scale", cfg.as_str()),
+        ("seed", seed.as_str()),
+    ];
+    let files: Vec<(&str, &str, &[u8])> = r
+        .images
+        .iter()
+        .map(|b| ("image[]", "picture.png", b.as_ref()))
+        .collect();
+    let (content_type, body) = multipart(&fields, &files);
+    let id = "e2e-instruct-http-edit";
+    let (status, answer) = request_bytes(
+        addr,
+        "POST",
+        "/v1/images/edits",
+        &[
+            ("content-type", content_type.as_str()),
+            ("x-request-id", id),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let req = EditRequest {
+        settings: Some(GenerationSettings {
+            model: "edit-2509".into(),
+            ..s.clone()
+        }),
+        images: r.images.clone(),
+    };
+    let grpc = result_of(c.edit(with_id(req, id)).await.expect("Edit").into_inner())
+        .await
+        .expect("Edit result");
+    assert!(
+        first_png(&answer) == grpc.png[0],
+        "the HTTP edit differs from the gRPC Edit"
+    );
+    // The same edit through the official OpenAI Python SDK: `images.edit(image=[a, b])`.
+    if let Some(python) = python() {
+        let work = tempfile::tempdir().expect("tempdir");
+        for (k, b) in r.images.iter().enumerate() {
+            std::fs::write(work.path().join(format!("picture_{k}.png")), b).expect("write");
+        }
+        let request = serde_json::json!({
+            "prompt": s.prompt, "negative_prompt": s.negative_prompt, "size": size, "steps": s.steps,
+            "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "request_id": id,
+        });
+        std::fs::write(work.path().join("request.json"), request.to_string()).expect("write");
+        let args = [
+            format!("http://{addr}/v1"),
+            "edit-2509".to_string(),
+            work.path().display().to_string(),
+        ];
+        run_python(&python, "openai_sdk_edit.py", &args).await;
+        let sdk = read(&work.path().join("sdk_edit.png"));
+        assert!(
+            sdk == grpc.png[0],
+            "the OpenAI SDK's edit differs from the gRPC Edit"
+        );
+    }
+    let diff = max_level_diff(&grpc.png[0], &r.expected, "edit2_64x48 over HTTP");
+    assert!(diff <= 1, "{diff} levels from diffusers");
+
+    // Text to image on the base model: HTTP JSON == gRPC TextToImage.
+    let id = "e2e-instruct-http-t2i";
+    let json =
+        r#"{"prompt": "a lighthouse", "model": "base", "size": "32x32", "steps": 2, "seed": 5}"#;
+    let (status, answer) = request(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &[("content-type", "application/json"), ("x-request-id", id)],
+        json,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let t2i = TextToImageRequest {
+        settings: Some(GenerationSettings {
+            prompt: "a lighthouse".into(),
+            model: "base".into(),
+            width_px: 32,
+            height_px: 32,
+            steps: 2,
+            seed: Some(5),
+            ..Default::default()
+        }),
+        initial_latents: None,
+    };
+    let grpc = result_of(
+        c.text_to_image(with_id(t2i, id))
+            .await
+            .expect("TextToImage")
+            .into_inner(),
+    )
+    .await
+    .expect("TextToImage result");
+    assert!(
+        first_png(&answer) == grpc.png[0],
+        "the HTTP generation differs from the gRPC TextToImage"
+    );
+
+    let (status, err) = request(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &[("content-type", "application/json")],
+        r#"{"prompt": "x", "model": "edit-2512"}"#,
+    )
+    .await;
+    assert!(
+        status == 404
+            && err.contains("model_not_found")
+            && err.contains("base, edit-2509, edit-2511"),
+        "{status} {err}"
+    );
 }

@@ -30,34 +30,6 @@ use tonic::Code;
 /// The test key, given to the gateway as `NAME:SHA256` (so the file does not hold it either).
 const KEY: &str = "sk-qwen-image-test-4f1d2c3b5a697887";
 const KEY_NAME: &str = "http-clients-test";
-const SKIP_VAR: &str = "QWEN_IMAGE_SKIP_HTTP_CLIENT_TESTS";
-
-/// `None` (after saying so) when the caller asked to skip the tests that need `what`; otherwise fails.
-fn missing(what: &str, how: &str) -> Option<PathBuf> {
-    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: {what} is missing and {SKIP_VAR}=1 ({how})");
-        return None;
-    }
-    panic!("{what} is missing: {how}; or set {SKIP_VAR}=1 to skip this test");
-}
-
-/// The Python of the client tests' venv.
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("QWEN_IMAGE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/qwen-image-http-clients/venv/bin/python"))
-        });
-    match p {
-        Some(p) if p.exists() => Some(p),
-        _ => missing(
-            "the Python venv of the HTTP client tests",
-            "run `export QWEN_IMAGE_TEST_PYTHON=$(bash tools/http-clients/venv.sh)` (.ci/run does)",
-        ),
-    }
-}
-
 fn chromium() -> Option<PathBuf> {
     let p = std::env::var_os("QWEN_IMAGE_CHROMIUM")
         .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
@@ -138,29 +110,6 @@ fn assert_logs_name_the_key_only(stack: &ProcessStack) {
         named > 0,
         "no gateway log line names the key `{KEY_NAME}`:\n{}",
         stack.gateway.log_lines().join("\n")
-    );
-}
-
-/// Runs `script` of tools/http-clients with `args`, failing with its output when it fails.
-async fn run_python(python: &Path, script: &str, args: &[String]) {
-    let script = workspace().join("tools/http-clients").join(script);
-    let child = tokio::process::Command::new(python)
-        .arg(&script)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(GUARD, child)
-        .await
-        .unwrap_or_else(|_| panic!("{} still running after {GUARD:?}", script.display()))
-        .expect("python starts");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}\n{}",
-        script.display(),
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
     );
 }
 

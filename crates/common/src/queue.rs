@@ -80,28 +80,52 @@ impl<P> Clone for Admission<P> {
     }
 }
 
+impl<P> Admission<P> {
+    /// Takes a slot without a job yet (see [`crate::stage::gate`]: the slot is taken before the request's
+    /// message is read); [`Self::submit`] later puts the job in it. Overloaded when all slots are taken.
+    pub fn try_reserve(&self) -> Result<Slot, AdmitError> {
+        reserve(
+            &self.permits,
+            self.capacity,
+            self.service,
+            &self.last_job_ms,
+        )
+    }
+
+    /// The slot-taking half of the queue, for the layer that admits calls before decoding them.
+    pub fn reserver(&self) -> Reserver {
+        Reserver {
+            permits: self.permits.clone(),
+            capacity: self.capacity,
+            service: self.service,
+            last_job_ms: self.last_job_ms.clone(),
+        }
+    }
+}
+
 impl<P: Send + 'static> Admission<P> {
     /// Admits `payload` if a slot is free; the worker runs it inside `span`.
     pub fn try_submit(&self, payload: P, span: tracing::Span) -> Result<(), AdmitError> {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_OVERLOADED)
-                .increment(1);
-            let last = Duration::from_millis(self.last_job_ms.load(Ordering::Relaxed));
-            return Err(AdmitError::Overloaded {
-                service: self.service,
-                capacity: self.capacity,
-                retry_after: last.max(MIN_RETRY_AFTER),
-            });
+        self.submit(None, payload, span)
+    }
+
+    /// Admits `payload` into `reserved` (a slot taken earlier by [`Self::try_reserve`]) or, without one,
+    /// into a free slot if there is one.
+    pub fn submit(
+        &self,
+        reserved: Option<Slot>,
+        payload: P,
+        span: tracing::Span,
+    ) -> Result<(), AdmitError> {
+        let slot = match reserved {
+            Some(slot) => slot,
+            None => self.try_reserve()?,
         };
-        metrics::gauge!(m::IN_FLIGHT, "service" => self.service).increment(1);
         let job = Queued {
             payload,
             span,
             enqueued_at: Instant::now(),
-            slot: Slot {
-                _permit: permit,
-                service: self.service,
-            },
+            slot,
         };
         // Never full: the channel holds `capacity` jobs and each job holds one of `capacity` permits.
         self.tx.try_send(job).map_err(|_| AdmitError::WorkerGone)?;
@@ -118,6 +142,50 @@ impl<P: Send + 'static> Admission<P> {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+}
+
+/// Takes slots of one queue without submitting jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Reserver {
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    service: &'static str,
+    last_job_ms: Arc<AtomicU64>,
+}
+
+impl Reserver {
+    /// A free slot, or Overloaded with a retry hint.
+    pub fn try_reserve(&self) -> Result<Slot, AdmitError> {
+        reserve(
+            &self.permits,
+            self.capacity,
+            self.service,
+            &self.last_job_ms,
+        )
+    }
+}
+
+fn reserve(
+    permits: &Arc<Semaphore>,
+    capacity: usize,
+    service: &'static str,
+    last_job_ms: &AtomicU64,
+) -> Result<Slot, AdmitError> {
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        metrics::counter!(m::ADMISSIONS_TOTAL, "service" => service, "outcome" => m::OUTCOME_OVERLOADED)
+            .increment(1);
+        let last = Duration::from_millis(last_job_ms.load(Ordering::Relaxed));
+        return Err(AdmitError::Overloaded {
+            service,
+            capacity,
+            retry_after: last.max(MIN_RETRY_AFTER),
+        });
+    };
+    metrics::gauge!(m::IN_FLIGHT, "service" => service).increment(1);
+    Ok(Slot {
+        _permit: permit,
+        service,
+    })
 }
 
 /// A bounded queue of `capacity` jobs for a worker (`service` is the metrics label); the worker reads
@@ -168,6 +236,18 @@ mod tests {
         admission
             .try_submit(3, tracing::Span::none())
             .expect("slot free after release");
+        // a reserved slot counts as taken until its job is submitted into it (or it is dropped)
+        let job = rx.try_recv().expect("queued");
+        job.slot.release();
+        let reserved = admission.reserver().try_reserve().expect("a free slot");
+        assert!(matches!(
+            admission.try_submit(4, tracing::Span::none()),
+            Err(AdmitError::Overloaded { .. })
+        ));
+        admission
+            .submit(Some(reserved), 5, tracing::Span::none())
+            .expect("the reserved slot takes the job");
+        assert_eq!(rx.try_recv().expect("queued").payload, 5);
         drop(rx);
         // the worker is gone once its receiver is
         let (admission, rx, _) = channel::<u32>("test", 1);

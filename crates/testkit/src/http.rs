@@ -8,6 +8,17 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    request_bytes(addr, method, path, headers, body.as_bytes()).await
+}
+
+/// [`request`] with a binary body (multipart forms with pictures: see [`multipart`]).
+pub async fn request_bytes(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut req = format!(
@@ -18,8 +29,9 @@ pub async fn request(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.expect("write");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).await.expect("write");
     let mut out = Vec::new();
     tokio::time::timeout(crate::service::GUARD, s.read_to_end(&mut out))
         .await
@@ -36,4 +48,34 @@ pub async fn request(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// The boundary of [`multipart`] bodies.
+const BOUNDARY: &str = "qwen-image-test-boundary-7d41c2";
+
+/// A multipart/form-data body: `(name, text)` fields and `(name, file name, bytes)` file parts, in that
+/// order; returns the `content-type` header value and the body.
+pub fn multipart(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    for (name, file, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={BOUNDARY}"), body)
 }

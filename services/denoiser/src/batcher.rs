@@ -16,8 +16,9 @@
 //!
 //! Per request, as without batching: a caller that goes away or a passed deadline ends the request at the
 //! next step boundary; within a step the model stops (at its next interrupt check) once every member of
-//! the batch has ended. Requests the batch cannot take ([`BatchKey::batchable`]: ControlNets) run alone through
-//! `job::run`, after the batched requests queued before them ([`Batcher::barrier`]).
+//! the batch has ended. Requests the batch cannot take ([`Batcher::takes`]: ControlNets, adapters, other
+//! schedules, reference pictures) run alone through `job::run`, after the batched requests queued before
+//! them ([`Batcher::barrier`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,11 +33,13 @@ use qwen_image_model::denoise::{self, Conditioning, InpaintBlend};
 use qwen_image_model::interrupt::{self, Interrupt};
 use qwen_image_model::nn::all_finite;
 use qwen_image_model::rope::ImgShape;
-use qwen_image_model::scheduler::Schedule;
+use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
 use qwen_image_model::snapshot::first_line;
 use qwen_image_proto::v1::{DenoiseEvent, DenoiseResult, denoise_event::Event};
 
 use crate::job;
+
+use crate::adapters::RequestLoras;
 use crate::model::LoadedModel;
 use crate::validate::DenoiseInputs;
 
@@ -61,11 +64,6 @@ impl BatchKey {
             controlnets: inputs.control.iter().map(|c| c.net).collect(),
             alone: None,
         }
-    }
-
-    /// True for requests the batch can take: ControlNet residuals are not batched (yet).
-    pub fn batchable(inputs: &DenoiseInputs) -> bool {
-        inputs.control.is_empty()
     }
 }
 
@@ -151,6 +149,23 @@ impl Drop for Ticket {
 }
 
 impl Batcher {
+    /// Whether a request runs in a shared batch: batching is on (`--max-batch` > 1) and the request has
+    /// no ControlNet (residuals are not batched yet), no adapters (a request with adapters runs its own
+    /// transformer copy; see adapters.rs), the served schedule and no reference pictures. Any other
+    /// request runs alone, behind a barrier.
+    pub fn takes(
+        &self,
+        inputs: &DenoiseInputs,
+        loras: &RequestLoras,
+        served: &SchedulerConfig,
+    ) -> bool {
+        self.config.max_rows > 1
+            && inputs.control.is_empty()
+            && loras.loras.is_empty()
+            && loras.scheduler == *served
+            && inputs.references.is_empty()
+    }
+
     pub fn new(config: BatchConfig) -> Arc<Self> {
         Arc::new(Self {
             queue: Mutex::new(Queue::default()),

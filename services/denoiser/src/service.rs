@@ -11,7 +11,7 @@ use tracing::field::Empty;
 use qwen_image_common::stage::StageError;
 use qwen_image_model::scheduler::SchedulerConfig;
 
-use crate::batcher::{self, BatchKey, Batcher};
+use crate::batcher::{self, Batcher};
 use crate::model::LoadedModel;
 use crate::validate::{ControlNetInfo, ModelShape, validate_with_controlnets};
 
@@ -108,14 +108,7 @@ impl Denoiser for DenoiserService {
             "admitting"
         );
         let batcher = self.batcher.clone();
-        // Batched: same latent grid, no ControlNet, no adapters, the served schedule, no reference pictures
-        // (a request with adapters runs its own transformer copy; see adapters.rs).
-        let batchable = batcher.config.max_rows > 1
-            && BatchKey::batchable(&inputs)
-            && loras.loras.is_empty()
-            && loras.scheduler == self.scheduler
-            && inputs.references.is_empty();
-        let stream = if batchable {
+        let stream = if batcher.takes(&inputs, &loras, &self.scheduler) {
             self.stage.stream_shared(
                 "Denoise",
                 deadline,

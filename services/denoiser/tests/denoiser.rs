@@ -393,6 +393,70 @@ async fn full_queue_gets_resource_exhausted_and_cancel_frees_the_slot() {
     h.shutdown().await;
 }
 
+/// A request larger than the message limit: the stage answers OUT_OF_RANGE once it has read it.
+fn oversized_request() -> DenoiseRequest {
+    DenoiseRequest {
+        latents: Some(Tensor {
+            dtype: DataType::F32 as i32,
+            shape: vec![1, 16, 1, 1, 1],
+            data: vec![0u8; MAX_MESSAGE_BYTES + 1024].into(),
+        }),
+        steps: 2,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_full_stage_refuses_a_call_before_reading_its_message() {
+    let h = Harness::start(1).await;
+    let reference = Reference::load("t2i_64");
+    // The client may send more than the stage accepts.
+    let big_client = || h.client().max_encoding_message_size(usize::MAX);
+
+    let mut long = h
+        .client()
+        .denoise(long_request(&reference))
+        .await
+        .expect("admitted")
+        .into_inner();
+    first_progress(&mut long).await;
+
+    // Queue full: refused at once, before the oversized message is read (reading it would give OUT_OF_RANGE).
+    let err = big_client()
+        .denoise(oversized_request())
+        .await
+        .expect_err("queue is full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(qwen_image_common::status::retry_after(&err).is_some());
+    // Describe and health never take a slot.
+    assert_eq!(h.health().await, ServingStatus::Serving as i32);
+
+    drop(long);
+    let mut stats = h.stats.subscribe();
+    tokio::time::timeout(GUARD, stats.wait_for(|s| s.jobs_cancelled == 1))
+        .await
+        .expect("cancel observed in time")
+        .expect("stats alive");
+    // With a free slot the same call is read, and refused for its size; the refused call frees its slot.
+    let err = big_client()
+        .denoise(oversized_request())
+        .await
+        .expect_err("too large");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let stream = h
+        .client()
+        .denoise(t2i_request(&reference, 2))
+        .await
+        .expect("admitted: the refused calls left no slot taken")
+        .into_inner();
+    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 2);
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn deadline_stops_the_loop_with_deadline_exceeded() {
     let h = Harness::start(1).await;

@@ -13,6 +13,9 @@ use crate::geometry::Geometry;
 
 /// Largest accepted input side in pixels, for every picture of every flow.
 pub const MAX_INPUT_SIDE_PX: u32 = 4096;
+/// Largest encoded input picture, for every picture field of every flow (a 4096x4096 photograph is about
+/// 20-30 MiB as PNG, a few MiB as JPEG); it sizes the public message limit ([`crate::limits`]).
+pub const MAX_PICTURE_BYTES: usize = 32 << 20;
 /// Largest allocation the decoder may make for one picture (a 4096x4096 RGBA16 picture needs 128 MiB).
 pub const MAX_DECODE_ALLOC_BYTES: u64 = 256 << 20;
 /// Fill of the new outpaint area before VAE encoding: mid grey (0.0039 after `2x - 1`).
@@ -100,6 +103,13 @@ pub fn decode(field: &str, bytes: &[u8]) -> Result<DynamicImage, GatewayError> {
     if bytes.is_empty() {
         return Err(invalid(format!(
             "`{field}` is empty; send the picture as PNG or JPEG bytes"
+        )));
+    }
+    if bytes.len() > MAX_PICTURE_BYTES {
+        return Err(invalid(format!(
+            "`{field}` is {} MiB; send at most {} MiB (a JPEG, or a smaller picture)",
+            bytes.len().div_ceil(1 << 20),
+            MAX_PICTURE_BYTES >> 20
         )));
     }
     let reader = ImageReader::new(Cursor::new(bytes))

@@ -6,6 +6,7 @@
 //! are sequences of the shared steps of [`pipeline`]; the pipeline calls the stage clients ([`stages`]:
 //! replicas, balancing, retries, and the model the stages describe, checked by [`geometry`]).
 
+mod admit_gate;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -13,6 +14,7 @@ mod flows;
 pub mod geometry;
 mod http;
 mod images;
+pub mod limits;
 pub mod models;
 mod pipeline;
 mod pngmeta;

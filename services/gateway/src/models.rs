@@ -69,6 +69,21 @@ impl Model {
         }
     }
 
+    /// Whether this model's denoiser serves an instruction-editing ([`EDIT_PIPELINE_CLASS`]) snapshot;
+    /// `None` before it described itself.
+    pub fn is_edit(&self) -> Option<bool> {
+        self.denoiser_description().map(|d| {
+            d.transformer
+                .as_ref()
+                .is_some_and(|t| t.pipeline_class == EDIT_PIPELINE_CLASS)
+        })
+    }
+
+    /// Whether requests can name it yet: it has a configured name or its denoiser described its model id.
+    pub fn named(&self) -> bool {
+        self.name.is_some() || self.denoiser_description().is_some()
+    }
+
     /// Checks that this model takes `Edit` requests: its denoiser serves a [`EDIT_PIPELINE_CLASS`]
     /// snapshot (INVALID_ARGUMENT naming the model otherwise: the request names the wrong model) and its text
     /// encoder has vision (FAILED_PRECONDITION otherwise: a configuration problem). UNAVAILABLE before the
@@ -106,7 +121,8 @@ impl Model {
         Ok(())
     }
 
-    fn info(&self) -> ServedModel {
+    /// Its `ListModels` entry.
+    pub fn info(&self) -> ServedModel {
         let d = self.denoiser_description();
         let t = d.as_ref().and_then(|d| d.transformer.clone());
         let pipeline_class = t.map(|t| t.pipeline_class).unwrap_or_default();

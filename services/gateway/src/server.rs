@@ -173,8 +173,12 @@ pub async fn run_with_http(
         };
         tokio::spawn(crate::http::serve(l, service.clone(), ready.clone(), stop))
     });
+    let gate = crate::admit_gate::AdmitGateLayer::new(
+        service.queue.clone(),
+        service.config.api_keys.clone(),
+    );
     let generator = ImageGeneratorServer::from_arc(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(crate::limits::MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let drain_health = health.clone();
@@ -187,6 +191,7 @@ pub async fn run_with_http(
         drain_health.not_serving().await;
     };
     let served = qwen_image_common::transport::server("gateway")
+        .layer(gate)
         .add_service(health_service)
         .add_optional_service(refl_v1)
         .add_optional_service(refl_v1alpha)

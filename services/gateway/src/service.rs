@@ -203,7 +203,11 @@ impl GatewayService {
             .select(model)
             .map_err(|s| with_request_id(s, &id))?;
         let (stages, name) = (served.stages.clone(), served.name.clone());
-        let admitted = self.queue.admit().map_err(|s| with_request_id(s, &id))?;
+        // Admitted before decoding by the gRPC server's layer, or here (the HTTP API's in-process calls).
+        let admitted = match crate::admit_gate::take_admitted() {
+            Some(admitted) => admitted,
+            None => self.queue.admit().map_err(|s| with_request_id(s, &id))?,
+        };
         let geometry = stages
             .geometry_by(deadline)
             .await

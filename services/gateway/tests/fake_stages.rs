@@ -49,6 +49,8 @@ struct Fake {
     denoise_unavailable: bool,
     /// Denoise sends step 1 and then waits for the caller to go away.
     denoise_hangs: bool,
+    /// The `_class_name` the fake denoiser describes (`QwenImageEditPlusPipeline`: an Edit model).
+    pipeline_class: &'static str,
 }
 
 #[tonic::async_trait]
@@ -170,6 +172,7 @@ impl Vae for Fake {
 struct Describe {
     kind: StageKind,
     hidden_size: u32,
+    pipeline_class: &'static str,
 }
 
 #[tonic::async_trait]
@@ -203,7 +206,7 @@ impl StageInfo for Describe {
                     max_prompt_tokens: 1024,
                     max_steps: 1000,
                     zero_cond_t: false,
-                    pipeline_class: String::new(),
+                    pipeline_class: self.pipeline_class.into(),
                 })
             }
             _ => {
@@ -229,6 +232,7 @@ async fn serve_as(fake: Fake, kind: StageKind) -> String {
     let describe = StageInfoServer::new(Describe {
         kind,
         hidden_size: fake.hidden_size,
+        pipeline_class: fake.pipeline_class,
     });
     let router = tonic::transport::Server::builder()
         .add_service(health)
@@ -295,6 +299,7 @@ fn fake(c: &Arc<Counters>) -> Fake {
         hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: false,
+        pipeline_class: "",
     }
 }
 
@@ -520,6 +525,28 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
         "{}",
         e.message()
     );
+    // A picture above the per-picture limit, then a message above the public limit (sized to the largest
+    // legal request, below the stages' 128 MiB): both refused before any stage is called.
+    let mut big =
+        ImageGeneratorClient::new(gw.service.channel()).max_encoding_message_size(usize::MAX);
+    let e = big
+        .img2_img(Img2ImgRequest {
+            settings: Some(settings()),
+            image: vec![0x89; (32 << 20) + 1].into(),
+            strength: Some(0.6),
+        })
+        .await
+        .expect_err("rejected");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("at most 32 MiB"), "{}", e.message());
+    let e = big
+        .edit(EditRequest {
+            settings: Some(settings()),
+            images: vec![vec![0x89; 35 << 20].into(); 3],
+        })
+        .await
+        .expect_err("rejected");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert_eq!(
         c.encodes.load(Ordering::SeqCst),
         0,
@@ -542,6 +569,7 @@ async fn retries_the_denoiser_on_another_replica() {
         hidden_size: D as u32,
         denoise_unavailable: true,
         denoise_hangs: false,
+        pipeline_class: "",
     })
     .await;
     let dead = dead_url().await;
@@ -564,6 +592,7 @@ async fn all_denoisers_down_is_unavailable() {
         hidden_size: D as u32,
         denoise_unavailable: true,
         denoise_hangs: false,
+        pipeline_class: "",
     })
     .await;
     let mut gw = start_gateway(config(&te, &[refusing], &vae)).await;
@@ -581,6 +610,7 @@ async fn dropping_the_stream_cancels_the_denoiser() {
         hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: true,
+        pipeline_class: "",
     })
     .await;
     let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
@@ -610,6 +640,93 @@ async fn dropping_the_stream_cancels_the_denoiser() {
     assert_eq!(c.denoise_cancelled.load(Ordering::SeqCst), 1);
 }
 
+/// An Edit message above the public limit: OUT_OF_RANGE once the gateway has read it.
+fn oversized_edit(key: Option<&str>) -> Request<EditRequest> {
+    with_key(
+        EditRequest {
+            settings: Some(settings()),
+            images: vec![vec![0x89; 35 << 20].into(); 3],
+        },
+        key,
+    )
+}
+
+#[tokio::test]
+async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message() {
+    let c = Arc::new(Counters::default());
+    let (te, dn, vae) = serve_fake(Fake {
+        c: c.clone(),
+        hidden_size: D as u32,
+        denoise_unavailable: false,
+        denoise_hangs: true,
+        pipeline_class: "",
+    })
+    .await;
+    let mut cfg = config(&te, &[dn], &vae);
+    cfg.max_queued = 1;
+    cfg.api_keys = Some(Arc::new(
+        qwen_image_gateway::auth::ApiKeys::parse(KEY).expect("keys"),
+    ));
+    let mut gw = start_gateway(cfg).await;
+    let mut big =
+        ImageGeneratorClient::new(gw.service.channel()).max_encoding_message_size(usize::MAX);
+    // A wrong key is refused before the message is read (reading it would give OUT_OF_RANGE).
+    let e = big
+        .edit(oversized_edit(Some("sk-wrong-0123456789abcdef")))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(e.metadata().get(REQUEST_ID_KEY).is_some());
+    // The one place is taken by a request hanging in the denoiser.
+    let mut stream = gw
+        .client
+        .text_to_image(with_key(request(), Some(KEY)))
+        .await
+        .expect("accepted")
+        .into_inner();
+    tokio::time::timeout(GUARD, async {
+        while let Some(ev) = stream.message().await.expect("events") {
+            if let Some(generate_event::Event::Progress(p)) = ev.event
+                && p.stage == Stage::Denoise as i32
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a denoise step");
+    let e = big.edit(oversized_edit(Some(KEY))).await.expect_err("full");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(qwen_image_common::status::retry_after(&e).is_some());
+    // ListModels and health take no place.
+    gw.client
+        .list_models(with_key(ListModelsRequest {}, Some(KEY)))
+        .await
+        .expect("models listed while full");
+    let cancelled = c.cancelled.notified();
+    drop(stream);
+    tokio::time::timeout(GUARD, cancelled)
+        .await
+        .expect("the denoiser saw the cancellation");
+    // Once the place is free the same call is read, and refused for its size.
+    let e = tokio::time::timeout(GUARD, async {
+        loop {
+            let e = big
+                .edit(oversized_edit(Some(KEY)))
+                .await
+                .expect_err("refused");
+            if e.code() != Code::ResourceExhausted {
+                return e;
+            }
+            // The place is freed as the cancelled flow unwinds, just after the denoiser call ends.
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the place is freed");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+}
+
 #[tokio::test]
 async fn the_deadline_ends_the_request_and_the_denoiser_call() {
     let c = Arc::new(Counters::default());
@@ -618,6 +735,7 @@ async fn the_deadline_ends_the_request_and_the_denoiser_call() {
         hidden_size: D as u32,
         denoise_unavailable: false,
         denoise_hangs: true,
+        pipeline_class: "",
     })
     .await;
     let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
@@ -877,4 +995,148 @@ async fn http_api_runs_the_grpc_flows_with_keys_errors_and_streaming() {
         "one per image"
     );
     assert!(c.encodes.load(Ordering::SeqCst) > 0);
+}
+
+/// The HTTP API over two models (a base model and an Edit model on its own fake denoiser, sharing the
+/// text-encoder and VAE fakes): `model` picks the model, `GET /v1/models` lists both with their kinds, an
+/// unknown model is 404 `model_not_found` listing the served ones, and `/v1/images/edits` routes by the
+/// model's kind (an Edit model's form reaches the `Edit` RPC, whose answer here is the fake text encoder's
+/// missing vision) with the client errors saying what to send.
+#[tokio::test]
+async fn http_api_picks_the_model_and_routes_edits_by_its_kind() {
+    let c = Arc::new(Counters::default());
+    let c_edit = Arc::new(Counters::default());
+    let (te, dn, vae) = serve_fake(fake(&c)).await;
+    let dn_edit = serve_as(
+        Fake {
+            pipeline_class: "QwenImageEditPlusPipeline",
+            ..fake(&c_edit)
+        },
+        StageKind::Denoiser,
+    )
+    .await;
+    let mut cfg = config(&te, &[dn], &vae);
+    cfg.model_name = Some("base".into());
+    cfg.extra_models = vec![format!("edit={dn_edit}").parse().expect("model spec")];
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = http_listener.local_addr().expect("addr");
+    let service = InProcess::start(move |l, stop| {
+        qwen_image_gateway::run_with_http(cfg, l, Some(http_listener), stop)
+    })
+    .await;
+    qwen_image_testkit::service::wait_serving(&service.url(), "", GUARD)
+        .await
+        .expect("SERVING");
+    let json = [("content-type", "application/json")];
+
+    let (status, list) = http(addr, "GET", "/v1/models", &[], "").await;
+    assert_eq!(status, 200, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+    let models: Vec<(&str, &str, bool)> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default(),
+                m["kind"].as_str().unwrap_or_default(),
+                m["default"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(models, [("base", "base", true), ("edit", "edit", false)]);
+
+    // `model` picks the denoiser: the Edit model's serves this text-to-image request, the base one's none.
+    let body = r#"{"prompt": "a cat", "size": "64x48", "steps": 3, "seed": 0, "model": "edit"}"#;
+    let (status, ok) = http(addr, "POST", "/v1/images/generations", &json, body).await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(
+        (
+            c_edit.denoises.load(Ordering::SeqCst),
+            c.denoises.load(Ordering::SeqCst)
+        ),
+        (1, 0)
+    );
+    let body = r#"{"prompt": "a cat", "size": "64x48", "steps": 3, "seed": 0}"#;
+    let (status, ok) = http(addr, "POST", "/v1/images/generations", &json, body).await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(c.denoises.load(Ordering::SeqCst), 1, "the default model");
+
+    // An unknown model: 404 model_not_found listing the served ones, on both endpoints.
+    let body = r#"{"prompt": "a cat", "model": "edit-2512"}"#;
+    let (status, err) = http(addr, "POST", "/v1/images/generations", &json, body).await;
+    assert_eq!(status, 404, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&err).expect("JSON");
+    assert_eq!(e["error"]["code"], "model_not_found", "{err}");
+    assert_eq!(e["error"]["param"], "model", "{err}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("served: [base, edit]")),
+        "{err}"
+    );
+    use qwen_image_testkit::http::multipart as edit_form;
+    let post_form = |form: (String, Vec<u8>)| async move {
+        qwen_image_testkit::http::request_bytes(
+            addr,
+            "POST",
+            "/v1/images/edits",
+            &[("content-type", form.0.as_str())],
+            &form.1,
+        )
+        .await
+    };
+    let picture: &[u8] = b"not decoded before the model is checked";
+    let (status, err) = post_form(edit_form(
+        &[("prompt", "p"), ("model", "nope")],
+        &[("image", "a.png", picture)],
+    ))
+    .await;
+    assert!(
+        status == 404 && err.contains("model_not_found") && err.contains("base, edit"),
+        "{status} {err}"
+    );
+
+    // Two `image[]` parts to the Edit model reach the Edit RPC (which refuses the fake text encoder: no
+    // vision), not img2img.
+    let (status, err) = post_form(edit_form(
+        &[
+            ("prompt", "put picture 2 into picture 1"),
+            ("model", "edit"),
+        ],
+        &[("image[]", "a.png", picture), ("image[]", "b.png", picture)],
+    ))
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("cannot encode prompts with pictures"), "{err}");
+    // A mask on the Edit model, several pictures for the base model, four pictures: 400 saying what to do.
+    let (status, err) = post_form(edit_form(
+        &[("prompt", "p"), ("model", "edit")],
+        &[("image", "a.png", picture), ("mask", "m.png", picture)],
+    ))
+    .await;
+    assert!(
+        status == 400 && err.contains("\"param\":\"mask\"") && err.contains("kind `base`"),
+        "{status} {err}"
+    );
+    let (status, err) = post_form(edit_form(
+        &[("prompt", "p")],
+        &[("image[]", "a.png", picture), ("image[]", "b.png", picture)],
+    ))
+    .await;
+    assert!(
+        status == 400 && err.contains("`base` is a base model"),
+        "{status} {err}"
+    );
+    let four = [("image[]", "a.png", picture); 4];
+    let (status, err) = post_form(edit_form(&[("prompt", "p"), ("model", "edit")], &four)).await;
+    assert!(
+        status == 400 && err.contains("send 1 to 3"),
+        "{status} {err}"
+    );
+    assert_eq!(
+        c.encodes.load(Ordering::SeqCst),
+        2,
+        "only the two generations reached a stage"
+    );
 }

@@ -2,7 +2,7 @@
 //! ...` on 127.0.0.1:0), gateway clients, reference dumps and image comparison.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
@@ -203,4 +203,57 @@ pub fn assert_close(ours: &[u8], theirs_png: &[u8], what: &str) {
         .max()
         .unwrap_or(0);
     assert!(max <= 1, "{what}: max difference {max} levels (allowed 1)");
+}
+
+// The Python clients of the HTTP API (tools/http-clients): used by http_clients.rs and e2e_instruct.rs.
+
+pub const SKIP_VAR: &str = "QWEN_IMAGE_SKIP_HTTP_CLIENT_TESTS";
+
+/// `None` (after saying so) when the caller asked to skip the tests that need `what`; otherwise fails.
+pub fn missing(what: &str, how: &str) -> Option<PathBuf> {
+    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: {what} is missing and {SKIP_VAR}=1 ({how})");
+        return None;
+    }
+    panic!("{what} is missing: {how}; or set {SKIP_VAR}=1 to skip this test");
+}
+
+/// The Python of the client tests' venv.
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("QWEN_IMAGE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/qwen-image-http-clients/venv/bin/python"))
+        });
+    match p {
+        Some(p) if p.exists() => Some(p),
+        _ => missing(
+            "the Python venv of the HTTP client tests",
+            "run `export QWEN_IMAGE_TEST_PYTHON=$(bash tools/http-clients/venv.sh)` (.ci/run does)",
+        ),
+    }
+}
+
+/// Runs `script` of tools/http-clients with `args`, failing with its output when it fails.
+pub async fn run_python(python: &Path, script: &str, args: &[String]) {
+    let script = workspace().join("tools/http-clients").join(script);
+    let child = tokio::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(GUARD, child)
+        .await
+        .unwrap_or_else(|_| panic!("{} still running after {GUARD:?}", script.display()))
+        .expect("python starts");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}\n{}",
+        script.display(),
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }

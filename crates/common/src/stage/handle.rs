@@ -12,6 +12,7 @@ use tonic::{Request, Status};
 use crate::deadline;
 use crate::queue::Admission;
 use crate::stage::error::StageError;
+use crate::stage::gate;
 use crate::stage::worker::{BoxedJob, CancelOnDrop, Cancelled, JobCtx, Pending, Reply, Work};
 
 /// Whether the stage accepts work: false while loading, after the worker stopped and while draining.
@@ -143,7 +144,8 @@ impl<M: 'static> StageHandle<M> {
             work: Box::new(move |m: &mut M, ctx: &JobCtx<'_>| work(m, ctx, &events)),
             reply: tx,
         });
-        self.admission.try_submit(job, tracing::Span::current())?;
+        self.admission
+            .submit(gate::take_reserved(), job, tracing::Span::current())?;
         Ok(JobStream {
             inner: ReceiverStream::new(rx),
             _cancel: CancelOnDrop(cancelled),
@@ -202,7 +204,8 @@ impl<M: 'static> StageHandle<M> {
             work,
             reply,
         });
-        self.admission.try_submit(job, tracing::Span::current())?;
+        self.admission
+            .submit(gate::take_reserved(), job, tracing::Span::current())?;
         Ok(())
     }
 }

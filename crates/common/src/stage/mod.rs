@@ -11,6 +11,7 @@
 pub mod args;
 pub mod describe;
 pub mod error;
+pub mod gate;
 pub mod handle;
 pub mod memory;
 pub mod serve;

@@ -16,6 +16,7 @@ use crate::health::Health;
 use crate::stage::args::ComputeDtype;
 use crate::stage::describe::snapshot_digest;
 use crate::stage::error::StageError;
+use crate::stage::gate::AdmitGateLayer;
 use crate::stage::handle::{Readiness, StageHandle};
 use crate::stage::memory;
 use crate::stage::worker::{self, WorkerSpec};
@@ -96,6 +97,8 @@ pub async fn run<D: StageDef>(
     let worker = worker::spawn(spec)
         .map_err(|e| StageError::Server(format!("cannot start the worker thread: {e}")))?;
     let readiness = Readiness::default();
+    // Model RPCs take their queue slot before their message is decoded (stage::gate).
+    let gate = AdmitGateLayer::new(worker.admission.reserver());
     let handle = StageHandle::new(worker.admission, readiness.clone(), config.max_pixels);
 
     let (v1, v1alpha) = crate::transport::reflection().map_err(StageError::Server)?;
@@ -152,6 +155,7 @@ pub async fn run<D: StageDef>(
         health.not_serving().await;
     };
     crate::transport::server(name)
+        .layer(gate)
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::transport::incoming(listener), stop)
         .await

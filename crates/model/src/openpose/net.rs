@@ -8,8 +8,10 @@
 //!
 //! Weights use the key names of `body_pose_model.pth` (`conv1_1.weight`, `Mconv7_stage6_L2.bias`, ...: the model's
 //! state-dict keys without the `modelX_Y.` prefix, as `util.transfer` maps them). Channel counts and kernel sizes are
-//! read from the weights, so a narrower configuration with the same names and topology (as the demo model's) loads
-//! too; only the outputs (38 PAF / 19 heat-map channels) are fixed.
+//! read from the weights, and so is the number of stages (stage 1, then stages 2, 3, ... while their
+//! `Mconv1_stageN_L1` is there, at most [`STAGES`]): a smaller configuration with the same names and topology (the
+//! demo model's, tools/openpose/train_demo_detector.py: narrower, 3 stages, 5x5 kernels) loads too. Only the outputs
+//! (38 PAF / 19 heat-map channels) are fixed; the last stage's heat-map conv keeps its ReLU whatever the count.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,8 +37,17 @@ const BACKBONE: [Option<&str>; 15] = [
     Some("conv4_4_CPM"),
 ];
 
-/// Number of stages (`model.py`: stage 1 + `for i in range(2, 7)`).
+/// Number of stages of `bodypose_model` (`model.py`: stage 1 + `for i in range(2, 7)`); a smaller configuration
+/// may have fewer.
 pub const STAGES: usize = 6;
+
+/// The stages a set of tensor names holds: 1, then each further stage while its first layer is there.
+fn stage_count(has: impl Fn(&str) -> bool) -> usize {
+    (2..=STAGES)
+        .take_while(|s| has(&format!("Mconv1_stage{s}_L1.weight")))
+        .count()
+        + 1
+}
 /// PAF channels (L1) and heat-map channels (L2: 18 parts + background).
 pub const PAF_CHANNELS: usize = 38;
 pub const HEAT_CHANNELS: usize = 19;
@@ -136,15 +147,17 @@ impl BodyPoseNet {
             .iter()
             .map(|l| l.map(|name| Conv::load(t, name, true, device)).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let mut stages = Vec::with_capacity(STAGES);
-        for stage in 1..=STAGES {
+        let n_stages = stage_count(|k| t.contains_key(k));
+        let mut stages = Vec::with_capacity(n_stages);
+        for stage in 1..=n_stages {
             let mut branches: [Vec<Conv>; 2] = [Vec::new(), Vec::new()];
             for (branch, convs) in branches.iter_mut().enumerate() {
                 let names = stage_layer_names(stage, branch);
                 let last = names.len() - 1;
                 for (i, name) in names.iter().enumerate() {
-                    // model.py no_relu_layers: every stage's last conv, except Mconv7_stage6_L2 (listed as _L1 twice)
-                    let relu = i != last || (stage == STAGES && branch == 1);
+                    // model.py no_relu_layers: every stage's last conv, except Mconv7_stage6_L2 (listed as _L1 twice):
+                    // the last stage's heat map keeps its ReLU
+                    let relu = i != last || (stage == n_stages && branch == 1);
                     convs.push(Conv::load(t, name, relu, device)?);
                 }
             }
@@ -226,7 +239,8 @@ impl BodyPoseNet {
 }
 
 /// Reads only the header of a weights file: refuses a file that is not a body network (a missing layer), and
-/// names its architecture: `bodypose_model` (controlnet-aux's widths, conv1_1 with 64 filters) or a narrower one.
+/// names its architecture: `bodypose_model` (controlnet-aux's widths, conv1_1 with 64 filters) or a smaller one
+/// (narrower, fewer stages).
 pub fn inspect(path: &Path) -> Result<String> {
     use std::io::Read;
     let fail = |what: String| {
@@ -246,7 +260,8 @@ pub fn inspect(path: &Path) -> Result<String> {
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|_| fail("not a safetensors file".into()))?;
     let mut names: Vec<String> = BACKBONE.iter().flatten().map(|s| s.to_string()).collect();
-    for stage in 1..=STAGES {
+    let n_stages = stage_count(|k| header.get(k).is_some());
+    for stage in 1..=n_stages {
         for branch in 0..2 {
             names.extend(stage_layer_names(stage, branch));
         }
@@ -262,9 +277,57 @@ pub fn inspect(path: &Path) -> Result<String> {
         }
     }
     let width = header["conv1_1.weight"]["shape"][0].as_u64().unwrap_or(0);
-    Ok(if width == 64 {
-        "bodypose_model".to_string()
+    Ok(if width != 64 {
+        format!("bodypose_model, narrower (conv1_1: {width} filters, {n_stages} stages)")
+    } else if n_stages != STAGES {
+        format!("bodypose_model, {n_stages} stages")
     } else {
-        format!("bodypose_model, narrower (conv1_1: {width} filters)")
+        "bodypose_model".to_string()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openpose::random::{BodyNetShape, random_body_weights};
+
+    const NARROW: BodyNetShape = BodyNetShape {
+        backbone: [4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8],
+        stage: 8,
+        stage1_wide: 8,
+    };
+
+    #[test]
+    fn fewer_stages_load_and_the_last_heat_map_keeps_its_relu() -> Result<()> {
+        let mut t = random_body_weights(&NARROW, 5)?;
+        t.retain(|k, _| !(4..=STAGES).any(|s| k.contains(&format!("_stage{s}_"))));
+        // stage 3's heat-map conv: zero weights, negative bias → negative before the ReLU
+        let w = t["Mconv7_stage3_L2.weight"].zeros_like()?;
+        t.insert("Mconv7_stage3_L2.weight".into(), w);
+        t.insert(
+            "Mconv7_stage3_L2.bias".into(),
+            Tensor::full(-1f32, HEAT_CHANNELS, &Device::Cpu)?,
+        );
+        t.insert(
+            "Mconv7_stage3_L1.bias".into(),
+            Tensor::full(-1f32, PAF_CHANNELS, &Device::Cpu)?,
+        );
+        let w = t["Mconv7_stage3_L1.weight"].zeros_like()?;
+        t.insert("Mconv7_stage3_L1.weight".into(), w);
+        let net = BodyPoseNet::from_tensors(&t, &Device::Cpu)?;
+        assert_eq!(net.stages.len(), 3);
+        let x = Tensor::zeros((1, 3, 16, 24), DType::F32, &Device::Cpu)?;
+        let (paf, heat) = net.forward(&x)?;
+        assert_eq!(paf.dims(), [1, PAF_CHANNELS, 2, 3]);
+        assert_eq!(heat.dims(), [1, HEAT_CHANNELS, 2, 3]);
+        // the last stage's PAF conv has no ReLU (-1 everywhere), its heat map has one (0 everywhere)
+        assert_eq!(paf.flatten_all()?.max(0)?.to_scalar::<f32>()?, -1.0);
+        assert_eq!(heat.flatten_all()?.min(0)?.to_scalar::<f32>()?, 0.0);
+
+        // a gap (stage 2 missing) leaves stage 1 only
+        let mut gap = random_body_weights(&NARROW, 5)?;
+        gap.retain(|k, _| !k.contains("_stage2_"));
+        assert_eq!(BodyPoseNet::from_tensors(&gap, &Device::Cpu)?.stages.len(), 1);
+        Ok(())
+    }
 }

@@ -11,7 +11,8 @@ use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use qwen_image_proto::v1::{
-    GenerateEvent, Img2ImgRequest, InpaintRequest, OutpaintRequest, PoseRequest, TextToImageRequest,
+    EditRequest, GenerateEvent, Img2ImgRequest, InpaintRequest, OutpaintRequest, PoseRequest,
+    TextToImageRequest,
 };
 use tonic::Streaming;
 use tonic::metadata::{MetadataKey, MetadataValue};
@@ -35,6 +36,7 @@ pub enum Call {
     Img2Img(Img2ImgRequest),
     Inpaint(InpaintRequest),
     Outpaint(OutpaintRequest),
+    Edit(EditRequest),
 }
 
 /// HTTP headers passed on as gRPC metadata: the API key, the caller's request id.
@@ -79,6 +81,7 @@ impl Client {
             Call::Img2Img(m) => c.img2_img(req(m, headers)).await?,
             Call::Inpaint(m) => c.inpaint(req(m, headers)).await?,
             Call::Outpaint(m) => c.outpaint(req(m, headers)).await?,
+            Call::Edit(m) => c.edit(req(m, headers)).await?,
         };
         let id = request_id(response.metadata());
         Ok((response.into_inner(), id))

@@ -1,81 +1,57 @@
-//! `POST /v1/images/edits`: OpenAI's multipart form to an `Inpaint` (with a mask), `Outpaint` (with our
-//! `outpaint` field) or `Img2Img` (neither) request of the gRPC API.
+//! `POST /v1/images/edits`: OpenAI's multipart form to a request of the gRPC API, by the target model's
+//! kind. An Edit model (Qwen-Image-Edit-2509 / -2511) edits 1-3 pictures by instruction (`Edit`); a base
+//! model repaints one picture: `Inpaint` with a mask, `Outpaint` with our `outpaint` field, `Img2Img` with
+//! neither. Masks and outpaint on an Edit model, several pictures for a base model, and more than three
+//! pictures are 400 saying what to send.
 
 use axum::extract::{Multipart, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use qwen_image_proto::v1::{
-    Anchor, GenerationSettings, Img2ImgRequest, InpaintRequest, OutpaintRequest,
-};
+use qwen_image_proto::v1::{Anchor, EditRequest, Img2ImgRequest, InpaintRequest, OutpaintRequest};
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::call::Call;
 use super::error::{ApiError, ErrorBody};
-use super::generations::{check_formats, parse_size};
 use super::mask;
+use super::options::{ImageOptions, parse, parse_bool};
 use super::respond::{self, Kind, Output};
+use super::{AppState, Target};
 
-/// The form fields (multipart/form-data; files as file parts, the rest as text). OpenAI fields that do not
-/// apply (`quality`, `user`, `input_fidelity`, `safety_identifier`, `output_compression`) are accepted and
-/// ignored; unknown fields are refused.
+/// Pictures an Edit model takes (`QwenImageEditPlusPipeline`; the gRPC `EditRequest` says the same).
+pub const MAX_IMAGES: usize = 3;
+
+/// The form fields (multipart/form-data; files as file parts, the rest as text): the shared fields
+/// ([`ImageOptions`]) and those of editing. OpenAI fields that do not apply (`quality`, `user`,
+/// `input_fidelity`, `safety_identifier`, `output_compression`) are accepted and ignored; unknown fields are
+/// refused.
+/// (`serde(flatten)` here only shapes the OpenAPI schema: the form is read by [`read_form`].)
 #[derive(Debug, Default, ToSchema)]
 pub struct EditForm {
-    /// The picture to edit (PNG or JPEG; `image[]` is accepted too, one picture).
-    #[schema(value_type = String, format = Binary)]
-    pub image: Vec<u8>,
-    /// Where to repaint: transparent pixels (OpenAI's convention) or, in a mask without transparency, white
-    /// pixels. With any transparent pixel the alpha decides and the colours are ignored. Same size as the
-    /// image. Absent = img2img of the whole picture.
+    /// The picture(s) to edit, PNG or JPEG, as `image` or `image[]` file parts (the OpenAI SDK sends
+    /// `image[]` for a list): 1..=3 for an Edit model, in the order the prompt calls "Picture 1", "Picture
+    /// 2", ...; exactly one for a base model.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    pub image: Vec<Vec<u8>>,
+    /// Base models only (inpaint): where to repaint: transparent pixels (OpenAI's convention) or, in a mask
+    /// without transparency, white pixels. With any transparent pixel the alpha decides and the colours are
+    /// ignored. Same size as the image. Absent = img2img of the whole picture (base) or an edit by
+    /// instruction (Edit model).
     #[schema(value_type = Option<String>, format = Binary)]
     pub mask: Option<Vec<u8>>,
-    pub prompt: String,
-    pub model: Option<String>,
-    /// 1..=4.
-    pub n: Option<u32>,
-    /// `WIDTHxHEIGHT` working size (absent / `auto` = the image's size rounded down to the size multiple);
-    /// with `outpaint=true`, the canvas size.
-    pub size: Option<String>,
-    /// Only `b64_json`.
-    pub response_format: Option<String>,
-    pub stream: Option<bool>,
-    pub partial_images: Option<u32>,
-    /// Only `png`.
-    pub output_format: Option<String>,
-    pub background: Option<String>,
-    /// Extension: how much to change, (0, 1]. Absent = 1.0 with a mask (the masked area is replaced, as
-    /// OpenAI does), 0.6 without (diffusers' img2img default), 1.0 for outpaint.
+    #[serde(flatten)]
+    pub options: ImageOptions,
+    /// Extension, base models: how much to change, (0, 1]. Absent = 1.0 with a mask (the masked area is
+    /// replaced, as OpenAI does), 0.6 without (diffusers' img2img default), 1.0 for outpaint.
     pub strength: Option<f64>,
-    /// Extension: with a mask or outpaint, paste the kept pixels back so only the repainted area changes.
-    /// Absent = true.
+    /// Extension, base models: with a mask or outpaint, paste the kept pixels back so only the repainted
+    /// area changes. Absent = true.
     pub paste_back: Option<bool>,
-    /// Extension: extend the canvas: `LEFT,RIGHT,TOP,BOTTOM` pixels to add, or `true` to grow the canvas to
-    /// `size` with the picture placed by `anchor`.
+    /// Extension, base models: extend the canvas: `LEFT,RIGHT,TOP,BOTTOM` pixels to add, or `true` to grow
+    /// the canvas to `size` with the picture placed by `anchor`.
     pub outpaint: Option<String>,
     /// Extension, with `outpaint=true`: `center` (default), `top-left`, `top`, `top-right`, `left`, `right`,
     /// `bottom-left`, `bottom`, `bottom-right`.
     pub anchor: Option<String>,
-    pub negative_prompt: Option<String>,
-    pub seed: Option<u64>,
-    pub steps: Option<u32>,
-    pub true_cfg_scale: Option<f32>,
-}
-
-fn parse<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T, ApiError> {
-    v.trim()
-        .parse()
-        .map_err(|_| ApiError::bad_param(name, format!("{name} `{v}` is not {what}")))
-}
-
-fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(ApiError::bad_param(
-            name,
-            format!("{name} `{v}` is not a boolean: send true or false"),
-        )),
-    }
 }
 
 fn anchor(v: &str) -> Result<Anchor, ApiError> {
@@ -105,7 +81,7 @@ fn anchor(v: &str) -> Result<Anchor, ApiError> {
 /// Reads the multipart form into [`EditForm`].
 async fn read_form(mut m: Multipart) -> Result<EditForm, ApiError> {
     let mut f = EditForm::default();
-    let (mut have_image, mut have_prompt) = (false, false);
+    let mut have_prompt = false;
     loop {
         let field = m.next_field().await.map_err(|e| {
             ApiError::new(
@@ -128,43 +104,30 @@ async fn read_form(mut m: Multipart) -> Result<EditForm, ApiError> {
                 .map(str::to_string)
                 .map_err(|_| ApiError::bad_param(&name, format!("{name} is not UTF-8 text")))
         };
+        if name == "image" || name == "image[]" {
+            if f.image.len() == MAX_IMAGES {
+                return Err(too_many_images());
+            }
+            f.image.push(bytes.to_vec());
+            continue;
+        }
+        if name == "mask" {
+            f.mask = Some(bytes.to_vec());
+            continue;
+        }
+        let text = text()?;
+        if name == "prompt" {
+            have_prompt = true;
+        }
+        if f.options.set_form_field(&name, text.clone())? {
+            continue;
+        }
         match name.as_str() {
-            "image" | "image[]" => {
-                if have_image {
-                    return Err(ApiError::bad_param(
-                        "image",
-                        "send one image (several images are not served)",
-                    ));
-                }
-                f.image = bytes.to_vec();
-                have_image = true;
-            }
-            "mask" => f.mask = Some(bytes.to_vec()),
-            "prompt" => {
-                f.prompt = text()?;
-                have_prompt = true;
-            }
-            "model" => f.model = Some(text()?),
-            "n" => f.n = Some(parse("n", &text()?, "a whole number 1..=4")?),
-            "size" => f.size = Some(text()?),
-            "response_format" => f.response_format = Some(text()?),
-            "stream" => f.stream = Some(parse_bool("stream", &text()?)?),
-            "partial_images" => {
-                f.partial_images = Some(parse("partial_images", &text()?, "a whole number")?)
-            }
-            "output_format" => f.output_format = Some(text()?),
-            "background" => f.background = Some(text()?),
-            "strength" => f.strength = Some(parse("strength", &text()?, "a number in (0, 1]")?),
-            "paste_back" => f.paste_back = Some(parse_bool("paste_back", &text()?)?),
-            "outpaint" => f.outpaint = Some(text()?),
-            "anchor" => f.anchor = Some(text()?),
-            "negative_prompt" => f.negative_prompt = Some(text()?),
-            "seed" => f.seed = Some(parse("seed", &text()?, "a whole number")?),
-            "steps" => f.steps = Some(parse("steps", &text()?, "a whole number 2..=1000")?),
-            "true_cfg_scale" => {
-                f.true_cfg_scale = Some(parse("true_cfg_scale", &text()?, "a number")?)
-            }
-            "quality" | "user" | "input_fidelity" | "safety_identifier" | "output_compression" => {}
+            "strength" => f.strength = Some(parse("strength", &text, "a number in (0, 1]")?),
+            "paste_back" => f.paste_back = Some(parse_bool("paste_back", &text)?),
+            "outpaint" => f.outpaint = Some(text),
+            "anchor" => f.anchor = Some(text),
+            "input_fidelity" => {}
             other => {
                 return Err(ApiError::bad_param(
                     other,
@@ -175,10 +138,10 @@ async fn read_form(mut m: Multipart) -> Result<EditForm, ApiError> {
             }
         }
     }
-    if !have_image {
+    if f.image.is_empty() {
         return Err(ApiError::bad_param(
             "image",
-            "image is required: send the picture to edit as a file part",
+            "image is required: send the picture(s) to edit as `image` or `image[]` file parts",
         ));
     }
     if !have_prompt {
@@ -201,33 +164,73 @@ fn padding(v: &str) -> Result<[u32; 4], ApiError> {
     }
 }
 
+fn too_many_images() -> ApiError {
+    ApiError::bad_param(
+        "image",
+        format!(
+            "more than {MAX_IMAGES} images: send 1 to {MAX_IMAGES} `image` / `image[]` parts (an Edit model \
+             edits up to {MAX_IMAGES} pictures, a base model one)"
+        ),
+    )
+}
+
 impl EditForm {
-    pub fn into_call(self, served_model: Option<&str>) -> Result<(Call, Output), ApiError> {
-        check_formats(
-            self.response_format.as_deref(),
-            self.output_format.as_deref(),
-            self.background.as_deref(),
-        )?;
-        super::check_model(self.model.as_deref(), served_model)?;
-        let (width_px, height_px) = parse_size(self.size.as_deref())?;
-        let out = Output::new(
-            Kind::Edit,
-            self.stream.unwrap_or(false),
-            self.partial_images.unwrap_or(0),
-            self.steps,
-        );
-        let settings = |w: u32, h: u32| GenerationSettings {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            width_px: w,
-            height_px: h,
-            steps: self.steps.unwrap_or(0),
-            true_cfg_scale: self.true_cfg_scale,
-            seed: self.seed,
-            preview: out.preview(),
-            num_images: self.n.unwrap_or(1),
-            ..Default::default()
+    /// The gRPC request for the model `target` (its kind picks the flow) and the output options.
+    pub fn into_call(self, target: &Target) -> Result<(Call, Output), ApiError> {
+        let (width_px, height_px) = self.options.check()?;
+        if self.image.len() > MAX_IMAGES {
+            return Err(too_many_images());
+        }
+        let name = &target.name;
+        let Some(edit_model) = target.edit else {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the denoiser of model `{name}` has not described its model yet (base or Edit decides the \
+                     flow); retry shortly"
+                ),
+                "unavailable",
+            );
+            e.retry_after_secs = Some(1);
+            return Err(e);
         };
+        let out = self.options.output(Kind::Edit);
+        let settings = |w: u32, h: u32| self.options.settings(&target.asked, &out, w, h);
+        if edit_model {
+            let base_only = [
+                ("mask", self.mask.is_some(), "inpaint (a mask)"),
+                ("outpaint", self.outpaint.is_some(), "outpaint"),
+                ("strength", self.strength.is_some(), "strength"),
+                ("paste_back", self.paste_back.is_some(), "paste_back"),
+                ("anchor", self.anchor.is_some(), "anchor"),
+            ];
+            if let Some((field, _, what)) = base_only.iter().find(|(_, given, _)| *given) {
+                return Err(ApiError::bad_param(
+                    field,
+                    format!(
+                        "model `{name}` edits by instruction (QwenImageEditPlusPipeline takes no mask, \
+                         strength or canvas): {what} is served by base models; send `model` naming a model \
+                         of kind `base` (GET /v1/models), or leave `{field}` out to edit the picture(s) as \
+                         the prompt says"
+                    ),
+                ));
+            }
+            let call = Call::Edit(EditRequest {
+                settings: Some(settings(width_px, height_px)),
+                images: self.image.into_iter().map(Into::into).collect(),
+            });
+            return Ok((call, out));
+        }
+        if self.image.len() > 1 {
+            return Err(ApiError::bad_param(
+                "image",
+                format!(
+                    "model `{name}` is a base model and edits one picture (img2img, inpaint, outpaint): send \
+                     one image, or send several to a model of kind `edit` (GET /v1/models)"
+                ),
+            ));
+        }
+        let image: bytes::Bytes = self.image.into_iter().next().unwrap_or_default().into();
         let paste_back = self.paste_back.unwrap_or(true);
         let call = match (&self.outpaint, &self.mask) {
             (Some(_), Some(_)) => {
@@ -271,7 +274,7 @@ impl EditForm {
                 };
                 Call::Outpaint(OutpaintRequest {
                     settings: Some(settings),
-                    image: self.image.into(),
+                    image,
                     strength: self.strength,
                     left_px,
                     right_px,
@@ -284,13 +287,13 @@ impl EditForm {
             (None, Some(m)) => Call::Inpaint(InpaintRequest {
                 settings: Some(settings(width_px, height_px)),
                 mask: mask::to_white_on_black(m)?.into(),
-                image: self.image.into(),
+                image,
                 strength: Some(self.strength.unwrap_or(1.0)),
                 paste_back,
             }),
             (None, None) => Call::Img2Img(Img2ImgRequest {
                 settings: Some(settings(width_px, height_px)),
-                image: self.image.into(),
+                image,
                 strength: self.strength,
             }),
         };
@@ -324,9 +327,10 @@ pub async fn create(
     headers: HeaderMap,
     form: Multipart,
 ) -> Response {
-    let served = state.served_model();
     let parsed = match read_form(form).await {
-        Ok(f) => f.into_call(served.as_deref()),
+        Ok(f) => state
+            .target(f.options.model.as_deref())
+            .and_then(|t| f.into_call(&t)),
         Err(e) => Err(e),
     };
     match parsed {
@@ -341,34 +345,96 @@ mod tests {
 
     fn form() -> EditForm {
         EditForm {
-            image: vec![1, 2, 3],
-            prompt: "p".into(),
+            image: vec![vec![1, 2, 3]],
+            options: ImageOptions {
+                prompt: "p".into(),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
 
+    fn model(edit: Option<bool>) -> Target {
+        Target {
+            asked: String::new(),
+            name: if edit == Some(true) { "edit" } else { "base" }.into(),
+            edit,
+        }
+    }
+
     #[test]
-    fn the_fields_choose_the_flow() {
-        let (call, _) = form().into_call(None).expect("img2img");
+    fn the_fields_choose_the_flow_of_a_base_model() {
+        let base = model(Some(false));
+        let (call, _) = form().into_call(&base).expect("img2img");
         assert!(matches!(call, Call::Img2Img(ref r) if r.strength.is_none()));
         let mut f = form();
         f.outpaint = Some("0, 64, 0, 0".into());
-        let (call, _) = f.into_call(None).expect("outpaint");
+        let (call, _) = f.into_call(&base).expect("outpaint");
         assert!(matches!(call, Call::Outpaint(ref r) if r.right_px == 64 && r.paste_back));
         let mut f = form();
         f.outpaint = Some("true".into());
-        assert!(f.into_call(None).is_err(), "outpaint=true needs a size");
+        assert!(f.into_call(&base).is_err(), "outpaint=true needs a size");
         let mut f = form();
         f.outpaint = Some("true".into());
-        f.size = Some("128x64".into());
+        f.options.size = Some("128x64".into());
         f.anchor = Some("left".into());
-        let (call, _) = f.into_call(None).expect("outpaint to a canvas");
+        let (call, _) = f.into_call(&base).expect("outpaint to a canvas");
         assert!(matches!(call, Call::Outpaint(ref r) if r.anchor == Anchor::Left as i32));
         let mut f = form();
         f.outpaint = Some("1,2".into());
         assert_eq!(
-            f.into_call(None).expect_err("bad").detail.param.as_deref(),
+            f.into_call(&base).expect_err("bad").detail.param.as_deref(),
             Some("outpaint")
         );
+        let mut f = form();
+        f.image.push(vec![4, 5]);
+        let e = f
+            .into_call(&base)
+            .expect_err("two pictures to a base model");
+        assert!(
+            e.status == 400 && e.detail.message.contains("kind `edit`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn an_edit_model_edits_up_to_three_pictures_by_instruction() {
+        let edit = model(Some(true));
+        let mut f = form();
+        f.image.push(vec![4, 5]);
+        f.options.seed = Some(9);
+        let (call, _) = f.into_call(&edit).expect("edit");
+        let Call::Edit(r) = call else {
+            panic!("Edit expected: {call:?}")
+        };
+        assert_eq!(r.images.len(), 2);
+        assert_eq!(r.images[1].as_ref(), &[4, 5]);
+        assert_eq!(r.settings.and_then(|s| s.seed), Some(9));
+        let mut f = form();
+        f.mask = Some(vec![0]);
+        let e = f.into_call(&edit).expect_err("mask on an Edit model");
+        assert_eq!(
+            (e.status.as_u16(), e.detail.param.as_deref()),
+            (400, Some("mask"))
+        );
+        assert!(e.detail.message.contains("kind `base`"), "{e:?}");
+        let mut f = form();
+        f.strength = Some(0.5);
+        assert_eq!(
+            f.into_call(&edit)
+                .expect_err("strength")
+                .detail
+                .param
+                .as_deref(),
+            Some("strength")
+        );
+        let mut f = form();
+        f.image = vec![vec![1]; 4];
+        let e = f.into_call(&edit).expect_err("four pictures");
+        assert!(e.detail.message.contains("1 to 3"), "{e:?}");
+        let e = form()
+            .into_call(&model(None))
+            .expect_err("kind not known yet");
+        assert_eq!((e.status.as_u16(), e.retry_after_secs), (503, Some(1)));
     }
 }

@@ -69,6 +69,14 @@ impl ApiError {
         e
     }
 
+    /// 404 `model_not_found` (OpenAI's code): the request's `model` is not served; `message` lists the
+    /// served ones.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::NOT_FOUND, message, "model_not_found");
+        e.detail.param = Some("model".into());
+        e
+    }
+
     /// 400 about the request as a whole.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message, "invalid_argument")

@@ -11,6 +11,7 @@ mod error;
 mod generations;
 mod mask;
 mod models;
+mod options;
 mod page;
 mod respond;
 mod telemetry;
@@ -21,7 +22,6 @@ use std::sync::atomic::AtomicBool;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
-use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -40,16 +40,50 @@ pub struct AppState {
     ready: Arc<AtomicBool>,
 }
 
+/// The model a request targets.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The name to send as `settings.model` (as the request gave it; empty = the first model).
+    pub asked: String,
+    /// The model's name (`GET /v1/models` id).
+    pub name: String,
+    /// Whether it is an instruction-editing model (its denoiser serves a `QwenImageEditPlusPipeline`
+    /// snapshot); `None` before its denoiser described itself.
+    pub edit: Option<bool>,
+}
+
 impl AppState {
-    /// `--model-name`, else the model id the first model's stages describe (None before they have). The HTTP
-    /// API serves the gateway's first model; `--extra-model`s are reached over gRPC (`settings.model`).
-    fn served_model(&self) -> Option<String> {
-        self.service.config.model_name.clone().or_else(|| {
-            self.service
-                .models
-                .models
-                .first()
-                .and_then(|m| m.stages.model_id())
+    /// The model `asked` names (absent or empty = the first), as the gRPC service selects it; an unknown
+    /// name is 404 `model_not_found` listing the served ones.
+    fn target(&self, asked: Option<&str>) -> Result<Target, ApiError> {
+        let asked = asked.map(str::trim).unwrap_or_default();
+        let model = self
+            .service
+            .models
+            .select(asked)
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => {
+                    let served: Vec<String> = self
+                        .service
+                        .models
+                        .models
+                        .iter()
+                        .map(|m| m.display_name())
+                        .collect();
+                    ApiError::model_not_found(format!(
+                        "model `{}` is not served here; served: [{}] (send one of them as `model`, see GET \
+                         /v1/models, or leave model out for `{}`)",
+                        qwen_image_common::wire_guard::clip(asked, 200),
+                        served.join(", "),
+                        served.first().cloned().unwrap_or_default()
+                    ))
+                }
+                _ => ApiError::from_status(&s),
+            })?;
+        Ok(Target {
+            asked: asked.to_string(),
+            name: model.display_name(),
+            edit: model.is_edit(),
         })
     }
 
@@ -62,19 +96,6 @@ impl AppState {
                 .map_err(|s| ApiError::from_status(&s)),
             None => Ok(()),
         }
-    }
-}
-
-/// A request's `model` must name the served model when given.
-fn check_model(asked: Option<&str>, served: Option<&str>) -> Result<(), ApiError> {
-    match (asked.map(str::trim).filter(|m| !m.is_empty()), served) {
-        (Some(a), Some(s)) if a != s => Err(ApiError::bad_param(
-            "model",
-            format!(
-                "model `{a}` is not served here: send \"{s}\" (GET /v1/models) or leave model out"
-            ),
-        )),
-        _ => Ok(()),
     }
 }
 
@@ -128,7 +149,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(page::routes())
         .route_layer(axum::middleware::from_fn(telemetry::observe))
         .fallback(telemetry::not_found)
-        .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .layer(DefaultBodyLimit::max(crate::limits::MAX_REQUEST_BYTES))
         .with_state(state);
     (app, doc)
 }

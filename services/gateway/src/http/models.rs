@@ -1,5 +1,5 @@
-//! `GET /v1/models` (the served model, OpenAI's list shape), `/healthz` (the process answers) and `/readyz`
-//! (the gateway is SERVING: every stage has a usable replica).
+//! `GET /v1/models` (every served model, OpenAI's list shape plus each model's kind), `/healthz` (the process
+//! answers) and `/readyz` (the gateway is SERVING: every stage has a usable replica).
 
 use std::sync::atomic::Ordering;
 
@@ -22,6 +22,18 @@ pub struct Model {
     /// Unix seconds (0: unknown).
     pub created: u64,
     pub owned_by: String,
+    /// Extension: `edit` for an instruction-editing model (Qwen-Image-Edit-2509 / -2511: `/v1/images/edits`
+    /// without a mask edits 1-3 images by instruction), `base` for a base model (generations, img2img,
+    /// inpaint, outpaint, pose), `unknown` before its denoiser described itself.
+    pub kind: String,
+    /// Extension: the model requests without `model` get (the first served one).
+    pub default: bool,
+    /// Extension: the denoiser's model id (its snapshot folder name), empty before it described itself.
+    pub model_id: String,
+    /// Extension: `_class_name` of the denoiser's snapshot (`QwenImagePipeline`, `QwenImageEditPlusPipeline`).
+    pub pipeline_class: String,
+    /// Extension: every stage of the model has a usable replica.
+    pub ready: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -31,7 +43,7 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
-/// The served model (`--model-name`, else the model id the stages describe).
+/// Every served model (the first is the default), with its kind (`base` or `edit`).
 #[utoipa::path(
     get,
     path = "/v1/models",
@@ -47,27 +59,44 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Response
     if let Err(e) = state.authorize(&headers) {
         return e.into_response();
     }
-    match state.served_model() {
-        Some(id) => Json(ModelList {
-            object: "list".into(),
-            data: vec![Model {
-                id,
+    let models = &state.service.models.models;
+    if !models.iter().all(|m| m.named()) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the stages have not described their model yet (starting or unreachable); retry shortly",
+            "unavailable",
+        );
+        e.retry_after_secs = Some(1);
+        return e.into_response();
+    }
+    let data = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let info = m.info();
+            Model {
+                id: info.name,
                 object: "model".into(),
                 created: 0,
                 owned_by: "qwen-image-serve".into(),
-            }],
+                kind: match m.is_edit() {
+                    Some(true) => "edit",
+                    Some(false) => "base",
+                    None => "unknown",
+                }
+                .into(),
+                default: i == 0,
+                model_id: info.model_id,
+                pipeline_class: info.pipeline_class,
+                ready: info.ready,
+            }
         })
-        .into_response(),
-        None => {
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the stages have not described their model yet (starting or unreachable); retry shortly",
-                "unavailable",
-            );
-            e.retry_after_secs = Some(1);
-            e.into_response()
-        }
-    }
+        .collect();
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
 }
 
 #[derive(Debug, Serialize, ToSchema)]
