@@ -7,7 +7,8 @@ their known COCO-18 keypoints, heat maps and part affinity fields as targets.
         --out models/qwen-image-demo/pose_detector
 
 Time: about 40 minutes on one CPU thread (torch.set_num_threads(1); 2600 steps of 16 pictures at ~0.85 s a step on
-a 2-core machine shared with compiles; the script prints its estimate as it runs). Seeded (SEED, torch.manual_seed, one random.Random stream for the pictures), so a run is
+a 2-core machine shared with compiles; the shipped run took 51 minutes, compiles slowing its last 300 steps; the
+script prints its estimate as it runs). Seeded (SEED, torch.manual_seed, one random.Random stream for the pictures), so a run is
 reproducible up to CPU floating-point differences between machines and thread counts.
 
 The configuration (CFG) keeps bodypose_model's topology and layer names, so the weights load in candle

@@ -60,7 +60,13 @@ async fn reference_picture_pose_in_another_colour_and_nobody_is_a_failed_precond
     // the pose detector, a process of its own on the default model's pose_detector/
     let detector = ServiceProcess::spawn(
         &cli,
-        &["serve", "--stage", "pose-detector", "--listen", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--stage",
+            "pose-detector",
+            "--listen",
+            "127.0.0.1:0",
+        ],
         &[("RUST_LOG", "warn")],
         GUARD,
     )
@@ -70,10 +76,10 @@ async fn reference_picture_pose_in_another_colour_and_nobody_is_a_failed_precond
         gateway_args: vec!["--pose-detector".into(), detector.url()],
         ..StackSpec::default()
     };
-    let _stack = ProcessStack::serving(Launcher::Cli(cli), &spec)
+    let stack = ProcessStack::serving(Launcher::Cli(cli), &spec)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut c = client(&_stack.gateway_url()).await;
+    let mut c = client(&stack.gateway_url()).await;
     let j = judge();
 
     // (reference picture, its pose, its colour, the prompt: another colour and background, no pose)
@@ -183,11 +189,7 @@ fn qwen_image_pose_reference_image_draws_the_reference_pose_in_the_asked_colour(
         .env("RUST_LOG", "warn")
         .output()
         .expect("qwen-image runs");
-    assert!(
-        r.status.success(),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v = judge_png(&judge(), &std::fs::read(&out).expect("the picture"));
     eprintln!("qwen-image pose --reference-image reference-kicking.png -> {v:?}");
     assert_eq!(

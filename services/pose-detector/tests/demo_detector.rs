@@ -43,11 +43,16 @@ async fn the_demo_detector_finds_the_reference_figures_joints_and_nobody_in_an_e
         .unwrap()
         .into_inner();
     let arch = d.pose_detector.unwrap().architecture;
-    assert!(arch.contains("narrower") && arch.contains("2 stages"), "{arch}");
+    assert!(
+        arch.contains("narrower") && arch.contains("2 stages"),
+        "{arch}"
+    );
 
     let truth: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(workspace().join("tests/fixtures/openpose_body/demo_references.json"))
-            .unwrap(),
+        &std::fs::read_to_string(
+            workspace().join("tests/fixtures/openpose_body/demo_references.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     let mut c = PoseDetectorClient::new(stage.channel());
@@ -75,6 +80,10 @@ async fn the_demo_detector_finds_the_reference_figures_joints_and_nobody_in_an_e
             }
         }
         eprintln!("{name}: {within}/18 joints within 3 px");
-        assert!(within >= 16, "{name}: only {within}/18 joints within 3 px: {}", r.keypoints_json);
+        assert!(
+            within >= 16,
+            "{name}: only {within}/18 joints within 3 px: {}",
+            r.keypoints_json
+        );
     }
 }

@@ -327,7 +327,10 @@ mod tests {
         // a gap (stage 2 missing) leaves stage 1 only
         let mut gap = random_body_weights(&NARROW, 5)?;
         gap.retain(|k, _| !k.contains("_stage2_"));
-        assert_eq!(BodyPoseNet::from_tensors(&gap, &Device::Cpu)?.stages.len(), 1);
+        assert_eq!(
+            BodyPoseNet::from_tensors(&gap, &Device::Cpu)?.stages.len(),
+            1
+        );
         Ok(())
     }
 }
