@@ -15,5 +15,6 @@ pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod tensor;
+pub mod tls;
 pub mod transport;
 pub mod wire_guard;

@@ -4,6 +4,7 @@
 
 pub mod files;
 pub mod fuzz;
+pub mod certs;
 pub mod http;
 pub mod judge;
 pub mod otlp_sink;

@@ -4,7 +4,7 @@
 //! reference's own size). Nobody in the picture, or no detector configured, is FAILED_PRECONDITION; a detector
 //! that cannot be reached is UNAVAILABLE after one retry.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::pose_detector_client::PoseDetectorClient;
@@ -26,12 +26,14 @@ pub struct Detector {
 }
 
 impl Detector {
-    /// `url`: the stage's endpoint, e.g. `http://127.0.0.1:50054`.
-    pub fn new(url: &str) -> Result<Self, String> {
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| format!("--pose-detector `{url}` is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+    /// `url`: the stage's endpoint, e.g. `http://127.0.0.1:50054`, or `https://` with `tls` (the gateway's
+    /// stage TLS, as for the other stages).
+    pub fn new(
+        url: &str,
+        tls: Option<&qwen_image_common::tls::StageClientTls>,
+    ) -> Result<Self, String> {
+        let channel = qwen_image_common::tls::client::channel(url, tls, None)
+            .map_err(|e| format!("--pose-detector: {e}"))?;
         Ok(Self {
             url: url.to_string(),
             channel,
@@ -187,7 +189,7 @@ mod tests {
     }
 
     fn soon() -> Instant {
-        Instant::now() + Duration::from_secs(60)
+        Instant::now() + std::time::Duration::from_secs(60)
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ mod models;
 mod page;
 mod respond;
 mod telemetry;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,6 +23,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_common::tls::ServerTls;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -136,6 +138,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 /// Serves the HTTP API on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     service: Arc<GatewayService>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -146,7 +149,17 @@ pub async fn serve(
         ready,
     };
     let (app, _) = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    match tls {
+        // The gRPC server's watch reloads the shared config.
+        Some(tls) => {
+            axum::serve(tls::HttpsListener::new(listener, &tls)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
