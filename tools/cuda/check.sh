@@ -6,7 +6,8 @@
 # requires a clean start-up error (exit status 1, a message naming CUDA), not a crash or a signal.
 #   tools/cuda/check.sh            # cache in ~/.cache/qwen-image-cuda (venv + its own target dir)
 #   QWEN_IMAGE_CUDA_CACHE=DIR QWEN_IMAGE_CUDA_TARGET_DIR=DIR tools/cuda/check.sh   # elsewhere
-# Cold: about 15 minutes on 2 idle cores (candle-kernels' nvcc is most of it); warm: seconds.
+# Cold: not yet completed end to end here (the recipe measured ~9 min of candle-kernels' nvcc on 2 idle cores;
+# under a load average of ~16 the dependencies alone took over an hour); warm: our crates only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${QWEN_IMAGE_CUDA_CACHE:-$HOME/.cache/qwen-image-cuda}"

@@ -109,7 +109,12 @@ pub fn run(args: DetectPoseArgs) -> Result<std::process::ExitCode> {
         Some(url) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(remote(url, args.ca_cert.as_deref(), image, Duration::from_secs(args.timeout_secs)))?,
+            .block_on(remote(
+                url,
+                args.ca_cert.as_deref(),
+                image,
+                Duration::from_secs(args.timeout_secs),
+            ))?,
         None => local(&args, &image)?,
     };
     std::fs::write(&args.out, &answer.keypoints_json)

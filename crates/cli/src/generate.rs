@@ -192,7 +192,16 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
     let (timeout, quiet) = (target.timeout, target.quiet);
     let result = match &target.gateway {
         Some(url) => {
-            send(url, target.ca_cert.as_deref(), request, timeout, quiet, target.api_key.as_deref(), out).await?
+            send(
+                url,
+                target.ca_cert.as_deref(),
+                request,
+                timeout,
+                quiet,
+                target.api_key.as_deref(),
+                out,
+            )
+            .await?
         }
         None => {
             let model = match &target.model {
@@ -219,7 +228,16 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
             let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), stack.ca.as_deref(), request, timeout, quiet, None, out).await
+                send(
+                    &stack.gateway_url(),
+                    stack.ca.as_deref(),
+                    request,
+                    timeout,
+                    quiet,
+                    None,
+                    out,
+                )
+                .await
             }
             .await;
             stack.shutdown().await?;

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use qwen_image_model::openpose::random::{BodyNetShape, random_body_weights};
 use qwen_image_proto::v1::GenerationSettings;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
-use qwen_image_model::openpose::random::{BodyNetShape, random_body_weights};
 use qwen_image_testkit::certs::{self, CertFiles, TestCa};
 use qwen_image_testkit::otlp_sink::OtlpSink;
 use qwen_image_testkit::process::{ServiceProcess, wait_serving};
@@ -35,8 +35,10 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A CA, a server certificate for `localhost` / 127.0.0.1 (every service of a stack shares it) and the
-/// gateway's client certificate, in `dir`.
+/// A CA, a server certificate for `localhost` (every service of a stack shares it) and the gateway's client
+/// certificate, in `dir`. The certificate names no IP address: the stack's gateway resolves its stages'
+/// `https://localhost:PORT` URLs (DNS discovery) and dials 127.0.0.1, so it must verify the DNS name, not the
+/// address it dialled.
 struct Pki {
     ca: TestCa,
     server: CertFiles,
@@ -46,7 +48,7 @@ struct Pki {
 fn pki(dir: &Path) -> Pki {
     let ca = TestCa::new(dir, "ca").expect("CA");
     let server = ca
-        .server("server", "localhost", &["localhost", "127.0.0.1"])
+        .server("server", "localhost", &["localhost"])
         .expect("server certificate");
     let gateway = ca
         .client("gateway", "qwen-image-gateway")
@@ -131,7 +133,9 @@ async fn serve_stack_over_mutual_tls() {
         gateway,
     } = pki(dir.path());
     let other_ca = TestCa::new(dir.path(), "other-ca").expect("CA");
-    let stranger = other_ca.client("stranger", "stranger").expect("client certificate");
+    let stranger = other_ca
+        .client("stranger", "stranger")
+        .expect("client certificate");
     let pose = pose_weights(dir.path());
     let collector = ca
         .server("collector", "localhost", &["localhost"])
@@ -195,7 +199,10 @@ async fn serve_stack_over_mutual_tls() {
         .expect_err("only health on the plaintext listener");
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
     assert_eq!(
-        reflected_services(plain).await.expect_err("no reflection").code(),
+        reflected_services(plain)
+            .await
+            .expect_err("no reflection")
+            .code(),
         Code::Unimplemented
     );
 
@@ -258,14 +265,19 @@ async fn serve_stack_over_mutual_tls() {
         );
         health_check(addr, &ca.cert, None)
             .await
-            .expect_err(&format!("{stage} must refuse a client without a certificate"));
+            .expect_err(&format!(
+                "{stage} must refuse a client without a certificate"
+            ));
         health_check(addr, &ca.cert, Some(&stranger))
             .await
             .expect_err(&format!("{stage} must refuse a certificate of another CA"));
     }
 
     // The HTTP API over HTTPS, with the gateway's certificate; plaintext HTTP gets no answer.
-    let http = stack.http_addr(GUARD).await.unwrap_or_else(|e| panic!("{e}"));
+    let http = stack
+        .http_addr(GUARD)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let (status, body) = certs::https_get(http, "localhost", &ca.cert, "/readyz")
         .await
         .unwrap_or_else(|e| panic!("HTTPS: {e}"));
@@ -280,7 +292,10 @@ async fn serve_stack_over_mutual_tls() {
         let _ = tokio::time::timeout(GUARD, tcp.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
     };
-    assert!(!plain_http.starts_with("HTTP/"), "plaintext HTTP answered: {plain_http}");
+    assert!(
+        !plain_http.starts_with("HTTP/"),
+        "plaintext HTTP answered: {plain_http}"
+    );
 
     // The spans of the request reached the collector over https.
     let spans = sink.wait_until(GUARD, |s| !s.is_empty()).await;
@@ -291,16 +306,28 @@ async fn serve_stack_over_mutual_tls() {
     let out = dir.path().join("cli.png");
     let run = |ca_cert: Option<&Path>| {
         let mut c = std::process::Command::new(cli());
-        c.args(["generate", "--gateway", &url, "--prompt", "a blue stick figure"])
-            .args(["--width", "64", "--height", "64", "--steps", "2", "--seed", "1"])
-            .args(["--quiet", "--timeout-secs", "300", "--out", s(&out)]);
+        c.args([
+            "generate",
+            "--gateway",
+            &url,
+            "--prompt",
+            "a blue stick figure",
+        ])
+        .args([
+            "--width", "64", "--height", "64", "--steps", "2", "--seed", "1",
+        ])
+        .args(["--quiet", "--timeout-secs", "300", "--out", s(&out)]);
         if let Some(ca) = ca_cert {
             c.args(["--ca-cert", s(ca)]);
         }
         c.output().expect("qwen-image generate runs")
     };
     let ok = run(Some(&ca.cert));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let png = std::fs::read(&out).expect("the PNG written");
     assert_eq!(decode_rgb(&png).0, 64);
     let refused = run(None);
@@ -320,7 +347,10 @@ async fn wait_for_certificate(addr: SocketAddr, ca: &Path, want: &CertFiles, wha
         }
     })
     .await;
-    assert!(found.is_ok(), "new handshakes never presented the {what} certificate");
+    assert!(
+        found.is_ok(),
+        "new handshakes never presented the {what} certificate"
+    );
 }
 
 /// A stage reloads its certificate without restarting, on SIGHUP and on a file change: new handshakes
@@ -387,7 +417,7 @@ async fn stage_reloads_its_certificate_without_restart() {
 
     // SIGHUP after replacing the files (same names, new key and certificate).
     let second = ca
-        .server("server", "localhost", &["localhost", "127.0.0.1"])
+        .server("server", "localhost", &["localhost"])
         .expect("second certificate");
     assert_ne!(second.der, server.der);
     stage.signal("HUP").await.expect("SIGHUP");
@@ -402,7 +432,7 @@ async fn stage_reloads_its_certificate_without_restart() {
 
     // A file change alone (no signal): noticed by the periodic check.
     let third = ca
-        .server("server", "localhost", &["localhost", "127.0.0.1"])
+        .server("server", "localhost", &["localhost"])
         .expect("third certificate");
     wait_for_certificate(stage.addr, &ca.cert, &third, "third").await;
     assert!(

@@ -2,9 +2,9 @@
 //! processes and waits for SERVING ([`service`], [`process`], [`stack`]), an OTLP receiver, the demo
 //! judge.
 
+pub mod certs;
 pub mod files;
 pub mod fuzz;
-pub mod certs;
 pub mod http;
 pub mod judge;
 pub mod otlp_sink;

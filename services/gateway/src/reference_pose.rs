@@ -194,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn found_people_become_the_keypoints_json() {
-        let d = Detector::new(&serve(2).await).unwrap();
+        let d = Detector::new(&serve(2).await, None).unwrap();
         let r = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap();
@@ -209,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn nobody_in_the_picture_or_no_detector_is_failed_precondition() {
-        let d = Detector::new(&serve(0).await).unwrap();
+        let d = Detector::new(&serve(0).await, None).unwrap();
         let e = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap_err();
@@ -228,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_picture_is_invalid_and_a_dead_detector_unavailable() {
-        let d = Detector::new(&serve(1).await).unwrap();
+        let d = Detector::new(&serve(1).await, None).unwrap();
         let e = resolve(Some(&d), reference(b"not a picture".to_vec()), soon())
             .await
             .unwrap_err();
@@ -240,7 +240,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = format!("http://{}", l.local_addr().unwrap());
         drop(l);
-        let d = Detector::new(&dead).unwrap();
+        let d = Detector::new(&dead, None).unwrap();
         let e = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap_err();

@@ -175,7 +175,13 @@ pub async fn run_with_http(
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        tokio::spawn(crate::http::serve(l, http_tls, service.clone(), ready.clone(), stop))
+        tokio::spawn(crate::http::serve(
+            l,
+            http_tls,
+            service.clone(),
+            ready.clone(),
+            stop,
+        ))
     });
     let generator = ImageGeneratorServer::from_arc(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

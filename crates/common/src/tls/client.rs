@@ -85,7 +85,9 @@ pub fn channel(
         (Some("https"), Some(tls)) => {
             let host = match server_name {
                 Some(name) => name,
-                None => parsed.host().ok_or_else(|| format!("`{uri}` has no host"))?,
+                None => parsed
+                    .host()
+                    .ok_or_else(|| format!("`{uri}` has no host"))?,
             }
             .trim_start_matches('[')
             .trim_end_matches(']');

@@ -86,7 +86,10 @@ impl ServerTls {
     /// The TLS connections accepted on `listener`: each handshake runs on its own task (a slow client
     /// never holds up the others) with the config current at its start; failed handshakes are logged
     /// and dropped. Ends when the stream is dropped (the server stopped).
-    pub fn incoming(&self, listener: TcpListener) -> ReceiverStream<std::io::Result<TlsConnection>> {
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<TlsConnection>> {
         self.accept_loop(listener, None)
     }
 
@@ -126,7 +129,8 @@ impl ServerTls {
                 };
                 // As `transport::incoming` does for plaintext: no Nagle delay, TCP keepalive.
                 let _ = tcp.set_nodelay(true);
-                let keepalive = socket2::TcpKeepalive::new().with_time(crate::transport::TCP_KEEPALIVE);
+                let keepalive =
+                    socket2::TcpKeepalive::new().with_time(crate::transport::TCP_KEEPALIVE);
                 let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
                 let config = match &alpn {
                     Some(protocols) => {
