@@ -350,6 +350,24 @@ def test_tls_certificates_match_the_names_and_mounts_the_services_use(overlay):
             assert url.startswith("https://")
 
 
+def test_api_keys_file_is_a_mounted_secret_where_tls_is_on(overlay):
+    """The secured overlay also requires API keys, read from a Secret mounted read-only (not baked in)."""
+    name, docs = overlay
+    dep = deployment(docs, "gateway")
+    c = container(dep)
+    keys = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--api-keys-file=")]
+    if not tls_enabled(c):
+        assert not keys, f"{name}: API keys sent over plaintext"
+        return
+    assert len(keys) == 1, f"{name}: the TLS overlay's gateway takes no --api-keys-file"
+    path = Path(keys[0])
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == "qwen-image-api-keys"
+    assert not of_kind(docs, "Secret"), f"{name}: a Secret rendered from the repository"
+
+
 def test_hpa_metrics_are_served_by_the_adapter_and_scraped(overlay):
     """Every HPA metric has a Prometheus Adapter rule; each service's metrics port is the one Prometheus scrapes
     (annotation, containerPort, QWEN_IMAGE_METRICS_LISTEN) and the NetworkPolicies let Prometheus in."""

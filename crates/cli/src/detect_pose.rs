@@ -28,6 +28,9 @@ pub struct DetectPoseArgs {
     /// A running pose-detector stage (e.g. http://127.0.0.1:50054). Without it the detector runs in this process.
     #[arg(long, env = "QWEN_IMAGE_POSE_DETECTOR")]
     pub pose_detector: Option<String>,
+    /// PEM CA bundle that verifies an https:// --pose-detector (default: the system's roots).
+    #[arg(long, env = "QWEN_IMAGE_CA_CERT", requires = "pose_detector")]
+    pub ca_cert: Option<PathBuf>,
     /// Model folder whose `pose_detector/body_pose_model.safetensors` is used without `--pose-weights`.
     /// Default: the embedded default model.
     #[arg(long, env = "QWEN_IMAGE_MODEL", conflicts_with = "pose_detector")]
@@ -51,9 +54,15 @@ fn read_rgb(path: &PathBuf) -> Result<Image> {
     })
 }
 
-async fn remote(url: &str, image: Image, timeout: Duration) -> Result<DetectPoseResponse> {
-    let channel = tonic::transport::Channel::from_shared(url.to_string())
-        .with_context(|| format!("--pose-detector `{url}` is not a URL"))?
+async fn remote(
+    url: &str,
+    ca_cert: Option<&std::path::Path>,
+    image: Image,
+    timeout: Duration,
+) -> Result<DetectPoseResponse> {
+    let channel = qwen_image_common::tls::client::endpoint(url, ca_cert)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--pose-detector `{url}` is not a usable URL"))?
         .connect()
         .await
         .with_context(|| format!("cannot reach the pose detector at {url}"))?;
@@ -100,7 +109,12 @@ pub fn run(args: DetectPoseArgs) -> Result<std::process::ExitCode> {
         Some(url) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(remote(url, image, Duration::from_secs(args.timeout_secs)))?,
+            .block_on(remote(
+                url,
+                args.ca_cert.as_deref(),
+                image,
+                Duration::from_secs(args.timeout_secs),
+            ))?,
         None => local(&args, &image)?,
     };
     std::fs::write(&args.out, &answer.keypoints_json)

@@ -73,6 +73,9 @@ pub struct TargetArgs {
     /// `--tokenizer`, `--vae-weights`; the same flags as `serve`'s).
     #[command(flatten)]
     pub weights: crate::weights::WeightFilesArgs,
+    /// PEM CA bundle that verifies an https:// --gateway (default: the system's roots).
+    #[arg(long, env = "QWEN_IMAGE_CA_CERT", requires = "gateway")]
+    pub ca_cert: Option<PathBuf>,
     /// Give up after this many seconds.
     #[arg(long, env = "QWEN_IMAGE_TIMEOUT_SECS", default_value_t = 3600)]
     pub timeout_secs: u64,
@@ -90,6 +93,7 @@ impl TargetArgs {
     pub fn to_target(&self, model: Option<PathBuf>, options: StageOptions) -> Target {
         Target {
             gateway: self.gateway.clone(),
+            ca_cert: self.ca_cert.clone(),
             model,
             timeout: Duration::from_secs(self.timeout_secs),
             quiet: self.quiet,
@@ -145,6 +149,8 @@ pub enum ApiRequest {
 /// absent) started for the call.
 pub struct Target {
     pub gateway: Option<String>,
+    /// CA bundle verifying an https:// gateway.
+    pub ca_cert: Option<PathBuf>,
     pub model: Option<PathBuf>,
     pub timeout: Duration,
     pub quiet: bool,
@@ -185,7 +191,18 @@ fn with_model_default_size(request: ApiRequest, model: &Path) -> ApiRequest {
 pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result<GenerateResult> {
     let (timeout, quiet) = (target.timeout, target.quiet);
     let result = match &target.gateway {
-        Some(url) => send(url, request, timeout, quiet, target.api_key.as_deref(), out).await?,
+        Some(url) => {
+            send(
+                url,
+                target.ca_cert.as_deref(),
+                request,
+                timeout,
+                quiet,
+                target.api_key.as_deref(),
+                out,
+            )
+            .await?
+        }
         None => {
             let model = match &target.model {
                 Some(m) => Some(m.clone()),
@@ -211,7 +228,16 @@ pub async fn execute(request: ApiRequest, target: &Target, out: &Path) -> Result
             let mut stack = LocalStack::start_with(model, "127.0.0.1:0", options).await?;
             let out = async {
                 stack.wait_ready(timeout).await?;
-                send(&stack.gateway_url(), request, timeout, quiet, None, out).await
+                send(
+                    &stack.gateway_url(),
+                    stack.ca.as_deref(),
+                    request,
+                    timeout,
+                    quiet,
+                    None,
+                    out,
+                )
+                .await
             }
             .await;
             stack.shutdown().await?;
@@ -314,6 +340,7 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
 /// next to `out` as `STEM.stepNNN.png`.
 async fn send(
     url: &str,
+    ca_cert: Option<&Path>,
     request: ApiRequest,
     timeout: Duration,
     quiet: bool,
@@ -326,8 +353,9 @@ async fn send(
                 .context("--api-key must be printable ASCII")
         })
         .transpose()?;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("`{url}` is not a gateway URL"))?
+    let channel = qwen_image_common::tls::client::endpoint(url, ca_cert)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("`{url}` is not a usable gateway URL"))?
         .connect()
         .await
         .with_context(|| format!("cannot connect to the gateway at {url}"))?;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use qwen_image_common::args::CommonArgs;
 use qwen_image_common::stage::StageArgs;
@@ -13,7 +13,6 @@ use qwen_image_gateway::GatewayArgs;
 use qwen_image_pose_detector::PoseDetectorArgs;
 use qwen_image_text_encoder::TextEncoderArgs;
 use qwen_image_vae::VaeArgs;
-use tokio::net::TcpListener;
 
 use crate::model_dir::default_model_dir;
 use crate::stack::{LocalStack, StageKind, StageOptions, run_stage};
@@ -136,6 +135,15 @@ fn check_flags(args: &ServeArgs) -> Result<()> {
             );
         }
     }
+    let t = &g.stage_tls;
+    let stage_client_tls =
+        t.stage_ca.is_some() || t.stage_client_cert.is_some() || t.stage_client_key.is_some();
+    if stage_client_tls && matches!(args.stage, Some(k) if k != StageKind::Gateway) {
+        bail!(
+            "--stage-ca, --stage-client-cert and --stage-client-key are the gateway's: use them with \
+             `--stage gateway` or for the whole stack"
+        );
+    }
     Ok(())
 }
 
@@ -146,6 +154,7 @@ fn stage_options(
     text_encoder: TextEncoderArgs,
     vae: VaeArgs,
     pose_detector: PoseDetectorArgs,
+    tls: qwen_image_common::tls::ServerTlsArgs,
     gateway: Option<GatewayArgs>,
 ) -> Result<(Option<PathBuf>, StageOptions)> {
     let mut options = StageOptions {
@@ -155,6 +164,8 @@ fn stage_options(
         vae,
         pose_detector,
         gateway,
+        tls,
+        no_reflection: false,
     };
     let (model, controlnets) = model_and_controlnets(
         options.stage.model.clone(),
@@ -197,11 +208,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let listen = args.common.listen.to_string();
     let bind = || async {
-        let listener = TcpListener::bind(&listen)
+        qwen_image_common::launch::bind(&args.common)
             .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        println!("listening on {}", listener.local_addr()?);
-        anyhow::Ok(listener)
+            .map_err(anyhow::Error::msg)
     };
     match args.stage {
         Some(StageKind::Gateway) => {
@@ -217,6 +226,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 args.text_encoder,
                 args.vae,
                 args.pose_detector,
+                args.common.tls.clone(),
                 None,
             )?;
             let listener = bind().await?;
@@ -230,14 +240,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .await?;
         }
         None => {
-            let (model, options) = stage_options(
+            let (model, mut options) = stage_options(
                 args.stage_args,
                 args.denoiser,
                 args.text_encoder,
                 args.vae,
                 args.pose_detector,
+                args.common.tls.clone(),
                 Some(args.gateway),
             )?;
+            options.no_reflection = args.common.no_reflection;
             let mut stack = LocalStack::start_with(model.clone(), &listen, options).await?;
             for (kind, addr) in &stack.stage_addrs {
                 println!("{} listening on {addr}", kind.name());
@@ -252,7 +264,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             tokio::select! {
                 r = stack.wait_ready(Duration::from_secs(args.ready_timeout_secs)) => {
                     r?;
-                    eprintln!("ready: send requests to http://{} (ctrl-c to stop)", stack.gateway_addr);
+                    eprintln!("ready: send requests to {} (ctrl-c to stop)", stack.gateway_url());
                     stop.as_mut().await;
                 }
                 () = stop.as_mut() => {}

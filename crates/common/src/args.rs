@@ -1,6 +1,9 @@
 //! Flags every qwen-image binary shares; flattened into each binary's clap `Args`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::tls::ServerTlsArgs;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -35,6 +38,19 @@ pub struct CommonArgs {
     /// The OpenTelemetry SDK's standard variable, used when `--otlp-endpoint` is not given.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", hide = true)]
     pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// PEM CA bundle that verifies an https:// OTLP endpoint (default: the system's roots).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otlp_ca: Option<PathBuf>,
+
+    /// TLS of the server (--tls-cert, --tls-key, --tls-client-ca) and its plaintext --health-listen.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// Do not serve gRPC reflection (grpc.reflection.v1 / v1alpha, on by default so that grpcurl and
+    /// similar tools can list the services without the protos).
+    #[arg(long, env = "QWEN_IMAGE_NO_REFLECTION")]
+    pub no_reflection: bool,
 }
 
 impl CommonArgs {
@@ -46,6 +62,9 @@ impl CommonArgs {
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             otel_exporter_otlp_endpoint: None,
+            otlp_ca: None,
+            tls: ServerTlsArgs::default(),
+            no_reflection: false,
         }
     }
 

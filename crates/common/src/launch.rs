@@ -1,6 +1,6 @@
 //! The body of every service binary's `main`: telemetry, the metrics endpoint, the listener, and serving
-//! until SIGTERM / ctrl-c. Machine-readable lines on stdout (`metrics listening on ADDR`, `listening on
-//! ADDR`) tell scripts and tests the bound addresses; logs go to stderr.
+//! until SIGTERM / ctrl-c. Machine-readable lines on stdout (`metrics listening on ADDR`, `health listening
+//! on ADDR`, `listening on ADDR`) tell scripts and tests the bound addresses; logs go to stderr.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use tokio::net::TcpListener;
 
 use crate::args::CommonArgs;
+use crate::tls::Listeners;
 
 /// The shutdown signal handed to a service.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -35,11 +36,12 @@ pub fn default_candle_threads() {
     }
 }
 
-/// Runs `serve(listener, shutdown)` for service `binary` (its OpenTelemetry `service.name`) with the
-/// shared flags `common`. Exit code 0 after a clean drain, 1 when serving failed.
+/// Runs `serve(listeners, shutdown)` for service `binary` (its OpenTelemetry `service.name`) with the
+/// shared flags `common` (TLS files are read before binding: a bad file fails the start). Exit code 0
+/// after a clean drain, 1 when serving failed.
 pub fn serve_main<F, Fut, E>(binary: &'static str, common: &CommonArgs, serve: F) -> ExitCode
 where
-    F: FnOnce(TcpListener, Shutdown) -> Fut,
+    F: FnOnce(Listeners, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
@@ -68,12 +70,8 @@ where
                 .map_err(|e| e.to_string())?;
             println!("metrics listening on {bound}");
         }
-        let listener = TcpListener::bind(common.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", common.listen))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        println!("listening on {addr}");
-        serve(listener, Box::pin(crate::shutdown::signal()))
+        let listeners = bind(common).await?;
+        serve(listeners, Box::pin(crate::shutdown::signal()))
             .await
             .map_err(|e| e.to_string())
     });
@@ -85,4 +83,32 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads the TLS files and binds the listeners of `common` (`--listen`, `--health-listen`), printing
+/// their addresses (`health listening on ADDR`, then `listening on ADDR`).
+pub async fn bind(common: &CommonArgs) -> Result<Listeners, String> {
+    let tls = common.tls.load()?;
+    let health = match common.tls.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--health-listen): {e}"))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            println!("health listening on {bound}");
+            Some(listener)
+        }
+        None => None,
+    };
+    let main = TcpListener::bind(common.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", common.listen))?;
+    let addr = main.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on {addr}");
+    Ok(Listeners {
+        main,
+        tls,
+        health,
+        reflection: !common.no_reflection,
+    })
 }

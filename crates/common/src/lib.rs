@@ -1,6 +1,7 @@
 //! Plumbing shared by the qwen-image stage services and the gateway, and the stage skeleton ([`stage`]).
 //! Never links candle.
 
+pub mod admit_gate;
 pub mod args;
 pub mod deadline;
 pub mod grpc;
@@ -15,5 +16,6 @@ pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod tensor;
+pub mod tls;
 pub mod transport;
 pub mod wire_guard;

@@ -93,7 +93,7 @@ pub fn init(service: &'static str, args: &CommonArgs) -> Result<TelemetryGuard, 
     };
     let otel_layer = match args.trace_endpoint() {
         Some(endpoint) => {
-            let (provider, rt) = tracer_provider(service, endpoint)?;
+            let (provider, rt) = tracer_provider(service, endpoint, args.otlp_ca.as_deref())?;
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(service))
                 .with_threads(false)
@@ -133,9 +133,28 @@ pub fn init(service: &'static str, args: &CommonArgs) -> Result<TelemetryGuard, 
     Ok(guard)
 }
 
+/// The exporter's TLS for an `https://` endpoint: the CA bundle `ca` (--otlp-ca /
+/// OTEL_EXPORTER_OTLP_CERTIFICATE) or the system's roots; `None` for plaintext.
+fn otlp_tls(
+    endpoint: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    if !endpoint.trim().to_ascii_lowercase().starts_with("https://") {
+        return Ok(None);
+    }
+    let tls = tonic::transport::ClientTlsConfig::new();
+    Ok(Some(match ca {
+        Some(path) => tls.ca_certificate(tonic::transport::Certificate::from_pem(
+            crate::tls::files::read(path)?,
+        )),
+        None => tls.with_native_roots(),
+    }))
+}
+
 fn tracer_provider(
     service: &'static str,
     endpoint: &str,
+    ca: Option<&std::path::Path>,
 ) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
     let err = |reason: String| TelemetryError::Otlp {
         endpoint: endpoint.to_string(),
@@ -151,9 +170,15 @@ fn tracer_provider(
         .map_err(|e| err(e.to_string()))?;
     let exporter = {
         let _entered = rt.enter();
-        opentelemetry_otlp::SpanExporter::builder()
+        let builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint)
+            .with_endpoint(endpoint);
+        // https:// endpoints: verified against --otlp-ca, else the system's roots.
+        let builder = match otlp_tls(endpoint, ca).map_err(err)? {
+            Some(tls) => builder.with_tls_config(tls),
+            None => builder,
+        };
+        builder
             .with_timeout(EXPORT_TIMEOUT)
             .with_compression(opentelemetry_otlp::Compression::Gzip)
             .build()

@@ -3,6 +3,7 @@
 //! judge, and what the whole-stack benchmarks share ([`bench`]).
 
 pub mod bench;
+pub mod certs;
 pub mod files;
 pub mod fuzz;
 pub mod http;

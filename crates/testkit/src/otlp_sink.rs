@@ -148,6 +148,18 @@ impl Drop for OtlpSink {
 impl OtlpSink {
     /// Binds 127.0.0.1:0 and serves OTLP/gRPC traces.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// As [`OtlpSink::start`], over TLS with the PEM certificate and key `cert`, `key` (the certificate must
+    /// name `localhost`): the endpoint is `https://localhost:PORT`.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<Self> {
+        let identity =
+            tonic::transport::Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+        Self::start_with(Some(identity)).await
+    }
+
+    async fn start_with(identity: Option<tonic::transport::Identity>) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr: SocketAddr = listener.local_addr()?;
         let receiver = Receiver {
@@ -157,14 +169,24 @@ impl OtlpSink {
         let service = TraceServiceServer::new(receiver.clone())
             .accept_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(64 << 20);
+        let endpoint = match identity {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(identity) = identity {
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(std::io::Error::other)?;
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = server
                 .add_service(service)
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
         Ok(Self {
-            endpoint: format!("http://{addr}"),
+            endpoint,
             receiver,
             task,
         })

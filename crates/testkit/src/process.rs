@@ -15,6 +15,9 @@ pub struct ServiceProcess {
     child: Child,
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The stdout lines before `listening on ADDR` (`health listening on ADDR`, `qwen-image serve`'s
+    /// `STAGE listening on ADDR`, ...).
+    pub printed: Vec<String>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// `http listening on ADDR` (the gateway's `--http-listen`), printed after `listening on`.
     http_addr: tokio::sync::watch::Receiver<Option<SocketAddr>>,
@@ -52,7 +55,7 @@ impl ServiceProcess {
             });
         }
         let mut lines = BufReader::new(stdout).lines();
-        let mut metrics_addr = None;
+        let (mut metrics_addr, mut printed) = (None, Vec::new());
         let addr = tokio::time::timeout(timeout, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(a) = line.strip_prefix("metrics listening on ") {
@@ -60,6 +63,7 @@ impl ServiceProcess {
                 } else if let Some(a) = line.strip_prefix("listening on ") {
                     return a.trim().parse::<SocketAddr>().map_err(|e| e.to_string());
                 }
+                printed.push(line);
             }
             Err(format!(
                 "{} exited without printing its address",
@@ -69,7 +73,11 @@ impl ServiceProcess {
         .await
         .map_err(|_| format!("{} printed no address in {timeout:?}", program.display()))??;
         // Keep draining stdout so the child never blocks on a full pipe; note the HTTP address.
-        let (http_tx, http_addr) = tokio::sync::watch::channel(None);
+        // (`qwen-image serve` may print it before the gateway's `listening on`.)
+        let printed_http = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("http listening on ")?.trim().parse().ok());
+        let (http_tx, http_addr) = tokio::sync::watch::channel(printed_http);
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(a) = line.strip_prefix("http listening on ") {
@@ -81,6 +89,7 @@ impl ServiceProcess {
             child,
             addr,
             metrics_addr,
+            printed,
             stderr: stderr_lines,
             http_addr,
         })
@@ -94,6 +103,14 @@ impl ServiceProcess {
             .map_err(|_| format!("no `http listening on` line in {timeout:?}"))?
             .map_err(|_| "the process closed stdout without an HTTP address".to_string())?;
         (*got).ok_or_else(|| "unparsable HTTP address".to_string())
+    }
+
+    /// The address of a `WHAT listening on ADDR` line printed before `listening on` (e.g. `health`).
+    pub fn printed_addr(&self, what: &str) -> Option<SocketAddr> {
+        let prefix = format!("{what} listening on ");
+        self.printed
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
     }
 
     /// The log lines (stderr) printed so far.
@@ -115,17 +132,37 @@ impl ServiceProcess {
         self.child.kill().await.map_err(|e| format!("kill: {e}"))
     }
 
-    /// Sends SIGTERM (graceful drain, telemetry flush) and waits for the exit.
-    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+    /// Sends `signal` (`HUP`, `TERM`, ... as `kill -SIGNAL` takes it) to the process.
+    pub async fn signal(&self, signal: &str) -> Result<(), String> {
         let pid = self.child.id().ok_or("already exited")?;
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
             .await
             .map_err(|e| format!("kill: {e}"))?;
         if !status.success() {
-            return Err(format!("kill -TERM {pid} failed"));
+            return Err(format!("kill -{signal} {pid} failed"));
         }
+        Ok(())
+    }
+
+    /// Waits for the process to exit (after a signal sent with [`signal`](Self::signal)).
+    pub async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| format!("still running after {timeout:?}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the process is still running (not exited, not reaped).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM (graceful drain, telemetry flush) and waits for the exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let pid = self.child.id().ok_or("already exited")?;
+        self.signal("TERM").await?;
         tokio::time::timeout(timeout, self.child.wait())
             .await
             .map_err(|_| format!("pid {pid} still running after {timeout:?}"))?

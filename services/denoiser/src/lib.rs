@@ -211,7 +211,7 @@ impl StageDef for Denoiser {
 /// Serves the denoiser on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     config: DenoiserConfig,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<qwen_image_common::tls::Listeners>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StageError> {
     qwen_image_common::stage::run::<Denoiser>(config, listener, shutdown).await

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qwen_image_common::args::CommonArgs;
+use qwen_image_common::tls::{StageClientTls, StageClientTlsArgs};
 
 use crate::auth::ApiKeys;
 
@@ -115,9 +116,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "QWEN_IMAGE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 
-    /// Do not serve gRPC reflection (served by default, without an API key, for grpcurl and similar tools).
-    #[arg(long, env = "QWEN_IMAGE_NO_REFLECTION")]
-    pub no_reflection: bool,
+    /// TLS towards the stages: --stage-ca, --stage-client-cert, --stage-client-key.
+    #[command(flatten)]
+    pub stage_tls: StageClientTlsArgs,
 }
 
 /// One more served model (`--extra-model`).
@@ -212,8 +213,11 @@ pub struct GatewayConfig {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// Where the HTTP API listens; `None` = no HTTP API.
     pub http_listen: Option<SocketAddr>,
-    /// Serve gRPC reflection (`--no-reflection` turns it off).
+    /// Serve gRPC reflection (the gateway binary's `--no-reflection`, in the shared flags, turns it off
+    /// through its listeners; this is the in-process switch).
     pub reflection: bool,
+    /// TLS towards the stages (their URLs are then https://); `None`: plaintext.
+    pub stage_tls: Option<StageClientTls>,
 }
 
 impl GatewayConfig {
@@ -240,6 +244,7 @@ impl GatewayConfig {
             api_keys: None,
             http_listen: None,
             reflection: true,
+            stage_tls: None,
         }
     }
 
@@ -256,7 +261,7 @@ impl GatewayConfig {
             None => None,
         };
         self.http_listen = a.http_listen;
-        self.reflection = !a.no_reflection;
+        self.stage_tls = a.stage_tls.load()?;
         self.resolve_interval = Duration::from_millis(a.resolve_interval_ms);
         self.extra_models = a
             .extra_model

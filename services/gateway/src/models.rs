@@ -155,7 +155,7 @@ impl Models {
                 if let Some((_, _, p)) = pools.iter().find(|(u, s, _)| *s == stage && u == urls) {
                     return Ok((p.clone(), true));
                 }
-                let p = Arc::new(Pool::new(stage, urls)?);
+                let p = Arc::new(Pool::new(stage, urls, config.stage_tls.as_ref())?);
                 pools.push((urls.to_vec(), stage, p.clone()));
                 Ok((p, false))
             };

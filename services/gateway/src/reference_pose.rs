@@ -4,7 +4,7 @@
 //! reference's own size). Nobody in the picture, or no detector configured, is FAILED_PRECONDITION; a detector
 //! that cannot be reached is UNAVAILABLE after one retry.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
 use qwen_image_proto::v1::pose_detector_client::PoseDetectorClient;
@@ -26,12 +26,14 @@ pub struct Detector {
 }
 
 impl Detector {
-    /// `url`: the stage's endpoint, e.g. `http://127.0.0.1:50054`.
-    pub fn new(url: &str) -> Result<Self, String> {
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| format!("--pose-detector `{url}` is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+    /// `url`: the stage's endpoint, e.g. `http://127.0.0.1:50054`, or `https://` with `tls` (the gateway's
+    /// stage TLS, as for the other stages).
+    pub fn new(
+        url: &str,
+        tls: Option<&qwen_image_common::tls::StageClientTls>,
+    ) -> Result<Self, String> {
+        let channel = qwen_image_common::tls::client::channel(url, tls, None)
+            .map_err(|e| format!("--pose-detector: {e}"))?;
         Ok(Self {
             url: url.to_string(),
             channel,
@@ -187,12 +189,12 @@ mod tests {
     }
 
     fn soon() -> Instant {
-        Instant::now() + Duration::from_secs(60)
+        Instant::now() + std::time::Duration::from_secs(60)
     }
 
     #[tokio::test]
     async fn found_people_become_the_keypoints_json() {
-        let d = Detector::new(&serve(2).await).unwrap();
+        let d = Detector::new(&serve(2).await, None).unwrap();
         let r = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap();
@@ -207,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn nobody_in_the_picture_or_no_detector_is_failed_precondition() {
-        let d = Detector::new(&serve(0).await).unwrap();
+        let d = Detector::new(&serve(0).await, None).unwrap();
         let e = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap_err();
@@ -226,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_picture_is_invalid_and_a_dead_detector_unavailable() {
-        let d = Detector::new(&serve(1).await).unwrap();
+        let d = Detector::new(&serve(1).await, None).unwrap();
         let e = resolve(Some(&d), reference(b"not a picture".to_vec()), soon())
             .await
             .unwrap_err();
@@ -238,7 +240,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = format!("http://{}", l.local_addr().unwrap());
         drop(l);
-        let d = Detector::new(&dead).unwrap();
+        let d = Detector::new(&dead, None).unwrap();
         let e = resolve(Some(&d), reference(png_3x2()), soon())
             .await
             .unwrap_err();

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use qwen_image_common::health::Health;
 use qwen_image_common::limits::MAX_MESSAGE_BYTES;
+use qwen_image_common::tls::Listeners;
 use qwen_image_proto::v1::image_generator_server::ImageGeneratorServer;
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -25,9 +27,10 @@ pub const SERVICE_NAME: &str = "qwen_image.v1.ImageGenerator";
 /// read when it is first seen healthy and whenever it comes back), NOT_SERVING otherwise.
 pub async fn run(
     config: GatewayConfig,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
+    let listeners = listeners.into();
     let http_listener = match config.http_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.map_err(|e| {
@@ -42,17 +45,23 @@ pub async fn run(
         }
         None => None,
     };
-    run_with_http(config, listener, http_listener, shutdown).await
+    run_with_http(config, listeners, http_listener, shutdown).await
 }
 
 /// [`run`] with the HTTP API on `http_listener` (bound by the caller; `config.http_listen` is ignored).
+/// With TLS on the gRPC listener (`--tls-cert`/`--tls-key`), the HTTP API serves HTTPS with the same
+/// certificate (a client certificate is then required too when `--tls-client-ca` is set).
 pub async fn run_with_http(
     config: GatewayConfig,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
+    let mut listeners = listeners.into();
+    listeners.reflection &= config.reflection;
     let models = Arc::new(Models::new(&config)?);
+    // The stage client certificate and CA reload on SIGHUP and on file changes while serving.
+    let _stage_tls_watch = config.stage_tls.as_ref().map(|t| t.watch());
     let (health, health_service) = Health::new(SERVICE_NAME).await;
     // The health status as `/readyz` reads it.
     let ready = Arc::new(AtomicBool::new(false));
@@ -133,33 +142,28 @@ pub async fn run_with_http(
         })
     };
 
-    let (refl_v1, refl_v1alpha) = if config.reflection {
-        let (v1, v1alpha) =
-            qwen_image_common::transport::reflection().map_err(GatewayError::Internal)?;
-        (Some(v1), Some(v1alpha))
-    } else {
-        (None, None)
-    };
-
-    let addr = listener
+    let addr = listeners
+        .main
         .local_addr()
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    tracing::info!(%addr, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser, vae = ?config.vae,
-        extra_models = ?config.extra_models, "gateway listening");
+    let (tls, stage_tls) = (listeners.tls.is_some(), config.stage_tls.is_some());
+    tracing::info!(%addr, tls, stage_tls, text_encoder = ?config.text_encoder, denoiser = ?config.denoiser,
+        vae = ?config.vae, extra_models = ?config.extra_models, "gateway listening");
     let detector = config
         .pose_detector
         .as_deref()
-        .map(crate::reference_pose::Detector::new)
+        .map(|url| crate::reference_pose::Detector::new(url, config.stage_tls.as_ref()))
         .transpose()
         .map_err(GatewayError::Internal)?;
     if let Some(l) = &http_listener
         && let Ok(addr) = l.local_addr()
     {
-        tracing::info!(%addr, "HTTP API listening");
+        tracing::info!(%addr, https = tls, "HTTP API listening");
     }
     if config.api_keys.is_some() {
         tracing::info!(keys = ?config.api_keys, "API keys required");
     }
+    let http_tls = listeners.tls.clone();
     let service = Arc::new(GatewayService {
         models,
         detector,
@@ -171,12 +175,15 @@ pub async fn run_with_http(
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        tokio::spawn(crate::http::serve(l, service.clone(), ready.clone(), stop))
+        tokio::spawn(crate::http::serve(
+            l,
+            http_tls,
+            service.clone(),
+            ready.clone(),
+            stop,
+        ))
     });
-    let gate = crate::admit_gate::AdmitGateLayer::new(
-        service.queue.clone(),
-        service.config.api_keys.clone(),
-    );
+    let gate = crate::admit_gate::layer(service.queue.clone(), service.config.api_keys.clone());
     let generator = ImageGeneratorServer::from_arc(service)
         .max_decoding_message_size(crate::limits::MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -190,15 +197,12 @@ pub async fn run_with_http(
         drain_ready.store(false, Ordering::Relaxed);
         drain_health.not_serving().await;
     };
-    let served = qwen_image_common::transport::server("gateway")
-        .layer(gate)
-        .add_service(health_service)
-        .add_optional_service(refl_v1)
-        .add_optional_service(refl_v1alpha)
-        .add_service(generator)
-        .serve_with_incoming_shutdown(qwen_image_common::transport::incoming(listener), stop)
-        .await
-        .map_err(|e| GatewayError::Internal(format!("gRPC server failed: {e}")));
+    let health_only = Routes::new(health_service.clone());
+    let routes = Routes::new(health_service).add_service(generator);
+    let served =
+        qwen_image_common::tls::serve("gateway", gate, routes, health_only, listeners, stop)
+            .await
+            .map_err(GatewayError::Internal);
     checker.abort();
     if let Some(h) = http {
         match h.await {

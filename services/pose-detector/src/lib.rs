@@ -139,7 +139,7 @@ impl StageDef for PoseDetectorStage {
 /// Serves the detector on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     config: PoseDetectorConfig,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<qwen_image_common::tls::Listeners>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StageError> {
     qwen_image_common::stage::run::<PoseDetectorStage>(config, listener, shutdown).await

@@ -199,7 +199,7 @@ impl StageDef for TextEncoder {
 /// Serves the text encoder on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     config: TextEncoderConfig,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<qwen_image_common::tls::Listeners>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StageError> {
     qwen_image_common::stage::run::<TextEncoder>(config, listener, shutdown).await

@@ -127,7 +127,7 @@ impl StageDef for Vae {
 /// Serves the VAE on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     config: VaeServiceConfig,
-    listener: tokio::net::TcpListener,
+    listener: impl Into<qwen_image_common::tls::Listeners>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StageError> {
     qwen_image_common::stage::run::<Vae>(config, listener, shutdown).await

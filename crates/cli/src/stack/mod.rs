@@ -9,12 +9,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use qwen_image_common::stage::{StageArgs, StageConfig, StageDef};
+use qwen_image_common::tls::{Listeners, ServerTls, ServerTlsArgs};
 use qwen_image_denoiser::{Denoiser, DenoiserArgs};
 use qwen_image_gateway::GatewayArgs;
 use qwen_image_pose_detector::{PoseDetectorArgs, PoseDetectorStage};
@@ -56,6 +56,11 @@ pub struct StageOptions {
     pub pose_detector: PoseDetectorArgs,
     /// Gateway flags whose endpoints are ignored (the stack's own stages are used).
     pub gateway: Option<GatewayArgs>,
+    /// TLS: --tls-cert/--tls-key on every service, --tls-client-ca on the stages (mutual TLS with the
+    /// gateway, whose --stage-* flags are in `gateway`), --health-listen for the gateway.
+    pub tls: ServerTlsArgs,
+    /// `--no-reflection`: no gRPC reflection on any of the stack's services.
+    pub no_reflection: bool,
 }
 
 impl StageOptions {
@@ -92,7 +97,7 @@ fn config<D: StageDef>(
 pub async fn run_stage(
     kind: StageKind,
     model: Option<&Path>,
-    listener: TcpListener,
+    listener: impl Into<Listeners>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: StageOptions,
 ) -> Result<()> {
@@ -124,6 +129,8 @@ pub async fn run_stage(
 /// A running in-process stack: three stages and a gateway on loopback ports.
 pub struct LocalStack {
     pub gateway_addr: SocketAddr,
+    /// With TLS: the CA that verifies every service (the gateway's --stage-ca).
+    pub ca: Option<PathBuf>,
     pub stage_addrs: Vec<(StageKind, SocketAddr)>,
     stop: watch::Sender<bool>,
     tasks: Vec<(&'static str, JoinHandle<Result<()>>)>,
@@ -158,6 +165,7 @@ impl LocalStack {
         gateway_listen: &str,
         options: StageOptions,
     ) -> Result<Self> {
+        let security = StackTls::load(&options)?;
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stage_addrs = Vec::new();
@@ -172,7 +180,13 @@ impl LocalStack {
             kinds.push(StageKind::PoseDetector);
         }
         for kind in kinds {
-            let (listener, addr) = bind("127.0.0.1:0").await?;
+            let (main, addr) = bind("127.0.0.1:0").await?;
+            let listener = Listeners {
+                main,
+                tls: security.stages.clone(),
+                health: None,
+                reflection: !options.no_reflection,
+            };
             let (model, shutdown) = (model.clone(), stop_signal(&stop_rx));
             let options = options.clone();
             tasks.push((
@@ -187,7 +201,7 @@ impl LocalStack {
             stage_addrs
                 .iter()
                 .find(|(s, _)| *s == k)
-                .map(|(_, a)| format!("http://{a}"))
+                .map(|(_, a)| security.url(*a))
                 .unwrap_or_default()
         };
         let mut config = qwen_image_gateway::GatewayConfig::new(
@@ -202,7 +216,23 @@ impl LocalStack {
         if let Some(g) = &options.gateway {
             config.apply_options(g).map_err(anyhow::Error::msg)?;
         }
-        let (listener, gateway_addr) = bind(gateway_listen).await?;
+        // The stack's own stage TLS (read once in `StackTls`), whatever `apply_options` read.
+        config.stage_tls = security.stage_client.clone();
+        let (main, gateway_addr) = bind(gateway_listen).await?;
+        let health = match options.tls.health_listen {
+            Some(addr) => {
+                let (l, bound) = bind(&addr.to_string()).await?;
+                println!("health listening on {bound}");
+                Some(l)
+            }
+            None => None,
+        };
+        let listener = Listeners {
+            main,
+            tls: security.gateway.clone(),
+            health,
+            reflection: !options.no_reflection,
+        };
         let shutdown = stop_signal(&stop_rx);
         tasks.push((
             "gateway",
@@ -212,14 +242,19 @@ impl LocalStack {
         ));
         Ok(Self {
             gateway_addr,
+            ca: security.ca.clone(),
             stage_addrs,
             stop,
             tasks,
         })
     }
 
+    /// `http://127.0.0.1:PORT`, or with TLS `https://localhost:PORT` (the name the certificate must carry).
     pub fn gateway_url(&self) -> String {
-        format!("http://{}", self.gateway_addr)
+        match self.ca {
+            Some(_) => format!("https://localhost:{}", self.gateway_addr.port()),
+            None => format!("http://{}", self.gateway_addr),
+        }
     }
 
     /// The pose detector's URL, when the stack runs one.
@@ -227,7 +262,10 @@ impl LocalStack {
         self.stage_addrs
             .iter()
             .find(|(k, _)| *k == StageKind::PoseDetector)
-            .map(|(_, a)| format!("http://{a}"))
+            .map(|(_, a)| match self.ca {
+                Some(_) => format!("https://localhost:{}", a.port()),
+                None => format!("http://{a}"),
+            })
     }
 
     /// Waits until the gateway (all stages loaded) and the pose detector, if any, report SERVING, or fails when
@@ -235,10 +273,11 @@ impl LocalStack {
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let url = self.gateway_url();
         let detector = self.pose_detector_url();
+        let ca = self.ca.clone();
         let ready = async move {
-            wait_serving(&url, timeout).await?;
+            wait_serving(&url, ca.as_deref(), timeout).await?;
             match detector {
-                Some(d) => wait_serving(&d, timeout).await,
+                Some(d) => wait_serving(&d, ca.as_deref(), timeout).await,
                 None => Ok(()),
             }
         };
@@ -280,8 +319,10 @@ impl LocalStack {
 }
 
 /// Waits (through grpc.health.v1 `Watch`, no polling of the status) until `url` reports SERVING.
-pub async fn wait_serving(url: &str, timeout: Duration) -> Result<()> {
-    let channel = Channel::from_shared(url.to_string())?.connect_lazy();
+pub async fn wait_serving(url: &str, ca: Option<&Path>, timeout: Duration) -> Result<()> {
+    let channel = qwen_image_common::tls::client::endpoint(url, ca)
+        .map_err(anyhow::Error::msg)?
+        .connect_lazy();
     let mut health = HealthClient::new(channel);
     let fut = async {
         loop {
@@ -307,4 +348,56 @@ pub async fn wait_serving(url: &str, timeout: Duration) -> Result<()> {
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| anyhow!("{url} did not become SERVING within {timeout:?}"))
+}
+
+/// The stack's TLS: the stages' server config (requiring the gateway's certificate with
+/// --tls-client-ca), the gateway's (no client certificate), and the gateway's stage client.
+struct StackTls {
+    stages: Option<ServerTls>,
+    gateway: Option<ServerTls>,
+    stage_client: Option<qwen_image_common::tls::StageClientTls>,
+    ca: Option<PathBuf>,
+}
+
+impl StackTls {
+    fn load(options: &StageOptions) -> Result<Self> {
+        let stages = options.tls.load().map_err(anyhow::Error::msg)?;
+        let client_args = options
+            .gateway
+            .as_ref()
+            .map(|g| g.stage_tls.clone())
+            .unwrap_or_default();
+        let stage_client = client_args.load().map_err(anyhow::Error::msg)?;
+        let gateway = match (&options.tls.tls_cert, &options.tls.tls_key) {
+            (Some(c), Some(k)) => {
+                Some(ServerTls::load(c.clone(), k.clone(), None).map_err(anyhow::Error::msg)?)
+            }
+            _ => None,
+        };
+        match (&stages, &stage_client) {
+            (Some(_), None) => bail!(
+                "with --tls-cert, the stack's gateway verifies its stages: add --stage-ca (the CA that signed \
+                 --tls-cert; the certificate must name `localhost`), and with --tls-client-ca also \
+                 --stage-client-cert/--stage-client-key"
+            ),
+            (None, Some(_)) => {
+                bail!("--stage-ca is for a stack served over TLS: add --tls-cert and --tls-key")
+            }
+            _ => {}
+        }
+        Ok(Self {
+            stages,
+            gateway,
+            stage_client,
+            ca: client_args.stage_ca,
+        })
+    }
+
+    /// A stage's URL: `https://localhost:PORT` with TLS (the certificate names `localhost`).
+    fn url(&self, addr: SocketAddr) -> String {
+        match self.stages {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        }
+    }
 }

@@ -8,26 +8,15 @@
 //!
 //! Health, reflection, `StageInfo.Describe` and `LoraAdmin.ListLoras` never take a slot.
 
-use std::cell::RefCell;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
-use tonic::body::Body;
-
+use crate::admit_gate::{AdmitGateLayer, take_admitted};
 use crate::queue::{Reserver, Slot};
 use crate::stage::error::StageError;
 
-tokio::task_local! {
-    static RESERVED: RefCell<Option<Slot>>;
-}
-
 /// The slot the gate took for the current call, if any (taken once).
 pub(crate) fn take_reserved() -> Option<Slot> {
-    RESERVED
-        .try_with(|slot| slot.borrow_mut().take())
-        .ok()
-        .flatten()
+    take_admitted::<Slot>()
 }
 
 /// gRPC services and methods that do not run on the model worker.
@@ -43,72 +32,20 @@ fn gated(path: &str) -> bool {
     !UNGATED_PREFIXES.iter().any(|p| path.starts_with(p))
 }
 
-/// The layer: wraps a stage's whole gRPC router.
-#[derive(Clone)]
-pub struct AdmitGateLayer {
-    reserver: Reserver,
-}
-
-impl AdmitGateLayer {
-    pub fn new(reserver: Reserver) -> Self {
-        Self { reserver }
-    }
-}
-
-impl<S> tower::Layer<S> for AdmitGateLayer {
-    type Service = AdmitGate<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AdmitGate {
-            inner,
-            reserver: self.reserver.clone(),
+/// The layer of a stage's server: model calls take a slot of `reserver`'s queue as they arrive.
+pub fn layer(reserver: Reserver) -> AdmitGateLayer {
+    AdmitGateLayer::new(Arc::new(move |path: &str, _headers: &http::HeaderMap| {
+        if !gated(path) {
+            return None;
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct AdmitGate<S> {
-    inner: S,
-    reserver: Reserver,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> tower::Service<http::Request<Body>> for AdmitGate<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // Clone-and-swap: the clone is ready (poll_ready was called on `self.inner`).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !gated(req.uri().path()) {
-            return Box::pin(inner.call(req));
-        }
-        match self.reserver.try_reserve() {
-            Ok(slot) => Box::pin(RESERVED.scope(RefCell::new(Some(slot)), inner.call(req))),
+        Some(match reserver.try_reserve() {
+            Ok(slot) => Ok(Box::new(slot) as Box<dyn std::any::Any + Send>),
             Err(e) => {
-                // The body is never read: dropping the request resets the client's stream after the
-                // trailers-only answer.
-                tracing::info!(path = req.uri().path(), error = %e, "refused before decoding: queue full");
-                let status = tonic::Status::from(StageError::from(e));
-                Box::pin(std::future::ready(Ok(status.into_http())))
+                tracing::info!(path, error = %e, "refused before decoding: queue full");
+                Err(tonic::Status::from(StageError::from(e)))
             }
-        }
-    }
+        })
+    }))
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::future::Future;
 
 use qwen_image_proto::v1::stage_info_server::{StageInfo, StageInfoServer};
 use qwen_image_proto::v1::{DataType, DescribeRequest, StageDescription};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
@@ -16,7 +15,6 @@ use crate::health::Health;
 use crate::stage::args::ComputeDtype;
 use crate::stage::describe::snapshot_digest;
 use crate::stage::error::StageError;
-use crate::stage::gate::AdmitGateLayer;
 use crate::stage::handle::{Readiness, StageHandle};
 use crate::stage::memory;
 use crate::stage::worker::{self, WorkerSpec};
@@ -68,13 +66,15 @@ fn describe<D: StageDef>(
     Ok(description)
 }
 
-/// Serves stage `D` on `listener` until `shutdown` resolves (then drains and returns Ok), the model fails
-/// to load, or the worker stops (then returns the error after draining).
+/// Serves stage `D` on `listeners` (a `TcpListener` for plaintext, or [`crate::tls::Listeners`] with TLS
+/// and a health listener) until `shutdown` resolves (then drains and returns Ok), the model fails to
+/// load, or the worker stops (then returns the error after draining).
 pub async fn run<D: StageDef>(
     config: StageConfig<D::Args>,
-    listener: TcpListener,
+    listeners: impl Into<crate::tls::Listeners>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StageError> {
+    let listeners = listeners.into();
     let name = D::NAME;
     // Fail fast on a wrong path or an unusable config, before the worker starts.
     let prepared = D::prepare(&config).map_err(StageError::Config)?;
@@ -98,21 +98,25 @@ pub async fn run<D: StageDef>(
         .map_err(|e| StageError::Server(format!("cannot start the worker thread: {e}")))?;
     let readiness = Readiness::default();
     // Model RPCs take their queue slot before their message is decoded (stage::gate).
-    let gate = AdmitGateLayer::new(worker.admission.reserver());
+    let gate = crate::stage::gate::layer(worker.admission.reserver());
     let handle = StageHandle::new(worker.admission, readiness.clone(), config.max_pixels);
 
-    let (v1, v1alpha) = crate::transport::reflection().map_err(StageError::Server)?;
+    let health_only = Routes::new(health_service.clone());
     let routes = Routes::new(health_service)
-        .add_service(StageInfoServer::new(Describe(description.clone())))
-        .add_service(v1)
-        .add_service(v1alpha);
+        .add_service(StageInfoServer::new(Describe(description.clone())));
     let routes = D::routes(routes, handle, prepared.state);
 
-    let addr = listener
+    let addr = listeners
+        .main
         .local_addr()
         .map_err(|e| StageError::Server(e.to_string()))?;
-    tracing::info!(%addr, stage = name, model = %description.model_id, weights = %description.weights_format,
-        device = %config.device, queue_capacity = config.queue_capacity, "listening; loading the model");
+    let (tls, mutual_tls) = (
+        listeners.tls.is_some(),
+        listeners.tls.as_ref().is_some_and(|t| t.mutual),
+    );
+    tracing::info!(%addr, tls, mutual_tls, stage = name, model = %description.model_id,
+        weights = %description.weights_format, device = %config.device,
+        queue_capacity = config.queue_capacity, "listening; loading the model");
 
     // SERVING once loaded; the first of shutdown / load failure / worker exit stops the server.
     let (stop_tx, stop_rx) = oneshot::channel::<Stop>();
@@ -154,12 +158,9 @@ pub async fn run<D: StageDef>(
         readiness.set(false);
         health.not_serving().await;
     };
-    crate::transport::server(name)
-        .layer(gate)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(crate::transport::incoming(listener), stop)
+    crate::tls::serve(name, gate, routes, health_only, listeners, stop)
         .await
-        .map_err(|e| StageError::Server(format!("gRPC server failed: {e}")))?;
+        .map_err(StageError::Server)?;
     watcher.abort();
     // The server and its handlers (holding the queue's senders) are gone: the worker drains and exits.
     let thread = worker.thread;

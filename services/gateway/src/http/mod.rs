@@ -15,6 +15,7 @@ mod options;
 mod page;
 mod respond;
 mod telemetry;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,6 +23,7 @@ use std::sync::atomic::AtomicBool;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
+use qwen_image_common::tls::ServerTls;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -157,6 +159,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 /// Serves the HTTP API on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     service: Arc<GatewayService>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -167,7 +170,17 @@ pub async fn serve(
         ready,
     };
     let (app, _) = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    match tls {
+        // The gRPC server's watch reloads the shared config.
+        Some(tls) => {
+            axum::serve(tls::HttpsListener::new(listener, &tls)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

@@ -110,7 +110,7 @@ impl Pool {
                 }
             }
             for a in addrs.difference(&seen) {
-                match self.shared.new_replica(target, a) {
+                match self.shared.new_replica(target, a, Some(&name.host)) {
                     Ok(r) => {
                         tracing::info!(stage = %self.stage, name = %uri, replica = %a, "replica found by DNS");
                         next.push(r);
@@ -184,6 +184,7 @@ mod tests {
         let p = Pool::new(
             StageName::Denoiser,
             &["http://10.0.0.9:1".into(), "http://dn.svc:50052".into()],
+            None,
         )
         .expect("valid");
         let dns = Table(Mutex::new(HashMap::new()));
@@ -228,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn localhost_resolves_with_the_system_resolver() {
-        let p = Pool::new(StageName::Vae, &["http://localhost:50099".into()]).expect("valid");
+        let p = Pool::new(StageName::Vae, &["http://localhost:50099".into()], None).expect("valid");
         assert!(p.rediscover(&SystemResolver).await);
         let got = uris(&p);
         assert!(

@@ -162,7 +162,7 @@ mod tests {
         let uris: Vec<String> = (0..n)
             .map(|i| format!("http://127.0.0.1:{}", 1 + i))
             .collect();
-        let p = Pool::new(StageName::Denoiser, &uris).expect("valid uris");
+        let p = Pool::new(StageName::Denoiser, &uris, None).expect("valid uris");
         for r in p.replicas().iter() {
             r.set_described(Described::Accepted(Arc::new(StageDescription {
                 queue_capacity: capacity,

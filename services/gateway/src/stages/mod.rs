@@ -64,9 +64,21 @@ fn with_deadline<T>(msg: T, deadline: Instant) -> Result<Request<T>, GatewayErro
 impl Stages {
     pub fn new(config: &GatewayConfig) -> Result<Self, GatewayError> {
         Ok(Self::from_pools(
-            Arc::new(Pool::new(StageName::TextEncoder, &config.text_encoder)?),
-            Arc::new(Pool::new(StageName::Denoiser, &config.denoiser)?),
-            Arc::new(Pool::new(StageName::Vae, &config.vae)?),
+            Arc::new(Pool::new(
+                StageName::TextEncoder,
+                &config.text_encoder,
+                config.stage_tls.as_ref(),
+            )?),
+            Arc::new(Pool::new(
+                StageName::Denoiser,
+                &config.denoiser,
+                config.stage_tls.as_ref(),
+            )?),
+            Arc::new(Pool::new(
+                StageName::Vae,
+                &config.vae,
+                config.stage_tls.as_ref(),
+            )?),
         ))
     }
 

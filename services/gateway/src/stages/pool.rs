@@ -173,6 +173,8 @@ pub(super) struct Shared {
     next: AtomicUsize,
     /// Calls waiting for a slot, oldest first.
     pub(super) queue: Mutex<Queue>,
+    /// TLS towards the replicas (`--stage-ca`, ...); `None`: plaintext.
+    tls: Option<qwen_image_common::tls::StageClientTls>,
 }
 
 impl Shared {
@@ -184,19 +186,22 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    /// A new replica at `uri` (lazily connected; unhealthy until its first health check passes).
+    /// A new replica at `uri` (lazily connected; unhealthy until its first health check passes). Over TLS
+    /// its certificate must name `server_name` (the DNS name `uri`'s address was resolved from), or else
+    /// `uri`'s host.
     pub(super) fn new_replica(
         &self,
         target: usize,
         uri: &str,
+        server_name: Option<&str>,
     ) -> Result<Arc<Replica>, GatewayError> {
-        let endpoint = qwen_image_common::transport::endpoint(uri)
+        let channel = qwen_image_common::tls::client::channel(uri, self.tls.as_ref(), server_name)
             .map_err(|e| GatewayError::Internal(format!("{} endpoint: {e}", self.stage)))?;
         Ok(Arc::new(Replica {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             target,
             uri: uri.to_string(),
-            channel: endpoint.connect_lazy(),
+            channel,
             outstanding: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             described: Mutex::new(Described::Unknown),
@@ -289,8 +294,13 @@ pub struct Pool {
 impl Pool {
     /// Lazily connected channels to `uris` (nothing is dialled until the first call or health check).
     /// Replicas start unhealthy until their first health check passes. A URI whose host is a DNS name
-    /// is one replica until [`Pool::rediscover`] resolves it to one replica per address.
-    pub fn new(stage: StageName, uris: &[String]) -> Result<Self, GatewayError> {
+    /// is one replica until [`Pool::rediscover`] resolves it to one replica per address. With `tls`, the
+    /// URLs are https:// and the stages are verified against its CA.
+    pub fn new(
+        stage: StageName,
+        uris: &[String],
+        tls: Option<&qwen_image_common::tls::StageClientTls>,
+    ) -> Result<Self, GatewayError> {
         if uris.is_empty() {
             return Err(GatewayError::Internal(format!(
                 "no endpoint configured for the {stage} stage"
@@ -302,11 +312,12 @@ impl Pool {
             next_id: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
+            tls: tls.cloned(),
         });
         let replicas = uris
             .iter()
             .enumerate()
-            .map(|(target, uri)| shared.new_replica(target, uri))
+            .map(|(target, uri)| shared.new_replica(target, uri, None))
             .collect::<Result<Vec<_>, GatewayError>>()?;
         if let Ok(mut l) = shared.replicas.write() {
             *l = Arc::new(replicas);
