@@ -62,20 +62,14 @@ pub enum AdmitError {
 /// The sending side of the queue; cheap to clone. The worker exits once every clone is dropped.
 pub struct Admission<P> {
     tx: mpsc::Sender<Queued<P>>,
-    permits: Arc<Semaphore>,
-    capacity: usize,
-    service: &'static str,
-    last_job_ms: Arc<AtomicU64>,
+    slots: Reserver,
 }
 
 impl<P> Clone for Admission<P> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
-            permits: self.permits.clone(),
-            capacity: self.capacity,
-            service: self.service,
-            last_job_ms: self.last_job_ms.clone(),
+            slots: self.slots.clone(),
         }
     }
 }
@@ -84,22 +78,12 @@ impl<P> Admission<P> {
     /// Takes a slot without a job yet (see [`crate::stage::gate`]: the slot is taken before the request's
     /// message is read); [`Self::submit`] later puts the job in it. Overloaded when all slots are taken.
     pub fn try_reserve(&self) -> Result<Slot, AdmitError> {
-        reserve(
-            &self.permits,
-            self.capacity,
-            self.service,
-            &self.last_job_ms,
-        )
+        self.slots.try_reserve()
     }
 
     /// The slot-taking half of the queue, for the layer that admits calls before decoding them.
     pub fn reserver(&self) -> Reserver {
-        Reserver {
-            permits: self.permits.clone(),
-            capacity: self.capacity,
-            service: self.service,
-            last_job_ms: self.last_job_ms.clone(),
-        }
+        self.slots.clone()
     }
 }
 
@@ -129,18 +113,19 @@ impl<P: Send + 'static> Admission<P> {
         };
         // Never full: the channel holds `capacity` jobs and each job holds one of `capacity` permits.
         self.tx.try_send(job).map_err(|_| AdmitError::WorkerGone)?;
-        metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_ADMITTED).increment(1);
-        metrics::gauge!(m::QUEUE_DEPTH, "service" => self.service).increment(1);
+        let service = self.slots.service;
+        metrics::counter!(m::ADMISSIONS_TOTAL, "service" => service, "outcome" => m::OUTCOME_ADMITTED).increment(1);
+        metrics::gauge!(m::QUEUE_DEPTH, "service" => service).increment(1);
         Ok(())
     }
 
     /// Requests admitted and not finished.
     pub fn in_flight(&self) -> usize {
-        self.capacity - self.permits.available_permits()
+        self.slots.capacity - self.slots.permits.available_permits()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.slots.capacity
     }
 }
 
@@ -156,36 +141,22 @@ pub struct Reserver {
 impl Reserver {
     /// A free slot, or Overloaded with a retry hint.
     pub fn try_reserve(&self) -> Result<Slot, AdmitError> {
-        reserve(
-            &self.permits,
-            self.capacity,
-            self.service,
-            &self.last_job_ms,
-        )
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            metrics::counter!(m::ADMISSIONS_TOTAL, "service" => self.service, "outcome" => m::OUTCOME_OVERLOADED)
+                .increment(1);
+            let last = Duration::from_millis(self.last_job_ms.load(Ordering::Relaxed));
+            return Err(AdmitError::Overloaded {
+                service: self.service,
+                capacity: self.capacity,
+                retry_after: last.max(MIN_RETRY_AFTER),
+            });
+        };
+        metrics::gauge!(m::IN_FLIGHT, "service" => self.service).increment(1);
+        Ok(Slot {
+            _permit: permit,
+            service: self.service,
+        })
     }
-}
-
-fn reserve(
-    permits: &Arc<Semaphore>,
-    capacity: usize,
-    service: &'static str,
-    last_job_ms: &AtomicU64,
-) -> Result<Slot, AdmitError> {
-    let Ok(permit) = permits.clone().try_acquire_owned() else {
-        metrics::counter!(m::ADMISSIONS_TOTAL, "service" => service, "outcome" => m::OUTCOME_OVERLOADED)
-            .increment(1);
-        let last = Duration::from_millis(last_job_ms.load(Ordering::Relaxed));
-        return Err(AdmitError::Overloaded {
-            service,
-            capacity,
-            retry_after: last.max(MIN_RETRY_AFTER),
-        });
-    };
-    metrics::gauge!(m::IN_FLIGHT, "service" => service).increment(1);
-    Ok(Slot {
-        _permit: permit,
-        service,
-    })
 }
 
 /// A bounded queue of `capacity` jobs for a worker (`service` is the metrics label); the worker reads
@@ -199,10 +170,12 @@ pub fn channel<P>(
     let last_job_ms = Arc::new(AtomicU64::new(0));
     let admission = Admission {
         tx,
-        permits: Arc::new(Semaphore::new(capacity)),
-        capacity,
-        service,
-        last_job_ms: last_job_ms.clone(),
+        slots: Reserver {
+            permits: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            service,
+            last_job_ms: last_job_ms.clone(),
+        },
     };
     (admission, rx, last_job_ms)
 }

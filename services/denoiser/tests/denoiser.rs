@@ -343,6 +343,21 @@ async fn invalid_requests_get_invalid_argument_and_service_stays_healthy() {
     h.shutdown().await;
 }
 
+/// A 2-step request is admitted and completes (the stage has a free slot).
+async fn two_steps_complete(h: &Harness, reference: &Reference) {
+    let stream = h
+        .client()
+        .denoise(t2i_request(reference, 2))
+        .await
+        .expect("admitted: a slot is free")
+        .into_inner();
+    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
+        .await
+        .expect("in time")
+        .expect("ok");
+    assert_eq!(progress.len(), 2);
+}
+
 #[tokio::test]
 async fn full_queue_gets_resource_exhausted_and_cancel_frees_the_slot() {
     let h = Harness::start(1).await;
@@ -379,17 +394,7 @@ async fn full_queue_gets_resource_exhausted_and_cancel_frees_the_slot() {
     assert_eq!(snap.jobs_finished, 0);
 
     // The slot is free again: the next request is admitted and completes.
-    let stream = h
-        .client()
-        .denoise(t2i_request(&reference, 2))
-        .await
-        .expect("admitted after cancel")
-        .into_inner();
-    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
-        .await
-        .expect("in time")
-        .expect("ok");
-    assert_eq!(progress.len(), 2);
+    two_steps_complete(&h, &reference).await;
     h.shutdown().await;
 }
 
@@ -443,17 +448,7 @@ async fn a_full_stage_refuses_a_call_before_reading_its_message() {
         .await
         .expect_err("too large");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    let stream = h
-        .client()
-        .denoise(t2i_request(&reference, 2))
-        .await
-        .expect("admitted: the refused calls left no slot taken")
-        .into_inner();
-    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
-        .await
-        .expect("in time")
-        .expect("ok");
-    assert_eq!(progress.len(), 2);
+    two_steps_complete(&h, &reference).await;
     h.shutdown().await;
 }
 

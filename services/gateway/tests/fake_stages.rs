@@ -602,6 +602,21 @@ async fn all_denoisers_down_is_unavailable() {
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 }
 
+/// Reads events until the first denoising step arrives.
+async fn until_denoising(stream: &mut tonic::Streaming<GenerateEvent>) {
+    tokio::time::timeout(GUARD, async {
+        while let Some(ev) = stream.message().await.expect("events") {
+            if let Some(generate_event::Event::Progress(p)) = ev.event
+                && p.stage == Stage::Denoise as i32
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a denoise step");
+}
+
 #[tokio::test]
 async fn dropping_the_stream_cancels_the_denoiser() {
     let c = Arc::new(Counters::default());
@@ -621,17 +636,7 @@ async fn dropping_the_stream_cancels_the_denoiser() {
         .expect("accepted")
         .into_inner();
     // Read until the first denoising step arrives, then hang up.
-    tokio::time::timeout(GUARD, async {
-        while let Some(ev) = stream.message().await.expect("events") {
-            if let Some(generate_event::Event::Progress(p)) = ev.event
-                && p.stage == Stage::Denoise as i32
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("a denoise step");
+    until_denoising(&mut stream).await;
     let cancelled = c.cancelled.notified();
     drop(stream);
     tokio::time::timeout(GUARD, cancelled)
@@ -684,17 +689,7 @@ async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message
         .await
         .expect("accepted")
         .into_inner();
-    tokio::time::timeout(GUARD, async {
-        while let Some(ev) = stream.message().await.expect("events") {
-            if let Some(generate_event::Event::Progress(p)) = ev.event
-                && p.stage == Stage::Denoise as i32
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("a denoise step");
+    until_denoising(&mut stream).await;
     let e = big.edit(oversized_edit(Some(KEY))).await.expect_err("full");
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(qwen_image_common::status::retry_after(&e).is_some());
