@@ -329,17 +329,7 @@ async fn invalid_requests_get_invalid_argument_and_service_stays_healthy() {
         assert!(!err.message().is_empty(), "{what}");
     }
     assert_eq!(h.health().await, ServingStatus::Serving as i32);
-    let stream = h
-        .client()
-        .denoise(good)
-        .await
-        .expect("admitted")
-        .into_inner();
-    let (progress, _) = tokio::time::timeout(GUARD, collect(stream))
-        .await
-        .expect("in time")
-        .expect("ok");
-    assert_eq!(progress.len(), 2);
+    two_steps_complete(&h, &reference).await;
     h.shutdown().await;
 }
 

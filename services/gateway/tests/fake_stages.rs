@@ -539,13 +539,7 @@ async fn bad_inputs_are_invalid_argument_and_the_gateway_stays_healthy() {
         .expect_err("rejected");
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(e.message().contains("at most 32 MiB"), "{}", e.message());
-    let e = big
-        .edit(EditRequest {
-            settings: Some(settings()),
-            images: vec![vec![0x89; 35 << 20].into(); 3],
-        })
-        .await
-        .expect_err("rejected");
+    let e = big.edit(oversized_edit(None)).await.expect_err("rejected");
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert_eq!(
         c.encodes.load(Ordering::SeqCst),
@@ -621,11 +615,8 @@ async fn until_denoising(stream: &mut tonic::Streaming<GenerateEvent>) {
 async fn dropping_the_stream_cancels_the_denoiser() {
     let c = Arc::new(Counters::default());
     let (te, dn, vae) = serve_fake(Fake {
-        c: c.clone(),
-        hidden_size: D as u32,
-        denoise_unavailable: false,
         denoise_hangs: true,
-        pipeline_class: "",
+        ..fake(&c)
     })
     .await;
     let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
@@ -660,11 +651,8 @@ fn oversized_edit(key: Option<&str>) -> Request<EditRequest> {
 async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message() {
     let c = Arc::new(Counters::default());
     let (te, dn, vae) = serve_fake(Fake {
-        c: c.clone(),
-        hidden_size: D as u32,
-        denoise_unavailable: false,
         denoise_hangs: true,
-        pipeline_class: "",
+        ..fake(&c)
     })
     .await;
     let mut cfg = config(&te, &[dn], &vae);
@@ -726,11 +714,8 @@ async fn a_full_gateway_and_a_wrong_key_refuse_a_call_before_reading_its_message
 async fn the_deadline_ends_the_request_and_the_denoiser_call() {
     let c = Arc::new(Counters::default());
     let (te, dn, vae) = serve_fake(Fake {
-        c: c.clone(),
-        hidden_size: D as u32,
-        denoise_unavailable: false,
         denoise_hangs: true,
-        pipeline_class: "",
+        ..fake(&c)
     })
     .await;
     let mut gw = start_gateway(config(&te, &[dn], &vae)).await;
