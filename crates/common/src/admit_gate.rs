@@ -43,21 +43,15 @@ pub fn take_admitted<T: 'static>() -> Option<T> {
         .flatten()
 }
 
-/// The layer; [`AdmitGateLayer::open`] admits everything without holding anything.
+/// The layer.
 #[derive(Clone)]
 pub struct AdmitGateLayer {
-    decide: Option<Decide>,
+    decide: Decide,
 }
 
 impl AdmitGateLayer {
     pub fn new(decide: Decide) -> Self {
-        Self {
-            decide: Some(decide),
-        }
-    }
-
-    pub fn open() -> Self {
-        Self { decide: None }
+        Self { decide }
     }
 }
 
@@ -75,7 +69,7 @@ impl<S> tower::Layer<S> for AdmitGateLayer {
 #[derive(Clone)]
 pub struct AdmitGate<S> {
     inner: S,
-    decide: Option<Decide>,
+    decide: Decide,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -101,11 +95,7 @@ where
         // Clone-and-swap: the clone is ready (poll_ready was called on `self.inner`).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let decision = self
-            .decide
-            .as_ref()
-            .and_then(|decide| decide(req.uri().path(), req.headers()));
-        match decision {
+        match (self.decide)(req.uri().path(), req.headers()) {
             None => Box::pin(inner.call(req)),
             Some(Ok(held)) => Box::pin(ADMITTED.scope(RefCell::new(Some(held)), inner.call(req))),
             // The message is never read: dropping the request resets the caller's stream after the answer.

@@ -75,13 +75,9 @@ impl<P> Clone for Admission<P> {
 }
 
 impl<P> Admission<P> {
-    /// Takes a slot without a job yet (see [`crate::stage::gate`]: the slot is taken before the request's
-    /// message is read); [`Self::submit`] later puts the job in it. Overloaded when all slots are taken.
-    pub fn try_reserve(&self) -> Result<Slot, AdmitError> {
-        self.slots.try_reserve()
-    }
-
-    /// The slot-taking half of the queue, for the layer that admits calls before decoding them.
+    /// The slot-taking half of the queue, for the layer that admits calls before decoding them
+    /// ([`crate::stage::gate`]: the slot is taken before the request's message is read; [`Self::submit`]
+    /// later puts the job in it).
     pub fn reserver(&self) -> Reserver {
         self.slots.clone()
     }
@@ -93,7 +89,7 @@ impl<P: Send + 'static> Admission<P> {
         self.submit(None, payload, span)
     }
 
-    /// Admits `payload` into `reserved` (a slot taken earlier by [`Self::try_reserve`]) or, without one,
+    /// Admits `payload` into `reserved` (a slot taken earlier by [`Reserver::try_reserve`]) or, without one,
     /// into a free slot if there is one.
     pub fn submit(
         &self,
@@ -103,7 +99,7 @@ impl<P: Send + 'static> Admission<P> {
     ) -> Result<(), AdmitError> {
         let slot = match reserved {
             Some(slot) => slot,
-            None => self.try_reserve()?,
+            None => self.slots.try_reserve()?,
         };
         let job = Queued {
             payload,
