@@ -420,28 +420,33 @@ async fn stage_reloads_its_certificate_without_restart() {
         .server("server", "localhost", &["localhost"])
         .expect("second certificate");
     assert_ne!(second.der, server.der);
+    let before_hup = stage.log_lines().len();
     stage.signal("HUP").await.expect("SIGHUP");
     wait_for_certificate(stage.addr, &ca.cert, &second, "second").await;
-    assert!(
-        stage
-            .log_lines()
-            .iter()
-            .any(|l| l.contains("TLS files reloaded") && l.contains(r#""sighup":true"#)),
-        "the reload was the SIGHUP's"
-    );
+    // The line is logged just after the swap (a SIGHUP always reloads), so wait for it rather than look once.
+    stage
+        .wait_log_line(
+            before_hup,
+            |l| l.contains("TLS files reloaded") && l.contains(r#""sighup":true"#),
+            GUARD,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the SIGHUP's reload: {e}"));
 
     // A file change alone (no signal): noticed by the periodic check.
+    let before_change = stage.log_lines().len();
     let third = ca
         .server("server", "localhost", &["localhost"])
         .expect("third certificate");
     wait_for_certificate(stage.addr, &ca.cert, &third, "third").await;
-    assert!(
-        stage
-            .log_lines()
-            .iter()
-            .any(|l| l.contains("TLS files reloaded") && l.contains(r#""sighup":false"#)),
-        "the second reload was the file check's"
-    );
+    stage
+        .wait_log_line(
+            before_change,
+            |l| l.contains("TLS files reloaded") && l.contains(r#""sighup":false"#),
+            GUARD,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the file check's reload: {e}"));
     assert!(stage.is_running(), "reloaded without a restart");
 
     // The old connection still serves, and the Watch opened before both reloads sees the drain.

@@ -19,6 +19,8 @@ pub struct ServiceProcess {
     /// `STAGE listening on ADDR`, ...).
     pub printed: Vec<String>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// How many log lines were kept so far (wakes [`ServiceProcess::wait_log_line`]).
+    stderr_count: tokio::sync::watch::Receiver<usize>,
     /// `http listening on ADDR` (the gateway's `--http-listen`), printed after `listening on`.
     http_addr: tokio::sync::watch::Receiver<Option<SocketAddr>>,
 }
@@ -42,6 +44,7 @@ impl ServiceProcess {
         let stdout = child.stdout.take().ok_or("no stdout pipe")?;
         // Logs: kept for assertions and echoed to the test's stderr.
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, stderr_count) = tokio::sync::watch::channel(0usize);
         if let Some(err) = child.stderr.take() {
             let keep = stderr_lines.clone();
             tokio::spawn(async move {
@@ -50,6 +53,7 @@ impl ServiceProcess {
                     eprintln!("{line}");
                     if let Ok(mut v) = keep.lock() {
                         v.push(line);
+                        count_tx.send_replace(v.len());
                     }
                 }
             });
@@ -91,6 +95,7 @@ impl ServiceProcess {
             metrics_addr,
             printed,
             stderr: stderr_lines,
+            stderr_count,
             http_addr,
         })
     }
@@ -116,6 +121,33 @@ impl ServiceProcess {
     /// The log lines (stderr) printed so far.
     pub fn log_lines(&self) -> Vec<String> {
         self.stderr.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits (at most `timeout`) until a log line after the first `skip` satisfies `matches`, and returns
+    /// it: for what a process logs after an event the test cannot otherwise observe the end of. `skip` is
+    /// a `log_lines().len()` taken before the event, so an older line does not count.
+    pub async fn wait_log_line(
+        &self,
+        skip: usize,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let mut count = self.stderr_count.clone();
+        let look = || self.log_lines().into_iter().skip(skip).find(|l| matches(l));
+        let found = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(line) = look() {
+                    return Some(line);
+                }
+                if count.changed().await.is_err() {
+                    // stderr closed: one last look at what was kept.
+                    return look();
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("no such log line in {timeout:?}"))?;
+        found.ok_or_else(|| "the process closed stderr without such a log line".to_string())
     }
 
     pub fn url(&self) -> String {
