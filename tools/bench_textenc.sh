@@ -10,7 +10,7 @@ PY="${PY:-$HOME/.venvs/qwen-image-ref/bin/python}"
 PROFILE="${PROFILE:-dev}"   # dev builds dependencies (candle, gemm) at opt-level 3; PROFILE=release for a full release build
 # ~100-token prompt (the token count depends on the snapshot's vocabulary; both sides print it)
 PROMPT="${PROMPT:-A cozy coffee shop at dawn, warm light through tall windows, a chalkboard menu reading \"Fresh Espresso\", steam rising from ceramic cups, a smiling barista, a cat asleep on a stool, rain outside, cinematic, photorealistic.}"
-export OMP_WAIT_POLICY=PASSIVE RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+export OMP_WAIT_POLICY=PASSIVE RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}" OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 cd "$(dirname "$0")/.."
 cargo build -q --profile "$PROFILE" -p qwen-image-model --example bench_textenc
 DIR=debug; [ "$PROFILE" = release ] && DIR=release

@@ -10,11 +10,11 @@ REPEATS="${3:-5}"
 PY="${PY:-$HOME/.venvs/qwen-image-ref/bin/python}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/.."
-cargo build -q -p qwen-image-model --example vae_decode
+cargo build -q --release -p qwen-image-model --example vae_decode
 OURS=()
 THEIRS=()
 for _ in $(seq "$REPEATS"); do
-  OURS+=("$(RAYON_NUM_THREADS=2 ./target/debug/examples/vae_decode "$SNAP" "$SIZE" "$SIZE" 1 | awk '/^decode_s/{print $2}')")
+  OURS+=("$(RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}" ./target/release/examples/vae_decode "$SNAP" "$SIZE" "$SIZE" 1 | awk '/^decode_s/{print $2}')")
   THEIRS+=("$(OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 "$PY" "$HERE/bench_vae.py" "$SNAP" "$SIZE" "$SIZE" 1 2 | awk '/^decode_s/{print $2}')")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }

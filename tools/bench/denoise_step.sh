@@ -14,7 +14,7 @@ cargo build -q --release -p qwen-image-model --bench denoise_step
 BIN=$(ls -t target/release/deps/denoise_step-* | grep -v '\.d$' | head -1)
 results=()
 for _ in $(seq "$R"); do
-  ours=$(BENCH_MALLOPT=1 RAYON_NUM_THREADS=2 "$BIN" "$SNAP" "$W" "$H" "$N")
+  ours=$(BENCH_MALLOPT=1 RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}" "$BIN" "$SNAP" "$W" "$H" "$N")
   theirs=$("$PY" "$HERE/denoise_step.py" "$SNAP" --width "$W" --height "$H" --repeats "$N" --threads 2)
   results+=("$ours" "$theirs")
 done

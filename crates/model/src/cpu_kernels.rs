@@ -1,7 +1,8 @@
-//! f32 CPU kernels for the two places where candle's generic CPU ops are slow for this model
+//! f32 CPU kernels for the places where candle's generic CPU ops are slow for this model
 //! (shared/reference/candle-notes.md §4): attention, whose full score matrix candle materialises and
-//! soft-maxes with scalar `expf`, and the tanh-GELU, a scalar `tanh` per element. Both are exact to f32
-//! rounding (a few ulp): the exponential is a Cephes-style polynomial that the compiler vectorises.
+//! soft-maxes with scalar `expf`, the tanh-GELU, a scalar `tanh` per element, and the VAE's RMS-norm + SiLU
+//! conv prologue (scalar `expf`). All are exact to f32 rounding (a few ulp): the exponential is a Cephes-style
+//! polynomial that the compiler vectorises, for AVX-512 or AVX2 as the CPU has.
 //!
 //! Used by [`crate::nn`] when a tensor is f32 on the CPU; other devices and dtypes use candle's ops.
 
@@ -108,31 +109,73 @@ fn gelu_slice_generic(c: &mut [f32]) {
     }
 }
 
-/// Runs `$generic` compiled for AVX2+FMA when the CPU has them (checked once by std), else the baseline.
+/// `silu(x / max(‖x‖₂, eps) · scale · gamma[c])` for one pixel's channels (`QwenImageRMS_norm` then SiLU, the
+/// VAE's conv prologue), with the sum of squares in [`LANES`] partial sums and [`exp_f32`].
+#[inline(always)]
+fn norm_silu_generic(dst: &mut [f32], src: &[f32], gamma: &[f32], scale: f32, eps: f32) {
+    let mut acc = [0f32; LANES];
+    let mut chunks = src.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let sq = acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>();
+    let norm = sq.sqrt().max(eps);
+    for ((d, s), g) in dst.iter_mut().zip(src).zip(gamma) {
+        let y = (s / norm) * scale * g;
+        *d = y / (1.0 + exp_f32(-y));
+    }
+}
+
+/// `$generic` compiled three ways, the best the CPU has picked at run time (std caches the check): AVX-512F,
+/// AVX2+FMA, or the baseline. The loops are written for the compiler to vectorise (16 or 8 lanes).
 macro_rules! multiversion {
-    ($name:ident, $avx:ident, $generic:ident) => {
+    ($name:ident, $avx512:ident, $avx:ident, $generic:ident, ($($arg:ident : $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        fn $avx(x: &mut [f32]) {
-            $generic(x)
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn $avx512($($arg: $ty),*) {
+            $generic($($arg),*)
         }
 
-        fn $name(x: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        pub(crate) fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features `$avx` was compiled for (checked just above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    return $avx(x);
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features `$avx512` was compiled for (checked just above).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        return $avx512($($arg),*);
+                    }
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `$avx`.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        return $avx($($arg),*);
+                    }
                 }
             }
-            $generic(x)
+            $generic($($arg),*)
         }
     };
 }
 
-multiversion!(softmax_row, softmax_row_avx2, softmax_row_generic);
-multiversion!(gelu_slice, gelu_slice_avx2, gelu_slice_generic);
+multiversion!(softmax_row, softmax_row_avx512, softmax_row_avx2, softmax_row_generic, (x: &mut [f32]));
+multiversion!(gelu_slice, gelu_slice_avx512, gelu_slice_avx2, gelu_slice_generic, (x: &mut [f32]));
+multiversion!(
+    norm_silu,
+    norm_silu_avx512,
+    norm_silu_avx2,
+    norm_silu_generic,
+    (dst: &mut [f32], src: &[f32], gamma: &[f32], scale: f32, eps: f32)
+);
 
 /// `C[m×n] = scale · A[m×k] · B` with row-major `A` and `B` given as `[n×k]` (transposed) or `[k×n]`.
 #[allow(clippy::too_many_arguments)]
@@ -294,6 +337,33 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn norm_silu_matches_the_scalar_form() -> Result<()> {
+        // Channel counts with and without a remainder after the 8-lane chunks, large and tiny pixels.
+        for c in [3usize, 16, 37, 128] {
+            let src = Tensor::randn(0f32, 4f32, c, &Device::Cpu)?.to_vec1::<f32>()?;
+            let gamma = Tensor::randn(1f32, 0.5f32, c, &Device::Cpu)?.to_vec1::<f32>()?;
+            for (x, scale, eps) in [(1.0f32, (c as f32).sqrt(), 1e-12f32), (1e-14, 2.0, 1e-12)] {
+                let src: Vec<f32> = src.iter().map(|v| v * x).collect();
+                let mut ours = vec![0f32; c];
+                norm_silu(&mut ours, &src, &gamma, scale, eps);
+                let norm = (src
+                    .iter()
+                    .map(|v| f64::from(*v).powi(2))
+                    .sum::<f64>()
+                    .sqrt())
+                .max(f64::from(eps));
+                for i in 0..c {
+                    let y = f64::from(src[i]) / norm * f64::from(scale) * f64::from(gamma[i]);
+                    let want = y / (1.0 + (-y).exp());
+                    let err = (f64::from(ours[i]) - want).abs() / want.abs().max(1e-6);
+                    assert!(err < 1e-5, "c={c} x={x} i={i}: {} vs {want}", ours[i]);
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -99,11 +99,7 @@ fn sub_band_cols(
             match prologue {
                 Prologue::None | Prologue::Upsample2x => dst.copy_from_slice(src),
                 Prologue::NormSilu { gamma, scale, eps } => {
-                    let norm = src.iter().map(|v| v * v).sum::<f32>().sqrt().max(*eps);
-                    for ((d, s), g) in dst.iter_mut().zip(src).zip(gamma.iter()) {
-                        let y = (s / norm) * scale * g;
-                        *d = y / (1.0 + (-y).exp());
-                    }
+                    crate::cpu_kernels::norm_silu(dst, src, gamma, *scale, *eps)
                 }
             }
         }
