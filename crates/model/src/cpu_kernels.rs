@@ -431,10 +431,9 @@ mod tests {
             if n > 3 {
                 row[2] = f32::NEG_INFINITY;
             }
-            let max = row
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
-            let e: Vec<f64> = row.iter().map(|v| (f64::from(*v) - max).exp()).collect();
+            // The difference to the max is an f32 in the kernel too: the reference takes it from there.
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            let e: Vec<f64> = row.iter().map(|v| f64::from(*v - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             softmax_row(&mut row);
             for (i, (got, want)) in row.iter().zip(&e).enumerate() {
