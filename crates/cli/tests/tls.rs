@@ -423,15 +423,7 @@ async fn stage_reloads_its_certificate_without_restart() {
     let before_hup = stage.log_lines().len();
     stage.signal("HUP").await.expect("SIGHUP");
     wait_for_certificate(stage.addr, &ca.cert, &second, "second").await;
-    // The line is logged just after the swap (a SIGHUP always reloads), so wait for it rather than look once.
-    stage
-        .wait_log_line(
-            before_hup,
-            |l| l.contains("TLS files reloaded") && l.contains(r#""sighup":true"#),
-            GUARD,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("the SIGHUP's reload: {e}"));
+    wait_reload_logged(&stage, before_hup, true).await;
 
     // A file change alone (no signal): noticed by the periodic check.
     let before_change = stage.log_lines().len();
@@ -439,14 +431,7 @@ async fn stage_reloads_its_certificate_without_restart() {
         .server("server", "localhost", &["localhost"])
         .expect("third certificate");
     wait_for_certificate(stage.addr, &ca.cert, &third, "third").await;
-    stage
-        .wait_log_line(
-            before_change,
-            |l| l.contains("TLS files reloaded") && l.contains(r#""sighup":false"#),
-            GUARD,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("the file check's reload: {e}"));
+    wait_reload_logged(&stage, before_change, false).await;
     assert!(stage.is_running(), "reloaded without a restart");
 
     // The old connection still serves, and the Watch opened before both reloads sees the drain.
@@ -470,6 +455,20 @@ async fn stage_reloads_its_certificate_without_restart() {
     drop(watch);
     let status = stage.wait(GUARD).await.expect("exits after the drain");
     assert!(status.success(), "{status:?}");
+}
+
+/// Waits for the stage's "TLS files reloaded" line after its first `skip` log lines, from a SIGHUP or from the
+/// periodic file check. The line is logged just after the swap, so it is waited for rather than looked up once.
+async fn wait_reload_logged(stage: &ServiceProcess, skip: usize, sighup: bool) {
+    let cause = format!(r#""sighup":{sighup}"#);
+    stage
+        .wait_log_line(
+            skip,
+            |l| l.contains("TLS files reloaded") && l.contains(&cause),
+            GUARD,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the reload (sighup {sighup}): {e}"));
 }
 
 /// Wrong TLS flag combinations stop `serve` before it loads anything, saying what to change.
