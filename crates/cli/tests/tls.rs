@@ -178,11 +178,8 @@ async fn serve_stack_over_mutual_tls() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let health = stack.printed_addr("health").expect("health listening on");
     // SERVING only once the gateway reached its three stages over mutual TLS.
-    wait_serving(&format!("http://{health}"), GUARD)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let health = health_serving(&stack).await;
 
     // The plaintext health listener serves grpc.health.v1 and nothing else.
     let plain = Channel::from_shared(format!("http://{health}"))
@@ -385,10 +382,7 @@ async fn stage_reloads_its_certificate_without_restart() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let health = stage.printed_addr("health").expect("health listening on");
-    wait_serving(&format!("http://{health}"), GUARD)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    health_serving(&stage).await;
     assert_eq!(
         certs::peer_certificate(stage.addr, "localhost", &ca.cert).await,
         Ok(server.der.clone())
@@ -455,6 +449,15 @@ async fn stage_reloads_its_certificate_without_restart() {
     drop(watch);
     let status = stage.wait(GUARD).await.expect("exits after the drain");
     assert!(status.success(), "{status:?}");
+}
+
+/// The plaintext health listener `p` printed, once it reports SERVING.
+async fn health_serving(p: &ServiceProcess) -> SocketAddr {
+    let health = p.printed_addr("health").expect("health listening on");
+    wait_serving(&format!("http://{health}"), GUARD)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    health
 }
 
 /// Waits for the stage's "TLS files reloaded" line after its first `skip` log lines, from a SIGHUP or from the

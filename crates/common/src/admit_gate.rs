@@ -7,13 +7,13 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
 use tonic::body::Body;
+
+use crate::grpc::BoxFuture;
 
 /// What a call gets at arrival: `None` = not gated (served as is); `Some(Ok(held))` = admitted, `held`
 /// waits for the handler; `Some(Err(status))` = refused with `status`.
@@ -72,8 +72,6 @@ pub struct AdmitGate<S> {
     decide: Decide,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S> tower::Service<http::Request<Body>> for AdmitGate<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
@@ -92,9 +90,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // Clone-and-swap: the clone is ready (poll_ready was called on `self.inner`).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::grpc::take_ready(&mut self.inner);
         match (self.decide)(req.uri().path(), req.headers()) {
             None => Box::pin(inner.call(req)),
             Some(Ok(held)) => Box::pin(ADMITTED.scope(RefCell::new(Some(held)), inner.call(req))),

@@ -160,7 +160,14 @@ pub struct ServerTelemetry<S> {
     service: &'static str,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Clone-and-swap for a tower layer's `call`: returns the service `poll_ready` readied and leaves a fresh
+/// clone in its place.
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
 
 impl<S> tower::Service<http::Request<Body>> for ServerTelemetry<S>
 where
@@ -180,9 +187,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // Clone-and-swap: the clone is ready (poll_ready was called on `self.inner`).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let service = self.service;
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
