@@ -50,7 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    qwen_image_common::launch::default_candle_threads();
+    qwen_image_common::launch::default_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity(args) => parity::run(&args),

@@ -15,24 +15,39 @@ use crate::tls::Listeners;
 /// The shutdown signal handed to a service.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Turns off candle's elementwise thread pool unless `CANDLE_NUM_THREADS` is set: candle 0.11 runs large
-/// elementwise ops on a `BarrierPool` whose caller spin-waits without bound for its workers (and the workers
-/// spin 25 000 times before parking), which burns the cores other processes and our own matmul threads need
-/// on a shared machine. Matmuls keep their threads (`RAYON_NUM_THREADS`, default every core); elementwise
-/// results do not depend on the thread count. Measured on the 2-core machine under load 13-19: a whole
-/// 256x256 request went from 4.33x to 2.86x of diffusers' time (README, Performance). candle's quantized
-/// (GGUF) matmuls also run on that pool: with quantized weights, `CANDLE_NUM_THREADS=2` (the core count)
-/// gives them their threads back.
+/// Sets the CPU thread defaults every binary runs with, unless the user set them:
+///
+/// - `CANDLE_NUM_THREADS=1` turns off candle's elementwise thread pool: candle 0.11 runs large elementwise
+///   ops on a `BarrierPool` whose caller spin-waits without bound for its workers (and the workers spin
+///   25 000 times before parking), which burns the cores other processes and our own matmul threads need on
+///   a shared machine. Elementwise results do not depend on the thread count. Measured on the 2-core machine
+///   under load 13-19: a whole 256x256 request went from 4.33x to 2.86x of diffusers' time (README,
+///   Performance). candle's quantized (GGUF) matmuls also run on that pool: with quantized weights,
+///   `CANDLE_NUM_THREADS=2` (the core count) gives them their threads back.
+/// - `RAYON_NUM_THREADS` = the cores this process may use (the smaller of the CPUs it may run on and the
+///   physical cores). Matmuls fork into that many threads. Without the variable candle 0.11 works the count
+///   out again for every matmul (`candle_core::utils::get_num_threads`), reading `/proc/cpuinfo` each time:
+///   on the default model at 8 clients that halved the denoiser's throughput (README, Performance).
 ///
 /// Call first in `main`, before any thread exists.
-pub fn default_candle_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called at the top of `main` before any other thread is started, so nothing reads or
-        // writes the environment concurrently.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::env::set_var("CANDLE_NUM_THREADS", "1")
-        };
+pub fn default_cpu_threads() {
+    let cores = || {
+        let usable = std::thread::available_parallelism().map_or(1, usize::from);
+        usable.min(num_cpus::get_physical()).max(1).to_string()
+    };
+    let defaults: [(&str, &dyn Fn() -> String); 2] = [
+        ("CANDLE_NUM_THREADS", &|| "1".to_string()),
+        ("RAYON_NUM_THREADS", &cores),
+    ];
+    for (name, value) in defaults {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: called at the top of `main` before any other thread is started, so nothing reads or
+            // writes the environment concurrently.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(name, value())
+            };
+        }
     }
 }
 

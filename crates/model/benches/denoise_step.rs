@@ -12,7 +12,13 @@ use qwen_image_model::scheduler::{Schedule, SchedulerConfig};
 use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::transformer::{QwenImageTransformer, TransformerConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Runs on a thread of rayon's pool, as the stage worker does (`crates/common/src/stage/worker.rs`): the
+/// matmuls' forks then start from inside the pool.
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    rayon::scope(|_| run())
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if std::env::var_os("BENCH_MALLOPT").is_some() {
         // keep freed tensor buffers in the heap instead of returning them to the OS (see README: performance)
         #[allow(unsafe_code)]
@@ -51,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         embeds: Tensor::randn(0f32, 1f32, (1, uncond_len, cfg.joint_attention_dim), &dev)?,
         mask: None,
     };
-    let step = |lat: &Tensor| -> Result<Tensor, Box<dyn std::error::Error>> {
+    let step = |lat: &Tensor| -> Result<Tensor, Box<dyn std::error::Error + Send + Sync>> {
         let v = predict(
             &model,
             lat,

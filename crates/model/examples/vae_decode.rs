@@ -10,7 +10,13 @@ use qwen_image_model::candle_core::{DType, Device, Tensor};
 use qwen_image_model::snapshot::Snapshot;
 use qwen_image_model::vae::{AutoencoderKLQwenImage, TileConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Runs on a thread of rayon's pool, as the stage worker does (`crates/common/src/stage/worker.rs`): the
+/// matmuls' forks then start from inside the pool.
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    rayon::scope(|_| run())
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
         return Err("usage: vae_decode SNAPSHOT HEIGHT WIDTH [REPEATS] [--tiled]".into());

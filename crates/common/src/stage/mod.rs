@@ -138,7 +138,7 @@ struct StageCli<A: clap::Args> {
 /// The `main` of every stage binary: flags, telemetry, metrics, bind, serve until SIGTERM / ctrl-c; exit
 /// code non-zero when the model cannot load or the worker stops.
 pub fn main<D: StageDef>() -> std::process::ExitCode {
-    crate::launch::default_candle_threads();
+    crate::launch::default_cpu_threads();
     let command = StageCli::<D::Args>::command()
         .name(D::BINARY)
         .about(format!("The qwen-image {} stage service.", D::NAME));
