@@ -11,8 +11,10 @@ no result comes within the deadline.
 
 import base64
 import json
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,13 +125,17 @@ def devtools_url(proc: subprocess.Popen) -> str:
 def main() -> None:
     chromium, page_url, key, prompt, seed, out = sys.argv[1:7]
     out = pathlib.Path(out)
-    with tempfile.TemporaryDirectory(prefix="qwen-image-chromium-") as profile:
+    # Chromium's helper processes can still be writing the profile when the browser itself has exited: they
+    # run in the browser's own process group, killed as a whole below, and a file they add after that must
+    # not fail the run (the profile directory is then left to the system's /tmp cleaning).
+    with tempfile.TemporaryDirectory(prefix="qwen-image-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [chromium, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         try:
             cdp = Cdp(devtools_url(proc))
@@ -149,7 +155,10 @@ def main() -> None:
             (out / "result.png").write_bytes(base64.b64decode(src[len(prefix):]))
             (out / "page.json").write_text(json.dumps(shown, indent=1))
         finally:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait(30)
 
 

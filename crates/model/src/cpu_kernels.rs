@@ -75,6 +75,126 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(data, x.shape(), x.device())?))
 }
 
+/// `[B, S, D]` contiguous CPU f32 tensor `x` and per-batch rows `[B, D]` `a`, `b`, as slices, or `None`.
+fn rows_and_params<R>(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32], &[f32], usize, usize) -> R,
+) -> Result<Option<R>> {
+    let (batch, seq, d) = x.dims3()?;
+    if a.dims() != [batch, d] || b.dims() != [batch, d] {
+        return Ok(None);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    Ok(with_f32(x, |xd| {
+        with_f32(&a, |ad| with_f32(&b, |bd| f(xd, ad, bd, seq, d)))
+    })
+    .flatten()
+    .flatten())
+}
+
+/// `LayerNorm(x) · (1 + scale) + shift` (no affine LayerNorm, then the block's modulation) in one parallel pass:
+/// `x` `[B, S, D]`, `shift`/`scale` `[B, D]`. Mean, then the variance of the centred row (two passes over
+/// the row, in cache), as torch's LayerNorm. `None` when the inputs are not contiguous CPU f32 of those shapes.
+pub fn layer_norm_modulate(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    let x = x.contiguous()?;
+    let out = rows_and_params(&x, shift, scale, |xd, sh, sc, seq, d| {
+        let mut out = vec![0f32; xd.len()];
+        out.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(xd.par_chunks(d * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (o, xs))| {
+                for (r, (orow, xrow)) in o.chunks_mut(d).zip(xs.chunks(d)).enumerate() {
+                    let bi = (task * ROWS_PER_TASK + r) / seq;
+                    let (sh, sc) = (&sh[bi * d..(bi + 1) * d], &sc[bi * d..(bi + 1) * d]);
+                    norm_modulate_row(orow, xrow, sh, sc, eps);
+                }
+            });
+        out
+    })?;
+    out.map(|o| Tensor::from_vec(o, x.shape(), x.device()))
+        .transpose()
+}
+
+/// `x + y · gate` with `gate` `[B, D]` broadcast over the tokens of `x`/`y` `[B, S, D]` (the blocks' gated
+/// residuals), in one parallel pass. `None` when the inputs are not contiguous CPU f32 of those shapes.
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Option<Tensor>> {
+    if x.dims() != y.dims() {
+        return Ok(None);
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let out = rows_and_params(&x, gate, gate, |xd, g, _, seq, d| {
+        with_f32(&y, |yd| {
+            let mut out = vec![0f32; xd.len()];
+            out.par_chunks_mut(d * ROWS_PER_TASK)
+                .zip(xd.par_chunks(d * ROWS_PER_TASK))
+                .zip(yd.par_chunks(d * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, ((o, xs), ys))| {
+                    for (r, ((orow, xrow), yrow)) in o
+                        .chunks_mut(d)
+                        .zip(xs.chunks(d))
+                        .zip(ys.chunks(d))
+                        .enumerate()
+                    {
+                        let bi = (task * ROWS_PER_TASK + r) / seq;
+                        gated_add_row(orow, xrow, yrow, &g[bi * d..(bi + 1) * d]);
+                    }
+                });
+            out
+        })
+    })?;
+    out.flatten()
+        .map(|o| Tensor::from_vec(o, x.shape(), x.device()))
+        .transpose()
+}
+
+/// Token rows per parallel task of the row kernels above (64 rows of 3072 floats: 768 KiB).
+const ROWS_PER_TASK: usize = 64;
+
+#[inline(always)]
+fn norm_modulate_row_generic(o: &mut [f32], x: &[f32], shift: &[f32], scale: &[f32], eps: f32) {
+    let d = x.len() as f32;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mean = (acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()) / d;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let v = c[i] - mean;
+            acc[i] += v * v;
+        }
+    }
+    let rem: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    let inv = 1.0 / ((acc.iter().sum::<f32>() + rem) / d + eps).sqrt();
+    for (((o, x), sh), sc) in o.iter_mut().zip(x).zip(shift).zip(scale) {
+        *o = (x - mean) * inv * (1.0 + sc) + sh;
+    }
+}
+
+#[inline(always)]
+fn gated_add_row_generic(o: &mut [f32], x: &[f32], y: &[f32], gate: &[f32]) {
+    for (((o, x), y), g) in o.iter_mut().zip(x).zip(y).zip(gate) {
+        *o = x + y * g;
+    }
+}
+
 /// Lanes of the manual reductions below: lets the compiler keep 8 independent accumulators (vectorised)
 /// where a single running max/sum would be a serial dependency chain.
 const LANES: usize = 8;
@@ -182,6 +302,20 @@ macro_rules! multiversion {
 
 multiversion!(@dispatch softmax_row, avx512::softmax_row, softmax_row_avx2, softmax_row_generic, (x: &mut [f32]));
 multiversion!(@dispatch gelu_slice, avx512::gelu_slice, gelu_slice_avx2, gelu_slice_generic, (x: &mut [f32]));
+multiversion!(
+    norm_modulate_row,
+    norm_modulate_row_avx512,
+    norm_modulate_row_avx2,
+    norm_modulate_row_generic,
+    (o: &mut [f32], x: &[f32], shift: &[f32], scale: &[f32], eps: f32)
+);
+multiversion!(
+    gated_add_row,
+    gated_add_row_avx512,
+    gated_add_row_avx2,
+    gated_add_row_generic,
+    (o: &mut [f32], x: &[f32], y: &[f32], gate: &[f32])
+);
 multiversion!(
     norm_silu,
     norm_silu_avx512,
@@ -560,6 +694,55 @@ mod tests {
                 .all(|v| v.abs() < 1e-6 && !v.is_subnormal()),
             "{extremes:?}"
         );
+    }
+
+    #[test]
+    fn layer_norm_modulate_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        // 70 rows: one full task of 64 rows and a short one; a batch boundary inside a task
+        for (b, s, d) in [(2usize, 35usize, 24usize), (1, 3, 7)] {
+            let x = (Tensor::randn(0f32, 2f32, (b, s, d), &dev)? + 3.0)?;
+            let shift = Tensor::randn(0f32, 1f32, (b, d), &dev)?;
+            let scale = Tensor::randn(0f32, 1f32, (b, d), &dev)?;
+            let ours = layer_norm_modulate(&x, &shift, &scale, 1e-6)?.expect("cpu f32");
+            let ln = candle_nn::ops::layer_norm(
+                &x,
+                &Tensor::ones(d, candle_core::DType::F32, &dev)?,
+                &Tensor::zeros(d, candle_core::DType::F32, &dev)?,
+                1e-6,
+            )?;
+            let theirs = ln
+                .broadcast_mul(&(&scale + 1.0)?.unsqueeze(1)?)?
+                .broadcast_add(&shift.unsqueeze(1)?)?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 2e-5, "b={b} s={s} d={d}: max diff {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gated_residual_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, s, d) in [(2usize, 70usize, 24usize), (3, 1, 5)] {
+            let x = Tensor::randn(0f32, 1f32, (b, s, d), &dev)?;
+            let y = Tensor::randn(0f32, 1f32, (b, s, d), &dev)?;
+            let gate = Tensor::randn(0f32, 1f32, (b, d), &dev)?;
+            let ours = gated_residual(&x, &y, &gate)?.expect("cpu f32");
+            let theirs = (&x + y.broadcast_mul(&gate.unsqueeze(1)?)?)?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "b={b} s={s} d={d}: max diff {diff}");
+        }
+        // shapes the kernel does not take: no result, the caller uses candle's ops
+        let x = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &dev)?;
+        assert!(
+            gated_residual(
+                &x,
+                &x,
+                &Tensor::zeros((2, 5), candle_core::DType::F32, &dev)?
+            )?
+            .is_none()
+        );
+        Ok(())
     }
 
     #[test]

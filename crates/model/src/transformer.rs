@@ -209,6 +209,33 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
+/// `modulate(LayerNorm(x), shift, scale)`: one fused parallel pass on the CPU in f32
+/// ([`crate::cpu_kernels::layer_norm_modulate`]), candle's ops elsewhere.
+fn norm_modulate(
+    ln: &LayerNormNoAffine,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if let Some(y) = crate::cpu_kernels::layer_norm_modulate(x, shift, scale, NORM_EPS)? {
+            return Ok(y);
+        }
+    }
+    modulate(&ln.forward(x)?, shift, scale)
+}
+
+/// The gated residual `x + y · gate` with a `[B, D]` gate broadcast over tokens: one fused parallel pass on the
+/// CPU in f32 ([`crate::cpu_kernels::gated_residual`]), candle's ops elsewhere.
+fn gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if let Some(out) = crate::cpu_kernels::gated_residual(x, y, gate)? {
+            return Ok(out);
+        }
+    }
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
 /// One `QwenImageTransformerBlock`: joint attention over `[text, image]` and per-stream MLPs, both
 /// modulated by the timestep embedding.
 #[derive(Debug, Clone)]
@@ -278,6 +305,16 @@ impl ImgModulation {
                 Tensor::cat(&[&a, &b], 1)
             }
             _ => f(x, &self.main),
+        }
+    }
+
+    /// `x + y · gate`, the gate being parameter `idx` of each token's set.
+    fn residual(&self, x: &Tensor, y: &Tensor, idx: usize) -> Result<Tensor> {
+        match &self.cond {
+            Some((_, start)) if *start < x.dim(1)? => {
+                x + self.apply(y, |t, p| t.broadcast_mul(&p[idx].unsqueeze(1)?))?
+            }
+            _ => gated(x, y, &self.main[idx]),
         }
     }
 }
@@ -363,8 +400,8 @@ impl TransformerBlock {
         };
         let tm = self.txt_mod.forward(&silu_t)?.chunk(6, D::Minus1)?;
 
-        let xm = im.apply(&self.ln.forward(x)?, |t, p| modulate(t, &p[0], &p[1]))?;
-        let cm = modulate(&self.ln.forward(c)?, &tm[0], &tm[1])?;
+        let xm = im.apply(x, |t, p| norm_modulate(&self.ln, t, &p[0], &p[1]))?;
+        let cm = norm_modulate(&self.ln, c, &tm[0], &tm[1])?;
 
         // joint attention, text first
         let r = inp.rope;
@@ -405,20 +442,13 @@ impl TransformerBlock {
         let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
         let img_attn = self.to_out.forward(&o.narrow(1, l, s)?)?;
 
-        let x = (x + im.apply(&img_attn, |t, p| t.broadcast_mul(&p[2].unsqueeze(1)?))?)?;
-        let c = (c + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
+        let x = im.residual(x, &img_attn, 2)?;
+        let c = gated(c, &txt_attn, &tm[2])?;
 
-        let xm2 = im.apply(&self.ln.forward(&x)?, |t, p| modulate(t, &p[3], &p[4]))?;
-        let x = (&x
-            + im.apply(&self.img_mlp.forward(&xm2)?, |t, p| {
-                t.broadcast_mul(&p[5].unsqueeze(1)?)
-            })?)?;
-        let cm2 = modulate(&self.ln.forward(&c)?, &tm[3], &tm[4])?;
-        let c = (&c
-            + self
-                .txt_mlp
-                .forward(&cm2)?
-                .broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
+        let xm2 = im.apply(&x, |t, p| norm_modulate(&self.ln, t, &p[3], &p[4]))?;
+        let x = im.residual(&x, &self.img_mlp.forward(&xm2)?, 5)?;
+        let cm2 = norm_modulate(&self.ln, &c, &tm[3], &tm[4])?;
+        let c = gated(&c, &self.txt_mlp.forward(&cm2)?, &tm[5])?;
         Ok((c, x))
     }
 }
