@@ -140,6 +140,26 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/PID/stat`; `None` when the
+/// process is gone or the file unreadable.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    parse_stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// `utime + stime` of a `/proc/PID/stat` line in seconds. Fields 14 and 15 count clock ticks of
+/// `sysconf(_SC_CLK_TCK)`, which Linux fixes at 100 (`USER_HZ`) for user space on every architecture we
+/// build for. The command name (field 2) may hold spaces and parentheses, so fields are counted after the
+/// last `)`.
+fn parse_stat_cpu_seconds(stat: &str) -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // after the name: field 3 (state) is the first, so utime (14) and stime (15) are the 12th and 13th
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +173,14 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), ms(50));
         assert_eq!(quantile(&v, 0.99), ms(99));
         assert_eq!(quantile(&v[..1], 0.99), ms(1));
+    }
+
+    #[test]
+    fn stat_cpu_time_is_read_after_the_command_name() {
+        let line = "4242 (qwen (odd) name) S 1 4242 4242 0 -1 4194560 9 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_stat_cpu_seconds(line), Some(3.25));
+        assert_eq!(parse_stat_cpu_seconds("4242 (cut) S 1 2"), None);
+        let own = cpu_seconds(std::process::id()).expect("this process's own stat");
+        assert!(own >= 0.0);
     }
 }

@@ -6,7 +6,8 @@
 //! goes first, so load drift on a shared machine hits both alike. A run: each client sends
 //! `--requests` requests one after the other (different prompts and seeds); requests per minute = all
 //! requests / the run's wall time; latencies are per request. The table gives medians over the rounds
-//! and the ratio on / off of the round-by-round requests per minute (its median).
+//! and the ratio on / off of the round-by-round requests per minute (its median), then each service's CPU
+//! time per request (from `/proc/PID/stat`), which shows where the time goes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use qwen_image_proto::v1::image_generator_client::ImageGeneratorClient;
 use qwen_image_testkit::bench::{
-    Geometry, PROMPTS, gateway_client, load_average, median, quantile, t2i_request, timed_t2i,
+    Geometry, PROMPTS, cpu_seconds, gateway_client, load_average, median, quantile, t2i_request,
+    timed_t2i,
 };
 use qwen_image_testkit::stack::{Launcher, ProcessStack, StackSpec};
 use tonic::transport::Channel;
@@ -53,8 +55,20 @@ struct Args {
 
 struct Stack {
     name: &'static str,
-    _procs: ProcessStack,
+    procs: ProcessStack,
     url: String,
+}
+
+/// The services whose CPU time a run reports, in table order.
+const SERVICES: [&str; 4] = ["text encoder", "denoiser", "VAE", "gateway"];
+
+impl Stack {
+    /// CPU seconds used so far by each of [`SERVICES`] (NaN where unreadable).
+    fn cpu(&self) -> [f64; 4] {
+        let p = &self.procs;
+        [&p.text_encoder, &p.denoiser, &p.vae, &p.gateway]
+            .map(|s| s.pid().and_then(cpu_seconds).unwrap_or(f64::NAN))
+    }
 }
 
 async fn start(a: &Args, bin: &Path, name: &'static str, max_batch: u32) -> Result<Stack> {
@@ -80,7 +94,7 @@ async fn start(a: &Args, bin: &Path, name: &'static str, max_batch: u32) -> Resu
     Ok(Stack {
         name,
         url: procs.gateway_url(),
-        _procs: procs,
+        procs,
     })
 }
 
@@ -98,9 +112,12 @@ async fn request(c: &mut ImageGeneratorClient<Channel>, a: &Args, n: usize) -> R
 struct Run {
     per_minute: f64,
     latencies: Vec<Duration>,
+    /// CPU milliseconds per request of each of [`SERVICES`] over the run.
+    cpu_ms: [f64; 4],
 }
 
 async fn run(stack: &Stack, a: &Args, clients: usize) -> Result<Run> {
+    let cpu_before = stack.cpu();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -124,9 +141,12 @@ async fn run(stack: &Stack, a: &Args, clients: usize) -> Result<Run> {
         latencies.extend(t.await??);
     }
     let wall = started.elapsed();
+    let cpu_after = stack.cpu();
+    let n = latencies.len() as f64;
     Ok(Run {
-        per_minute: latencies.len() as f64 * 60.0 / wall.as_secs_f64(),
+        per_minute: n * 60.0 / wall.as_secs_f64(),
         latencies,
+        cpu_ms: std::array::from_fn(|i| (cpu_after[i] - cpu_before[i]) * 1000.0 / n),
     })
 }
 
@@ -207,6 +227,28 @@ async fn main() -> Result<()> {
                 stacks[si].name,
                 quantile(&all, 0.5).as_secs_f64(),
                 quantile(&all, 0.99).as_secs_f64(),
+            );
+        }
+    }
+    println!();
+    println!(
+        "CPU time per request, milliseconds, by service (medians over the rounds; /proc/PID/stat, 10 ms ticks):"
+    );
+    println!();
+    println!("| clients | batching | {} | all |", SERVICES.join(" | "));
+    println!("|---|---|{}---|", "---|".repeat(SERVICES.len()));
+    for (ci, &clients) in a.clients.iter().enumerate() {
+        for si in 0..2 {
+            let rs = &runs[si][ci];
+            let per: Vec<f64> = (0..SERVICES.len())
+                .map(|i| median(&rs.iter().map(|r| r.cpu_ms[i]).collect::<Vec<_>>()))
+                .collect();
+            let cells: Vec<String> = per.iter().map(|v| format!("{v:.0}")).collect();
+            println!(
+                "| {clients} | {} | {} | {:.0} |",
+                stacks[si].name,
+                cells.join(" | "),
+                per.iter().sum::<f64>()
             );
         }
     }
