@@ -433,35 +433,339 @@ mod avx512 {
     }
 }
 
-/// `C[m×n] = scale · A[m×k] · B` with row-major `A` and `B` given as `[n×k]` (transposed) or `[k×n]`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rm(
+/// The data of a contiguous CPU f32 tensor, borrowed for as long as the view lives (for kernels taking a
+/// variable number of tensors, where [`with_f32`]'s closures cannot nest).
+struct F32View<G> {
+    storage: G,
+    start: usize,
+    end: usize,
+}
+
+/// `None` unless `t` is a contiguous CPU f32 tensor.
+fn f32_view(t: &Tensor) -> Option<F32View<impl std::ops::Deref<Target = Storage> + '_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))).then_some(F32View {
+        storage,
+        start,
+        end,
+    })
+}
+
+impl<G: std::ops::Deref<Target = Storage>> F32View<G> {
+    fn data(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(d)) => &d[self.start..self.end],
+            _ => &[], // not reached: `f32_view` admits CPU f32 storage only
+        }
+    }
+}
+
+/// One part of [`joint_heads`]: a projection `[B, S, H·D]` (contiguous CPU f32), its optional per-head
+/// RMSNorm (gain `[D]`, epsilon) and its optional interleaved rotary tables (cos, sin `[S, D/2]`).
+pub struct HeadsPart<'a> {
+    pub x: &'a Tensor,
+    pub norm: Option<(&'a Tensor, f32)>,
+    pub rope: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// [`HeadsPart`] as slices.
+struct HeadsSlices<'a> {
+    x: &'a [f32],
+    norm: Option<(&'a [f32], f32)>,
+    rope: Option<(&'a [f32], &'a [f32])>,
+    seq: usize,
+}
+
+/// The attention heads of several projections joined along the sequence, `[B, H, ΣS, D]`, in one parallel
+/// pass: per head, candle's `rms_norm` (`x / sqrt(mean(x²) + eps) · gain`), then candle's `rope_i` (pairs
+/// `(x₀, x₁)` → `(x₀·cos − x₁·sin, x₀·sin + x₁·cos)`), each head row written straight into its place in
+/// the joined tensor. Replaces, per projection, the norm, a transposing copy, the rotary pass and the
+/// concatenation's copy. `None` when a part is not contiguous CPU f32 of those shapes.
+pub fn joint_heads(parts: &[HeadsPart], heads: usize) -> Result<Option<Tensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    let (b, _, hd) = first.x.dims3()?;
+    if heads == 0 || hd % heads != 0 {
+        return Ok(None);
+    }
+    let d = hd / heads;
+    let half = d / 2;
+    let mut views = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (pb, seq, phd) = p.x.dims3()?;
+        let fits = pb == b
+            && phd == hd
+            && p.norm.is_none_or(|(g, _)| g.dims() == [d])
+            && p.rope.is_none_or(|(c, s)| {
+                d % 2 == 0 && c.dims() == [seq, half] && s.dims() == [seq, half]
+            });
+        if !fits {
+            return Ok(None);
+        }
+        let Some(x) = f32_view(p.x) else {
+            return Ok(None);
+        };
+        let norm = match p.norm {
+            None => None,
+            Some((g, eps)) => match f32_view(g) {
+                Some(g) => Some((g, eps)),
+                None => return Ok(None),
+            },
+        };
+        let rope = match p.rope {
+            None => None,
+            Some((c, s)) => match (f32_view(c), f32_view(s)) {
+                (Some(c), Some(s)) => Some((c, s)),
+                _ => return Ok(None),
+            },
+        };
+        views.push((x, norm, rope, seq));
+    }
+    let slices: Vec<HeadsSlices> = views
+        .iter()
+        .map(|(x, norm, rope, seq)| HeadsSlices {
+            x: x.data(),
+            norm: norm.as_ref().map(|(g, eps)| (g.data(), *eps)),
+            rope: rope.as_ref().map(|(c, s)| (c.data(), s.data())),
+            seq: *seq,
+        })
+        .collect();
+    let total: usize = slices.iter().map(|p| p.seq).sum();
+    let len = b * heads * total * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(total * d)
+        .enumerate()
+        .for_each(|(bh, slab)| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let mut t0 = 0;
+            for p in &slices {
+                for si in 0..p.seq {
+                    let src = &p.x[(bi * p.seq + si) * hd + hi * d..][..d];
+                    let row = &mut slab[(t0 + si) * d..][..d];
+                    let rope = p
+                        .rope
+                        .map(|(c, s)| (&c[si * half..][..half], &s[si * half..][..half]));
+                    head_row(row, src, p.norm, rope);
+                }
+                t0 += p.seq;
+            }
+        });
+    // SAFETY: the slabs cover the `len` values and `head_row` writes every value of every row.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len)
+    };
+    Ok(Some(Tensor::from_vec(
+        out,
+        (b, heads, total, d),
+        first.x.device(),
+    )?))
+}
+
+/// One head row of [`joint_heads`]: writes all of `row` from `src`.
+fn head_row(
+    row: &mut [std::mem::MaybeUninit<f32>],
+    src: &[f32],
+    norm: Option<(&[f32], f32)>,
+    rope: Option<(&[f32], &[f32])>,
+) {
+    let normed = |m: f32, gain: &[f32], j: usize| src[j] / m * gain[j];
+    let (m, gain) = match norm {
+        Some((gain, eps)) => {
+            let sum2 = src.iter().map(|v| v * v).sum::<f32>();
+            ((sum2 / src.len() as f32 + eps).sqrt(), Some(gain))
+        }
+        None => (1.0, None),
+    };
+    let value = |j: usize| match gain {
+        Some(g) => normed(m, g, j),
+        None => src[j],
+    };
+    match rope {
+        Some((cos, sin)) => {
+            for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
+                let (x0, x1) = (value(2 * i), value(2 * i + 1));
+                row[2 * i].write(x0 * c - x1 * s);
+                row[2 * i + 1].write(x0 * s + x1 * c);
+            }
+        }
+        None => {
+            for (j, o) in row.iter_mut().enumerate() {
+                o.write(value(j));
+            }
+        }
+    }
+}
+
+/// How [`linear`]'s weight is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// PyTorch's `[out, in]` (candle's `Linear`).
+    OutIn,
+    /// Transposed, `[in, out]`.
+    InOut,
+}
+
+/// The GEMM thread setting for the calling thread's rayon pool (candle's matmul uses the same).
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    }
+}
+
+/// `x · Wᵀ + bias` for CPU f32 tensors, one GEMM per batch of rows: `x` `[.., in]` (contiguous, or `[B, S,
+/// in]` with contiguous rows per batch element, such as a narrowed sequence), `w` `[out, in]` or `[in, out]`
+/// (`layout`), `bias` `[out]`. The output rows start as the bias and the GEMM adds the product to them, so
+/// there is neither candle's zero fill of the output nor a separate bias pass; without a bias the GEMM
+/// writes the output without reading it. Parallel on the calling thread's rayon pool. `None` when the
+/// tensors are not CPU f32 of those shapes (the caller then takes candle's path).
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    layout: WeightLayout,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (n, k) = match layout {
+        WeightLayout::OutIn => w.dims2()?,
+        WeightLayout::InOut => {
+            let (k, n) = w.dims2()?;
+            (n, k)
+        }
+    };
+    if x.dims().last() != Some(&k) || k == 0 || n == 0 || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    // batches of rows: (count, rows each, distance between batches in elements); one batch when contiguous
+    let x = match x.dims() {
+        _ if x.is_contiguous() => x.clone(),
+        [_, _, _] if x.stride()[2] == 1 && x.stride()[1] == k => x.clone(),
+        _ => x.contiguous()?,
+    };
+    let (batches, rows, batch_stride) = if x.is_contiguous() {
+        (1, x.elem_count() / k, 0)
+    } else {
+        let (b, s, _) = x.dims3()?;
+        (b, s, x.stride()[0])
+    };
+    let m = batches * rows;
+    let w = w.contiguous()?;
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    if bias.as_ref().is_some_and(|b| b.elem_count() != n) {
+        return Ok(None);
+    }
+    let (rhs_cs, rhs_rs) = match layout {
+        WeightLayout::OutIn => (k as isize, 1),
+        WeightLayout::InOut => (1, n as isize),
+    };
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(xd)) = &*x_storage else {
+        return Ok(None);
+    };
+    let xd = &xd[x_layout.start_offset()..];
+    let run = |wd: &[f32], bd: Option<&[f32]>| -> Vec<f32> {
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let dst = &mut out.spare_capacity_mut()[..m * n];
+        if let Some(bd) = bd {
+            dst.par_chunks_mut(n * ROWS_PER_TASK).for_each(|chunk| {
+                for row in chunk.chunks_mut(n) {
+                    for (o, b) in row.iter_mut().zip(bd) {
+                        o.write(*b);
+                    }
+                }
+            });
+        }
+        let parallelism = gemm_parallelism();
+        for batch in 0..batches {
+            let lhs = &xd[batch * batch_stride..];
+            assert!(lhs.len() >= rows * k && wd.len() >= n * k);
+            // SAFETY: `lhs` holds `rows` rows of `k` values and `wd` `n·k` values read with the strides of
+            // `layout` (asserted above); `dst` has room for this batch's rows·n output values (capacity
+            // reserved above); without a bias the GEMM only writes them (read_dst false), with one it reads
+            // the bias rows written above.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst[batch * rows * n..].as_mut_ptr().cast::<f32>(),
+                    1,
+                    n as isize,
+                    bd.is_some(),
+                    lhs.as_ptr(),
+                    1,
+                    k as isize,
+                    wd.as_ptr(),
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        // SAFETY: every one of the m·n values was written: by the GEMM (each batch's rows·n block), on top
+        // of the bias rows when there is a bias.
+        #[allow(unsafe_code)]
+        unsafe {
+            out.set_len(m * n)
+        };
+        out
+    };
+    let out = with_f32(&w, |wd| match &bias {
+        None => Some(run(wd, None)),
+        Some(b) => with_f32(b, |bd| run(wd, Some(bd))),
+    });
+    let Some(Some(out)) = out else {
+        return Ok(None);
+    };
+    let mut dims = x.dims().to_vec();
+    dims.pop();
+    dims.push(n);
+    Ok(Some(Tensor::from_vec(out, dims, x.device())?))
+}
+
+/// `C[m×n] = scale · A[m×k] · B` with row-major `A`, `B` given as `[n×k]` (transposed) or `[k×n]`, and
+/// `C`'s rows `c_rs` apart; `C` is written, never read.
+///
+/// # Safety
+/// `c` must be valid for writes of `m` rows of `n` values, `c_rs` apart, that no other thread touches
+/// during the call.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+unsafe fn gemm_rm(
     m: usize,
     n: usize,
     k: usize,
-    c: &mut [f32],
+    c: *mut f32,
+    c_rs: usize,
     a: &[f32],
     b: &[f32],
     b_is_nk: bool,
     scale: f32,
 ) {
-    debug_assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= n * k);
+    assert!(a.len() >= m * k && b.len() >= n * k);
     let (b_cs, b_rs) = if b_is_nk {
         (k as isize, 1)
     } else {
         (1, n as isize)
     };
-    // SAFETY: the slices outlive the call and hold at least m·n, m·k and k·n elements with the given
-    // strides (checked above in debug builds, guaranteed by the callers' shape checks).
-    #[allow(unsafe_code)]
+    // SAFETY: `a` and `b` hold m·k and k·n elements with the given strides (asserted above); `c` is the
+    // caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
-            n as isize,
+            c_rs as isize,
             false,
             a.as_ptr(),
             1,
@@ -479,15 +783,35 @@ fn gemm_rm(
     }
 }
 
+/// Where [`attention`] writes its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionOut {
+    /// `[B, H, Sq, D]`, as the inputs.
+    Heads,
+    /// `[B, Sq, H·D]`: the heads merged back, ready for the output projection (saves the transposing copy).
+    Merged,
+}
+
+/// The output buffer of [`attention`], shared by its tasks, each of which writes rows no other touches.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint rows (one (batch·head, query block) each) and nothing reads the buffer
+// until every task has ended.
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
 /// Attention over contiguous CPU f32 tensors: `q` `[B, H, Sq, D]`, `k`/`v` `[B, H, Sk, D]`, optional additive
-/// bias `[B, 1, Sk]` (per key) or `[B, Sq, Sk]` (per query row, e.g. causal). Parallel over (batch·head, query block); each task keeps a `QUERY_BLOCK × Sk` score
-/// block, so memory stays bounded at any image size. `None` when the inputs are not CPU f32.
+/// bias `[B, 1, Sk]` (per key) or `[B, Sq, Sk]` (per query row, e.g. causal); the output laid out as `out`
+/// says. Parallel over (batch·head, query block); each task keeps a `QUERY_BLOCK × Sk` score block, so
+/// memory stays bounded at any image size. `None` when the inputs are not CPU f32.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_bias: Option<&Tensor>,
     scale: f64,
+    out_layout: AttentionOut,
 ) -> Result<Option<Tensor>> {
     let (b, h, sq, d) = q.dims4()?;
     let (_, _, sk, _) = k.dims4()?;
@@ -515,50 +839,63 @@ pub fn attention(
     // polled from the rayon threads: a stopped request skips its remaining query blocks
     let interrupt = crate::interrupt::current();
     let stopped = || interrupt.as_ref().is_some_and(|i| i.stopped());
+    let len = b * h * sq * d;
+    // (offset of head `bh`'s first row, distance between its rows)
+    let place = |bh: usize| match out_layout {
+        AttentionOut::Heads => (bh * sq * d, d),
+        AttentionOut::Merged => (((bh / h) * sq * h + bh % h) * d, h * d),
+    };
+    let blocks = sq.div_ceil(QUERY_BLOCK);
+    let skipped = std::sync::atomic::AtomicBool::new(false);
     let run = |qd: &[f32], kd: &[f32], vd: &[f32], bias: Option<&[f32]>| {
-        let mut out = vec![0f32; b * h * sq * d];
-        out.par_chunks_mut(sq * d).enumerate().for_each(|(bh, o)| {
-            let qh = &qd[bh * sq * d..(bh + 1) * sq * d];
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let shared = SharedOut(out.as_mut_ptr());
+        (0..b * h * blocks).into_par_iter().for_each(|task| {
+            let shared = &shared;
+            if stopped() {
+                skipped.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            let (bh, qb) = (task / blocks, task % blocks);
+            let q0 = qb * QUERY_BLOCK;
+            let rows = QUERY_BLOCK.min(sq - q0);
+            let qh = &qd[(bh * sq + q0) * d..(bh * sq + q0 + rows) * d];
             let kh = &kd[bh * sk * d..(bh + 1) * sk * d];
             let vh = &vd[bh * sk * d..(bh + 1) * sk * d];
             let bias_b =
                 bias.map(|bv| &bv[(bh / h) * bias_rows * sk..(bh / h + 1) * bias_rows * sk]);
-            o.par_chunks_mut(QUERY_BLOCK * d)
-                .enumerate()
-                .for_each(|(qb, ob)| {
-                    if stopped() {
-                        return;
+            let mut scores: Vec<f32> = Vec::with_capacity(rows * sk);
+            // SAFETY: `scores` has room for rows·sk values, written (not read) by the GEMM, which writes
+            // all of them; the length is set after.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_rm(rows, sk, d, scores.as_mut_ptr(), sk, qh, kh, true, scale);
+                scores.set_len(rows * sk);
+            }
+            for (r, row) in scores.chunks_mut(sk).enumerate() {
+                let bias_row = bias_b.map(|bb| {
+                    if bias_rows == 1 {
+                        bb
+                    } else {
+                        &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
                     }
-                    let rows = ob.len() / d;
-                    let q0 = qb * QUERY_BLOCK;
-                    let mut scores = vec![0f32; rows * sk];
-                    gemm_rm(
-                        rows,
-                        sk,
-                        d,
-                        &mut scores,
-                        &qh[q0 * d..(q0 + rows) * d],
-                        kh,
-                        true,
-                        scale,
-                    );
-                    for (r, row) in scores.chunks_mut(sk).enumerate() {
-                        let bias_row = bias_b.map(|bb| {
-                            if bias_rows == 1 {
-                                bb
-                            } else {
-                                &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
-                            }
-                        });
-                        if let Some(br) = bias_row {
-                            for (s, bv) in row.iter_mut().zip(br) {
-                                *s += bv;
-                            }
-                        }
-                        softmax_row(row);
-                    }
-                    gemm_rm(rows, d, sk, ob, &scores, vh, false, 1.0);
                 });
+                if let Some(br) = bias_row {
+                    for (s, bv) in row.iter_mut().zip(br) {
+                        *s += bv;
+                    }
+                }
+                softmax_row(row);
+            }
+            let (first, row_stride) = place(bh);
+            // SAFETY: this task's rows q0..q0+rows of head `bh` lie inside the `len` values reserved for
+            // `out` (`place` maps every (head, row) of [B, H, Sq, D] to a distinct row of D values), and no
+            // other task writes them.
+            #[allow(unsafe_code)]
+            unsafe {
+                let c = shared.0.add(first + q0 * row_stride);
+                gemm_rm(rows, d, sk, c, row_stride, &scores, vh, false, 1.0);
+            }
         });
         out
     };
@@ -570,17 +907,30 @@ pub fn attention(
             })
         })
     });
+    // a stopped request's output has rows never written: it ends here, before they could be read
     crate::interrupt::check()?;
-    match out.flatten().flatten().flatten() {
-        Some(out) => Ok(Some(Tensor::from_vec(out, (b, h, sq, d), q.device())?)),
-        None => Ok(None),
+    if skipped.into_inner() {
+        candle_core::bail!("attention: stopped part-way, yet the interrupt no longer says so");
     }
+    let Some(mut out) = out.flatten().flatten().flatten() else {
+        return Ok(None);
+    };
+    // SAFETY: every task ran to its end (no interrupt, checked above), so all b·h·sq·d values were written.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len)
+    };
+    let out = match out_layout {
+        AttentionOut::Heads => Tensor::from_vec(out, (b, h, sq, d), q.device())?,
+        AttentionOut::Merged => Tensor::from_vec(out, (b, sq, h * d), q.device())?,
+    };
+    Ok(Some(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn exp_is_accurate_and_never_subnormal() {
@@ -746,6 +1096,109 @@ mod tests {
     }
 
     #[test]
+    fn joint_heads_match_candle_norm_rope_and_cat() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, heads, d) = (2, 3, 8);
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+        let txt = randn(&[b, 5, heads * d])?;
+        let img = randn(&[b, 7, heads * d])?;
+        let gains = [randn(&[d])?, randn(&[d])?];
+        let tables = [
+            (randn(&[5, d / 2])?, randn(&[5, d / 2])?),
+            (randn(&[7, d / 2])?, randn(&[7, d / 2])?),
+        ];
+        // candle's way: per part, reshape + rms_norm + transpose copy + rope_i, then cat along the sequence
+        let candle = |norm: bool, rope: bool| -> Result<Tensor> {
+            let mut parts = Vec::new();
+            for (i, x) in [&txt, &img].into_iter().enumerate() {
+                let s = x.dim(1)?;
+                let mut h = x.reshape((b, s, heads, d))?;
+                if norm {
+                    h = candle_nn::ops::rms_norm(&h, &gains[i], 1e-6)?;
+                }
+                let mut h = h.transpose(1, 2)?.contiguous()?;
+                if rope {
+                    h = candle_nn::rotary_emb::rope_i(&h, &tables[i].0, &tables[i].1)?;
+                }
+                parts.push(h);
+            }
+            Tensor::cat(&parts, 2)
+        };
+        for (norm, rope) in [(true, true), (false, false), (true, false), (false, true)] {
+            let parts: Vec<HeadsPart> = [&txt, &img]
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| HeadsPart {
+                    x,
+                    norm: norm.then_some((&gains[i], 1e-6)),
+                    rope: rope.then_some((&tables[i].0, &tables[i].1)),
+                })
+                .collect();
+            let ours = joint_heads(&parts, heads)?.expect("cpu f32");
+            let want = candle(norm, rope)?;
+            assert_eq!(ours.dims(), [b, heads, 12, d]);
+            let err = (ours - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-6, "norm {norm} rope {rope}: max abs error {err}");
+        }
+        // a table of the wrong length, or another dtype: not taken
+        let wrong = [HeadsPart {
+            x: &txt,
+            norm: None,
+            rope: Some((&tables[1].0, &tables[1].1)),
+        }];
+        assert!(joint_heads(&wrong, heads)?.is_none());
+        let f64_txt = txt.to_dtype(DType::F64)?;
+        let other = [HeadsPart {
+            x: &f64_txt,
+            norm: None,
+            rope: None,
+        }];
+        assert!(joint_heads(&other, heads)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn linear_matches_candle_matmul_plus_bias() -> Result<()> {
+        let dev = Device::Cpu;
+        let (k, n) = (37, 29);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?; // [out, in]
+        let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 23, k), &dev)?;
+        // a narrowed sequence: rows contiguous within each batch element, batches apart
+        let narrowed = x.narrow(1, 5, 11)?;
+        assert!(!narrowed.is_contiguous());
+        let transposed = x.transpose(0, 1)?; // neither layout: copied first
+        for x in [&x, &narrowed, &transposed, &x.get(0)?.narrow(0, 3, 1)?] {
+            let want = x.broadcast_matmul(&w.t()?)?;
+            let want_b = want.broadcast_add(&bias)?;
+            let wt = w.t()?.contiguous()?;
+            for (got, want) in [
+                (linear(x, &w, WeightLayout::OutIn, None)?, &want),
+                (linear(x, &w, WeightLayout::OutIn, Some(&bias))?, &want_b),
+                (linear(x, &wt, WeightLayout::InOut, None)?, &want),
+                (linear(x, &wt, WeightLayout::InOut, Some(&bias))?, &want_b),
+            ] {
+                let got = got.expect("cpu f32");
+                assert_eq!(got.dims(), want.dims());
+                let err = (got - want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(err < 1e-4, "max abs error {err}");
+            }
+        }
+        // another dtype or a wrong bias length: not taken
+        assert!(linear(&x.to_dtype(DType::F64)?, &w, WeightLayout::OutIn, None)?.is_none());
+        assert!(linear(&x, &w, WeightLayout::OutIn, Some(&bias.narrow(0, 0, 3)?))?.is_none());
+        Ok(())
+    }
+
+    #[test]
     fn gelu_matches_candle() -> Result<()> {
         let x = Tensor::randn(0f32, 3f32, (3, 1000), &Device::Cpu)?;
         let ours = gelu_tanh(&x)?.expect("cpu f32");
@@ -769,12 +1222,18 @@ mod tests {
             }
         }
         let bias = Tensor::from_vec(causal, (b, s, s), &dev)?;
-        let ours = attention(&q, &q, &q, Some(&bias), 0.3)?.expect("cpu f32");
+        let ours = attention(&q, &q, &q, Some(&bias), 0.3, AttentionOut::Heads)?.expect("cpu f32");
         let scores =
             (q.matmul(&q.transpose(2, 3)?)? * 0.3)?.broadcast_add(&bias.reshape((b, 1, s, s))?)?;
         let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&q)?;
-        let diff = (ours - naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (ours - &naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
+        // the heads merged back: [B, Sq, H·D], two query blocks per head
+        let merged =
+            attention(&q, &q, &q, Some(&bias), 0.3, AttentionOut::Merged)?.expect("cpu f32");
+        let want = naive.transpose(1, 2)?.reshape((b, s, h * d))?;
+        let diff = (merged - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "merged: max diff {diff}");
         Ok(())
     }
 
@@ -790,7 +1249,7 @@ mod tests {
             bias[sk + j] = f32::NEG_INFINITY; // mask the last keys of batch 1
         }
         let bias = Tensor::from_vec(bias, (b, 1, sk), &dev)?;
-        let ours = attention(&q, &k, &v, Some(&bias), 0.25)?.expect("cpu f32");
+        let ours = attention(&q, &k, &v, Some(&bias), 0.25, AttentionOut::Heads)?.expect("cpu f32");
         let scores = (q.matmul(&k.transpose(2, 3)?)? * 0.25)?
             .broadcast_add(&bias.reshape((b, 1, 1, sk))?)?;
         let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
+use crate::cpu_kernels::{self, AttentionOut, WeightLayout};
 use crate::lora::LoraTerm;
 use crate::weights::{EmbeddingTable, LinearWeight, PackedWeight, Part, QuantMatmul, VarBuilder};
 
@@ -98,14 +99,29 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Dense(l) => l.forward(x)?,
-            Weight::DenseT(wt) => x.broadcast_matmul(wt)?, // [.., in] x [in, out] -> [.., out]
-            Weight::Packed(p) => p.matmul(x)?,
+        // CPU f32: one GEMM that also adds the bias (cpu_kernels::linear); otherwise candle's matmul
+        let fused = match &self.weight {
+            Weight::Dense(l) => {
+                cpu_kernels::linear(x, l.weight(), WeightLayout::OutIn, self.bias.as_ref())?
+            }
+            Weight::DenseT(wt) => {
+                cpu_kernels::linear(x, wt, WeightLayout::InOut, self.bias.as_ref())?
+            }
+            Weight::Packed(_) => None,
         };
-        let mut y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let mut y = match fused {
+            Some(y) => y,
+            None => {
+                let y = match &self.weight {
+                    Weight::Dense(l) => l.forward(x)?,
+                    Weight::DenseT(wt) => x.broadcast_matmul(wt)?, // [.., in] x [in, out] -> [.., out]
+                    Weight::Packed(p) => p.matmul(x)?,
+                };
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         // PEFT's LoRA Linear: `result = base_layer(x)`, then `result += lora_B(lora_A(x)) · scaling` per adapter
         for term in &self.lora {
@@ -232,6 +248,15 @@ impl RmsNorm {
         })
     }
 
+    /// The gain `[dim]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         if dtype == DType::F32 {
@@ -306,6 +331,29 @@ pub fn attention(
     key_bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_in(q, k, v, key_bias, scale, AttentionOut::Heads)
+}
+
+/// [`attention`] with the heads merged back: `[B, Sq, H·D]`, ready for the output projection (on the CPU
+/// the kernel writes this layout directly, saving the transposing copy).
+pub fn attention_merged(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_in(q, k, v, key_bias, scale, AttentionOut::Merged)
+}
+
+fn attention_in(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    scale: f64,
+    layout: AttentionOut,
+) -> Result<Tensor> {
     let (b, _h, sq, _d) = q.dims4()?;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let bias = match key_bias {
@@ -313,7 +361,7 @@ pub fn attention(
             Some(t) if t.dims().len() == 4 && t.dim(2)? == 1 => Some(t.reshape((b, 1, ()))?),
             Some(t) => Some(t.reshape((b, sq, ()))?),
         };
-        if let Some(out) = crate::cpu_kernels::attention(q, k, v, bias.as_ref(), scale)? {
+        if let Some(out) = crate::cpu_kernels::attention(q, k, v, bias.as_ref(), scale, layout)? {
             return Ok(out);
         }
     }
@@ -339,10 +387,18 @@ pub fn attention(
         outs.push(probs.matmul(&v)?); // [B, H, len, D]
         start += len;
     }
-    if outs.len() == 1 {
-        return Ok(outs.remove(0));
+    let out = if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    match layout {
+        AttentionOut::Heads => Ok(out),
+        AttentionOut::Merged => {
+            let (b, h, sq, d) = out.dims4()?;
+            out.transpose(1, 2)?.reshape((b, sq, h * d))
+        }
     }
-    Tensor::cat(&outs, 2)
 }
 
 /// Additive key bias `[B, 1, 1, S]` from a 0/1 key mask `[B, S]`: 0 where 1, -inf where 0.

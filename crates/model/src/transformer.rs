@@ -1,12 +1,13 @@
 //! `QwenImageTransformer2DModel` (diffusers `models/transformers/transformer_qwenimage.py`, 0.42.1): the
 //! dual-stream MMDiT. Equations and tensor names: `shared/reference/denoiser-and-pipelines.md` §2-3.
 
+use crate::cpu_kernels::{self, HeadsPart};
 use crate::weights::VarBuilder;
 use candle_core::{D, DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 use crate::nn::{
-    LayerNormNoAffine, Linear, RmsNorm, attention, gelu_tanh, key_bias_from_mask, linear,
+    LayerNormNoAffine, Linear, RmsNorm, attention_merged, gelu_tanh, key_bias_from_mask, linear,
 };
 use crate::rope::{self, ImgShape, RopeTables};
 
@@ -383,9 +384,45 @@ impl TransformerBlock {
         x.transpose(1, 2)?.contiguous()
     }
 
+    /// The heads of the text and image projections `[B, L|S, H·D]` joined, text first: `[B, H, L+S, D]`,
+    /// after the per-head RMSNorms and the rotary embedding when given. One fused pass on the CPU
+    /// ([`cpu_kernels::joint_heads`]); candle's ops otherwise.
+    fn joint_heads(
+        &self,
+        [txt, img]: [&Tensor; 2],
+        norms: Option<[&RmsNorm; 2]>,
+        rope: Option<&RopeTables>,
+    ) -> Result<Tensor> {
+        let tables = rope.map(|r| [(&r.txt_cos, &r.txt_sin), (&r.img_cos, &r.img_sin)]);
+        let parts: Vec<HeadsPart> = [txt, img]
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| HeadsPart {
+                x,
+                norm: norms.map(|n| (n[i].weight(), n[i].eps())),
+                rope: tables.map(|t| t[i]),
+            })
+            .collect();
+        if let Some(joined) = cpu_kernels::joint_heads(&parts, self.heads)? {
+            return Ok(joined);
+        }
+        let heads: Vec<Tensor> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let h = self.heads_of(p.x, norms.map(|n| n[i]))?;
+                match p.rope {
+                    Some((cos, sin)) => rope::apply(&h, cos, sin),
+                    None => Ok(h),
+                }
+            })
+            .collect::<Result<_>>()?;
+        Tensor::cat(&heads, 2)
+    }
+
     /// `x`: image stream `[B, S, D]`, `c`: text stream `[B, L, D]` → updated `(c, x)`.
     pub fn forward(&self, x: &Tensor, c: &Tensor, inp: &BlockInputs) -> Result<(Tensor, Tensor)> {
-        let (b, l, dim) = c.dims3()?;
+        let l = c.dim(1)?;
         let silu_t = inp.temb.silu()?;
         // 6D modulation vector: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2]
         let im = ImgModulation {
@@ -405,39 +442,28 @@ impl TransformerBlock {
 
         // joint attention, text first
         let r = inp.rope;
-        let qi = rope::apply(
-            &self.heads_of(&self.to_q.forward(&xm)?, Some(&self.norm_q))?,
-            &r.img_cos,
-            &r.img_sin,
+        let q = self.joint_heads(
+            [&self.add_q.forward(&cm)?, &self.to_q.forward(&xm)?],
+            Some([&self.norm_added_q, &self.norm_q]),
+            Some(r),
         )?;
-        let ki = rope::apply(
-            &self.heads_of(&self.to_k.forward(&xm)?, Some(&self.norm_k))?,
-            &r.img_cos,
-            &r.img_sin,
+        let k = self.joint_heads(
+            [&self.add_k.forward(&cm)?, &self.to_k.forward(&xm)?],
+            Some([&self.norm_added_k, &self.norm_k]),
+            Some(r),
         )?;
-        let vi = self.heads_of(&self.to_v.forward(&xm)?, None)?;
-        let qt = rope::apply(
-            &self.heads_of(&self.add_q.forward(&cm)?, Some(&self.norm_added_q))?,
-            &r.txt_cos,
-            &r.txt_sin,
+        let v = self.joint_heads(
+            [&self.add_v.forward(&cm)?, &self.to_v.forward(&xm)?],
+            None,
+            None,
         )?;
-        let kt = rope::apply(
-            &self.heads_of(&self.add_k.forward(&cm)?, Some(&self.norm_added_k))?,
-            &r.txt_cos,
-            &r.txt_sin,
-        )?;
-        let vt = self.heads_of(&self.add_v.forward(&cm)?, None)?;
-        let q = Tensor::cat(&[&qt, &qi], 2)?; // [B, H, L+S, hd]
-        let k = Tensor::cat(&[&kt, &ki], 2)?;
-        let v = Tensor::cat(&[&vt, &vi], 2)?;
-        let o = attention(
+        let o = attention_merged(
             &q,
             &k,
             &v,
             inp.key_bias,
             1.0 / (self.head_dim as f64).sqrt(),
-        )?;
-        let o = o.transpose(1, 2)?.reshape((b, (), dim))?; // [B, L+S, D]
+        )?; // [B, L+S, D]
         let s = o.dim(1)? - l;
         let txt_attn = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
         let img_attn = self.to_out.forward(&o.narrow(1, l, s)?)?;

@@ -177,7 +177,8 @@ mod tests {
 
     #[test]
     fn stat_cpu_time_is_read_after_the_command_name() {
-        let line = "4242 (qwen (odd) name) S 1 4242 4242 0 -1 4194560 9 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        let line =
+            "4242 (qwen (odd) name) S 1 4242 4242 0 -1 4194560 9 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
         assert_eq!(parse_stat_cpu_seconds(line), Some(3.25));
         assert_eq!(parse_stat_cpu_seconds("4242 (cut) S 1 2"), None);
         let own = cpu_seconds(std::process::id()).expect("this process's own stat");
