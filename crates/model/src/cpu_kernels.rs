@@ -656,7 +656,14 @@ pub fn linear(
             (n, k)
         }
     };
-    if x.dims().last() != Some(&k) || k == 0 || n == 0 || x.elem_count() == 0 {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !cpu_f32(x)
+        || !cpu_f32(w)
+        || x.dims().last() != Some(&k)
+        || k == 0
+        || n == 0
+        || x.elem_count() == 0
+    {
         return Ok(None);
     }
     // batches of rows: (count, rows each, distance between batches in elements); one batch when contiguous

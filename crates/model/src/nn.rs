@@ -54,6 +54,11 @@ impl Linear {
         matmul: QuantMatmul,
     ) -> Result<Self> {
         let weight = match w {
+            // On the CPU, f32 weights are stored transposed (one copy at load): `gemm` then reads them
+            // row-major and packs them faster (see `Linear::forward`'s figures in the README).
+            LinearWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                Weight::DenseT(w.t()?.contiguous()?)
+            }
             LinearWeight::Dense(w) => Weight::Dense(candle_nn::Linear::new(w, None)),
             LinearWeight::Packed(parts) => {
                 Weight::Packed(Arc::new(PackedWeight::new(parts, in_dim, matmul)?))
