@@ -23,6 +23,7 @@ use crate::weights::VarBuilder;
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use serde::Deserialize;
 
+use crate::cpu_kernels::{self, WeightLayout};
 use crate::snapshot::Snapshot;
 
 /// `vae/config.json` of `AutoencoderKLQwenImage`; defaults are the `__init__` defaults of diffusers 0.42.1
@@ -328,7 +329,11 @@ impl Conv3x3 {
             let mut r0 = y0;
             for (sub_rows, cols) in subs {
                 let cols = Tensor::from_vec(cols, (sub_rows * wp, k), x.device())?;
-                let y = cols.matmul(&self.wt)?; // [rows·(W+2), O]
+                // [rows·(W+2), O]; `linear` skips candle's zero fill of the output
+                let y = match cpu_kernels::linear(&cols, &self.wt, WeightLayout::InOut, None)? {
+                    Some(y) => y,
+                    None => cols.matmul(&self.wt)?,
+                };
                 drop(cols);
                 let mut write = |ys: &[f32], res: Option<&[f32]>| {
                     // drop the 2 padding columns of each padded row; add the residual
@@ -425,10 +430,12 @@ impl Conv1x1 {
     /// `[H, W, I]` → `[H, W, O]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (h, w, c) = x.dims3()?;
-        let y = x
-            .reshape((h * w, c))?
-            .matmul(&self.wt)?
-            .broadcast_add(&self.bias)?; // [HW, O]
+        let x = x.reshape((h * w, c))?;
+        // [HW, O]; on the CPU one GEMM adds the bias too
+        let y = match cpu_kernels::linear(&x, &self.wt, WeightLayout::InOut, Some(&self.bias))? {
+            Some(y) => y,
+            None => x.matmul(&self.wt)?.broadcast_add(&self.bias)?,
+        };
         y.reshape((h, w, self.out_dim))
     }
 }
