@@ -309,7 +309,7 @@ impl Conv3x3 {
             );
         }
         let rows_per_band = (CONV_BAND_ELEMS / (k * wp)).clamp(1, h);
-        let threads = candle_core::utils::get_num_threads();
+        let threads = rayon::current_num_threads();
         let mut out = vec![0f32; h * w * o];
         let mut y0 = 0;
         while y0 < h {
