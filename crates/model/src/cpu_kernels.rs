@@ -592,16 +592,13 @@ fn head_row(
     norm: Option<(&[f32], f32)>,
     rope: Option<(&[f32], &[f32])>,
 ) {
-    let normed = |m: f32, gain: &[f32], j: usize| src[j] / m * gain[j];
-    let (m, gain) = match norm {
-        Some((gain, eps)) => {
-            let sum2 = src.iter().map(|v| v * v).sum::<f32>();
-            ((sum2 / src.len() as f32 + eps).sqrt(), Some(gain))
-        }
-        None => (1.0, None),
-    };
-    let value = |j: usize| match gain {
-        Some(g) => normed(m, g, j),
+    // candle's rms_norm: the root mean square with eps, then `x / rms · gain`
+    let norm = norm.map(|(gain, eps)| {
+        let sum2 = src.iter().map(|v| v * v).sum::<f32>();
+        ((sum2 / src.len() as f32 + eps).sqrt(), gain)
+    });
+    let value = |j: usize| match norm {
+        Some((rms, gain)) => src[j] / rms * gain[j],
         None => src[j],
     };
     match rope {

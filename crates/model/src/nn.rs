@@ -104,35 +104,29 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // CPU f32: one GEMM that also adds the bias (cpu_kernels::linear); otherwise candle's matmul
-        let fused = match &self.weight {
-            Weight::Dense(l) => {
-                cpu_kernels::linear(x, l.weight(), WeightLayout::OutIn, self.bias.as_ref())?
-            }
+        let mut y = match &self.weight {
+            // CPU f32 (kept transposed, see `from_weight`): one GEMM that also adds the bias
             Weight::DenseT(wt) => {
-                cpu_kernels::linear(x, wt, WeightLayout::InOut, self.bias.as_ref())?
-            }
-            Weight::Packed(_) => None,
-        };
-        let mut y = match fused {
-            Some(y) => y,
-            None => {
-                let y = match &self.weight {
-                    Weight::Dense(l) => l.forward(x)?,
-                    Weight::DenseT(wt) => x.broadcast_matmul(wt)?, // [.., in] x [in, out] -> [.., out]
-                    Weight::Packed(p) => p.matmul(x)?,
-                };
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
+                match cpu_kernels::linear(x, wt, WeightLayout::InOut, self.bias.as_ref())? {
+                    Some(y) => y,
+                    None => self.add_bias(x.broadcast_matmul(wt)?)?, // [.., in] x [in, out]
                 }
             }
+            Weight::Dense(l) => self.add_bias(l.forward(x)?)?,
+            Weight::Packed(p) => self.add_bias(p.matmul(x)?)?,
         };
         // PEFT's LoRA Linear: `result = base_layer(x)`, then `result += lora_B(lora_A(x)) · scaling` per adapter
         for term in &self.lora {
             y = (y + term.delta(x)?)?;
         }
         Ok(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 
