@@ -124,6 +124,17 @@ async fn stages_of_two_snapshots_are_refused_with_the_field_named() {
             .await
             .expect("stage SERVING");
     }
+    // The gateway describes the replicas on its own schedule: until it has, a request is UNAVAILABLE
+    // ("retry in a few seconds"). Wait for its refusal of the text encoder, which it logs.
+    stack
+        .gateway
+        .wait_log_line(
+            0,
+            |l| l.contains("does not fit the other stages") && l.contains("text-encoder"),
+            GUARD,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the gateway's refusal: {e}"));
     let mut c = client(&stack.gateway_url()).await;
     let (settings, _) = reference("t2i_64");
     let e = generate(&mut c, t2i(GenerationSettings { ..settings }))
