@@ -14,6 +14,83 @@ const QUERY_BLOCK: usize = 256;
 /// Elements per parallel task of the elementwise kernels.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
+/// Work below which a kernel runs on the calling thread alone, in multiply-adds (the row kernels count an
+/// estimate of theirs per element). Forking a kernel wakes the pool's other thread, which has gone to sleep
+/// between kernels, and the sleep after it costs as much again: on the 2-vCPU machine that was a quarter of
+/// the default model's denoiser samples at 8 clients (futex wake-ups, `sched_yield`, context switches), more
+/// than a small kernel gains from a second thread. `QWEN_IMAGE_PARALLEL_MIN_WORK` overrides it.
+const PARALLEL_MIN_WORK: usize = 1 << 21;
+
+/// [`PARALLEL_MIN_WORK`], or the `QWEN_IMAGE_PARALLEL_MIN_WORK` override (read once).
+fn parallel_min_work() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("QWEN_IMAGE_PARALLEL_MIN_WORK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PARALLEL_MIN_WORK)
+    })
+}
+
+thread_local! {
+    /// Set while a thread runs its part of a batch split by [`on_own_threads`]: its kernels stay on it.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a kernel of `work` multiply-adds forks into the calling thread's rayon pool.
+pub(crate) fn runs_parallel(work: usize) -> bool {
+    !SERIAL.get() && rayon::current_num_threads() > 1 && work >= parallel_min_work()
+}
+
+/// Into how many parts a forward pass over `rows` independent batch rows of a CPU f32 model splits, one
+/// per thread of the calling thread's pool (see [`on_own_threads`]); 1 = no split: another device or
+/// dtype, one thread, already inside a part, or rows that do not divide evenly (an idle thread would cost
+/// more than the kernels' own forks).
+pub fn batch_parts(device: &candle_core::Device, dtype: candle_core::DType, rows: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if !device.is_cpu() || dtype != candle_core::DType::F32 || threads < 2 || SERIAL.get() {
+        return 1;
+    }
+    let parts = threads.min(rows);
+    if parts < 2 || !rows.is_multiple_of(parts) {
+        1
+    } else {
+        parts
+    }
+}
+
+/// Runs `f` on every part on the calling thread's rayon pool, one fork for all, each part's kernels on
+/// the thread that runs it (no fork per kernel: on a small model the wake-ups of the pool's other thread
+/// cost more than they save) and with the calling thread's interrupt installed. Results in order.
+pub fn on_own_threads<T: Send, R: Send>(
+    parts: Vec<T>,
+    f: impl Fn(T) -> Result<R> + Sync + Send,
+) -> Result<Vec<R>> {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let interrupt = crate::interrupt::current();
+    parts
+        .into_par_iter()
+        .map(|part| {
+            let _restore = Restore(SERIAL.replace(true));
+            match &interrupt {
+                Some(i) => crate::interrupt::scoped(i.clone(), || f(part)),
+                None => f(part),
+            }
+        })
+        .collect()
+}
+
+/// `with_min_len` for a parallel iterator of `tasks` tasks doing `work` in all: every task on the calling
+/// thread (no fork) when the work is small, else one task per split.
+fn min_tasks(tasks: usize, work: usize) -> usize {
+    if runs_parallel(work) { 1 } else { tasks.max(1) }
+}
+
 /// Below this, [`exp_f32`] is 0: `e^-69 ≈ 1e-30 ≈ 2^-99.5`. A masked key's softmax term (`e^-inf`) must not
 /// come out as a tiny float that the normalisation then turns subnormal: a subnormal operand costs the FMA
 /// units a microcode assist, and the attention GEMM that multiplies those probabilities by V ran 15x slower
@@ -70,9 +147,11 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
     let x = x.contiguous()?;
     let Some(data) = with_f32(&x, |src| {
         let mut out: Vec<f32> = Vec::with_capacity(src.len());
+        let tasks = src.len().div_ceil(ELEMWISE_CHUNK);
         out.spare_capacity_mut()[..src.len()]
             .par_chunks_mut(ELEMWISE_CHUNK)
             .zip(src.par_chunks(ELEMWISE_CHUNK))
+            .with_min_len(min_tasks(tasks, src.len() * 8))
             .for_each(|(dst, src)| {
                 // copied a chunk at a time (in cache), then transformed in place
                 for (d, s) in dst.iter_mut().zip(src) {
@@ -126,9 +205,11 @@ pub fn layer_norm_modulate(
     let x = x.contiguous()?;
     let out = rows_and_params(&x, shift, scale, |xd, sh, sc, seq, d| {
         let mut out = vec![0f32; xd.len()];
+        let tasks = xd.len().div_ceil(d * ROWS_PER_TASK);
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(xd.par_chunks(d * ROWS_PER_TASK))
             .enumerate()
+            .with_min_len(min_tasks(tasks, xd.len() * 4))
             .for_each(|(task, (o, xs))| {
                 for (r, (orow, xrow)) in o.chunks_mut(d).zip(xs.chunks(d)).enumerate() {
                     let bi = (task * ROWS_PER_TASK + r) / seq;
@@ -152,10 +233,12 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Option<Te
     let out = rows_and_params(&x, gate, gate, |xd, g, _, seq, d| {
         with_f32(&y, |yd| {
             let mut out = vec![0f32; xd.len()];
+            let tasks = xd.len().div_ceil(d * ROWS_PER_TASK);
             out.par_chunks_mut(d * ROWS_PER_TASK)
                 .zip(xd.par_chunks(d * ROWS_PER_TASK))
                 .zip(yd.par_chunks(d * ROWS_PER_TASK))
                 .enumerate()
+                .with_min_len(min_tasks(tasks, xd.len() * 2))
                 .for_each(|(task, ((o, xs), ys))| {
                     for (r, ((orow, xrow), yrow)) in o
                         .chunks_mut(d)
@@ -558,6 +641,7 @@ pub fn joint_heads(parts: &[HeadsPart], heads: usize) -> Result<Option<Tensor>> 
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(total * d)
         .enumerate()
+        .with_min_len(min_tasks(b * heads, len * 4))
         .for_each(|(bh, slab)| {
             let (bi, hi) = (bh / heads, bh % heads);
             let mut t0 = 0;
@@ -626,11 +710,13 @@ pub enum WeightLayout {
     InOut,
 }
 
-/// The GEMM thread setting for the calling thread's rayon pool (candle's matmul uses the same).
-fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
+/// The thread setting of a GEMM of `work` multiply-adds: the calling thread's rayon pool (as candle's
+/// matmul) when [`runs_parallel`], else the calling thread alone.
+fn gemm_parallelism(work: usize) -> gemm::Parallelism {
+    if runs_parallel(work) {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
     }
 }
 
@@ -693,16 +779,20 @@ pub fn linear(
     let run = |wd: &[f32], bd: Option<&[f32]>| -> Vec<f32> {
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         let dst = &mut out.spare_capacity_mut()[..m * n];
+        let work = m * n * k;
         if let Some(bd) = bd {
-            dst.par_chunks_mut(n * ROWS_PER_TASK).for_each(|chunk| {
-                for row in chunk.chunks_mut(n) {
-                    for (o, b) in row.iter_mut().zip(bd) {
-                        o.write(*b);
+            let tasks = m.div_ceil(ROWS_PER_TASK);
+            dst.par_chunks_mut(n * ROWS_PER_TASK)
+                .with_min_len(min_tasks(tasks, work))
+                .for_each(|chunk| {
+                    for row in chunk.chunks_mut(n) {
+                        for (o, b) in row.iter_mut().zip(bd) {
+                            o.write(*b);
+                        }
                     }
-                }
-            });
+                });
         }
-        let parallelism = gemm_parallelism();
+        let parallelism = gemm_parallelism(work);
         for batch in 0..batches {
             let lhs = &xd[batch * batch_stride..];
             assert!(lhs.len() >= rows * k && wd.len() >= n * k);
@@ -874,53 +964,57 @@ pub fn attention(
     let run = |qd: &[f32], kd: &[f32], vd: &[f32], bias: Option<&[f32]>| {
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let shared = SharedOut(out.as_mut_ptr());
-        (0..b * h * blocks).into_par_iter().for_each(|task| {
-            let shared = &shared;
-            if stopped() {
-                skipped.store(true, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
-            let (bh, qb) = (task / blocks, task % blocks);
-            let q0 = qb * QUERY_BLOCK;
-            let rows = QUERY_BLOCK.min(sq - q0);
-            let qh = &qd[(bh * sq + q0) * d..(bh * sq + q0 + rows) * d];
-            let kh = &kd[bh * sk * d..(bh + 1) * sk * d];
-            let vh = &vd[bh * sk * d..(bh + 1) * sk * d];
-            let bias_b =
-                bias.map(|bv| &bv[(bh / h) * bias_rows * sk..(bh / h + 1) * bias_rows * sk]);
-            let mut scores: Vec<f32> = Vec::with_capacity(rows * sk);
-            // SAFETY: `scores` has room for rows·sk values, written (not read) by the GEMM, which writes
-            // all of them; the length is set after.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm_rm(rows, sk, d, scores.as_mut_ptr(), sk, qh, kh, true, scale);
-                scores.set_len(rows * sk);
-            }
-            for (r, row) in scores.chunks_mut(sk).enumerate() {
-                let bias_row = bias_b.map(|bb| {
-                    if bias_rows == 1 {
-                        bb
-                    } else {
-                        &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
-                    }
-                });
-                if let Some(br) = bias_row {
-                    for (s, bv) in row.iter_mut().zip(br) {
-                        *s += bv;
-                    }
+        let work = b * h * sq * sk * d * 2;
+        (0..b * h * blocks)
+            .into_par_iter()
+            .with_min_len(min_tasks(b * h * blocks, work))
+            .for_each(|task| {
+                let shared = &shared;
+                if stopped() {
+                    skipped.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
                 }
-                softmax_row(row);
-            }
-            let (first, row_stride) = place(bh);
-            // SAFETY: this task's rows q0..q0+rows of head `bh` lie inside the `len` values reserved for
-            // `out` (`place` maps every (head, row) of [B, H, Sq, D] to a distinct row of D values), and no
-            // other task writes them.
-            #[allow(unsafe_code)]
-            unsafe {
-                let c = shared.0.add(first + q0 * row_stride);
-                gemm_rm(rows, d, sk, c, row_stride, &scores, vh, false, 1.0);
-            }
-        });
+                let (bh, qb) = (task / blocks, task % blocks);
+                let q0 = qb * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(sq - q0);
+                let qh = &qd[(bh * sq + q0) * d..(bh * sq + q0 + rows) * d];
+                let kh = &kd[bh * sk * d..(bh + 1) * sk * d];
+                let vh = &vd[bh * sk * d..(bh + 1) * sk * d];
+                let bias_b =
+                    bias.map(|bv| &bv[(bh / h) * bias_rows * sk..(bh / h + 1) * bias_rows * sk]);
+                let mut scores: Vec<f32> = Vec::with_capacity(rows * sk);
+                // SAFETY: `scores` has room for rows·sk values, written (not read) by the GEMM, which writes
+                // all of them; the length is set after.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm_rm(rows, sk, d, scores.as_mut_ptr(), sk, qh, kh, true, scale);
+                    scores.set_len(rows * sk);
+                }
+                for (r, row) in scores.chunks_mut(sk).enumerate() {
+                    let bias_row = bias_b.map(|bb| {
+                        if bias_rows == 1 {
+                            bb
+                        } else {
+                            &bb[(q0 + r) * sk..(q0 + r + 1) * sk]
+                        }
+                    });
+                    if let Some(br) = bias_row {
+                        for (s, bv) in row.iter_mut().zip(br) {
+                            *s += bv;
+                        }
+                    }
+                    softmax_row(row);
+                }
+                let (first, row_stride) = place(bh);
+                // SAFETY: this task's rows q0..q0+rows of head `bh` lie inside the `len` values reserved for
+                // `out` (`place` maps every (head, row) of [B, H, Sq, D] to a distinct row of D values), and no
+                // other task writes them.
+                #[allow(unsafe_code)]
+                unsafe {
+                    let c = shared.0.add(first + q0 * row_stride);
+                    gemm_rm(rows, d, sk, c, row_stride, &scores, vh, false, 1.0);
+                }
+            });
         out
     };
     let out = with_f32(&q, |qd| {

@@ -669,8 +669,37 @@ impl QwenImageTransformer {
         &self.device
     }
 
-    /// Velocity prediction `[B, S, out_dim]` in packed layout.
+    /// Velocity prediction `[B, S, out_dim]` in packed layout. On a CPU with several threads an even batch
+    /// (true CFG's prompt pairs, a denoiser batch) splits into one part per thread, each run whole on its
+    /// thread ([`cpu_kernels::on_own_threads`]); batch rows are independent, so the numbers are the same.
     pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
+        let b = inp.hidden_states.dim(0)?;
+        let parts = cpu_kernels::batch_parts(&self.device, self.dtype, b);
+        if parts < 2 {
+            return self.forward_rows(inp);
+        }
+        let per = b / parts;
+        let outs = cpu_kernels::on_own_threads((0..parts).collect(), |i| {
+            let rows = |t: &Tensor| t.narrow(0, i * per, per);
+            let residuals = inp
+                .controlnet_residuals
+                .iter()
+                .map(|list| list.iter().map(rows).collect::<Result<Vec<_>>>())
+                .collect::<Result<Vec<_>>>()?;
+            self.forward_rows(&TransformerInputs {
+                hidden_states: &rows(inp.hidden_states)?,
+                encoder_hidden_states: &rows(inp.encoder_hidden_states)?,
+                encoder_mask: inp.encoder_mask.map(rows).transpose()?.as_ref(),
+                timestep: &rows(inp.timestep)?,
+                img_shapes: inp.img_shapes,
+                controlnet_residuals: &residuals,
+            })
+        })?;
+        Tensor::cat(&outs, 0)
+    }
+
+    /// [`Self::forward`] on the calling thread (its kernels may still fork).
+    fn forward_rows(&self, inp: &TransformerInputs) -> Result<Tensor> {
         let (_, _, cin) = inp.hidden_states.dims3()?;
         if cin != self.cfg.in_channels {
             candle_core::bail!(

@@ -112,3 +112,56 @@ fn a_batched_pass_gives_each_request_its_velocity_alone() {
     // The check can fail: another request's velocity is far from this one's.
     assert!(rel_err(&batched[0], &batched[1]) > 1e-2);
 }
+
+/// A pass over an even batch on a CPU pool of two threads runs half the rows on each thread
+/// (`cpu_kernels::on_own_threads`); on one thread it runs whole. The rows are independent, so both give the
+/// same numbers: each thread's GEMMs and attention see the same rows in the same order.
+#[test]
+fn a_pass_split_across_threads_equals_the_pass_on_one_thread() {
+    use qwen_image_model::transformer::TransformerInputs;
+    let model = transformer();
+    let (b, len) = (4, 9);
+    let hidden = values(1, &[b, 16, 64]);
+    let text = values(2, &[b, len, 32]);
+    // rows with 9, 6, 9 and 3 valid tokens: padding and masks as a batch of prompts
+    let mask: Vec<f32> = [9, 6, 9, 3]
+        .iter()
+        .flat_map(|&v| (0..len).map(move |i| if i < v { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, len), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[1.0f32, 0.7, 0.4, 0.1], &Device::Cpu).unwrap();
+    let pass = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            model.forward(&TransformerInputs {
+                hidden_states: &hidden,
+                encoder_hidden_states: &text,
+                encoder_mask: Some(&mask),
+                timestep: &t,
+                img_shapes: &[(1, 4, 4)],
+                controlnet_residuals: &[],
+            })
+        })
+        .unwrap()
+    };
+    let (one, two) = (pass(1), pass(2));
+    assert_eq!(one.dims(), [b, 16, 64]);
+    let diff = (&one - &two)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("largest difference between one and two threads: {diff:e}");
+    assert!(diff == 0.0, "split pass differs by {diff:e}");
+    // the rows differ from each other, so a pass that mixed them up would fail the check
+    let rows = one.chunk(b, 0).unwrap();
+    assert!(rel_err(&rows[0], &rows[1]) > 1e-2);
+}
