@@ -25,7 +25,7 @@ pub struct BatchItem<'a> {
 }
 
 /// The guided velocity of every item, in order; one transformer pass over all their rows (the positive
-/// rows of each item, then its negative rows when true CFG is active for it). A single item takes
+/// rows of every item, then the negative rows of the items with true CFG active). A single item takes
 /// [`predict`]'s path unchanged.
 pub fn predict_batch(
     model: &QwenImageTransformer,
@@ -46,27 +46,38 @@ pub fn predict_batch(
         return Ok(vec![v]);
     }
     let device = model.device();
+    // every item's positive rows, then the negative rows of the items with true CFG: the batch split across
+    // the CPU threads then puts the short negative prompts apart from the long positive ones, and each part
+    // drops the text padding none of its rows needs
     let mut latents = Vec::new();
     let mut prompts: Vec<&Conditioning> = Vec::new();
     let mut timesteps = Vec::new();
-    // per item: its first row and whether its negative rows follow its positive ones
+    let mut negatives = Vec::new();
+    // per item: its first positive row, its rows per prompt, and the first of its negative rows
     let mut layout = Vec::with_capacity(items.len());
     let mut row = 0;
     for item in items {
         let b = item.latents.dim(0)?;
+        latents.push(item.latents.clone());
+        prompts.push(item.positive);
+        timesteps.extend(std::iter::repeat_n(item.t_model, b));
         let cfg = item
             .negative
             .filter(|_| cfg_active(item.negative, item.true_cfg_scale));
         layout.push((row, b, cfg.is_some()));
-        latents.push(item.latents.clone());
-        prompts.push(item.positive);
         if let Some(neg) = cfg {
-            latents.push(item.latents.clone());
-            prompts.push(neg);
+            negatives.push((item, neg));
         }
-        let rows = if cfg.is_some() { 2 * b } else { b };
-        timesteps.extend(std::iter::repeat_n(item.t_model, rows));
-        row += rows;
+        row += b;
+    }
+    let mut negative_start = Vec::with_capacity(negatives.len());
+    for (item, neg) in negatives {
+        let b = item.latents.dim(0)?;
+        negative_start.push(row);
+        latents.push(item.latents.clone());
+        prompts.push(neg);
+        timesteps.extend(std::iter::repeat_n(item.t_model, b));
+        row += b;
     }
     let hidden = Tensor::cat(&latents, 0)?;
     let text = stack_conditioning(&prompts)?;
@@ -79,17 +90,19 @@ pub fn predict_batch(
         img_shapes,
         controlnet_residuals: &[],
     })?;
+    let mut negative_start = negative_start.into_iter();
     layout
         .iter()
         .zip(items)
         .map(|(&(start, b, cfg), item)| {
             let cond = out.narrow(0, start, b)?;
-            if cfg {
-                let uncond = out.narrow(0, start + b, b)?;
-                true_cfg(&cond, &uncond, item.true_cfg_scale)
-            } else {
-                Ok(cond)
+            if !cfg {
+                return Ok(cond);
             }
+            let Some(neg) = negative_start.next() else {
+                candle_core::bail!("batch layout: an item with true CFG has no negative rows");
+            };
+            true_cfg(&cond, &out.narrow(0, neg, b)?, item.true_cfg_scale)
         })
         .collect()
 }

@@ -517,6 +517,17 @@ pub struct TransformerInputs<'a> {
     pub controlnet_residuals: &'a [Vec<Tensor>],
 }
 
+/// The text positions `[0, n)` that some row of `mask` (`[B, L]`, 1 = token) uses: from `n` on, every row
+/// is padding.
+fn text_in_use(mask: &Tensor) -> Result<usize> {
+    let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.iter().rposition(|&v| v != 0.0))
+        .max()
+        .map_or(0, |last| last + 1))
+}
+
 /// Shared preparation of block inputs (text projection, timestep embedding, RoPE, key mask).
 pub struct Prepared {
     pub x: Tensor,
@@ -676,7 +687,7 @@ impl QwenImageTransformer {
         let b = inp.hidden_states.dim(0)?;
         let parts = cpu_kernels::batch_parts(&self.device, self.dtype, b);
         if parts < 2 {
-            return self.forward_rows(inp);
+            return self.forward_trimmed(inp);
         }
         let per = b / parts;
         let outs = cpu_kernels::on_own_threads((0..parts).collect(), |i| {
@@ -686,7 +697,7 @@ impl QwenImageTransformer {
                 .iter()
                 .map(|list| list.iter().map(rows).collect::<Result<Vec<_>>>())
                 .collect::<Result<Vec<_>>>()?;
-            self.forward_rows(&TransformerInputs {
+            self.forward_trimmed(&TransformerInputs {
                 hidden_states: &rows(inp.hidden_states)?,
                 encoder_hidden_states: &rows(inp.encoder_hidden_states)?,
                 encoder_mask: inp.encoder_mask.map(rows).transpose()?.as_ref(),
@@ -696,6 +707,27 @@ impl QwenImageTransformer {
             })
         })?;
         Tensor::cat(&outs, 0)
+    }
+
+    /// [`Self::forward_rows`] without the text positions that are padding in every row, on the CPU: their
+    /// keys are masked out and their outputs never read (the model returns the image stream), so only
+    /// rounding changes. A batch of prompts pads every row to the longest; true CFG's negative rows, run
+    /// apart from the positive ones by the batch split, then cost only their own length, as diffusers
+    /// runs them (`QwenImagePipeline` calls the transformer once per prompt, unpadded).
+    fn forward_trimmed(&self, inp: &TransformerInputs) -> Result<Tensor> {
+        let Some(mask) = inp.encoder_mask.filter(|_| self.device.is_cpu()) else {
+            return self.forward_rows(inp);
+        };
+        let (_, l) = mask.dims2()?;
+        let used = text_in_use(mask)?;
+        if used == 0 || used == l {
+            return self.forward_rows(inp);
+        }
+        self.forward_rows(&TransformerInputs {
+            encoder_hidden_states: &inp.encoder_hidden_states.narrow(1, 0, used)?.contiguous()?,
+            encoder_mask: Some(&mask.narrow(1, 0, used)?.contiguous()?),
+            ..*inp
+        })
     }
 
     /// [`Self::forward`] on the calling thread (its kernels may still fork).

@@ -165,3 +165,112 @@ fn a_pass_split_across_threads_equals_the_pass_on_one_thread() {
     let rows = one.chunk(b, 0).unwrap();
     assert!(rel_err(&rows[0], &rows[1]) > 1e-2);
 }
+
+/// With true CFG on every item the batch is all positive rows, then all negative rows; on two CPU threads
+/// each half runs on its own thread without the text padding none of its rows needs (the negative prompts
+/// here are shorter than every positive one). Each request still gets its velocity alone.
+#[test]
+fn a_batch_split_across_threads_gives_each_request_its_velocity_alone() {
+    let model = transformer();
+    let shapes = [(1, 4, 4)];
+    // (latents seed, t, positive len, negative len, CFG scale)
+    let specs: [(u64, f32, usize, usize, f64); 4] = [
+        (5, 1.0, 14, 3, 4.0),
+        (6, 0.6, 9, 2, 3.0),
+        (7, 0.3, 17, 5, 5.0),
+        (8, 0.1, 11, 4, 2.0),
+    ];
+    let data: Vec<_> = specs
+        .iter()
+        .map(|&(seed, t, lp, ln, scale)| {
+            (
+                values(seed, &[1, 16, 64]),
+                t,
+                prompt(seed + 10, lp, None),
+                prompt(seed + 20, ln, None),
+                scale,
+            )
+        })
+        .collect();
+    let items: Vec<BatchItem> = data
+        .iter()
+        .map(|(latents, t, pos, neg, scale)| BatchItem {
+            latents,
+            t_model: *t,
+            positive: pos,
+            negative: Some(neg),
+            true_cfg_scale: *scale,
+        })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let batched = pool.install(|| predict_batch(&model, &items, &shapes).unwrap());
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for (i, (item, got)) in items.iter().zip(&batched).enumerate() {
+        let alone = one_thread.install(|| {
+            predict(
+                &model,
+                item.latents,
+                item.t_model,
+                item.positive,
+                item.negative,
+                item.true_cfg_scale,
+                &shapes,
+                &[],
+            )
+            .unwrap()
+        });
+        let err = rel_err(got, &alone);
+        eprintln!("request {i}: relative difference {err:e}");
+        assert!(
+            err <= 1e-5,
+            "request {i}: split batch differs from alone by {err:e}"
+        );
+    }
+    assert!(rel_err(&batched[0], &batched[1]) > 1e-2);
+}
+
+/// Text positions that are padding in every row change nothing but rounding: the pass drops them (their
+/// keys are masked and their outputs unused).
+#[test]
+fn text_padding_in_every_row_changes_nothing() {
+    use qwen_image_model::transformer::TransformerInputs;
+    let model = transformer();
+    let (b, len, pad) = (2, 6, 5);
+    let hidden = values(3, &[b, 16, 64]);
+    let text = values(4, &[b, len, 32]);
+    // the same text with `pad` more positions of other values, masked out in both rows
+    let padded = Tensor::cat(&[&text, &values(9, &[b, pad, 32])], 1).unwrap();
+    let mask = |valid: usize, total: usize| {
+        let m: Vec<f32> = (0..b)
+            .flat_map(|r| (0..total).map(move |i| if i < valid - r { 1.0 } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(m, (b, total), &Device::Cpu).unwrap()
+    };
+    let t = Tensor::new(&[0.9f32, 0.3], &Device::Cpu).unwrap();
+    let pass = |text: &Tensor, mask: &Tensor| {
+        model
+            .forward(&TransformerInputs {
+                hidden_states: &hidden,
+                encoder_hidden_states: text,
+                encoder_mask: Some(mask),
+                timestep: &t,
+                img_shapes: &[(1, 4, 4)],
+                controlnet_residuals: &[],
+            })
+            .unwrap()
+    };
+    let short = pass(&text, &mask(len, len));
+    let long = pass(&padded, &mask(len, len + pad));
+    let err = rel_err(&long, &short);
+    eprintln!("padded vs unpadded: relative difference {err:e}");
+    assert!(err <= 1e-6, "padding changed the output by {err:e}");
+    // the mask matters: unmasking the padding changes the output
+    let unmasked = pass(&padded, &mask(len + pad, len + pad));
+    assert!(rel_err(&unmasked, &short) > 1e-3);
+}
