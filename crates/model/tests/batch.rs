@@ -55,62 +55,90 @@ fn prompt(seed: u64, len: usize, valid: Option<usize>) -> Conditioning {
     }
 }
 
-#[test]
-fn a_batched_pass_gives_each_request_its_velocity_alone() {
-    let model = transformer();
-    let shapes = [(1, 4, 4)];
-    // (latents seed, t, positive len, its mask, negative len, CFG scale)
-    let specs: [(u64, f32, usize, Option<usize>, usize, f64); 4] = [
-        (1, 1.0, 7, None, 3, 4.0),
-        (2, 0.55, 12, Some(9), 5, 2.5),
-        (3, 0.2, 4, None, 4, 1.0), // scale 1: no CFG
-        (4, 0.8, 20, None, 11, 6.0),
-    ];
-    let data: Vec<_> = specs
+/// One request of a batch test: latents, `t`, positive and negative prompts, CFG scale.
+struct Request {
+    latents: Tensor,
+    t: f32,
+    positive: Conditioning,
+    negative: Conditioning,
+    scale: f64,
+}
+
+/// `(latents seed, t, positive len, its valid tokens when masked, negative len, CFG scale)`.
+type Spec = (u64, f32, usize, Option<usize>, usize, f64);
+
+/// Requests from their [`Spec`]s.
+fn requests(specs: &[Spec]) -> Vec<Request> {
+    specs
         .iter()
-        .map(|&(seed, t, lp, mask, ln, scale)| {
-            (
-                values(seed, &[1, 16, 64]),
-                t,
-                prompt(seed + 10, lp, mask),
-                prompt(seed + 20, ln, None),
-                scale,
-            )
+        .map(|&(seed, t, lp, mask, ln, scale)| Request {
+            latents: values(seed, &[1, 16, 64]),
+            t,
+            positive: prompt(seed + 10, lp, mask),
+            negative: prompt(seed + 20, ln, None),
+            scale,
         })
-        .collect();
-    let items: Vec<BatchItem> = data
+        .collect()
+}
+
+fn items(requests: &[Request]) -> Vec<BatchItem<'_>> {
+    requests
         .iter()
-        .map(|(latents, t, pos, neg, scale)| BatchItem {
-            latents,
-            t_model: *t,
-            positive: pos,
-            negative: Some(neg),
-            true_cfg_scale: *scale,
+        .map(|r| BatchItem {
+            latents: &r.latents,
+            t_model: r.t,
+            positive: &r.positive,
+            negative: Some(&r.negative),
+            true_cfg_scale: r.scale,
         })
-        .collect();
-    let batched = predict_batch(&model, &items, &shapes).unwrap();
+        .collect()
+}
+
+/// Checks each batched velocity against the request's pass alone (run by `alone`), within 1e-5 relative,
+/// and that the check can fail (two requests' velocities differ).
+fn assert_each_as_alone(
+    items: &[BatchItem],
+    batched: &[Tensor],
+    alone: impl Fn(&BatchItem) -> Tensor,
+) {
     assert_eq!(batched.len(), items.len());
-    for (i, (item, got)) in items.iter().zip(&batched).enumerate() {
-        let alone = predict(
-            &model,
-            item.latents,
-            item.t_model,
-            item.positive,
-            item.negative,
-            item.true_cfg_scale,
-            &shapes,
-            &[],
-        )
-        .unwrap();
-        let err = rel_err(got, &alone);
+    for (i, (item, got)) in items.iter().zip(batched).enumerate() {
+        let err = rel_err(got, &alone(item));
         eprintln!("request {i}: relative difference {err:e}");
         assert!(
             err <= 1e-5,
             "request {i}: batched differs from alone by {err:e}"
         );
     }
-    // The check can fail: another request's velocity is far from this one's.
     assert!(rel_err(&batched[0], &batched[1]) > 1e-2);
+}
+
+fn predict_alone(model: &QwenImageTransformer, item: &BatchItem) -> Tensor {
+    predict(
+        model,
+        item.latents,
+        item.t_model,
+        item.positive,
+        item.negative,
+        item.true_cfg_scale,
+        &[(1, 4, 4)],
+        &[],
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_batched_pass_gives_each_request_its_velocity_alone() {
+    let model = transformer();
+    let requests = requests(&[
+        (1, 1.0, 7, None, 3, 4.0),
+        (2, 0.55, 12, Some(9), 5, 2.5),
+        (3, 0.2, 4, None, 4, 1.0), // scale 1: no CFG
+        (4, 0.8, 20, None, 11, 6.0),
+    ]);
+    let items = items(&requests);
+    let batched = predict_batch(&model, &items, &[(1, 4, 4)]).unwrap();
+    assert_each_as_alone(&items, &batched, |item| predict_alone(&model, item));
 }
 
 /// A pass over an even batch on a CPU pool of two threads runs half the rows on each thread
@@ -172,67 +200,24 @@ fn a_pass_split_across_threads_equals_the_pass_on_one_thread() {
 #[test]
 fn a_batch_split_across_threads_gives_each_request_its_velocity_alone() {
     let model = transformer();
-    let shapes = [(1, 4, 4)];
-    // (latents seed, t, positive len, negative len, CFG scale)
-    let specs: [(u64, f32, usize, usize, f64); 4] = [
-        (5, 1.0, 14, 3, 4.0),
-        (6, 0.6, 9, 2, 3.0),
-        (7, 0.3, 17, 5, 5.0),
-        (8, 0.1, 11, 4, 2.0),
-    ];
-    let data: Vec<_> = specs
-        .iter()
-        .map(|&(seed, t, lp, ln, scale)| {
-            (
-                values(seed, &[1, 16, 64]),
-                t,
-                prompt(seed + 10, lp, None),
-                prompt(seed + 20, ln, None),
-                scale,
-            )
-        })
-        .collect();
-    let items: Vec<BatchItem> = data
-        .iter()
-        .map(|(latents, t, pos, neg, scale)| BatchItem {
-            latents,
-            t_model: *t,
-            positive: pos,
-            negative: Some(neg),
-            true_cfg_scale: *scale,
-        })
-        .collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    let batched = pool.install(|| predict_batch(&model, &items, &shapes).unwrap());
-    let one_thread = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    for (i, (item, got)) in items.iter().zip(&batched).enumerate() {
-        let alone = one_thread.install(|| {
-            predict(
-                &model,
-                item.latents,
-                item.t_model,
-                item.positive,
-                item.negative,
-                item.true_cfg_scale,
-                &shapes,
-                &[],
-            )
+    let requests = requests(&[
+        (5, 1.0, 14, None, 3, 4.0),
+        (6, 0.6, 9, None, 2, 3.0),
+        (7, 0.3, 17, None, 5, 5.0),
+        (8, 0.1, 11, None, 4, 2.0),
+    ]);
+    let items = items(&requests);
+    let pool = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
             .unwrap()
-        });
-        let err = rel_err(got, &alone);
-        eprintln!("request {i}: relative difference {err:e}");
-        assert!(
-            err <= 1e-5,
-            "request {i}: split batch differs from alone by {err:e}"
-        );
-    }
-    assert!(rel_err(&batched[0], &batched[1]) > 1e-2);
+    };
+    let batched = pool(2).install(|| predict_batch(&model, &items, &[(1, 4, 4)]).unwrap());
+    let one_thread = pool(1);
+    assert_each_as_alone(&items, &batched, |item| {
+        one_thread.install(|| predict_alone(&model, item))
+    });
 }
 
 /// Text positions that are padding in every row change nothing but rounding: the pass drops them (their
