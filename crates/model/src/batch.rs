@@ -52,32 +52,29 @@ pub fn predict_batch(
     let mut latents = Vec::new();
     let mut prompts: Vec<&Conditioning> = Vec::new();
     let mut timesteps = Vec::new();
-    let mut negatives = Vec::new();
-    // per item: its first positive row, its rows per prompt, and the first of its negative rows
-    let mut layout = Vec::with_capacity(items.len());
+    // per item: its first positive row, its rows per prompt, and its first negative row under true CFG
+    let mut layout: Vec<(usize, usize, Option<usize>)> = Vec::with_capacity(items.len());
     let mut row = 0;
     for item in items {
         let b = item.latents.dim(0)?;
         latents.push(item.latents.clone());
         prompts.push(item.positive);
         timesteps.extend(std::iter::repeat_n(item.t_model, b));
-        let cfg = item
-            .negative
-            .filter(|_| cfg_active(item.negative, item.true_cfg_scale));
-        layout.push((row, b, cfg.is_some()));
-        if let Some(neg) = cfg {
-            negatives.push((item, neg));
-        }
+        layout.push((row, b, None));
         row += b;
     }
-    let mut negative_start = Vec::with_capacity(negatives.len());
-    for (item, neg) in negatives {
-        let b = item.latents.dim(0)?;
-        negative_start.push(row);
+    for (item, (_, b, negative_row)) in items.iter().zip(layout.iter_mut()) {
+        let Some(neg) = item
+            .negative
+            .filter(|_| cfg_active(item.negative, item.true_cfg_scale))
+        else {
+            continue;
+        };
+        *negative_row = Some(row);
         latents.push(item.latents.clone());
         prompts.push(neg);
-        timesteps.extend(std::iter::repeat_n(item.t_model, b));
-        row += b;
+        timesteps.extend(std::iter::repeat_n(item.t_model, *b));
+        row += *b;
     }
     let hidden = Tensor::cat(&latents, 0)?;
     let text = stack_conditioning(&prompts)?;
@@ -90,19 +87,15 @@ pub fn predict_batch(
         img_shapes,
         controlnet_residuals: &[],
     })?;
-    let mut negative_start = negative_start.into_iter();
     layout
         .iter()
         .zip(items)
-        .map(|(&(start, b, cfg), item)| {
+        .map(|(&(start, b, negative_row), item)| {
             let cond = out.narrow(0, start, b)?;
-            if !cfg {
-                return Ok(cond);
+            match negative_row {
+                Some(neg) => true_cfg(&cond, &out.narrow(0, neg, b)?, item.true_cfg_scale),
+                None => Ok(cond),
             }
-            let Some(neg) = negative_start.next() else {
-                candle_core::bail!("batch layout: an item with true CFG has no negative rows");
-            };
-            true_cfg(&cond, &out.narrow(0, neg, b)?, item.true_cfg_scale)
         })
         .collect()
 }

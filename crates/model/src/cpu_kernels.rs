@@ -85,10 +85,10 @@ pub fn on_own_threads<T: Send, R: Send>(
         .collect()
 }
 
-/// `with_min_len` for a parallel iterator of `tasks` tasks doing `work` in all: every task on the calling
-/// thread (no fork) when the work is small, else one task per split.
-fn min_tasks(tasks: usize, work: usize) -> usize {
-    if runs_parallel(work) { 1 } else { tasks.max(1) }
+/// `with_min_len` for a parallel iterator doing `work` in all: one task per split when [`runs_parallel`],
+/// else no split at all (every task on the calling thread, no fork).
+fn min_len(work: usize) -> usize {
+    if runs_parallel(work) { 1 } else { usize::MAX }
 }
 
 /// Below this, [`exp_f32`] is 0: `e^-69 ≈ 1e-30 ≈ 2^-99.5`. A masked key's softmax term (`e^-inf`) must not
@@ -147,11 +147,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Option<Tensor>> {
     let x = x.contiguous()?;
     let Some(data) = with_f32(&x, |src| {
         let mut out: Vec<f32> = Vec::with_capacity(src.len());
-        let tasks = src.len().div_ceil(ELEMWISE_CHUNK);
         out.spare_capacity_mut()[..src.len()]
             .par_chunks_mut(ELEMWISE_CHUNK)
             .zip(src.par_chunks(ELEMWISE_CHUNK))
-            .with_min_len(min_tasks(tasks, src.len() * 8))
+            .with_min_len(min_len(src.len() * 8))
             .for_each(|(dst, src)| {
                 // copied a chunk at a time (in cache), then transformed in place
                 for (d, s) in dst.iter_mut().zip(src) {
@@ -205,11 +204,10 @@ pub fn layer_norm_modulate(
     let x = x.contiguous()?;
     let out = rows_and_params(&x, shift, scale, |xd, sh, sc, seq, d| {
         let mut out = vec![0f32; xd.len()];
-        let tasks = xd.len().div_ceil(d * ROWS_PER_TASK);
         out.par_chunks_mut(d * ROWS_PER_TASK)
             .zip(xd.par_chunks(d * ROWS_PER_TASK))
             .enumerate()
-            .with_min_len(min_tasks(tasks, xd.len() * 4))
+            .with_min_len(min_len(xd.len() * 4))
             .for_each(|(task, (o, xs))| {
                 for (r, (orow, xrow)) in o.chunks_mut(d).zip(xs.chunks(d)).enumerate() {
                     let bi = (task * ROWS_PER_TASK + r) / seq;
@@ -233,12 +231,11 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Option<Te
     let out = rows_and_params(&x, gate, gate, |xd, g, _, seq, d| {
         with_f32(&y, |yd| {
             let mut out = vec![0f32; xd.len()];
-            let tasks = xd.len().div_ceil(d * ROWS_PER_TASK);
             out.par_chunks_mut(d * ROWS_PER_TASK)
                 .zip(xd.par_chunks(d * ROWS_PER_TASK))
                 .zip(yd.par_chunks(d * ROWS_PER_TASK))
                 .enumerate()
-                .with_min_len(min_tasks(tasks, xd.len() * 2))
+                .with_min_len(min_len(xd.len() * 2))
                 .for_each(|(task, ((o, xs), ys))| {
                     for (r, ((orow, xrow), yrow)) in o
                         .chunks_mut(d)
@@ -641,7 +638,7 @@ pub fn joint_heads(parts: &[HeadsPart], heads: usize) -> Result<Option<Tensor>> 
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(total * d)
         .enumerate()
-        .with_min_len(min_tasks(b * heads, len * 4))
+        .with_min_len(min_len(len * 4))
         .for_each(|(bh, slab)| {
             let (bi, hi) = (bh / heads, bh % heads);
             let mut t0 = 0;
@@ -781,9 +778,8 @@ pub fn linear(
         let dst = &mut out.spare_capacity_mut()[..m * n];
         let work = m * n * k;
         if let Some(bd) = bd {
-            let tasks = m.div_ceil(ROWS_PER_TASK);
             dst.par_chunks_mut(n * ROWS_PER_TASK)
-                .with_min_len(min_tasks(tasks, work))
+                .with_min_len(min_len(work))
                 .for_each(|chunk| {
                     for row in chunk.chunks_mut(n) {
                         for (o, b) in row.iter_mut().zip(bd) {
@@ -967,7 +963,7 @@ pub fn attention(
         let work = b * h * sq * sk * d * 2;
         (0..b * h * blocks)
             .into_par_iter()
-            .with_min_len(min_tasks(b * h * blocks, work))
+            .with_min_len(min_len(work))
             .for_each(|task| {
                 let shared = &shared;
                 if stopped() {
@@ -1049,6 +1045,11 @@ pub fn attention(
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// The largest absolute difference between two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
 
     #[test]
     fn exp_is_accurate_and_never_subnormal() {
@@ -1182,7 +1183,7 @@ mod tests {
             let theirs = ln
                 .broadcast_mul(&(&scale + 1.0)?.unsqueeze(1)?)?
                 .broadcast_add(&shift.unsqueeze(1)?)?;
-            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_diff(&ours, &theirs)?;
             assert!(diff < 2e-5, "b={b} s={s} d={d}: max diff {diff}");
         }
         Ok(())
@@ -1197,7 +1198,7 @@ mod tests {
             let gate = Tensor::randn(0f32, 1f32, (b, d), &dev)?;
             let ours = gated_residual(&x, &y, &gate)?.expect("cpu f32");
             let theirs = (&x + y.broadcast_mul(&gate.unsqueeze(1)?)?)?;
-            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_diff(&ours, &theirs)?;
             assert!(diff < 1e-6, "b={b} s={s} d={d}: max diff {diff}");
         }
         // shapes the kernel does not take: no result, the caller uses candle's ops
@@ -1255,11 +1256,7 @@ mod tests {
             let ours = joint_heads(&parts, heads)?.expect("cpu f32");
             let want = candle(norm, rope)?;
             assert_eq!(ours.dims(), [b, heads, 12, d]);
-            let err = (ours - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = max_diff(&ours, &want)?;
             assert!(err < 1e-6, "norm {norm} rope {rope}: max abs error {err}");
         }
         // a table of the wrong length, or another dtype: not taken
@@ -1302,11 +1299,7 @@ mod tests {
             ] {
                 let got = got.expect("cpu f32");
                 assert_eq!(got.dims(), want.dims());
-                let err = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let err = max_diff(&got, want)?;
                 assert!(err < 1e-4, "max abs error {err}");
             }
         }
@@ -1322,7 +1315,7 @@ mod tests {
         let x = Tensor::randn(0f32, 3f32, (3, 2 * ELEMWISE_CHUNK / 3 + 7), &Device::Cpu)?;
         let ours = gelu_tanh(&x)?.expect("cpu f32");
         let theirs = x.gelu()?;
-        let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = max_diff(&ours, &theirs)?;
         assert!(d < 2e-6, "max diff {d}");
         Ok(())
     }
@@ -1345,13 +1338,13 @@ mod tests {
         let scores =
             (q.matmul(&q.transpose(2, 3)?)? * 0.3)?.broadcast_add(&bias.reshape((b, 1, s, s))?)?;
         let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&q)?;
-        let diff = (ours - &naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_diff(&ours, &naive)?;
         assert!(diff < 1e-5, "max diff {diff}");
         // the heads merged back: [B, Sq, H·D], two query blocks per head
         let merged =
             attention(&q, &q, &q, Some(&bias), 0.3, AttentionOut::Merged)?.expect("cpu f32");
         let want = naive.transpose(1, 2)?.reshape((b, s, h * d))?;
-        let diff = (merged - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_diff(&merged, &want)?;
         assert!(diff < 1e-5, "merged: max diff {diff}");
         Ok(())
     }
@@ -1372,7 +1365,7 @@ mod tests {
         let scores = (q.matmul(&k.transpose(2, 3)?)? * 0.25)?
             .broadcast_add(&bias.reshape((b, 1, 1, sk))?)?;
         let naive = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        let diff = (ours - naive)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_diff(&ours, &naive)?;
         assert!(diff < 1e-5, "max diff {diff}");
         Ok(())
     }
